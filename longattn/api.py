@@ -1,0 +1,270 @@
+"""The one entry point: ``attention(q, k, v, method=..., impl=...)``, its validation and dispatch.
+
+Dispatch is explicit: ``IMPLS`` is an ordered list of implementations, each with a ``can_run`` that
+returns ``None`` or the reason it cannot run this call. ``impl="auto"`` takes the first that can run and
+logs the choice at debug level; a named ``impl`` that cannot run raises ``ValueError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from longattn.kernels.reference import (
+    MAX_BYTES_ENV,
+    max_score_bytes,
+    reference_attention,
+    score_bytes,
+)
+from longattn.kernels.sdpa import sdpa_attention
+from longattn.kernels.tiled import tiled_attention
+from longattn.method import Method, from_string
+from longattn.methods.dense import Dense
+from longattn.types import AttnOutput
+
+log = logging.getLogger("longattn")
+
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated attention call. Positions are [Bp, T] int64 with Bp in {1, B}."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    method: Method
+    scale: float
+    q_pos: torch.Tensor
+    kv_pos: torch.Tensor
+    default_positions: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        """(B, H, Hkv, Tq, Tk, D)."""
+        b, h, tq, d = self.q.shape
+        return b, h, self.k.shape[1], tq, self.k.shape[2], d
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    can_run: Callable[[Call], str | None]
+    run: Callable[[Call], AttnOutput]
+
+
+def _mask_hook(call: Call) -> str | None:
+    if call.method.hook != "mask":
+        return f"method {call.method.name!r} states its rule with {call.method.hook!r}, not 'mask'"
+    return None
+
+
+def _reference_can_run(call: Call) -> str | None:
+    reason = _mask_hook(call)
+    if reason:
+        return reason
+    b, h, _, tq, tk, _ = call.shape
+    need, cap = score_bytes(b, h, tq, tk, call.q.dtype), max_score_bytes()
+    if need > cap:
+        return (
+            f"the reference would materialise {need / 2**30:.2f} GiB of scores, over the "
+            f"{cap / 2**30:.2f} GiB cap (${MAX_BYTES_ENV}); use impl='tiled' (or 'auto')"
+        )
+    return None
+
+
+def visible_mask(call: Call) -> torch.Tensor:
+    """The method's mask materialised on this call's positions, broadcastable to [B, H, Tq, Tk]."""
+    b, h, _, _, _, _ = call.shape
+    b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1, 1)
+    h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1, 1)
+    return call.method.mask(
+        b_idx, h_idx, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :]
+    )
+
+
+def _run_reference(call: Call) -> AttnOutput:
+    return reference_attention(call.q, call.k, call.v, visible_mask(call), call.scale)
+
+
+def _sdpa_can_run(call: Call) -> str | None:
+    if not isinstance(call.method, Dense):
+        return f"SDPA runs only dense attention, not {call.method.name!r}"
+    if not call.default_positions:
+        return "SDPA needs the default positions (queries are the last Tq keys)"
+    return None
+
+
+def _run_sdpa(call: Call) -> AttnOutput:
+    assert isinstance(call.method, Dense)
+    return sdpa_attention(call.q, call.k, call.v, causal=call.method.causal, scale=call.scale)
+
+
+def _run_tiled(call: Call) -> AttnOutput:
+    return tiled_attention(
+        call.q,
+        call.k,
+        call.v,
+        scale=call.scale,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        mask_fn=call.method.mask,
+        bounds_fn=call.method.block_bounds,
+    )
+
+
+IMPLS: list[Impl] = [
+    Impl("sdpa", _sdpa_can_run, _run_sdpa),
+    Impl("tiled", _mask_hook, _run_tiled),
+    Impl("reference", _reference_can_run, _run_reference),
+]
+
+
+def impl_names() -> list[str]:
+    return [i.name for i in IMPLS]
+
+
+def choose_impl(call: Call, impl: str = "auto") -> Impl:
+    """The implementation that runs ``call``: the named one, or the first that can run for "auto"."""
+    if impl == "auto":
+        reasons = []
+        for candidate in IMPLS:
+            reason = candidate.can_run(call)
+            if reason is None:
+                log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
+                return candidate
+            reasons.append(f"{candidate.name}: {reason}")
+        raise ValueError("no implementation can run this call: " + "; ".join(reasons))
+    for candidate in IMPLS:
+        if candidate.name == impl:
+            reason = candidate.can_run(call)
+            if reason is not None:
+                raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
+            return candidate
+    raise ValueError(f"unknown impl {impl!r}; known: 'auto', " + ", ".join(map(repr, impl_names())))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    method: Method | str | None = None,
+    impl: str = "auto",
+    scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+) -> AttnOutput:
+    """Attention of ``q`` over ``k, v`` under ``method`` (default ``Dense()``, causal).
+
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] with ``H % Hkv == 0`` (GQA; K/V are not expanded on fast paths).
+    Without positions the queries are the last Tq of the Tk key positions (``Tq <= Tk``). With
+    ``q_positions`` [Tq] or [B, Tq] and ``kv_positions`` [Tk] or [B, Tk] (original token positions, keys
+    strictly increasing) any alignment is possible, e.g. chunked prefill.
+    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, state)``; a query that sees no key
+    gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
+    """
+    call = make_call(q, k, v, method, scale, q_positions, kv_positions)
+    return choose_impl(call, impl).run(call)
+
+
+def make_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None = None,
+    scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+) -> Call:
+    """Validate an attention call (every check happens here, once) and normalise its positions."""
+    _check_tensors(q, k, v)
+    if method is None:
+        method = Dense()
+    elif isinstance(method, str):
+        method = from_string(method)
+    elif not isinstance(method, Method):
+        raise TypeError(f"method must be a Method or a method string, got {type(method).__name__}")
+    method.hook  # noqa: B018 -- raises TypeError for a class overriding zero or several hooks
+    batch, _, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    default = q_positions is None and kv_positions is None
+    if default and q_len > kv_len:
+        raise ValueError(
+            f"q has more positions than k ({q_len} > {kv_len}); pass q_positions and kv_positions"
+        )
+    device = q.device
+    if kv_positions is None:
+        kv_pos = torch.arange(kv_len, device=device).view(1, -1)
+    else:
+        kv_pos = _check_positions(kv_positions, kv_len, batch, "kv_positions", device)
+        if kv_pos.shape[-1] > 1 and not bool((kv_pos.diff(dim=-1) > 0).all()):
+            raise ValueError("kv_positions must be strictly increasing along the sequence")
+    if q_positions is None:
+        q_pos = kv_pos[:, kv_len - q_len :] if kv_len >= q_len else None
+        if q_pos is None:
+            raise ValueError(f"q_positions are needed when Tq={q_len} > Tk={kv_len}")
+    else:
+        q_pos = _check_positions(q_positions, q_len, batch, "q_positions", device)
+    limit = method.max_positions
+    if limit is not None:
+        for name, pos in (("q", q_pos), ("kv", kv_pos)):
+            if pos.numel() and int(pos.max()) >= limit:
+                raise ValueError(
+                    f"{name} position {int(pos.max())} is outside method {method.name!r} "
+                    f"(positions must be < {limit})"
+                )
+    return Call(q, k, v, method, float(scale), q_pos, kv_pos, default)
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D] (4-D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    if q.device.type == "cpu" and q.dtype not in CPU_DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported on CPU (use float32 or bfloat16)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+        )
+
+
+def _check_positions(
+    pos: torch.Tensor, length: int, batch: int, name: str, device: torch.device
+) -> torch.Tensor:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {pos.dtype}")
+    if pos.dim() == 1:
+        pos = pos.view(1, -1)
+    if pos.dim() != 2 or pos.shape[-1] != length or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must be [{length}] or [{batch}, {length}], got shape {tuple(pos.shape)}"
+        )
+    if pos.numel() and int(pos.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(pos.min())}")
+    return pos.to(device=device, dtype=torch.int64)

@@ -1,0 +1,126 @@
+"""Timing, memory, environment stamps, JSONL output and terminal tables shared by the benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def median_ms(
+    fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, budget_s: float = 20.0
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds after ``warmup`` calls.
+
+    Stops early (with at least 3 timed runs) once ``budget_s`` seconds of timed runs have passed.
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    spent = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed * 1e3)
+        spent += elapsed
+        if len(times) >= 3 and spent > budget_s:
+            break
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mib(fn: Callable[[], Any]) -> float | None:
+    """Peak resident memory added while ``fn()`` runs, in MiB (Linux; None elsewhere).
+
+    Frees cached heap pages first (``malloc_trim``) and resets the kernel's high-water mark
+    (``/proc/self/clear_refs``), so the figure is the peak of this call alone.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    result = fn()
+    peak = _rss_kib("VmHWM")
+    del result
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) / 1024
+
+
+def git_sha() -> str | None:
+    try:
+        root = pathlib.Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Stamp for every JSONL record: versions, threads, machine."""
+    return {
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; creates the parent folder."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = pathlib.Path(path) if path else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A plain-text table: ``columns`` is a list of (key, header); floats get 3 significant digits."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return str(value)
+
+    table = [[h for _, h in columns]] + [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = [
+        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""``longattn bench --quick``: every registered method on one synthetic problem, against dense SDPA.
+
+Per method: the correctness gate (sampled query rows against the float64 oracle, with the bound of
+``longattn.testing``), the density of visited (query, key) pairs, and the median time of
+``attention(..., impl="auto")`` as a ratio to dense SDPA timed in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from longattn.api import choose_impl, make_call, visible_mask
+from longattn.bench.common import JsonlWriter, environment, format_table, median_ms, peak_extra_mib
+from longattn.kernels.sdpa import sdpa_attention
+from longattn.kernels.tiled import tiled_attention
+from longattn.method import from_string, registry
+from longattn.testing import error_bound, make_qkv, oracle
+
+# Benchmark parameters per registered method, as functions of the sequence length. A method missing
+# here is benchmarked with its defaults.
+BENCH_SPECS: dict[str, Callable[[int], list[str]]] = {
+    "dense": lambda t: ["dense", "dense:causal=false"],
+    "sliding_window": lambda t: [
+        "sliding_window:window=1024",
+        "sliding_window:window=512,dilation=2",
+    ],
+    "streaming_llm": lambda t: ["streaming_llm:sinks=4,window=1024"],
+    "strided": lambda t: ["strided:stride=128", "strided:stride=128,mode=fixed,summary=8"],
+    "power": lambda t: ["power:block_size=128,window=2"],
+    "neighborhood2d": lambda t: [f"neighborhood2d:height={max(t // 128, 13)},width=128,kernel=13"],
+    "per_head_window": lambda t: ["per_head_window:windows=256/512/1024/2048,sinks=4"],
+}
+
+
+def density(call, chunk: int = 256) -> float:
+    """Fraction of (query, key) pairs the method lets attend, over all heads (exact, chunked)."""
+    visible = 0
+    b, h, _, tq, tk, _ = call.shape
+    for q0 in range(0, tq, chunk):
+        part = make_call(
+            call.q[:, :, q0 : q0 + chunk],
+            call.k,
+            call.v,
+            call.method,
+            call.scale,
+            call.q_pos[:, q0 : q0 + chunk],
+            call.kv_pos,
+        )
+        m = visible_mask(part)
+        visible += int(m.expand(b, h, m.shape[2], tk).sum())
+    return visible / (b * h * tq * tk)
+
+
+def gate(call, out: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
+    """(error, bound) of ``out`` on the sampled query ``rows`` against the float64 oracle."""
+    q_rows = call.q[:, :, rows]
+    kwargs = {"q_positions": call.q_pos[:, rows], "kv_positions": call.kv_pos, "scale": call.scale}
+    ref64 = oracle(q_rows, call.k, call.v, call.method, **kwargs).out
+    eager = oracle(q_rows, call.k, call.v, call.method, dtype=call.q.dtype, **kwargs).out
+    err = (out[:, :, rows].double() - ref64).abs().max().item()
+    return err, error_bound(eager, ref64, call.q.dtype)
+
+
+def run_methods_bench(
+    length: int = 8192,
+    n_heads: int = 8,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    out_path: str | None = None,
+    repeats: int = 3,
+    gate_rows: int = 128,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    writer = JsonlWriter(out_path)
+    env = environment()
+    q, k, v = make_qkv(1, n_heads, n_heads, length, length, head_dim, dtype=dtype, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randperm(length, generator=gen)[:gate_rows].sort().values
+    scale = head_dim**-0.5
+    baselines = {
+        causal: median_ms(
+            lambda c=causal: sdpa_attention(q, k, v, causal=c, scale=scale), repeats=repeats
+        )
+        for causal in (True, False)
+    }
+    records = []
+    for name in registry():
+        for spec in BENCH_SPECS.get(name, lambda t, n=name: [n])(length):
+            call = make_call(q, k, v, from_string(spec))
+            impl = choose_impl(call)
+            res = impl.run(call)
+            err, bound = gate(call, res.out, rows)
+            rec = {
+                "bench": "methods",
+                "method": call.method.name,
+                "params": call.method.describe(),
+                "impl": impl.name,
+                "T": length,
+                "H": n_heads,
+                "D": head_dim,
+                "dtype": str(dtype).replace("torch.", ""),
+                "density": density(call),
+                "error": err,
+                "bound": bound,
+                "gate": err <= bound,
+                **env,
+            }
+            if rec["gate"]:
+                base = baselines[call.method.is_causal]
+                rec["ms"] = median_ms(lambda i=impl, c=call: i.run(c), repeats=repeats)
+                rec["baseline"] = "sdpa_causal" if call.method.is_causal else "sdpa"
+                rec["baseline_ms"] = base
+                rec["speedup"] = base / rec["ms"]
+                rec["peak_extra_mib"] = peak_extra_mib(lambda i=impl, c=call: i.run(c))
+            records.append(rec)
+            writer.write(rec)
+            log(f"  {spec}: impl={impl.name} gate={'ok' if rec['gate'] else 'FAILED'}")
+    return records
+
+
+def tiled_memory_check(length: int = 32768, n_heads: int = 8, head_dim: int = 64) -> dict:
+    """Peak extra memory of the exact tiled executor, causal fp32 (the O(T) memory claim)."""
+    q, k, v = make_qkv(1, n_heads, n_heads, length, length, head_dim, seed=1)
+    pos = torch.arange(length).view(1, -1)
+
+    def run():
+        return tiled_attention(
+            q,
+            k,
+            v,
+            scale=head_dim**-0.5,
+            q_pos=pos,
+            kv_pos=pos,
+            mask_fn=lambda b, h, qp, kp: kp <= qp,
+            bounds_fn=lambda h, ql, qh, kl, kh: (kl <= qh, kh <= ql),
+        )
+
+    output_mib = q.numel() * 4 / 2**20
+    return {
+        "bench": "tiled_memory",
+        "T": length,
+        "H": n_heads,
+        "D": head_dim,
+        "dtype": "float32",
+        "peak_extra_mib": peak_extra_mib(run),
+        "output_mib": output_mib,
+        "dense_scores_mib": n_heads * length * length * 4 / 2**20,
+    }
+
+
+METHOD_COLUMNS = [
+    ("params", "method"),
+    ("impl", "impl"),
+    ("density", "density"),
+    ("error", "max err"),
+    ("bound", "bound"),
+    ("gate", "gate"),
+    ("ms", "ms"),
+    ("baseline_ms", "sdpa ms"),
+    ("speedup", "speedup"),
+    ("peak_extra_mib", "peak MiB"),
+]
+
+
+def methods_table(records: list[dict]) -> str:
+    return format_table(records, METHOD_COLUMNS)

@@ -1,0 +1,208 @@
+"""Method base class, the registry and method construction from strings.
+
+A method is a frozen dataclass that states one idea through one hook (see ``HOOKS``). Kernels, caches and
+dispatch belong to the library; a method never calls them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+HOOKS = ("mask", "select", "score", "feature_map", "forward")
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound=type)
+
+
+class Method:
+    """Base of every attention method. Subclasses are frozen dataclasses that override one hook.
+
+    Hooks:
+        mask(b, h, q_pos, kv_pos) -> bool tensor   static pattern, FlexAttention ``mask_mod`` signature;
+            arguments are broadcastable integer tensors of *original token positions*, so the same
+            function serves the materialised reference, the tiled kernel and compiled Flex.
+        select, score, feature_map, forward        dynamic selection, eviction, linear, escape hatch.
+    """
+
+    name: ClassVar[str] = ""
+
+    def mask(
+        self, b: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def score(self, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> Any:
+        raise NotImplementedError
+
+    def block_bounds(
+        self,
+        h: torch.Tensor,
+        q_lo: torch.Tensor,
+        q_hi: torch.Tensor,
+        kv_lo: torch.Tensor,
+        kv_hi: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional refinement of ``mask`` for block-skipping kernels.
+
+        For tiles whose query positions lie in ``[q_lo, q_hi]`` and key positions in ``[kv_lo, kv_hi]``
+        (inclusive, broadcastable integer tensors; ``h`` the query-head index), return ``(any, all)``: a
+        tile may contain a visible pair only where ``any`` is true, and every pair is visible where
+        ``all`` is true. Both must be *conservative* (``any`` may over-report, ``all`` may under-report);
+        the tests check this against the materialised mask. ``None`` means: not available, evaluate the
+        mask on the tile instead.
+        """
+        return None
+
+    @property
+    def hook(self) -> str:
+        """The hook this method overrides (exactly one)."""
+        cls = type(self)
+        found = [h for h in HOOKS if getattr(cls, h) is not getattr(Method, h)]
+        if len(found) != 1:
+            raise TypeError(
+                f"{cls.__name__} must override exactly one hook of {HOOKS}, got {found}"
+            )
+        return found[0]
+
+    @property
+    def max_positions(self) -> int | None:
+        """Positions must be below this (e.g. a fixed token grid); None means unbounded."""
+        return None
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether the method never lets a query see a later key (used to skip whole key ranges)."""
+        return True
+
+    def describe(self) -> str:
+        """``name:field=value,...`` string that ``from_string`` parses back to an equal method."""
+        parts = [
+            f"{f.name}={_format_value(getattr(self, f.name))}" for f in dataclasses.fields(self)
+        ]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator: add a method class to the registry under ``name`` (duplicates are an error)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"method name must be an identifier, got {name!r}")
+
+    def deco(cls: M) -> M:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}"
+            )
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register expects a Method subclass, got {cls!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registry() -> dict[str, type[Method]]:
+    """A copy of the registry: name -> method class, in registration order."""
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> type[Method]:
+    """The method class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def from_string(spec: str) -> Method:
+    """Build a method from ``"name"`` or ``"name:field=value,field=value"``.
+
+    Values are parsed by the field's annotated type: int, float, bool (true/false/1/0), str, and tuples of
+    int written with ``/`` as separator (``windows=64/128/256``).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"method spec must be a str, got {type(spec).__name__}")
+    name, _, rest = spec.strip().partition(":")
+    cls = get(name.strip())
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"bad parameter {item!r} in {spec!r}: expected field=value")
+        if key not in fields:
+            raise ValueError(
+                f"method {name!r} has no parameter {key!r}; parameters: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _parse_value(hints[key], raw.strip(), key, spec)
+    return cls(**kwargs)
+
+
+def _parse_value(tp: Any, raw: str, key: str, spec: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    try:
+        if origin is typing.Union or (origin is not None and type(None) in args):
+            inner = [a for a in args if a is not type(None)]
+            if raw.lower() == "none":
+                return None
+            return _parse_value(inner[0], raw, key, spec)
+        if tp is bool:
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if tp is str:
+            return raw
+        if origin is tuple:
+            return tuple(int(x) for x in raw.split("/") if x)
+    except ValueError:
+        raise ValueError(f"bad value {raw!r} for parameter {key!r} in {spec!r}") from None
+    raise TypeError(f"parameter {key!r} of type {tp} cannot be given in a method string")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_positive(cls_name: str, **values: int) -> None:
+    """Shared validation for ``__post_init__``: each value must be an int > 0."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{cls_name}.{key} must be an int, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"{cls_name}.{key} must be > 0, got {value}")
+
+
+def check_non_negative(cls_name: str, **values: int) -> None:
+    """Shared validation for ``__post_init__``: each value must be an int >= 0."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{cls_name}.{key} must be an int, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{cls_name}.{key} must be >= 0, got {value}")
