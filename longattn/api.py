@@ -21,7 +21,7 @@ from longattn.kernels.reference import (
     score_bytes,
 )
 from longattn.kernels.sdpa import sdpa_attention
-from longattn.kernels.tiled import tiled_attention
+from longattn.kernels.tiled import tiled_attention, with_padding
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import AttnOutput
@@ -43,6 +43,7 @@ class Call:
     q_pos: torch.Tensor
     kv_pos: torch.Tensor
     default_positions: bool
+    has_padding: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
@@ -83,9 +84,8 @@ def visible_mask(call: Call) -> torch.Tensor:
     b, h, _, _, _, _ = call.shape
     b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1, 1)
     h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1, 1)
-    return call.method.mask(
-        b_idx, h_idx, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :]
-    )
+    mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
+    return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :])
 
 
 def _run_reference(call: Call) -> AttnOutput:
@@ -96,7 +96,7 @@ def _sdpa_can_run(call: Call) -> str | None:
     if not isinstance(call.method, Dense):
         return f"SDPA runs only dense attention, not {call.method.name!r}"
     if not call.default_positions:
-        return "SDPA needs the default positions (queries are the last Tq keys)"
+        return "SDPA needs the default positions (queries are the last Tq keys, no padding)"
     return None
 
 
@@ -165,7 +165,9 @@ def attention(
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] with ``H % Hkv == 0`` (GQA; K/V are not expanded on fast paths).
     Without positions the queries are the last Tq of the Tk key positions (``Tq <= Tk``). With
     ``q_positions`` [Tq] or [B, Tq] and ``kv_positions`` [Tk] or [B, Tk] (original token positions, keys
-    strictly increasing) any alignment is possible, e.g. chunked prefill.
+    strictly increasing) any alignment is possible, e.g. chunked prefill. Position -1 marks a padding
+    slot (left-padded batches, unused cache slots): it is never attended, and a padding query gets
+    ``out = 0``, ``lse = -inf``.
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, state)``; a query that sees no key
     gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
     """
@@ -207,8 +209,7 @@ def make_call(
         kv_pos = torch.arange(kv_len, device=device).view(1, -1)
     else:
         kv_pos = _check_positions(kv_positions, kv_len, batch, "kv_positions", device)
-        if kv_pos.shape[-1] > 1 and not bool((kv_pos.diff(dim=-1) > 0).all()):
-            raise ValueError("kv_positions must be strictly increasing along the sequence")
+        _check_increasing(kv_pos)
     if q_positions is None:
         q_pos = kv_pos[:, kv_len - q_len :] if kv_len >= q_len else None
         if q_pos is None:
@@ -218,12 +219,25 @@ def make_call(
     limit = method.max_positions
     if limit is not None:
         for name, pos in (("q", q_pos), ("kv", kv_pos)):
-            if pos.numel() and int(pos.max()) >= limit:
+            if pos.numel() and int(pos.max()) >= limit:  # padding (-1) is always inside
                 raise ValueError(
                     f"{name} position {int(pos.max())} is outside method {method.name!r} "
                     f"(positions must be < {limit})"
                 )
-    return Call(q, k, v, method, float(scale), q_pos, kv_pos, default)
+    padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
+    return Call(q, k, v, method, float(scale), q_pos, kv_pos, default, padded)
+
+
+def _check_increasing(kv_pos: torch.Tensor) -> None:
+    """Real (non-padding) key positions must be strictly increasing along each row."""
+    if kv_pos.shape[-1] < 2:
+        return
+    earlier = torch.cummax(kv_pos, dim=-1).values[:, :-1]  # largest position before each slot
+    real = kv_pos[:, 1:] >= 0
+    if not bool((kv_pos[:, 1:] > earlier)[real].all()):
+        raise ValueError(
+            "kv_positions must be strictly increasing along the sequence (-1 = padding)"
+        )
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -265,6 +279,6 @@ def _check_positions(
         raise ValueError(
             f"{name} must be [{length}] or [{batch}, {length}], got shape {tuple(pos.shape)}"
         )
-    if pos.numel() and int(pos.min()) < 0:
-        raise ValueError(f"{name} must be >= 0, got {int(pos.min())}")
+    if pos.numel() and int(pos.min()) < -1:
+        raise ValueError(f"{name} must be >= 0 (or -1 for padding), got {int(pos.min())}")
     return pos.to(device=device, dtype=torch.int64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import pathlib
 import sys
 
@@ -12,36 +12,15 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from longattn.bench.methods import methods_table, run_methods_bench, tiled_memory_check
+# bench suites: name -> "module:function"; each function takes the parsed arguments, returns an exit code
+BENCH_SUITES = {
+    "methods": "longattn.bench.methods:run_cli",
+}
 
-    length = args.length or 8192
-    print(
-        f"longattn bench: every registered method, T={length}, H={args.heads}, D={args.dim}, "
-        f"{args.dtype}, {torch.get_num_threads()} threads"
-    )
-    records = run_methods_bench(
-        length, args.heads, args.dim, DTYPES[args.dtype], args.out, repeats=3 if args.quick else 7
-    )
-    print(methods_table(records))
-    mem_len = 32768
-    print(
-        f"\ntiled executor peak extra memory, T={mem_len}, causal fp32, H={args.heads}, D={args.dim}:"
-    )
-    mem = tiled_memory_check(mem_len, args.heads, args.dim)
-    print(
-        f"  {mem['peak_extra_mib']:.0f} MiB (output itself {mem['output_mib']:.0f} MiB; "
-        f"dense scores would be {mem['dense_scores_mib']:.0f} MiB)"
-    )
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(mem) + "\n")
-        print(f"\nJSONL: {args.out}")
-    failed = [r["params"] for r in records if not r["gate"]]
-    if failed:
-        print(f"correctness gate FAILED for: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+
+def _bench(args: argparse.Namespace) -> int:
+    module, _, func = BENCH_SUITES[args.suite].partition(":")
+    return getattr(importlib.import_module(module), func)(args)
 
 
 def _docs(args: argparse.Namespace) -> int:
@@ -59,13 +38,22 @@ def _docs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="speed and error of every method against dense SDPA")
+    bench = sub.add_parser("bench", help="speed and error against baselines timed in the same run")
+    bench.add_argument(
+        "suite",
+        nargs="?",
+        default="methods",
+        choices=sorted(BENCH_SUITES),
+        help="methods (default): every registered method against dense SDPA",
+    )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument("--length", type=int, default=None, help="sequence length (default 8192)")
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--dim", type=int, default=64)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--out", default=None, help="JSONL file to append results to")
+    bench.add_argument("--memory-length", type=int, default=32768,
+                       help="length of the tiled executor's peak-memory check (methods suite)")
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)

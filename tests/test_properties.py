@@ -190,3 +190,23 @@ def test_empty_sequences():
     q, k, v = make_qkv(1, 2, 2, 3, 0, 16)
     res = attention(q, k, v, q_positions=torch.arange(3), kv_positions=torch.arange(0))
     assert torch.equal(res.out, torch.zeros(1, 2, 3, 16)) and torch.isneginf(res.lse).all()
+
+
+@pytest.mark.parametrize("impl", ["tiled", "reference"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_padding_slots_equal_removing_them(spec, impl):
+    """Left padding (position -1) gives the same rows as the unpadded sequence; pad rows are zero."""
+    method = from_string(spec)
+    q, k, v = make_qkv(1, 4, 2, 120, 120, 32, dtype=torch.float64, seed=7)
+    pad = 9
+    k_pad = torch.cat([torch.randn(1, 2, pad, 32, dtype=torch.float64) * 5, k], dim=2)
+    v_pad = torch.cat([torch.randn(1, 2, pad, 32, dtype=torch.float64) * 5, v], dim=2)
+    q_pad = torch.cat([torch.randn(1, 4, pad, 32, dtype=torch.float64), q], dim=2)
+    pos = torch.cat([torch.full((pad,), -1), torch.arange(120)])
+    got = attention(
+        q_pad, k_pad, v_pad, method=method, impl=impl, q_positions=pos, kv_positions=pos
+    )
+    want = attention(q, k, v, method=method, impl=impl)
+    torch.testing.assert_close(got.out[:, :, pad:], want.out, rtol=0, atol=1e-12)
+    assert torch.equal(got.out[:, :, :pad], torch.zeros_like(got.out[:, :, :pad]))
+    assert torch.isneginf(got.lse[:, :, :pad]).all()

@@ -7,6 +7,8 @@ Per method: the correctness gate (sampled query rows against the float64 oracle,
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 
 import torch
@@ -166,3 +168,39 @@ METHOD_COLUMNS = [
 
 def methods_table(records: list[dict]) -> str:
     return format_table(records, METHOD_COLUMNS)
+
+
+def run_cli(args) -> int:
+    """``longattn bench [methods]``: the table for every registered method and the memory check."""
+    length = args.length or 8192
+    print(
+        f"longattn bench: every registered method, T={length}, H={args.heads}, D={args.dim}, "
+        f"{args.dtype}, {torch.get_num_threads()} threads"
+    )
+    records = run_methods_bench(
+        length,
+        args.heads,
+        args.dim,
+        getattr(torch, args.dtype),
+        args.out,
+        repeats=3 if args.quick else 7,
+    )
+    print(methods_table(records))
+    mem_len = args.memory_length
+    print(
+        f"\ntiled executor peak extra memory, T={mem_len}, causal fp32, H={args.heads}, D={args.dim}:"
+    )
+    mem = tiled_memory_check(mem_len, args.heads, args.dim)
+    print(
+        f"  {mem['peak_extra_mib']:.0f} MiB (output itself {mem['output_mib']:.0f} MiB; "
+        f"dense scores would be {mem['dense_scores_mib']:.0f} MiB)"
+    )
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(mem) + "\n")
+        print(f"\nJSONL: {args.out}")
+    failed = [r["params"] for r in records if not r["gate"]]
+    if failed:
+        print(f"correctness gate FAILED for: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -17,19 +17,26 @@ MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 BoundsFn = Callable[..., "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
-def tile_ranges(positions: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile of ``tile`` consecutive slots, the min and max position over the tile and the batch.
+def tile_ranges(
+    positions: torch.Tensor, tile: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tile of ``tile`` consecutive slots: min and max valid position over the tile and the batch,
+    and whether the tile holds a padding slot (position -1).
 
-    positions: [Bp, T] integer. Returns (lo, hi), each [ceil(T / tile)].
+    positions: [Bp, T] integer. Returns (lo, hi, has_padding), each [ceil(T / tile)]; a tile of padding
+    only has ``hi = -1 < lo``.
     """
     length = positions.shape[-1]
     n_tiles = -(-length // tile)
-    pad = n_tiles * tile - length
-    if pad:
-        # Pad by repeating the last slot, which leaves every tile's min and max unchanged.
-        positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=-1)
+    extra = n_tiles * tile - length
+    if extra:
+        # Repeat the last slot, which leaves every tile's min, max and padding flag unchanged.
+        positions = torch.cat([positions, positions[:, -1:].expand(-1, extra)], dim=-1)
     tiles = positions.reshape(-1, n_tiles, tile)
-    return tiles.amin(dim=(0, 2)), tiles.amax(dim=(0, 2))
+    padding = tiles < 0
+    big = torch.iinfo(tiles.dtype).max
+    lo = torch.where(padding, big, tiles).amin(dim=(0, 2))
+    return lo, tiles.amax(dim=(0, 2)), padding.any(dim=2).any(dim=0)
 
 
 def tile_layout(
@@ -44,8 +51,8 @@ def tile_layout(
 
     Returns two bool tensors of shape [H, n_q_tiles, n_kv_tiles].
     """
-    q_lo, q_hi = tile_ranges(q_pos, tile_q)
-    kv_lo, kv_hi = tile_ranges(kv_pos, tile_k)
+    q_lo, q_hi, q_pad = tile_ranges(q_pos, tile_q)
+    kv_lo, kv_hi, kv_pad = tile_ranges(kv_pos, tile_k)
     heads = torch.arange(n_heads, device=q_pos.device).view(-1, 1, 1)
     res = bounds_fn(
         heads, q_lo.view(1, -1, 1), q_hi.view(1, -1, 1), kv_lo.view(1, 1, -1), kv_hi.view(1, 1, -1)
@@ -54,7 +61,19 @@ def tile_layout(
         return None
     shape = (n_heads, q_lo.numel(), kv_lo.numel())
     any_, all_ = (torch.broadcast_to(torch.as_tensor(x, device=q_pos.device), shape) for x in res)
-    return any_, all_ & any_
+    real = (q_hi >= 0).view(-1, 1) & (kv_hi >= 0).view(1, -1)  # tiles that hold a real pair
+    unpadded = ~q_pad.view(-1, 1) & ~kv_pad.view(1, -1)
+    return any_ & real, all_ & any_ & real & unpadded
+
+
+def with_padding(mask_fn: MaskFn | None) -> MaskFn:
+    """``mask_fn`` restricted to real slots: position -1 (padding) is never visible nor visiting."""
+
+    def masked(b, h, q_pos, kv_pos):
+        valid = (q_pos >= 0) & (kv_pos >= 0)
+        return valid if mask_fn is None else valid & mask_fn(b, h, q_pos, kv_pos)
+
+    return masked
 
 
 def tiled_attention(
@@ -71,7 +90,8 @@ def tiled_attention(
     tile_k: int = 512,
 ) -> AttnOutput:
     """Exact attention. q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; q_pos [Bp, Tq], kv_pos [Bp, Tk] with
-    Bp in {1, B}. ``mask_fn(b, h, q_pos, kv_pos)`` gives visibility (None: all visible).
+    Bp in {1, B}. ``mask_fn(b, h, q_pos, kv_pos)`` gives visibility (None: all visible); a position of
+    -1 marks a padding slot, which is never attended (a padding query gets zeros and lse = -inf).
 
     Accumulates in float32 (float64 for float64 input). GQA is handled by folding the query group into
     the tile's rows; K/V are never expanded.
@@ -85,6 +105,8 @@ def tiled_attention(
     if q_len == 0 or kv_len == 0:
         return AttnOutput(out, lse, None)
 
+    if bool((q_pos < 0).any()) or bool((kv_pos < 0).any()):
+        mask_fn = with_padding(mask_fn)
     layout = None
     if mask_fn is not None and bounds_fn is not None:
         layout = tile_layout(bounds_fn, n_heads, q_pos, kv_pos, tile_q, tile_k)
