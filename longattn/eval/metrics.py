@@ -1,0 +1,122 @@
+"""What the evaluation measures: perplexity, density, fidelity on captured activations, KV bytes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn import attention
+from longattn.method import Method
+from longattn.methods.dense import Dense
+
+# mass recall is measured on the last queries of the sequence: they see the most keys
+RECALL_QUERIES = 256
+
+
+def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """exp(mean next-token negative log-likelihood); logits [1, T, V], input_ids [1, T]."""
+    nll = torch.nn.functional.cross_entropy(
+        logits[0, :-1].float(), input_ids[0, 1:], reduction="mean"
+    )
+    return math.exp(nll.item())
+
+
+def visible(
+    method: Method, n_heads: int, q_pos: torch.Tensor, kv_pos: torch.Tensor
+) -> torch.Tensor:
+    """The method's static pattern as a bool tensor [H, Tq, Tk] (causal part only)."""
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    h = torch.arange(n_heads)[None, :, None, None]
+    qp, kp = q_pos[None, None, :, None], kv_pos[None, None, None, :]
+    mask = method.mask(b, h, qp, kp) & (kp <= qp)
+    return mask.expand(1, n_heads, len(q_pos), len(kv_pos))[0]
+
+
+def density(method: Method, length: int, n_heads: int = 1, rows: int = 512) -> tuple[float, str]:
+    """``(value, kind)``: the fraction of causal (query, key) pairs a static pattern visits
+    (``"pairs"``), or for a budgeted method the fraction of the KV cache it keeps (``"kv"``)."""
+    if method.hook != "mask":
+        budget = getattr(method, "budget", None)
+        if budget is None:
+            return float("nan"), "unknown"
+        return min(1.0, budget / length), "kv"
+    kv_pos = torch.arange(length)
+    seen = 0
+    for start in range(0, length, rows):
+        q_pos = torch.arange(start, min(length, start + rows))
+        seen += int(visible(method, n_heads, q_pos, kv_pos).sum())
+    return seen / (n_heads * length * (length + 1) / 2), "pairs"
+
+
+def kv_budget(method: Method, length: int) -> int:
+    """KV tokens a method needs to hold for the last query (its budget for grouping comparisons)."""
+    if method.hook != "mask":
+        return min(length, int(getattr(method, "budget", length)))
+    q_pos = torch.tensor([length - 1])
+    return int(visible(method, 1, q_pos, torch.arange(length)).sum())
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal softmax rows of the last ``q.shape[1]`` queries; q [H, Tq, D], k [Hkv, T, D] -> [H, Tq, T]."""
+    n_heads, q_len, dim = q.shape
+    groups = n_heads // k.shape[0]
+    k = k.repeat_interleave(groups, dim=0)  # [H, T, D]; small: one layer, last queries only
+    scores = q.float() @ k.float().transpose(1, 2) / math.sqrt(dim)  # [H, Tq, T]
+    t = k.shape[1]
+    q_pos = torch.arange(t - q_len, t)[:, None]
+    scores = scores.masked_fill(torch.arange(t)[None, :] > q_pos, float("-inf"))
+    return scores.softmax(-1)
+
+
+def fidelity(
+    method: Method, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> dict[str, list[float | None]]:
+    """Per layer: relative output error ``|out - dense| / |dense|`` and the dense attention mass that
+    the method's pattern keeps (mean over heads and the last ``RECALL_QUERIES`` queries)."""
+    errors: list[float | None] = []
+    recall: list[float | None] = []
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        ref = attention(q, k, v, method=Dense()).out
+        try:
+            out = attention(q, k, v, method=method).out
+            errors.append(float((out - ref).norm() / ref.norm()))
+        except (ValueError, NotImplementedError):
+            errors.append(None)
+        if method.hook != "mask":
+            recall.append(None)
+            continue
+        t = k.shape[2]
+        n_q = min(RECALL_QUERIES, t)
+        p = _probs(q[0, :, -n_q:], k[0])  # [H, n_q, T]
+        seen = visible(method, q.shape[1], torch.arange(t - n_q, t), torch.arange(t))
+        recall.append(float((p * seen).sum(-1).mean()))
+    return {"layer_error": errors, "mass_recall": recall}
+
+
+def attention_map(q: torch.Tensor, k: torch.Tensor, head: int, size: int) -> torch.Tensor:
+    """Dense causal attention probabilities of one head over the first ``size`` tokens [size, size]."""
+    groups = q.shape[1] // k.shape[1]
+    qh = q[0, head, :size]
+    kh = k[0, head // groups, :size]
+    return _probs(qh[None], kh[None])[0]
+
+
+def kv_bytes(cache) -> int | None:
+    """Bytes of key/value tensors a cache holds (``nbytes()`` when it has one, else its layers)."""
+    if cache is None:
+        return None
+    nbytes = getattr(cache, "nbytes", None)
+    if callable(nbytes):
+        return int(nbytes())
+    if isinstance(nbytes, int):
+        return nbytes
+    total, found = 0, False
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+                found = True
+    return total if found else None

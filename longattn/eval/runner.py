@@ -1,0 +1,353 @@
+"""The evaluation run: cases (method x task x length x sample), one JSONL line each, resumable.
+
+Every case runs the model with the method switched in through ``longattn.integrations.hf.use`` and
+is timed against the model's own ``sdpa`` attention (the ``hf_sdpa`` baseline) in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from longattn.bench.common import JsonlWriter, environment, peak_extra_mib
+from longattn.eval import metrics, tasks
+from longattn.method import Method, from_string
+
+BASELINE = "hf_sdpa"
+EXTRA_TASKS = ("ppl", "fidelity")
+ALL_TASKS = tasks.TASKS + EXTRA_TASKS
+CASES_FILE = "cases.jsonl"
+# files and folders a run writes; --force removes exactly these
+OUTPUTS = (CASES_FILE, "run.json", "report.md", "report.html", "attention_maps.pt", "plots")
+MAP_HEADS = ((0, 0), (3, 2), (15, 4), (29, 8))  # (layer, head) pairs whose maps are saved
+MAP_SIZE = 512
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    methods: list[str]
+    tasks: list[str]
+    lengths: list[int]
+    out: pathlib.Path
+    samples: int = 4
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    seed: int = 0
+    new_tokens: int = 12
+    corpus: str = "pydoc"
+
+
+def split_methods(spec: str) -> list[str]:
+    """``"dense,streaming_llm:sinks=4,window=512,quest:budget=64"`` -> one string per method."""
+    out: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if "=" in token and ":" not in token and out:
+            out[-1] += "," + token
+        else:
+            out.append(token)
+    return out
+
+
+def parse_length(text: str) -> int:
+    """``"2k"`` -> 2048, ``"1500"`` -> 1500."""
+    t = text.strip().lower()
+    try:
+        value = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise ValueError(f"bad length {text!r}: use a token count such as 1500 or 2k") from None
+    if value <= 0:
+        raise ValueError(f"length must be > 0, got {text!r}")
+    return value
+
+
+def validate(config: EvalConfig) -> list[Method]:
+    """Check everything that can be checked before the model loads; the parsed methods."""
+    unknown = [t for t in config.tasks if t not in ALL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
+    if config.samples <= 0:
+        raise ValueError(f"--samples must be > 0, got {config.samples}")
+    bad = [d for d in config.depths if not 0.0 <= d <= 1.0]
+    if bad:
+        raise ValueError(f"needle depths must lie in [0, 1], got {bad}")
+    return [from_string(m) for m in config.methods]
+
+
+def check_lengths(lengths: list[int], max_positions: int | None) -> None:
+    """Refuse lengths beyond the model's trained positions (no position extension is applied)."""
+    too_long = [n for n in lengths if max_positions is not None and n > max_positions]
+    if too_long:
+        raise ValueError(
+            f"length(s) {too_long} exceed the model's {max_positions} positions "
+            "(max_position_embeddings); longattn applies no position extension"
+        )
+
+
+def check_out(out: pathlib.Path, force: bool, resume: bool) -> None:
+    """An existing non-empty results folder needs ``resume`` or ``force``: never a silent overwrite."""
+    if force and resume:
+        raise ValueError("--force and --resume exclude each other")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (force or resume):
+        raise FileExistsError(
+            f"results folder {out} exists: pass --resume to continue it or --force to overwrite"
+        )
+
+
+def prepare_out(out: pathlib.Path, force: bool) -> None:
+    """Create ``out``; with ``force``, first remove the files a previous run wrote there (only those)."""
+    if force and out.is_dir():
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def finished(path: pathlib.Path) -> set[str]:
+    """Keys of the cases already written without error (a torn last line is ignored)."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not record.get("error"):
+            done.add(record["case"])
+    return done
+
+
+def default_use(model, method: Method):
+    """``longattn.integrations.hf.use`` (looked up when needed, so that a missing one is a clear error)."""
+    from longattn.integrations import hf
+
+    use = getattr(hf, "use", None)
+    if use is None:
+        raise RuntimeError(
+            "longattn.integrations.hf.use is not available in this build: only the hf_sdpa "
+            "baseline and the fidelity task can run"
+        )
+    return use(model, method)
+
+
+@contextlib.contextmanager
+def _timer(into: dict, key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    into[key] = (time.perf_counter() - start) * 1e3
+
+
+@torch.no_grad()
+def generate(model, context, input_ids: torch.Tensor, new_tokens: int, eos: int | None) -> dict:
+    """Greedy prefill + decode under ``context`` (a ``use(...)`` or the baseline); timings and KV bytes."""
+    timings: dict = {}
+    tokens: list[int] = []
+    with context as cache:
+        with _timer(timings, "prefill_ms"):
+            out = model(
+                input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        tokens.append(int(token))
+        with _timer(timings, "decode_ms"):
+            for _ in range(new_tokens - 1):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(token))
+        timings["kv_bytes"] = metrics.kv_bytes(cache)
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    timings["decode_tok_s"] = (
+        (new_tokens - 1) / (timings["decode_ms"] / 1e3) if new_tokens > 1 else None
+    )
+    return {"tokens": tokens, **timings}
+
+
+@torch.no_grad()
+def score_text(model, context, input_ids: torch.Tensor) -> dict:
+    """Perplexity of ``input_ids`` with the method in the prefill; prefill time and KV bytes."""
+    timings: dict = {}
+    with context as cache:
+        with _timer(timings, "prefill_ms"):
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        timings["kv_bytes"] = metrics.kv_bytes(out.past_key_values)
+    return {"ppl": metrics.perplexity(out.logits, input_ids), **timings}
+
+
+@dataclass
+class Case:
+    key: str
+    method: str  # the method string, or BASELINE
+    task: str
+    length: int
+    sample: int
+    depth: float | None = None
+
+
+def enumerate_cases(config: EvalConfig) -> list[Case]:
+    """Every case of the run, in execution order (by length, then task and sample, then method)."""
+    labels = [BASELINE] + [from_string(m).describe() for m in config.methods]
+    cases = []
+    for length in config.lengths:
+        for task in config.tasks:
+            n = 1 if task == "fidelity" else config.samples
+            for sample in range(n):
+                depth = config.depths[sample % len(config.depths)] if task == "needle" else None
+                for label in labels:
+                    if task == "fidelity" and label == BASELINE:
+                        continue
+                    key = f"{label}|{task}|{length}|{sample}"
+                    cases.append(Case(key, label, task, length, sample, depth))
+    return cases
+
+
+class Session:
+    """One loaded model and everything derived from it that several cases share."""
+
+    def __init__(self, config: EvalConfig, model, tokenizer, use_fn: Callable = default_use):
+        self.config, self.model, self.tokenizer, self.use_fn = config, model, tokenizer, use_fn
+        self.n_heads = int(model.config.num_attention_heads)
+        self.env = environment()
+        self._captured: dict[int, dict] = {}
+        self._density: dict[tuple[str, int], tuple[float, str, int]] = {}
+
+    def method_facts(self, label: str, length: int) -> tuple[float, str, int]:
+        """(density, its kind, KV budget in tokens) of a method at ``length``, memoised."""
+        if (label, length) not in self._density:
+            if label == BASELINE:
+                self._density[label, length] = (1.0, "pairs", length)
+            else:
+                method = from_string(label)
+                value, kind = metrics.density(method, length, self.n_heads)
+                self._density[label, length] = (value, kind, metrics.kv_budget(method, length))
+        return self._density[label, length]
+
+    def context(self, label: str):
+        if label == BASELINE:
+            return contextlib.nullcontext(None)  # the model's own sdpa and its own DynamicCache
+        return self.use_fn(self.model, from_string(label))
+
+    def captured(self, length: int) -> dict:
+        """Dense post-RoPE q/k/v of every layer on real text of ``length`` tokens (one pass, memoised)."""
+        if length not in self._captured:
+            from longattn.integrations.hf import capture_qkv
+
+            self._captured.clear()  # one length at a time: a 30-layer capture is hundreds of MiB
+            ids = torch.tensor([tasks.text_window(self.tokenizer, self.config.corpus, length, 0)])
+            self._captured[length] = capture_qkv(self.model, ids)
+        return self._captured[length]
+
+    def run(self, case: Case) -> dict:
+        density, kind, budget = self.method_facts(case.method, case.length)
+        record = {
+            "case": case.key, "method": case.method, "task": case.task, "length": case.length,
+            "sample": case.sample, "depth": case.depth, "density": density,
+            "density_kind": kind, "kv_budget": budget, "model": self.config.model,
+        }  # fmt: skip
+        try:
+            holder: dict = {}
+            record["peak_rss_mib"] = peak_extra_mib(lambda: holder.update(self._measure(case)))
+            record.update(holder)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+        record.update(self.env)
+        return record
+
+    def _measure(self, case: Case) -> dict:
+        if case.task == "fidelity":
+            result = metrics.fidelity(from_string(case.method), self.captured(case.length))
+            valid_err = [e for e in result["layer_error"] if e is not None]
+            valid_rec = [r for r in result["mass_recall"] if r is not None]
+            result["error_mean"] = sum(valid_err) / len(valid_err) if valid_err else None
+            result["recall_mean"] = sum(valid_rec) / len(valid_rec) if valid_rec else None
+            return result
+        seed = self.config.seed * 100_003 + case.sample
+        if case.task == "ppl":
+            ids = tasks.text_window(self.tokenizer, self.config.corpus, case.length, seed)
+            return score_text(self.model, self.context(case.method), torch.tensor([ids]))
+        sample = tasks.make(case.task, self.tokenizer, case.length, seed, case.depth)
+        new = max(self.config.new_tokens, sample.max_new_tokens)
+        ids = torch.tensor([sample.input_ids])
+        eos = self.tokenizer.eos_token_id
+        result = generate(self.model, self.context(case.method), ids, new, eos)
+        text = self.tokenizer.decode(result.pop("tokens"), skip_special_tokens=True)
+        return {**result, "generated": text, "answers": list(sample.answers),
+                "score": tasks.score(text, sample.answers), "new_tokens": new}  # fmt: skip
+
+    def save_maps(self, out: pathlib.Path, length: int) -> None:
+        """Dense attention maps of the ``MAP_HEADS`` on real text, for the report's overlay plot."""
+        captured = self.captured(length)
+        size = min(MAP_SIZE, length)
+        maps = {}
+        for layer, head in MAP_HEADS:
+            if layer in captured and head < captured[layer][0].shape[1]:
+                q, k, _ = captured[layer]
+                maps[f"{layer}.{head}"] = metrics.attention_map(q, k, head, size)
+        torch.save({"size": size, "maps": maps, "corpus": self.config.corpus}, out)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    )
+
+
+def run_eval(
+    config: EvalConfig,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    loader: Callable | None = None,
+    use_fn: Callable = default_use,
+    show_progress: bool = True,
+) -> dict:
+    """Run (or resume) every case of ``config``; returns counts of run, skipped and failed cases."""
+    validate(config)
+    check_out(config.out, force, resume)
+    if loader is None:
+        from longattn.eval.models import load as loader
+    model, tokenizer = loader(config.model)
+    check_lengths(config.lengths, getattr(model.config, "max_position_embeddings", None))
+    prepare_out(config.out, force)
+    run_info = {"config": {**vars(config), "out": str(config.out)}, **environment()}
+    (config.out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    session = Session(config, model, tokenizer, use_fn)
+    cases = enumerate_cases(config)
+    done = finished(config.out / CASES_FILE)
+    todo = [c for c in cases if c.key not in done]
+    writer = JsonlWriter(config.out / CASES_FILE)
+    failed = 0
+    bar = _progress(show_progress)
+    with bar if bar is not None else contextlib.nullcontext():
+        job = bar.add_task("eval", total=len(todo)) if bar is not None else None
+        for case in todo:
+            if bar is not None:
+                bar.update(job, description=f"{case.method} {case.task} {case.length}")
+            record = session.run(case)
+            failed += bool(record.get("error"))
+            writer.write(record)
+            if bar is not None:
+                bar.advance(job)
+    maps = config.out / "attention_maps.pt"
+    if "fidelity" in config.tasks and not maps.exists():
+        session.save_maps(maps, min(config.lengths))
+    return {"run": len(todo), "skipped": len(cases) - len(todo), "failed": failed}
