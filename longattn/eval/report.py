@@ -1,0 +1,223 @@
+"""The run's report: one table of accuracy x density x speedup x memory per method (Markdown + HTML).
+
+Methods are grouped by KV budget: the number of keys the last query of the longest sequence may see
+(for a static pattern, its visible keys; for a budgeted decode method, its budget). Only methods in
+the same group are a like-for-like comparison. Density is stated with its kind: ``pairs`` = fraction
+of causal (query, key) pairs a static pattern visits in prefill; ``kv`` = fraction of the KV cache a
+budgeted method keeps or reads.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import pathlib
+import statistics
+from collections import defaultdict
+
+from longattn.eval import tasks
+from longattn.eval.runner import BASELINE, CASES_FILE
+
+
+def load_records(folder: pathlib.Path) -> list[dict]:
+    """The records of ``folder/cases.jsonl`` (a torn last line is skipped)."""
+    path = pathlib.Path(folder) / CASES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CASES_FILE} in {folder}: run `longattn eval --out {folder}`")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def speedups(records: list[dict]) -> dict[tuple[str, int], float]:
+    """(method, length) -> median over matched cases of baseline prefill time / method prefill time."""
+    base = {
+        (r["task"], r["length"], r["sample"]): r["prefill_ms"]
+        for r in records
+        if r["method"] == BASELINE and r.get("prefill_ms")
+    }
+    ratios: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in records:
+        matched = base.get((r["task"], r["length"], r["sample"]))
+        if matched and r.get("prefill_ms"):
+            ratios[r["method"], r["length"]].append(matched / r["prefill_ms"])
+    return {key: statistics.median(v) for key, v in ratios.items()}
+
+
+def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
+    """One summary row per method (baseline first, then by KV budget); the lengths; the tasks."""
+    ok = [r for r in records if not r.get("error")]
+    lengths = sorted({r["length"] for r in records})
+    present = {r["task"] for r in records}
+    task_names = [t for t in (*tasks.TASKS, "ppl", "fidelity") if t in present]
+    speed = speedups(ok)
+    longest = lengths[-1] if lengths else None
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in ok if r["method"] == method]
+        at_long = [r for r in records if r["method"] == method and r["length"] == longest]
+        row = {"method": method, "kv_budget": at_long[0]["kv_budget"] if at_long else None}
+        row["density"] = at_long[0]["density"] if at_long else None
+        row["density_kind"] = at_long[0]["density_kind"] if at_long else None
+        for task in tasks.TASKS:
+            row[f"acc_{task}"] = _mean(r.get("score") for r in mine if r["task"] == task)
+        for length in lengths:
+            row[f"ppl_{length}"] = _mean(r.get("ppl") for r in mine if r["length"] == length)
+            row[f"speedup_{length}"] = speed.get((method, length))
+        long_ok = [r for r in mine if r["length"] == longest]
+        row["fid_error"] = _mean(r.get("error_mean") for r in long_ok)
+        row["fid_recall"] = _mean(r.get("recall_mean") for r in long_ok)
+        row["decode_tok_s"] = _mean(r.get("decode_tok_s") for r in long_ok)
+        kv = _mean(r.get("kv_bytes") for r in long_ok)
+        row["kv_mib"] = kv / 2**20 if kv is not None else None
+        row["peak_rss_mib"] = _mean(
+            r.get("peak_rss_mib") for r in long_ok if r["task"] != "fidelity"
+        )
+        errors = [r["error"] for r in records if r["method"] == method and r.get("error")]
+        row["errors"] = len(errors)
+        row["first_error"] = errors[0] if errors else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["method"] != BASELINE, -(r["kv_budget"] or 0), r["method"]))
+    return rows, lengths, task_names
+
+
+def _fmt(value, kind: str = "") -> str:
+    if value is None or value != value:  # None or NaN
+        return "–"
+    if kind == "pct":
+        return f"{100 * value:.0f}%"
+    if kind == "x":
+        return f"{value:.2f}×"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[list, list]:
+    """Header and cells of the main table (shared by Markdown and HTML)."""
+    gen = [t for t in task_names if t in tasks.TASKS]
+    longest = lengths[-1] if lengths else 0
+    header = ["method", "KV budget (tokens)", f"density @{longest}"]
+    header += [f"{t} acc" for t in gen]
+    header += [f"ppl @{n}" for n in lengths] if "ppl" in task_names else []
+    if "fidelity" in task_names:
+        header += [f"output error @{longest}", f"mass recall @{longest}"]
+    header += [f"prefill speedup @{n}" for n in lengths]
+    header += [f"decode tok/s @{longest}", f"KV MiB @{longest}", f"peak RSS MiB @{longest}"]
+    body = []
+    for r in rows:
+        cells = [r["method"], _fmt(r["kv_budget"])]
+        cells.append(f"{_fmt(r['density'], 'pct')} {r['density_kind'] or ''}".strip())
+        cells += [_fmt(r[f"acc_{t}"], "pct") for t in gen]
+        cells += [_fmt(r[f"ppl_{n}"]) for n in lengths] if "ppl" in task_names else []
+        if "fidelity" in task_names:
+            cells += [_fmt(r["fid_error"]), _fmt(r["fid_recall"], "pct")]
+        cells += [_fmt(r[f"speedup_{n}"], "x") for n in lengths]
+        cells += [_fmt(r["decode_tok_s"]), _fmt(r["kv_mib"]), _fmt(r["peak_rss_mib"])]
+        body.append(cells)
+    return header, body
+
+
+def needle_grid(records: list[dict]) -> dict[str, dict[tuple[float, int], float]]:
+    """method -> {(depth, length): mean needle score}."""
+    cells: dict[str, dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["task"] == "needle" and not r.get("error") and r.get("score") is not None:
+            cells[r["method"]][r["depth"], r["length"]].append(r["score"])
+    return {m: {k: sum(v) / len(v) for k, v in g.items()} for m, g in cells.items()}
+
+
+NOTES = [
+    f"`{BASELINE}` is the model's own attention (transformers `sdpa`, its own dynamic cache): the "
+    "baseline every speedup is measured against, in the same run, on the same prompts.",
+    "Accuracy: fraction of the expected answers found in the greedy continuation (passkey, needle, "
+    "multikey: one answer; multivalue, vartrack: all of them). Perplexity: next-token perplexity "
+    "of real text with the method in the prefill.",
+    "Density: `pairs` = fraction of causal (query, key) pairs a static pattern visits; `kv` = "
+    "fraction of the KV cache a budgeted method keeps. KV budget = keys the last query of the "
+    "longest sequence may see; rows are sorted by it, and only rows with the same budget are a "
+    "budget-matched comparison.",
+    "Fidelity (on q/k/v captured from a dense pass over real text): output error = relative L2 "
+    "error of each layer's attention output against dense, averaged over layers; mass recall = "
+    "share of the dense attention mass the pattern keeps, over the last 256 queries.",
+    "Speedup = median over matched prompts of baseline prefill time / method prefill time "
+    "(one timed pass each; CPU timings are noisy, ±5 % or more). Decode tok/s: greedy decode "
+    "after the prefill. KV MiB: key/value bytes the cache holds at the end. Peak RSS: extra "
+    "resident memory at the peak of the case (includes the logits).",
+]
+
+
+def _markdown_table(header: list, body: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _errors(rows: list[dict]) -> list[str]:
+    return [
+        f"`{r['method']}`: {r['errors']} case(s) not run — {r['first_error']}"
+        for r in rows
+        if r["errors"]
+    ]
+
+
+def _run_info(folder: pathlib.Path) -> dict:
+    path = folder / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_markdown(folder: pathlib.Path, plots: list[str]) -> pathlib.Path:
+    """``folder/report.md`` from the folder's JSONL; returns its path."""
+    records = load_records(folder)
+    rows, lengths, task_names = summarise(records)
+    header, body = table(rows, lengths, task_names)
+    info = _run_info(folder)
+    config = info.get("config", {})
+    parts = [
+        "# longattn eval report",
+        f"Model `{config.get('model', records[0].get('model') if records else '?')}`; lengths "
+        f"{lengths}; tasks {task_names}; {config.get('samples', '?')} sample(s) per task; torch "
+        f"{info.get('torch', '?')}, git {info.get('git_sha', '?')}, {info.get('threads', '?')} threads.",
+        _markdown_table(header, body),
+        "\n".join(f"- {n}" for n in NOTES),
+    ]
+    errors = _errors(rows)
+    if errors:
+        parts += ["## Cases not run", "\n".join(f"- {e}" for e in errors)]
+    if plots:
+        parts += ["## Plots", "\n\n".join(f"![{p}]({p})" for p in plots)]
+    path = folder / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
+
+
+def write_html(folder: pathlib.Path, plots: list[str]) -> pathlib.Path:
+    """``folder/report.html``: the same table and notes, with the plots inline."""
+    records = load_records(folder)
+    rows, lengths, task_names = summarise(records)
+    header, body = table(rows, lengths, task_names)
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
+    notes = "".join(f"<li>{esc(n)}</li>" for n in NOTES + _errors(rows))
+    imgs = "".join(f'<h3>{esc(p)}</h3><img src="{esc(p)}" style="max-width:100%">' for p in plots)
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>longattn eval report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
+        "td:first-child{text-align:left}</style>"
+        f"<h1>longattn eval report</h1><table><tr>{head}</tr>{trs}</table>"
+        f"<ul>{notes}</ul>{imgs}"
+    )
+    path = folder / "report.html"
+    path.write_text(page)
+    return path
