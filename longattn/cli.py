@@ -1,4 +1,4 @@
-"""The ``longattn`` command: ``bench`` and ``docs``."""
+"""The ``longattn`` command: ``bench``, ``docs``, ``eval``, ``plot`` and ``analyze``."""
 
 from __future__ import annotations
 
@@ -62,7 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)
     docs.set_defaults(func=_docs)
+    _add_eval_commands(sub)
     return parser
+
+
+def _add_eval_commands(sub) -> None:
+    from longattn.eval import commands  # argparse and the presets only; heavy imports stay lazy
+
+    ev = sub.add_parser(
+        "eval", help="a method on a real model: accuracy, speed and memory, offline"
+    )
+    commands.add_eval_arguments(ev)
+    ev.set_defaults(func=commands.run_eval_command)
+    plot = sub.add_parser("plot", help="re-render the report and plots of a results folder")
+    plot.add_argument("folder")
+    plot.set_defaults(func=commands.run_plot_command)
+    an = sub.add_parser(
+        "analyze", help="per-head attention statistics of a real model (JSON + PNG)"
+    )
+    commands.add_analyze_arguments(an)
+    an.set_defaults(func=commands.run_analyze_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import torch
@@ -44,10 +45,36 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32):
         return load_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     path = pathlib.Path(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
-        return load_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        return _load_checked(
+            path, lambda: load_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        )
     if path.is_dir():
-        return load_pretrained(str(path), dtype=dtype)
+        return _load_checked(path, lambda: load_pretrained(str(path), dtype=dtype))
     known = ", ".join(sorted(EMBEDDED))
     raise ValueError(
         f"unknown model {name_or_path!r}: not an embedded name ({known}), a local folder or a .gguf file"
     )
+
+
+def architecture(path: pathlib.Path) -> str:
+    """The architecture a local model folder declares (``config.json``), for error messages."""
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.is_file():
+        return f"of {path.name}"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "(unreadable config.json)"
+    names = data.get("architectures") or [data.get("model_type", "?")]
+    return f"{', '.join(map(str, names))} (model_type {data.get('model_type')!r})"
+
+
+def _load_checked(path: pathlib.Path, load_fn):
+    """Run ``load_fn``; a model transformers cannot build becomes one clear error naming it."""
+    try:
+        return load_fn()
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise ValueError(
+            f"cannot load the model at {path}: unsupported or incomplete architecture "
+            f"{architecture(path)}: {exc}"
+        ) from exc

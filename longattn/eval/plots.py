@@ -24,17 +24,6 @@ def _plt():
     return plt
 
 
-def _short(method: str) -> str:
-    """A legend label: drop parameters equal to their defaults."""
-    if method == BASELINE:
-        return f"{BASELINE} (baseline)"
-    m = from_string(method)
-    default = type(m)()
-    changed = [p for p in m.describe().partition(":")[2].split(",") if p]
-    keep = [p for p in changed if p not in default.describe()]
-    return m.name + (":" + ",".join(keep) if keep else "")
-
-
 def _colors(methods: list[str]) -> dict[str, str]:
     cycle = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
     return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
@@ -80,7 +69,8 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
     handles = [
-        plt.Line2D([], [], color=colors[m], marker="o", ls="", label=_short(m)) for m in methods
+        plt.Line2D([], [], color=colors[m], marker="o", ls="", label=report.short_label(m))
+        for m in methods
     ]
     handles += [
         plt.Line2D([], [], color="gray", marker=markers[n], ls="", label=f"{n} tokens")
@@ -104,7 +94,9 @@ def speedup_vs_length(records: list[dict], path: pathlib.Path) -> None:
     for method in methods:
         points = sorted((n, s) for (m, n), s in speed.items() if m == method)
         if points:
-            ax.plot(*zip(*points), marker="o", color=colors[method], label=_short(method))
+            ax.plot(
+                *zip(*points), marker="o", color=colors[method], label=report.short_label(method)
+            )
             drawn = True
     ax.axhline(1.0, color="black", ls="--", lw=1, label=f"{BASELINE} (= 1)")
     if not drawn:
@@ -145,7 +137,9 @@ def needle_heatmap(records: list[dict], path: pathlib.Path) -> None:
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (% of context)")
-        ax.set_title(_short(method) if method != "(none)" else "no needle cases", fontsize=9)
+        ax.set_title(
+            report.short_label(method) if method != "(none)" else "no needle cases", fontsize=9
+        )
     for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     if image is not None:
@@ -187,7 +181,8 @@ def attention_maps(records: list[dict], maps_path: pathlib.Path, path: pathlib.P
                 white[..., 3] = 0.6 * hidden.float()  # wash out the causal keys the method drops
                 ax.imshow(white.numpy(), interpolation="nearest")
             ax.set_title(
-                f"L{layer} H{head}" + ("" if method == "dense" else f" · {_short(method)}"),
+                f"L{layer} H{head}"
+                + ("" if method == "dense" else f" · {report.short_label(method)}"),
                 fontsize=8,
             )
             ax.set_xlabel("key position (token)", fontsize=8)
@@ -214,12 +209,12 @@ def fidelity_by_layer(records: list[dict], path: pathlib.Path) -> bool:
     rows = [r for r in rows if r["length"] == longest]
     colors = _colors([BASELINE] + [r["method"] for r in rows])
     fig, (ax_err, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
-    exact = [_short(r["method"]) for r in rows if not any(r["layer_error"])]
+    exact = [report.short_label(r["method"]) for r in rows if not any(r["layer_error"])]
     for r in rows:
         layers = range(len(r["layer_error"]))
         err = [e if e is not None else float("nan") for e in r["layer_error"]]
         rec = [100 * x if x is not None else float("nan") for x in r["mass_recall"]]
-        label = _short(r["method"])
+        label = report.short_label(r["method"])
         if any(r["layer_error"]):  # an exact method (error 0) has no point on a log axis
             ax_err.plot(layers, err, marker=".", color=colors[r["method"]], label=label)
         ax_rec.plot(layers, rec, marker=".", color=colors[r["method"]], label=label)

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 from longattn.eval import tasks
 from longattn.eval.runner import BASELINE, CASES_FILE
+from longattn.method import from_string
 
 
 def load_records(folder: pathlib.Path) -> list[dict]:
@@ -31,6 +32,16 @@ def load_records(folder: pathlib.Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def short_label(method: str) -> str:
+    """A method's string without the parameters left at their defaults (for tables and legends)."""
+    if method == BASELINE:
+        return f"{BASELINE} (baseline)"
+    m = from_string(method)
+    defaults = type(m)().describe().partition(":")[2].split(",")
+    changed = [p for p in m.describe().partition(":")[2].split(",") if p and p not in defaults]
+    return m.name + (":" + ",".join(changed) if changed else "")
 
 
 def _mean(values) -> float | None:
@@ -115,7 +126,7 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     header += [f"decode tok/s @{longest}", f"KV MiB @{longest}", f"peak RSS MiB @{longest}"]
     body = []
     for r in rows:
-        cells = [r["method"], _fmt(r["kv_budget"])]
+        cells = [short_label(r["method"]), _fmt(r["kv_budget"])]
         cells.append(f"{_fmt(r['density'], 'pct')} {r['density_kind'] or ''}".strip())
         cells += [_fmt(r[f"acc_{t}"], "pct") for t in gen]
         cells += [_fmt(r[f"ppl_{n}"]) for n in lengths] if "ppl" in task_names else []
@@ -164,7 +175,7 @@ def _markdown_table(header: list, body: list) -> str:
 
 def _errors(rows: list[dict]) -> list[str]:
     return [
-        f"`{r['method']}`: {r['errors']} case(s) not run — {r['first_error']}"
+        f"`{short_label(r['method'])}`: {r['errors']} case(s) not run — {r['first_error']}"
         for r in rows
         if r["errors"]
     ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longattn.bench.common import JsonlWriter, environment, peak_extra_mib
-from longattn.eval import metrics, tasks
+from longattn.eval import metrics, tasks, text
 from longattn.method import Method, from_string
 
 BASELINE = "hf_sdpa"
@@ -76,6 +76,10 @@ def validate(config: EvalConfig) -> list[Method]:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
     if config.samples <= 0:
         raise ValueError(f"--samples must be > 0, got {config.samples}")
+    if config.corpus not in text.CORPORA:
+        raise ValueError(f"unknown corpus {config.corpus!r}; known: {', '.join(text.CORPORA)}")
+    if not config.lengths or not config.depths:
+        raise ValueError("give at least one length and one needle depth")
     bad = [d for d in config.depths if not 0.0 <= d <= 1.0]
     if bad:
         raise ValueError(f"needle depths must lie in [0, 1], got {bad}")

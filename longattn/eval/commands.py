@@ -1,0 +1,158 @@
+"""``longattn eval``, ``longattn plot`` and ``longattn analyze``: argument handling and presets."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+# a preset fills every option the command line leaves unset
+PRESETS: dict[str, dict] = {
+    "demo": {
+        "model": "smollm2-135m",
+        "methods": "dense,streaming_llm:sinks=4,window=252,sliding_window:window=256",
+        "tasks": "passkey,needle,ppl,fidelity",
+        "lengths": "1k,2k",
+        "samples": 3,
+        "depths": "0.1,0.5,0.9",
+        "new_tokens": 8,
+    },
+}
+DEFAULTS = {
+    "model": "smollm2-135m",
+    "methods": "dense",
+    "tasks": "passkey,needle,ppl,fidelity",
+    "lengths": "1k,2k",
+    "samples": 4,
+    "depths": "0,0.25,0.5,0.75,1",
+    "new_tokens": 12,
+    "corpus": "pydoc",
+    "seed": 0,
+}
+# optional methods a preset adds when their module is present (the decode methods land separately)
+PRESET_EXTRAS = {"demo": {"quest": "quest:budget=256"}}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (demo)")
+    p.add_argument("--model", help="smollm2-135m (embedded), a local HF folder or a .gguf file")
+    p.add_argument(
+        "--methods", help="comma-separated method strings, e.g. dense,streaming_llm:window=512"
+    )
+    p.add_argument("--tasks", help="passkey,needle,multikey,multivalue,vartrack,ppl,fidelity")
+    p.add_argument("--lengths", help="comma-separated token counts, e.g. 1k,2k,4k")
+    p.add_argument("--samples", type=int, help="samples per task and length")
+    p.add_argument("--depths", help="needle depths in [0, 1], cycled over the needle samples")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, help="greedy tokens to decode")
+    p.add_argument("--corpus", help="real text for ppl and fidelity: pydoc, licenses or kjv")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="results folder (JSONL, report, plots)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing results folder")
+    p.add_argument("--resume", action="store_true", help="continue a run, redoing no finished case")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace):
+    """An ``EvalConfig`` from the arguments, the preset and the defaults (in that order)."""
+    from longattn.eval.runner import EvalConfig, parse_length, split_methods
+    from longattn.method import registry
+
+    preset = PRESETS.get(args.preset or "", {})
+    value = {k: getattr(args, k, None) for k in DEFAULTS}
+    value = {k: v if v is not None else preset.get(k, DEFAULTS[k]) for k, v in value.items()}
+    methods = split_methods(value["methods"])
+    if args.methods is None:
+        extras = PRESET_EXTRAS.get(args.preset or "", {})
+        methods += [spec for name, spec in extras.items() if name in registry()]
+    return EvalConfig(
+        model=value["model"],
+        methods=methods,
+        tasks=[t.strip() for t in value["tasks"].split(",") if t.strip()],
+        lengths=[parse_length(n) for n in str(value["lengths"]).split(",") if n.strip()],
+        out=pathlib.Path(args.out),
+        samples=int(value["samples"]),
+        depths=[_depth(d) for d in str(value["depths"]).split(",") if d.strip()],
+        seed=int(value["seed"]),
+        new_tokens=int(value["new_tokens"]),
+        corpus=value["corpus"],
+    )
+
+
+def _depth(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"bad needle depth {text!r}: use a number in [0, 1]") from None
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"longattn {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from longattn.eval.plots import render_all
+    from longattn.eval.runner import run_eval
+
+    start = time.perf_counter()
+    try:
+        config = config_from_args(args)
+        counts = run_eval(config, force=args.force, resume=args.resume, show_progress=args.progress)
+    except USER_ERRORS as exc:
+        return _fail("eval", exc)
+    path = render_all(config.out)
+    print(
+        f"{counts['run']} case(s) run, {counts['skipped']} already done, {counts['failed']} "
+        f"failed, in {time.perf_counter() - start:.0f} s"
+    )
+    _print_report(path)
+    return 0
+
+
+def _print_report(path: pathlib.Path) -> None:
+    text = path.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    print("\n".join(table))
+    print(f"\nreport: {path}\n        {path.with_suffix('.html')}\nplots:  {path.parent / 'plots'}")
+
+
+def run_plot_command(args: argparse.Namespace) -> int:
+    from longattn.eval.plots import render_all
+
+    try:
+        path = render_all(pathlib.Path(args.folder))
+    except USER_ERRORS as exc:
+        return _fail("plot", exc)
+    _print_report(path)
+    return 0
+
+
+def run_analyze_command(args: argparse.Namespace) -> int:
+    from longattn.eval.analyze import run_analysis
+
+    try:
+        path = run_analysis(
+            args.model, parse_length_arg(args.text_length), pathlib.Path(args.out), args.corpus,
+            args.force, args.window,
+        )  # fmt: skip
+    except USER_ERRORS as exc:
+        return _fail("analyze", exc)
+    print(f"analysis: {path}\nplots:    {path.parent}")
+    return 0
+
+
+def parse_length_arg(text: str) -> int:
+    from longattn.eval.runner import parse_length
+
+    return parse_length(text)
+
+
+def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", dest="text_length", default="1k", help="tokens of real text (1k)")
+    p.add_argument("--corpus", default="pydoc", help="pydoc, licenses or kjv")
+    p.add_argument("--window", type=int, default=64, help="locality window (tokens)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
