@@ -7,12 +7,21 @@ Everything goes through transformers' documented seams (``AttentionInterface``,
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from longattn.api import attention
+from longattn.method import Method, from_string
+from longattn.methods.dense import Dense
+from longattn.methods.intersection import Intersection
+from longattn.methods.sliding_window import SlidingWindow
 
 CAPTURE_NAME = "longattn_capture"
 
@@ -64,3 +73,187 @@ def capture_qkv(
     with attn_implementation(model, CAPTURE_NAME):
         model(input_ids=input_ids, use_cache=False)
     return captured
+
+
+# Architectures whose attention goes through ``AttentionInterface`` with plain causal softmax semantics
+# (scaling, GQA and an optional per-layer sliding window are honoured). ``model_type`` -> family name.
+SUPPORTED = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma3_text": "Gemma 3",
+    "phi3": "Phi-3",
+}
+
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class TokenPositions:
+    """What ``use()``'s mask function hands the attention function in place of a 4-D mask.
+
+    q [B, Tq] and kv [B, Tk]: each slot's original position among the row's real tokens (so a left-padded
+    row counts from its first real token, and StreamingLLM's sinks are its first real tokens); -1 marks
+    a padding slot. ``default`` is true when there is no padding and the queries are the last Tq of keys
+    that start at position 0, i.e. ``attention()`` may use its default positions (and the SDPA path).
+    """
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    default: bool
+
+
+def positions_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    config=None,
+    **kwargs,
+) -> TokenPositions:
+    """``AttentionMaskInterface`` entry: per-row token positions from the 2-D padding mask.
+
+    transformers calls it once per forward and per layer type (full / sliding) with the cache's mask
+    sizes; ``attention_mask`` is the 2-D padding mask over every token seen so far, or None.
+    """
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    total = max(q_offset + q_length, kv_offset + kv_length)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and q_offset + q_length > limit:
+        raise ValueError(
+            f"{q_offset + q_length} tokens exceed the model's {limit} positions "
+            "(max_position_embeddings); longattn does not extend a model's positions"
+        )
+    if attention_mask is None or bool(attention_mask.all()):
+        seen = torch.arange(total, device=device).expand(batch_size, total)
+        padded = False
+    else:
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        if real.shape[-1] < total:
+            raise ValueError(
+                f"the 2-D attention_mask covers {real.shape[-1]} tokens, the cache and input {total}"
+            )
+        real = real[:, :total]
+        seen = torch.where(real, real.long().cumsum(-1) - 1, -1)  # [B, total]
+        padded = True
+    default = not padded and kv_offset == 0 and q_offset + q_length == kv_length
+    return TokenPositions(
+        seen[:, q_offset : q_offset + q_length], seen[:, kv_offset : kv_offset + kv_length], default
+    )
+
+
+def _architecture(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r})"
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse, naming the architecture and the feature, a model whose attention a method cannot honour."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"use() needs a transformers PreTrainedModel, got {type(model).__name__}")
+    arch = _architecture(model)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{arch} uses attention logit soft-capping (attn_logit_softcapping="
+            f"{config.attn_logit_softcapping}), which longattn's kernels do not compute"
+        )
+    if config.model_type not in SUPPORTED:
+        known = ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items())
+        raise ValueError(f"{arch} is not a supported architecture; supported: {known}")
+    if not getattr(config, "is_causal", True):
+        raise ValueError(f"{arch} is configured for non-causal attention, which use() refuses")
+
+
+def _layer_method(method: Method, window: int | None, max_q_pos: int) -> Method:
+    """``method`` restricted to the layer's own sliding window (``q - k < window``), if it matters."""
+    if window is None or max_q_pos < window:  # every visible key is within the window already
+        return method
+    own = SlidingWindow(window=int(window))
+    if isinstance(method, Dense) and method.causal:
+        return own
+    return Intersection(method, own)
+
+
+def _check_call(module: torch.nn.Module, arch: str, dropout: float, kwargs: dict) -> None:
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{arch}: attention soft-capping (softcap={kwargs['softcap']}) is refused")
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise ValueError(f"{arch}: learned attention-sink logits (s_aux / sinks) are refused")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"{arch}: additive attention biases (position_bias) are refused")
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        raise ValueError(f"{arch}: non-causal attention in layer {module.layer_idx} is refused")
+    if dropout:
+        raise ValueError(f"{arch}: attention dropout ({dropout}) is refused; call model.eval()")
+
+
+def make_attention_fn(method: Method, arch: str):
+    """The ``AttentionInterface`` function that runs ``attention(..., method)`` inside the model."""
+
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        _check_call(module, arch, dropout, kwargs)
+        pos = attention_mask
+        if not isinstance(pos, TokenPositions):
+            raise ValueError(
+                f"{arch}: expected longattn's TokenPositions as attention_mask, got "
+                f"{type(pos).__name__} (pass a 2-D attention_mask, not a prepared 4-D mask)"
+            )
+        if pos.kv.shape[-1] != key.shape[2] or pos.q.shape[-1] != query.shape[2]:
+            raise ValueError(
+                f"{arch}: positions for {pos.q.shape[-1]} queries / {pos.kv.shape[-1]} keys, "
+                f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
+            )
+        window = kwargs.get("sliding_window")
+        if pos.default:
+            layer_method = _layer_method(method, window, key.shape[2] - 1)
+            res = attention(query, key, value, method=layer_method, scale=scaling)
+        else:
+            layer_method = _layer_method(method, window, int(pos.q.max()))
+            res = attention(
+                query,
+                key,
+                value,
+                method=layer_method,
+                scale=scaling,
+                q_positions=pos.q,
+                kv_positions=pos.kv,
+            )
+        return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
+
+    return attend
+
+
+@contextlib.contextmanager
+def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Cache]:
+    """Run ``model``'s attention through ``longattn.attention`` under ``method``; restore it on exit.
+
+    Registers an attention function (``AttentionInterface``) and its mask function
+    (``AttentionMaskInterface``, which hands per-row positions derived from the padding mask to the
+    attention function), switches the model to them, and yields a transformers ``Cache`` to pass as
+    ``past_key_values`` to ``model(...)`` or ``model.generate(...)``. On exit (also on an exception) the
+    model's previous attention implementation is set back and both registrations are removed.
+
+    Refused with ``ValueError`` naming the architecture: unsupported architectures, attention logit
+    soft-capping, learned sink logits, non-causal attention, dropout in training mode, and inputs longer
+    than ``config.max_position_embeddings``.
+    """
+    if isinstance(method, str):
+        method = from_string(method)
+    elif not isinstance(method, Method):
+        raise TypeError(f"method must be a Method or a method string, got {type(method).__name__}")
+    check_supported(model)
+    name = f"longattn_{next(_names)}"
+    AttentionInterface.register(name, make_attention_fn(method, _architecture(model)))
+    AttentionMaskInterface.register(name, positions_mask)
+    try:
+        with attn_implementation(model, name):
+            yield DynamicCache(config=model.config)
+    finally:
+        # transformers has no unregister; the global mappings are plain dicts.
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)

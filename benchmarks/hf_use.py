@@ -1,0 +1,137 @@
+"""The real model under ``longattn.hf.use(model, Dense())`` against its own ``sdpa``, in the same run.
+
+Prefill: one forward over ``--prefill`` tokens (last-token logits only). Decode: ``--new`` greedy
+single-token steps after a ``--prompt``-token prefill, timing the steps only. Runs alternate between
+the two implementations; medians are reported. The gate: last-token logits agree to 1e-4 and the
+greedy tokens are identical, else no timing is reported.
+
+    PYTHONPATH=. python benchmarks/hf_use.py [--prefill 4096] [--prompt 2048] [--new 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+from pydoc_data.topics import topics
+
+import torch
+
+from longattn import hf
+from longattn.bench.common import environment, format_table
+from longattn.eval.models import load
+from longattn.methods import Dense
+
+
+def text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
+    if ids.shape[1] < n_tokens:
+        raise ValueError(f"only {ids.shape[1]} tokens of text available, asked for {n_tokens}")
+    return ids
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    logits = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    return time.perf_counter() - start, logits
+
+
+@torch.no_grad()
+def decode(model, ids: torch.Tensor, n_new: int, cache) -> tuple[float, list[int]]:
+    """Seconds for ``n_new`` greedy single-token steps after prefilling ``ids`` into ``cache``."""
+    next_id = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+    out = [int(next_id)]
+    start = time.perf_counter()
+    for _ in range(n_new - 1):
+        logits = model(next_id[:, None], past_key_values=cache).logits[:, -1]
+        next_id = logits.argmax(-1)
+        out.append(int(next_id))
+    return time.perf_counter() - start, out
+
+
+def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int) -> list[dict]:
+    from transformers import DynamicCache
+
+    long_ids, prompt_ids = text_ids(tokenizer, n_prefill), text_ids(tokenizer, n_prompt)
+    times: dict[tuple[str, str], list[float]] = {}
+    logits, greedy = {}, {}
+    warm = long_ids[:, :256]
+    with hf.use(model, Dense()):
+        prefill(model, warm)
+    prefill(model, warm)
+    for _ in range(rounds):
+        for impl in ("longattn", "sdpa"):
+            if impl == "longattn":
+                with hf.use(model, Dense()) as cache:
+                    t_pre, logits[impl] = prefill(model, long_ids)
+                    t_dec, greedy[impl] = decode(model, prompt_ids, n_new, cache)
+            else:
+                t_pre, logits[impl] = prefill(model, long_ids)
+                t_dec, greedy[impl] = decode(
+                    model, prompt_ids, n_new, DynamicCache(config=model.config)
+                )
+            times.setdefault(("prefill", impl), []).append(t_pre)
+            times.setdefault(("decode", impl), []).append(t_dec)
+    max_diff = (logits["longattn"] - logits["sdpa"]).abs().max().item()
+    same_tokens = greedy["longattn"] == greedy["sdpa"]
+    if max_diff > 1e-4 or not same_tokens:
+        raise SystemExit(f"gate failed: logits max diff {max_diff:.2e}, same tokens {same_tokens}")
+    env = environment()
+    rows = []
+    for phase, tokens in (("prefill", n_prefill), ("decode", n_new - 1)):
+        ours = statistics.median(times[(phase, "longattn")])
+        base = statistics.median(times[(phase, "sdpa")])
+        rows.append(
+            {
+                "bench": "hf_use",
+                "phase": phase,
+                "context": n_prefill if phase == "prefill" else n_prompt,
+                "tokens": tokens,
+                "ms": ours * 1e3,
+                "baseline": "hf_sdpa",
+                "baseline_ms": base * 1e3,
+                "ratio": ours / base,
+                "runs": times[(phase, "longattn")],
+                "baseline_runs": times[(phase, "sdpa")],
+                "logits_max_diff": max_diff,
+                **env,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prefill", type=int, default=4096)
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    model, tokenizer = load(args.model)
+    model.set_attn_implementation("sdpa")
+    rows = run(model, tokenizer, args.prefill, args.prompt, args.new, args.rounds)
+    columns = [
+        ("phase", "phase"),
+        ("context", "context"),
+        ("tokens", "tokens"),
+        ("ms", "longattn ms"),
+        ("baseline_ms", "sdpa ms"),
+        ("ratio", "ratio"),
+    ]
+    print(format_table(rows, columns))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

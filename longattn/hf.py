@@ -1,0 +1,9 @@
+"""``longattn.hf``: the public name of the Hugging Face integration (imports transformers).
+
+``import longattn`` never imports transformers; ``from longattn import hf`` does, through
+``longattn.integrations.hf``, which stays the only module that imports it.
+"""
+
+from longattn.integrations.hf import TokenPositions, capture_qkv, load_pretrained, use
+
+__all__ = ["TokenPositions", "capture_qkv", "load_pretrained", "use"]

@@ -1,0 +1,191 @@
+"""longattn.hf.use on tiny random-init models of every supported family (no download, seeded)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+from longattn import hf  # noqa: E402
+from longattn.methods import Dense, SlidingWindow, StreamingLLM  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# Windows of 8 are shorter than the test sequences, so the models' own sliding windows really act.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded random-init causal LM of ``family`` with ``sdpa`` as its own attention."""
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def model(request):
+    return tiny_model(request.param)
+
+
+@torch.no_grad()
+def test_dense_logits_equal_the_models_own_sdpa(model):
+    ids = tokens(2, 40)
+    own = model(ids).logits
+    with hf.use(model, Dense()):
+        ours = model(ids).logits
+    assert (ours - own).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_streaming_llm_with_a_window_covering_the_input_equals_dense(model):
+    ids = tokens(1, 40)
+    with hf.use(model, Dense()):
+        dense = model(ids).logits
+    with hf.use(model, StreamingLLM(sinks=4, window=40)):
+        streaming = model(ids).logits
+    torch.testing.assert_close(streaming, dense, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_the_layers_own_sliding_window_is_kept_under_any_method(model):
+    """A method with a wider window than the model's must not widen the model's sliding layers."""
+    ids = tokens(1, 40)
+    with hf.use(model, Dense()):
+        dense = model(ids).logits
+    with hf.use(model, SlidingWindow(window=64)):
+        wide = model(ids).logits
+    torch.testing.assert_close(wide, dense, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_rows_equal_the_unpadded_rows(model):
+    long, short = tokens(1, 40, seed=2)[0], tokens(1, 29, seed=3)[0]
+    pad = long.numel() - short.numel()
+    ids = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    for method in (Dense(), StreamingLLM(sinks=2, window=8)):
+        with hf.use(model, method):
+            batched = model(ids, attention_mask=mask).logits
+            alone = [model(row[None]).logits[0] for row in (long, short)]
+        torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(batched[1, pad:], alone[1], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [Dense(), StreamingLLM(sinks=2, window=8)], ids=str)
+def test_prefill_then_decode_step_by_step_equals_one_forward(model, method):
+    ids = tokens(2, 36)
+    with hf.use(model, method) as cache:
+        full = model(ids).logits
+        steps = [model(ids[:, :28], past_key_values=cache).logits[:, -1]]
+        for t in range(28, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 27:-1], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_generate_equals_the_models_own_greedy_output(model):
+    prompt = tokens(1, 12)
+    own = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    with hf.use(model, Dense()) as cache:
+        ours = model.generate(prompt, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert torch.equal(ours, own)
+
+
+@torch.no_grad()
+def test_generate_with_left_padding_equals_per_row_generation(model):
+    long, short = tokens(1, 12, seed=4)[0], tokens(1, 8, seed=5)[0]
+    ids = torch.stack([long, torch.cat([torch.zeros(4, dtype=torch.long), short])])
+    mask = (torch.arange(12) >= torch.tensor([[0], [4]])).long()
+    with hf.use(model, StreamingLLM(sinks=2, window=8)) as cache:
+        batched = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache
+        )
+    with hf.use(model, StreamingLLM(sinks=2, window=8)) as cache:
+        alone = model.generate(
+            short[None], max_new_tokens=5, do_sample=False, past_key_values=cache
+        )
+    assert torch.equal(batched[1, 4:], alone[0])
+
+
+def test_everything_is_restored_on_exit_and_on_exception():
+    model = tiny_model("llama")
+    before_attn = set(AttentionInterface._global_mapping)
+    before_mask = set(AttentionMaskInterface._global_mapping)
+    with hf.use(model, "streaming_llm:sinks=2,window=8"):
+        assert model.config._attn_implementation.startswith("longattn")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"), hf.use(model, Dense()):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert set(AttentionInterface._global_mapping) == before_attn
+    assert set(AttentionMaskInterface._global_mapping) == before_mask
+    for module in model.modules():  # no forward was ever replaced
+        assert "forward" not in vars(module)
+
+
+def test_soft_capping_is_refused_naming_the_architecture():
+    config = transformers.Gemma2Config(**COMMON, head_dim=16, attn_logit_softcapping=50.0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with (
+        pytest.raises(ValueError, match=r"Gemma2ForCausalLM.*soft-capping"),
+        hf.use(model, Dense()),
+    ):
+        pass
+
+
+def test_an_unsupported_architecture_is_refused_naming_it():
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*'gpt2'.*not a supported"):
+        with hf.use(model, Dense()):
+            pass
+
+
+def test_bad_inputs_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="window"), hf.use(model, "streaming_llm:window=abc"):
+        pass
+    with pytest.raises(TypeError, match="PreTrainedModel"), hf.use(torch.nn.Linear(2, 2), Dense()):
+        pass
+    with hf.use(model, Dense()), pytest.raises(ValueError, match="max_position_embeddings"):
+        model(tokens(1, COMMON["max_position_embeddings"] + 1))
+    model.train()
+    with hf.use(model, Dense()), pytest.raises(ValueError, match="dropout|training"):
+        model.config.attention_dropout = 0.1
+        model.model.layers[0].self_attn.attention_dropout = 0.1
+        model(tokens(1, 8))
