@@ -17,6 +17,7 @@ PRESETS: dict[str, dict] = {
         "samples": 3,
         "depths": "0.1,0.5,0.9",
         "new_tokens": 8,
+        "ppl_samples": 1,
     },
 }
 DEFAULTS = {
@@ -29,6 +30,7 @@ DEFAULTS = {
     "new_tokens": 12,
     "corpus": "pydoc",
     "seed": 0,
+    "ppl_samples": None,
 }
 # optional methods a preset adds when their module is present (the decode methods land separately)
 PRESET_EXTRAS = {"demo": {"quest": "quest:budget=256"}}
@@ -44,6 +46,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", help="passkey,needle,multikey,multivalue,vartrack,ppl,fidelity")
     p.add_argument("--lengths", help="comma-separated token counts, e.g. 1k,2k,4k")
     p.add_argument("--samples", type=int, help="samples per task and length")
+    p.add_argument("--ppl-samples", dest="ppl_samples", type=int, help="texts per length for ppl")
     p.add_argument("--depths", help="needle depths in [0, 1], cycled over the needle samples")
     p.add_argument("--new-tokens", dest="new_tokens", type=int, help="greedy tokens to decode")
     p.add_argument("--corpus", help="real text for ppl and fidelity: pydoc, licenses or kjv")
@@ -77,6 +80,7 @@ def config_from_args(args: argparse.Namespace):
         seed=int(value["seed"]),
         new_tokens=int(value["new_tokens"]),
         corpus=value["corpus"],
+        ppl_samples=value["ppl_samples"],
     )
 
 

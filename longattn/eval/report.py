@@ -162,7 +162,7 @@ NOTES = [
     "share of the dense attention mass the pattern keeps, over the last 256 queries.",
     "Speedup = median over matched prompts of baseline prefill time / method prefill time "
     "(one timed pass each; CPU timings are noisy, ±5 % or more). Decode tok/s: greedy decode "
-    "after the prefill. KV MiB: key/value bytes the cache holds at the end. Peak RSS: extra "
+    "after the prefill. KV MiB: key/value bytes held at the end by the cache the run used (for a method, the cache `longattn.integrations.hf.use` yields). Peak RSS: extra "
     "resident memory at the peak of the case (includes the logits).",
 ]
 

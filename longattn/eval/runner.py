@@ -42,6 +42,7 @@ class EvalConfig:
     seed: int = 0
     new_tokens: int = 12
     corpus: str = "pydoc"
+    ppl_samples: int | None = None  # texts per length for ppl; None: ``samples``
 
 
 def split_methods(spec: str) -> list[str]:
@@ -209,7 +210,9 @@ def enumerate_cases(config: EvalConfig) -> list[Case]:
     cases = []
     for length in config.lengths:
         for task in config.tasks:
-            n = 1 if task == "fidelity" else config.samples
+            n = {"fidelity": 1, "ppl": config.ppl_samples or config.samples}.get(
+                task, config.samples
+            )
             for sample in range(n):
                 depth = config.depths[sample % len(config.depths)] if task == "needle" else None
                 for label in labels:
