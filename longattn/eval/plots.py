@@ -46,6 +46,8 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
     colors = _colors(methods)
     lengths = sorted({r["length"] for r in records})
     markers = dict(zip(lengths, "osD^v<>p*"))
+    # methods at the same density and accuracy would hide each other: shift each a little sideways
+    jitter = {m: 1.5 * (i - (len(methods) - 1) / 2) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, task in zip(axes[0], panels):
         key = "recall_mean" if task == "fidelity" else "score"
@@ -58,8 +60,9 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
                 ]  # fmt: skip
                 if rs:
                     y = 100 * sum(r[key] for r in rs) / len(rs)
-                    ax.scatter(100 * rs[0]["density"], y, color=colors[method],
-                               marker=markers[length], s=60, alpha=0.85)  # fmt: skip
+                    x = 100 * rs[0]["density"] + jitter[method]
+                    ax.scatter(x, y, color=colors[method], marker=markers[length], s=60,
+                               alpha=0.85, edgecolors="white", linewidths=0.5)  # fmt: skip
         ax.set_title(
             "fidelity: attention mass recall" if task == "fidelity" else f"{task} accuracy"
         )
@@ -77,7 +80,9 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
         for n in lengths
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
-    fig.suptitle("Accuracy vs budget (each point: mean over samples)")
+    fig.suptitle(
+        "Accuracy vs budget (each point: mean over samples; methods shifted ±few % to stay visible)"
+    )
     fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(handles) // 7), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -102,6 +107,10 @@ def speedup_vs_length(records: list[dict], path: pathlib.Path) -> None:
     if not drawn:
         _empty(ax, "no timed method cases (see the report's 'Cases not run')")
     ax.set_xscale("log", base=2)
+    lengths = sorted({n for _, n in speed})
+    if lengths:
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel(f"prefill speedup vs {BASELINE} (×)")
     ax.set_title("Realised prefill speedup vs length")
@@ -121,7 +130,9 @@ def needle_heatmap(records: list[dict], path: pathlib.Path) -> None:
     lengths = sorted({n for g in grid.values() for _, n in g})
     cols = min(4, len(methods))
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False, layout="constrained"
+    )
     image = None
     for ax, method in zip(axes.flat, methods):
         cells = grid.get(method, {})
@@ -136,7 +147,8 @@ def needle_heatmap(records: list[dict], path: pathlib.Path) -> None:
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth (% of context)")
+        if ax in axes[:, 0]:
+            ax.set_ylabel("needle depth (% of context)")
         ax.set_title(
             report.short_label(method) if method != "(none)" else "no needle cases", fontsize=9
         )
@@ -145,7 +157,7 @@ def needle_heatmap(records: list[dict], path: pathlib.Path) -> None:
     if image is not None:
         fig.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.8)
     fig.suptitle("Needle in a haystack: accuracy by depth and length")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -81,6 +81,10 @@ def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
         row["density_kind"] = at_long[0]["density_kind"] if at_long else None
         for task in tasks.TASKS:
             row[f"acc_{task}"] = _mean(r.get("score") for r in mine if r["task"] == task)
+            for length in lengths:
+                row[f"acc_{task}_{length}"] = _mean(
+                    r.get("score") for r in mine if r["task"] == task and r["length"] == length
+                )
         for length in lengths:
             row[f"ppl_{length}"] = _mean(r.get("ppl") for r in mine if r["length"] == length)
             row[f"speedup_{length}"] = speed.get((method, length))
@@ -118,7 +122,7 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     gen = [t for t in task_names if t in tasks.TASKS]
     longest = lengths[-1] if lengths else 0
     header = ["method", "KV budget (tokens)", f"density @{longest}"]
-    header += [f"{t} acc" for t in gen]
+    header += [f"{t} acc @{n}" for t in gen for n in lengths]
     header += [f"ppl @{n}" for n in lengths] if "ppl" in task_names else []
     if "fidelity" in task_names:
         header += [f"output error @{longest}", f"mass recall @{longest}"]
@@ -128,7 +132,7 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     for r in rows:
         cells = [short_label(r["method"]), _fmt(r["kv_budget"])]
         cells.append(f"{_fmt(r['density'], 'pct')} {r['density_kind'] or ''}".strip())
-        cells += [_fmt(r[f"acc_{t}"], "pct") for t in gen]
+        cells += [_fmt(r[f"acc_{t}_{n}"], "pct") for t in gen for n in lengths]
         cells += [_fmt(r[f"ppl_{n}"]) for n in lengths] if "ppl" in task_names else []
         if "fidelity" in task_names:
             cells += [_fmt(r["fid_error"]), _fmt(r["fid_recall"], "pct")]
