@@ -4,7 +4,8 @@ For each head, over the queries in the last three quarters of the text: attentio
 ``SINKS`` keys), locality (mass within ``window`` keys of the query), and the far mass (beyond the
 window, not a sink) split into *vertical* (the ``TOP`` share of key columns with the most far mass),
 *slash* (the ``TOP`` share of query-key offsets with the most far mass), *block* (keys in the query's
-own ``BLOCK``-token block) and the rest, which is content-dependent: *retrieval-like*. A head is
+own ``BLOCK``-token block) and the rest, which is content-dependent: *retrieval-like* (this includes
+diffuse heads that spread their far mass thinly; ``entropy_nats`` tells them apart). A head is
 ``local`` when sink + local mass reach ``LOCAL_SHARE`` (a Λ-shape: sink + window), else the largest
 of the other four. These are the pattern families of MInference (arXiv:2407.02490) and of head-typing
 methods such as DuoAttention (arXiv:2410.10819) and RazorAttention (arXiv:2407.15891); the thresholds

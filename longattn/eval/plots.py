@@ -71,14 +71,7 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
         ax.set_xlim(0, 105)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D([], [], color=colors[m], marker="o", ls="", label=report.short_label(m))
-        for m in methods
-    ]
-    handles += [
-        plt.Line2D([], [], color="gray", marker=markers[n], ls="", label=f"{n} tokens")
-        for n in lengths
-    ]
+    handles = _legend_handles(plt, methods, colors, lengths, markers)
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     fig.suptitle(
         "Accuracy vs budget (each point: mean over samples; methods shifted ±few % to stay visible)"
@@ -86,6 +79,18 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
     fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(handles) // 7), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _legend_handles(plt, methods, colors, lengths, markers) -> list:
+    """Colour = method, marker = length."""
+    line = plt.Line2D
+    handles = [
+        line([], [], color=colors[m], marker="o", ls="", label=report.short_label(m))
+        for m in methods
+    ]
+    return handles + [
+        line([], [], color="gray", marker=markers[n], ls="", label=f"{n} tokens") for n in lengths
+    ]
 
 
 def speedup_vs_length(records: list[dict], path: pathlib.Path) -> None:
