@@ -254,6 +254,8 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--out", str(tmp_path / "d")]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert main(["eval", "--corpus", "klingon", "--out", str(tmp_path / "e")]) == 2
+    assert "klingon" in capsys.readouterr().err
 
 
 def test_an_unsupported_architecture_is_named(tmp_path):

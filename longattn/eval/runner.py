@@ -79,6 +79,8 @@ def validate(config: EvalConfig) -> list[Method]:
         raise ValueError(f"--samples must be > 0, got {config.samples}")
     if config.corpus not in text.CORPORA:
         raise ValueError(f"unknown corpus {config.corpus!r}; known: {', '.join(text.CORPORA)}")
+    if {"ppl", "fidelity"} & set(config.tasks):
+        text.corpus(config.corpus)  # a corpus this machine lacks is refused before the model loads
     if not config.lengths or not config.depths:
         raise ValueError("give at least one length and one needle depth")
     bad = [d for d in config.depths if not 0.0 <= d <= 1.0]
@@ -328,6 +330,7 @@ def run_eval(
     show_progress: bool = True,
 ) -> dict:
     """Run (or resume) every case of ``config``; returns counts of run, skipped and failed cases."""
+    start = time.perf_counter()
     validate(config)
     check_out(config.out, force, resume)
     if loader is None:
@@ -357,4 +360,6 @@ def run_eval(
     maps = config.out / "attention_maps.pt"
     if "fidelity" in config.tasks and not maps.exists():
         session.save_maps(maps, min(config.lengths))
+    run_info["elapsed_s"] = round(time.perf_counter() - start, 1)
+    (config.out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
     return {"run": len(todo), "skipped": len(cases) - len(todo), "failed": failed}
