@@ -7,7 +7,7 @@ import pathlib
 import torch
 
 from longattn.eval.analyze import CLASSES, head_probs
-from longattn.eval.plots import _plt
+from longattn.eval.plots import _plt, pooled_log10
 
 CLASS_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
 EXAMPLE_SIZE = 512
@@ -92,7 +92,8 @@ def attention_examples(result: dict, captured: dict, path: pathlib.Path) -> None
         q, k, _ = captured[layer]
         size = min(EXAMPLE_SIZE, q.shape[2])
         probs = head_probs(q[:, :, :size], k[:, :, :size], head["head"])
-        image = ax.imshow(probs.clamp_min(1e-4).log10().numpy(), cmap="magma", vmin=-4, vmax=0)
+        logp, extent = pooled_log10(probs)
+        image = ax.imshow(logp, cmap="magma", vmin=-4, vmax=0, extent=extent)
         mark = "" if head["class"] == cls else " (no head of this class)"
         ax.set_title(f"{cls}: L{layer} H{head['head']}{mark}", fontsize=9)
         ax.set_xlabel("key position (token)")

@@ -29,6 +29,19 @@ def _colors(methods: list[str]) -> dict[str, str]:
     return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
 
 
+def pooled_log10(probs: torch.Tensor, target: int = 256) -> tuple:
+    """log10 of a [T, T] attention map max-pooled to about ``target`` pixels a side, and its extent.
+
+    Drawing a 512-token map in a 220-pixel panel drops single-token lines at random (aliasing); the
+    max keeps every strong key column or diagonal visible.
+    """
+    size = probs.shape[-1]
+    step = max(1, -(-size // target))
+    pooled = torch.nn.functional.max_pool2d(probs[None, None], step, ceil_mode=True)[0, 0]
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)
+    return pooled.clamp_min(1e-4).log10().numpy(), extent
+
+
 def _empty(ax, text: str) -> None:
     ax.text(
         0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray", wrap=True
@@ -186,17 +199,17 @@ def attention_maps(records: list[dict], maps_path: pathlib.Path, path: pathlib.P
     image = None
     for i, (name, probs) in enumerate(maps.items()):
         layer, head = (int(x) for x in name.split("."))
-        logp = probs.clamp_min(1e-4).log10().numpy()
+        logp, extent = pooled_log10(probs)
         for j, method in enumerate(cols):
             ax = axes[i, j]
-            image = ax.imshow(logp, cmap="magma", vmin=-4, vmax=0, interpolation="nearest")
+            image = ax.imshow(logp, cmap="magma", vmin=-4, vmax=0, extent=extent)
             if method != "dense":
                 seen = metrics.visible(from_string(method), head + 1, pos, pos)[head]
                 ax.contour(seen.float().numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
                 hidden = (~seen) & (pos[None, :] <= pos[:, None])
                 white = torch.ones(size, size, 4)
                 white[..., 3] = 0.6 * hidden.float()  # wash out the causal keys the method drops
-                ax.imshow(white.numpy(), interpolation="nearest")
+                ax.imshow(white.numpy(), extent=extent)
             ax.set_title(
                 f"L{layer} H{head}"
                 + ("" if method == "dense" else f" · {report.short_label(method)}"),
