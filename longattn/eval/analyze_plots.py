@@ -80,10 +80,14 @@ def attention_examples(result: dict, captured: dict, path: pathlib.Path) -> None
     plt = _plt()
     picks = []
     for cls in CLASSES:
-        key = "local" if cls == "local" else cls
+        # a retrieval-like head should be focused, not diffuse: rank by share per nat of entropy
+        def typical(item, cls=cls):
+            h = item[1]
+            value = h[cls] / max(h["entropy_nats"], 1e-3) if cls == "retrieval" else h[cls]
+            return (h["class"] == cls, value)
+
         best = max(
-            ((layer["layer"], h) for layer in result["layers"] for h in layer["heads"]),
-            key=lambda item: (item[1]["class"] == cls, item[1][key]),
+            ((layer["layer"], h) for layer in result["layers"] for h in layer["heads"]), key=typical
         )
         picks.append((cls, best[0], best[1]))
     fig, axes = plt.subplots(1, len(picks), figsize=(3.4 * len(picks), 3.8), layout="constrained")
