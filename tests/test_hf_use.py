@@ -182,6 +182,8 @@ def test_bad_inputs_are_refused():
         pass
     with pytest.raises(TypeError, match="PreTrainedModel"), hf.use(torch.nn.Linear(2, 2), Dense()):
         pass
+    with pytest.raises(ValueError, match="causal"), hf.use(model, Dense(causal=False)):
+        pass
     with hf.use(model, Dense()), pytest.raises(ValueError, match="max_position_embeddings"):
         model(tokens(1, COMMON["max_position_embeddings"] + 1))
     model.train()
