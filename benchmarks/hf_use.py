@@ -1,6 +1,7 @@
 """The real model under ``longattn.hf.use(model, Dense())`` against its own ``sdpa``, in the same run.
 
-Prefill: one forward over ``--prefill`` tokens (last-token logits only). Decode: ``--new`` greedy
+Prefill: one forward over ``--prefill`` tokens (last-token logits only), without a cache and into
+the cache that ``use()`` yields (transformers' ``DynamicCache`` for sdpa). Decode: ``--new`` greedy
 single-token steps after a ``--prompt``-token prefill, timing the steps only. Runs alternate between
 the two implementations; medians are reported. The gate: last-token logits agree to 1e-4 and the
 greedy tokens are identical, else no timing is reported.
@@ -11,6 +12,7 @@ greedy tokens are identical, else no timing is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import statistics
@@ -34,9 +36,13 @@ def text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+def prefill(model, ids: torch.Tensor, cache=None) -> tuple[float, torch.Tensor]:
+    """Seconds for one forward over ``ids`` (into ``cache``, or with no cache at all)."""
     start = time.perf_counter()
-    logits = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    if cache is None:
+        logits = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    else:
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     return time.perf_counter() - start, logits
 
 
@@ -65,31 +71,38 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
     prefill(model, warm)
     for _ in range(rounds):
         for impl in ("longattn", "sdpa"):
-            if impl == "longattn":
-                with hf.use(model, Dense()) as cache:
-                    t_pre, logits[impl] = prefill(model, long_ids)
-                    t_dec, greedy[impl] = decode(model, prompt_ids, n_new, cache)
-            else:
+            block = hf.use(model, Dense()) if impl == "longattn" else None
+            with block if block else contextlib.nullcontext():
                 t_pre, logits[impl] = prefill(model, long_ids)
-                t_dec, greedy[impl] = decode(
-                    model, prompt_ids, n_new, DynamicCache(config=model.config)
-                )
+            for phase, ids in (("prefill+cache", long_ids), ("decode", prompt_ids)):
+                # a fresh cache per phase: use()'s own, or transformers' DynamicCache for sdpa
+                block = hf.use(model, Dense()) if impl == "longattn" else None
+                with block if block else contextlib.nullcontext() as cache:
+                    cache = cache if block else DynamicCache(config=model.config)
+                    if phase == "decode":
+                        t_dec, greedy[impl] = decode(model, ids, n_new, cache)
+                    else:
+                        t_pc, logits[impl + "+cache"] = prefill(model, ids, cache)
             times.setdefault(("prefill", impl), []).append(t_pre)
+            times.setdefault(("prefill+cache", impl), []).append(t_pc)
             times.setdefault(("decode", impl), []).append(t_dec)
-    max_diff = (logits["longattn"] - logits["sdpa"]).abs().max().item()
+    max_diff = max(
+        (logits[f"longattn{c}"] - logits[f"sdpa{c}"]).abs().max().item() for c in ("", "+cache")
+    )
     same_tokens = greedy["longattn"] == greedy["sdpa"]
     if max_diff > 1e-4 or not same_tokens:
         raise SystemExit(f"gate failed: logits max diff {max_diff:.2e}, same tokens {same_tokens}")
     env = environment()
     rows = []
-    for phase, tokens in (("prefill", n_prefill), ("decode", n_new - 1)):
+    phases = (("prefill", n_prefill), ("prefill+cache", n_prefill), ("decode", n_new - 1))
+    for phase, tokens in phases:
         ours = statistics.median(times[(phase, "longattn")])
         base = statistics.median(times[(phase, "sdpa")])
         rows.append(
             {
                 "bench": "hf_use",
                 "phase": phase,
-                "context": n_prefill if phase == "prefill" else n_prompt,
+                "context": n_prompt if phase == "decode" else n_prefill,
                 "tokens": tokens,
                 "ms": ours * 1e3,
                 "baseline": "hf_sdpa",

@@ -27,6 +27,7 @@ COMMON = dict(
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
     "gemma3": (
         "Gemma3TextConfig",
@@ -181,6 +182,8 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="window"), hf.use(model, "streaming_llm:window=abc"):
         pass
     with pytest.raises(TypeError, match="PreTrainedModel"), hf.use(torch.nn.Linear(2, 2), Dense()):
+        pass
+    with pytest.raises(ValueError, match="causal"), hf.use(model, Dense(causal=False)):
         pass
     with hf.use(model, Dense()), pytest.raises(ValueError, match="max_position_embeddings"):
         model(tokens(1, COMMON["max_position_embeddings"] + 1))

@@ -211,7 +211,9 @@ def make_attention_fn(method: Method, arch: str):
         window = kwargs.get("sliding_window")
         if pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
-            res = attention(query, key, value, method=layer_method, scale=scaling)
+            # Dense with default positions is exactly what PyTorch's fused kernel computes.
+            impl = "sdpa" if isinstance(layer_method, Dense) else "auto"
+            res = attention(query, key, value, method=layer_method, scale=scaling, impl=impl)
         else:
             layer_method = _layer_method(method, window, int(pos.q.max()))
             res = attention(
@@ -247,6 +249,11 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Cach
     elif not isinstance(method, Method):
         raise TypeError(f"method must be a Method or a method string, got {type(method).__name__}")
     check_supported(model)
+    if not method.is_causal:
+        raise ValueError(
+            f"method {method.describe()!r} lets queries see later keys; {_architecture(model)} "
+            "is a causal decoder"
+        )
     name = f"longattn_{next(_names)}"
     AttentionInterface.register(name, make_attention_fn(method, _architecture(model)))
     AttentionMaskInterface.register(name, positions_mask)
