@@ -27,7 +27,20 @@ class Method:
         mask(b, h, q_pos, kv_pos) -> bool tensor   static pattern, FlexAttention ``mask_mod`` signature;
             arguments are broadcastable integer tensors of *original token positions*, so the same
             function serves the materialised reference, the tiled kernel and compiled Flex.
-        select, score, feature_map, forward        dynamic selection, eviction, linear, escape hatch.
+        select(q, view) -> DecodeSelection | None   decode-time, query-aware selection. ``q`` [B, H, Tq, D]
+            are the step's queries (Tq <= 16); ``view`` is a ``longattn.types.SelectView`` of one cache
+            layer (keys, positions, page min/max/sum maintained at append time, low-dimensional key
+            projections, cross-layer state, calibration). Returns, per (batch row, KV head), the pages or
+            tokens to attend (``DecodeSelection``), or None for "every key". The selection is shared by
+            the group's query heads and the step's queries; causality is applied by the kernel. Scores
+            are computed in float32 (so a float64 copy of fp32/bf16 inputs selects the same keys) and
+            ties are broken towards the earlier slot. With more than 16 queries (prefill) a select
+            method is dense causal attention.
+        score, feature_map, forward                 eviction, linear, escape hatch.
+
+    Optional, not a hook: ``retain(kv_pos, newest) -> bool | None`` for methods that bound memory:
+    which cached keys (by position, [B, T]) any query after position ``newest`` [Bp, 1] may still see.
+    With a cache the library evicts the rest after attending.
     """
 
     name: ClassVar[str] = ""
@@ -48,6 +61,10 @@ class Method:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> Any:
         raise NotImplementedError
+
+    def retain(self, kv_pos: torch.Tensor, newest: torch.Tensor) -> torch.Tensor | None:
+        """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
+        return None
 
     def block_bounds(
         self,
