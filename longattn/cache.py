@@ -335,8 +335,9 @@ class KVCache:
         pages = cap // self.page_size
         dev = k.device
         return _Layer(
-            keys=torch.empty(batch, heads, cap, dim, dtype=k.dtype, device=dev),
-            values=torch.empty(batch, heads, cap, dim, dtype=k.dtype, device=dev),
+            # zeros, not garbage: a gathered page's unused tail is masked, but 0 * NaN would leak
+            keys=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
+            values=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
             pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
             row_len=torch.zeros(batch, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
@@ -364,8 +365,8 @@ class KVCache:
             return new
 
         pages = cap // self.page_size
-        entry.keys = bigger(entry.keys, 2, cap, None, used)
-        entry.values = bigger(entry.values, 2, cap, None, used)
+        entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
+        entry.values = bigger(entry.values, 2, cap, 0.0, used)
         entry.pos = bigger(entry.pos, 1, cap, -1, used)
         entry.page_min = bigger(entry.page_min, 2, pages, torch.inf, pages_used)
         entry.page_max = bigger(entry.page_max, 2, pages, -torch.inf, pages_used)
