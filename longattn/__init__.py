@@ -6,11 +6,13 @@ out = attention(q, k, v, method=methods.SlidingWindow(window=1024)).out
 
 from longattn import methods
 from longattn.api import attention
+from longattn.cache import KVCache
 from longattn.method import Method, from_string, get, register, registry
 from longattn.types import AttnOutput
 
 __all__ = [
     "AttnOutput",
+    "KVCache",
     "Method",
     "attention",
     "from_string",

@@ -10,10 +10,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from longattn.cache import KVCache
+from longattn.kernels.decode import (
+    MAX_DECODE_QUERIES,
+    Workspace,
+    decode_attention,
+    gather_selected,
+)
 from longattn.kernels.reference import (
     MAX_BYTES_ENV,
     max_score_bytes,
@@ -24,7 +31,7 @@ from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.tiled import tiled_attention, with_padding
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, DecodeSelection
 
 log = logging.getLogger("longattn")
 
@@ -44,6 +51,9 @@ class Call:
     kv_pos: torch.Tensor
     default_positions: bool
     has_padding: bool = False
+    cache: KVCache | None = None  # set when k, v are a cache layer's views (decode)
+    layer: int = 0
+    selection: DecodeSelection | None = None  # a precomputed selection (tests share it)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
@@ -66,9 +76,8 @@ def _mask_hook(call: Call) -> str | None:
 
 
 def _reference_can_run(call: Call) -> str | None:
-    reason = _mask_hook(call)
-    if reason:
-        return reason
+    if call.method.hook not in ("mask", "select"):
+        return f"method {call.method.name!r} states its rule with {call.method.hook!r}"
     b, h, _, tq, tk, _ = call.shape
     need, cap = score_bytes(b, h, tq, tk, call.q.dtype), max_score_bytes()
     if need > cap:
@@ -84,8 +93,23 @@ def visible_mask(call: Call) -> torch.Tensor:
     b, h, _, _, _, _ = call.shape
     b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1, 1)
     h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1, 1)
+    if call.method.hook == "select":
+        return _selection_mask(call)
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :])
+
+
+def _selection_mask(call: Call) -> torch.Tensor:
+    """Dense form of a select method: causal attention restricted to the selected slots."""
+    b, h, n_kv, _, tk, _ = call.shape
+    causal = with_padding(Dense().mask)(
+        None, None, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :]
+    )
+    selection = call.selection if call.selection is not None else compute_selection(call)
+    if selection is None:
+        return causal
+    chosen = selection.to_mask(tk).repeat_interleave(h // n_kv, dim=1)  # [B, H, Tk]
+    return causal & chosen.unsqueeze(2)
 
 
 def _run_reference(call: Call) -> AttnOutput:
@@ -118,7 +142,108 @@ def _run_tiled(call: Call) -> AttnOutput:
     )
 
 
+def _decode_can_run(call: Call) -> str | None:
+    if call.method.hook == "select":
+        return None
+    if not isinstance(call.method, Dense):
+        return f"the decode kernel runs dense and select methods, not {call.method.name!r}"
+    if call.q.shape[2] > MAX_DECODE_QUERIES:
+        return (
+            f"the decode kernel takes at most {MAX_DECODE_QUERIES} queries, got {call.q.shape[2]}"
+        )
+    return None
+
+
+def _run_decode(call: Call) -> AttnOutput:
+    if call.method.hook == "select":
+        return _run_select(call)
+    assert isinstance(call.method, Dense)
+    ws = _workspace(call.cache)
+    return decode_attention(
+        call.q,
+        call.k,
+        call.v,
+        scale=call.scale,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        causal=call.method.causal,
+        workspace=ws,
+    )
+
+
+def _workspace(cache: KVCache | None) -> Workspace:
+    if cache is None:
+        return Workspace()
+    if cache.workspace is None:
+        cache.workspace = Workspace()
+    return cache.workspace
+
+
+def _run_select(call: Call) -> AttnOutput:
+    """A select method: its selection gathered into workspaces and attended by the decode kernel.
+
+    Prefill (more than ``MAX_DECODE_QUERIES`` queries) is dense causal attention by definition.
+    """
+    if call.q.shape[2] > MAX_DECODE_QUERIES:
+        dense = replace(call, method=Dense(), selection=None)
+        return choose_impl(dense, "auto").run(dense)
+    cache, layer = _selection_cache(call)
+    selection = call.selection if call.selection is not None else compute_selection(call, cache)
+    ws = _workspace(call.cache)
+    if selection is None:
+        out = decode_attention(
+            call.q,
+            call.k,
+            call.v,
+            scale=call.scale,
+            q_pos=call.q_pos,
+            kv_pos=call.kv_pos,
+            workspace=ws,
+        )
+        return AttnOutput(out.out, out.lse, None)
+    keys, values, positions = cache.storage(layer)
+    k_sel, v_sel, pos_sel = gather_selected(
+        keys, values, positions, selection.index, selection.unit, ws
+    )
+    out = decode_attention(
+        call.q, k_sel, v_sel, scale=call.scale, q_pos=call.q_pos, kv_pos=pos_sel, workspace=ws
+    )
+    return AttnOutput(out.out, out.lse, selection)
+
+
+def _selection_cache(call: Call) -> tuple[KVCache, int]:
+    """The cache a select method reads: the call's own, or a one-layer cache built from k, v."""
+    if call.cache is not None:
+        return call.cache, call.layer
+    page_size = getattr(call.method, "page_size", 16)
+    tmp = KVCache(1, page_size=page_size)
+    kv_pos = call.kv_pos.expand(call.k.shape[0], -1)
+    tmp.append(0, call.k, call.v, positions=kv_pos)
+    return tmp, 0
+
+
+def compute_selection(call: Call, cache: KVCache | None = None) -> DecodeSelection | None:
+    """Run the method's ``select`` hook for this call (None: attend to every visible key)."""
+    if call.q.shape[2] > MAX_DECODE_QUERIES:
+        return None
+    layer = call.layer
+    if cache is None:
+        cache, layer = _selection_cache(call)
+    from longattn.calibration import for_layer
+
+    calibration = for_layer(call.method, cache, layer)
+    view = cache.select_view(layer, call.q_pos, call.scale, calibration)
+    selection = call.method.select(call.q, view)
+    if selection is not None and not isinstance(selection, DecodeSelection):
+        raise TypeError(
+            f"{call.method.name}.select must return a DecodeSelection or None, "
+            f"got {type(selection).__name__}"
+        )
+    return selection
+
+
 IMPLS: list[Impl] = [
+    Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
     Impl("tiled", _mask_hook, _run_tiled),
     Impl("reference", _reference_can_run, _run_reference),
@@ -155,12 +280,20 @@ def attention(
     v: torch.Tensor,
     *,
     method: Method | str | None = None,
+    cache: KVCache | None = None,
+    layer: int = 0,
     impl: str = "auto",
     scale: float | None = None,
     q_positions: torch.Tensor | None = None,
     kv_positions: torch.Tensor | None = None,
 ) -> AttnOutput:
     """Attention of ``q`` over ``k, v`` under ``method`` (default ``Dense()``, causal).
+
+    With a ``cache`` (decode, chunked prefill): ``k, v`` are the *new* tokens, appended to ``layer``
+    first (``kv_positions`` [T_new] or [B, T_new] are their positions, by default each row continues);
+    then ``q`` attends over everything the layer holds, at ``q_positions`` (default: the last Tq
+    appended positions). A method with a retention rule (``retain``) then evicts what no later query
+    can see. Invalid input raises before the cache is touched.
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] with ``H % Hkv == 0`` (GQA; K/V are not expanded on fast paths).
     Without positions the queries are the last Tq of the Tk key positions (``Tq <= Tk``). With
@@ -171,8 +304,67 @@ def attention(
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, state)``; a query that sees no key
     gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
     """
-    call = make_call(q, k, v, method, scale, q_positions, kv_positions)
-    return choose_impl(call, impl).run(call)
+    if cache is None:
+        call = make_call(q, k, v, method, scale, q_positions, kv_positions)
+        return choose_impl(call, impl).run(call)
+    call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
+    result = choose_impl(call, impl).run(call)
+    _apply_retention(call)
+    return result
+
+
+def make_cache_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None,
+    scale: float | None,
+    q_positions: torch.Tensor | None,
+    kv_positions: torch.Tensor | None,
+    cache: KVCache,
+    layer: int,
+) -> Call:
+    """Validate a cache call completely, then append ``k, v`` and describe the attention over the cache."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    _check_tensors(q, k, v)
+    new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
+    q_len, t_new = q.shape[2], k.shape[2]
+    if q_positions is None:
+        if q_len > t_new:
+            raise ValueError(
+                f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
+            )
+        q_pos = new_pos[:, t_new - q_len :]
+    else:
+        q_pos = _check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
+    probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
+    cache.append(layer, k, v, new_pos)
+    kv_pos = cache.positions(layer)
+    padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
+    return replace(
+        probe,
+        k=cache.keys(layer),
+        v=cache.values(layer),
+        kv_pos=kv_pos,
+        default_positions=False,
+        has_padding=padded,
+        cache=cache,
+        layer=layer,
+    )
+
+
+def _apply_retention(call: Call) -> None:
+    """Evict what the method's retention rule says no later query can see."""
+    assert call.cache is not None
+    newest = call.q_pos.amax(dim=1, keepdim=True)  # [Bp, 1]
+    keep = call.method.retain(call.kv_pos, newest)
+    if keep is None:
+        return
+    real = call.kv_pos >= 0
+    keep = keep.expand_as(call.kv_pos) & real
+    if bool((real & ~keep).any()):
+        call.cache.evict(call.layer, keep)
 
 
 def make_call(

@@ -27,7 +27,20 @@ class Method:
         mask(b, h, q_pos, kv_pos) -> bool tensor   static pattern, FlexAttention ``mask_mod`` signature;
             arguments are broadcastable integer tensors of *original token positions*, so the same
             function serves the materialised reference, the tiled kernel and compiled Flex.
-        select, score, feature_map, forward        dynamic selection, eviction, linear, escape hatch.
+        select(q, view) -> DecodeSelection | None   decode-time, query-aware selection. ``q`` [B, H, Tq, D]
+            are the step's queries (Tq <= 16); ``view`` is a ``longattn.types.SelectView`` of one cache
+            layer (keys, positions, page min/max/sum maintained at append time, low-dimensional key
+            projections, cross-layer state, calibration). Returns, per (batch row, KV head), the pages or
+            tokens to attend (``DecodeSelection``), or None for "every key". The selection is shared by
+            the group's query heads and the step's queries; causality is applied by the kernel. Scores
+            are computed in float32 (so a float64 copy of fp32/bf16 inputs selects the same keys) and
+            ties are broken towards the earlier slot. With more than 16 queries (prefill) a select
+            method is dense causal attention.
+        score, feature_map, forward                 eviction, linear, escape hatch.
+
+    Optional, not a hook: ``retain(kv_pos, newest) -> bool | None`` for methods that bound memory:
+    which cached keys (by position, [B, T]) any query after position ``newest`` [Bp, 1] may still see.
+    With a cache the library evicts the rest after attending.
     """
 
     name: ClassVar[str] = ""
@@ -48,6 +61,10 @@ class Method:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> Any:
         raise NotImplementedError
+
+    def retain(self, kv_pos: torch.Tensor, newest: torch.Tensor) -> torch.Tensor | None:
+        """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
+        return None
 
     def block_bounds(
         self,
@@ -206,3 +223,63 @@ def check_non_negative(cls_name: str, **values: int) -> None:
             raise TypeError(f"{cls_name}.{key} must be an int, got {value!r}")
         if value < 0:
             raise ValueError(f"{cls_name}.{key} must be >= 0, got {value}")
+
+
+def check_budget(cls_name: str, budget: int, fraction: float) -> None:
+    """Shared validation of a selection budget: ``budget`` tokens > 0, ``fraction`` in [0, 1]."""
+    check_positive(cls_name, budget=budget)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"{cls_name}.fraction must be a float, got {fraction!r}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{cls_name}.fraction must be in [0, 1] (0 = use budget), got {fraction}")
+
+
+def token_budget(budget: int, fraction: float, n_tokens: int) -> int:
+    """Tokens to select: ``ceil(fraction * n_tokens)`` when ``fraction > 0``, else ``budget``."""
+    if fraction > 0:
+        return max(1, -(-int(fraction * n_tokens * 1e6) // 1_000_000))
+    return budget
+
+
+def top_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., k] indices of the ``k`` largest ``scores`` [..., N] in ascending index order; ties go to
+    the earlier index; entries whose score is -inf become -1."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    picked = scores.gather(-1, order)
+    order = torch.where(torch.isneginf(picked), scores.shape[-1], order)
+    order = torch.sort(order, dim=-1).values
+    return torch.where(order == scores.shape[-1], -1, order)
+
+
+def group_mass(scores: torch.Tensor, visible: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Softmax mass per key summed over each KV head's query rows.
+
+    scores [B, H, Tq, T] float32 (already scaled); visible broadcastable bool. Returns [B, Hkv, T]
+    (-inf on invisible keys, so they are never selected).
+    """
+    batch, n_heads, q_len, t = scores.shape
+    probs = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+    mass = probs.view(batch, n_kv_heads, -1, t).sum(dim=2)
+    any_visible = visible.expand(batch, n_heads, q_len, t).reshape(batch, n_kv_heads, -1, t).any(2)
+    return mass.masked_fill(~any_visible, -torch.inf)
+
+
+def visible_keys(q_pos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, Tq, T]: causal visibility of cached keys by position (-1 slots never)."""
+    kp = positions[:, None, None, :]
+    qp = q_pos[:, None, :, None]
+    return (kp >= 0) & (kp <= qp) & (qp >= 0)
+
+
+def projected_mass(q: torch.Tensor, view: Any, name: str, matrix: torch.Tensor) -> torch.Tensor:
+    """Group softmax mass [B, Hkv, T] of approximate scores ``(q @ M) · (k @ M)`` for M [Hkv, D, r]
+    (low-dimensional keys come from the cache, maintained at append time)."""
+    batch, n_heads, q_len, dim = q.shape
+    n_kv = view.keys.shape[1]
+    rows = q.float().reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*Tq, D]
+    q_low = rows @ matrix  # [B, Hkv, G*Tq, r]
+    k_low = view.project(name, matrix)  # [B, Hkv, T, r]
+    scores = (q_low @ k_low.transpose(-1, -2)) * view.scale
+    scores = scores.view(batch, n_heads, q_len, -1)
+    return group_mass(scores, visible_keys(view.q_pos, view.positions), n_kv)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, DecodeSelection
 
 
 def make_qkv(
@@ -43,10 +45,15 @@ def oracle(
     scale: float | None = None,
     q_positions: torch.Tensor | None = None,
     kv_positions: torch.Tensor | None = None,
+    selection: DecodeSelection | None = None,
 ) -> AttnOutput:
-    """The dense reference of ``method`` with inputs cast to ``dtype`` (float64: the ground truth)."""
+    """The dense reference of ``method`` with inputs cast to ``dtype`` (float64: the ground truth).
+
+    ``selection``: for a select method, the selection to materialise (default: computed here)."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     call = make_call(q, k, v, method, scale, q_positions, kv_positions)
+    if selection is not None:
+        call = dataclasses.replace(call, selection=selection)
     return reference_attention(call.q, call.k, call.v, visible_mask(call), call.scale)
 
 
@@ -72,6 +79,8 @@ def assert_attention_close(
     run in the inputs' dtype. ``lse`` (when present) is checked the same way. Returns the output error.
     """
     out = result.out if isinstance(result, AttnOutput) else result
+    if isinstance(result, AttnOutput) and isinstance(result.state, DecodeSelection):
+        call_kwargs.setdefault("selection", result.state)  # the reference uses the same selection
     ref64 = oracle(q, k, v, method, **call_kwargs)
     eager = oracle(q, k, v, method, dtype=q.dtype, **call_kwargs)
     if out.shape != ref64.out.shape:
@@ -111,4 +120,10 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "power": ["power:block_size=8,window=2"],
     "neighborhood2d": ["neighborhood2d:height=32,width=32,kernel=5,dilation=2"],
     "per_head_window": ["per_head_window:windows=8/32/128,sinks=2"],
+    "quest": ["quest:budget=32,page_size=16", "quest:budget=16,page_size=8,fraction=0.25"],
+    "oracle_topk": ["oracle_topk:budget=24"],
+    "loki": ["loki:budget=24,rank=8"],
+    "double_sparsity": ["double_sparsity:budget=24,channels=8"],
+    "infllm": ["infllm:budget=64,sinks=4,window=12,block_size=16"],
+    "tidal_decode": ["tidal_decode:budget=24"],
 }

@@ -119,6 +119,28 @@ def test_prefill_then_decode_step_by_step_equals_one_forward(model, method):
 
 
 @torch.no_grad()
+def test_the_cache_really_shrinks_under_streaming_llm(model):
+    ids = tokens(2, 40)
+    n_layers = model.config.num_hidden_layers
+    with hf.use(model, Dense()) as cache:
+        model(ids, past_key_values=cache)
+        dense = [cache.kv.seq_len(layer) for layer in range(n_layers)]
+    with hf.use(model, StreamingLLM(sinks=2, window=8)) as cache:
+        model(ids[:, :32], past_key_values=cache)
+        for t in range(32, 40):
+            model(ids[:, t : t + 1], past_key_values=cache)
+        held = [cache.kv.seq_len(layer) for layer in range(n_layers)]
+        assert cache.get_seq_length() == 40
+        assert all(cache.kv.n_seen(layer) == 40 for layer in range(n_layers))
+    # a layer with its own window of 8 keeps only that window even under Dense
+    default = getattr(model.config, "sliding_window", None)
+    windows = [getattr(d.self_attn, "sliding_window", default) for d in model.model.layers]
+    own = [w if w is not None and w < 40 else None for w in windows]
+    assert dense == [40 if w is None else w - 1 for w in own]
+    assert all(n <= 2 + 8 - 1 for n in held), held
+
+
+@torch.no_grad()
 def test_generate_equals_the_models_own_greedy_output(model):
     prompt = tokens(1, 12)
     own = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -177,6 +199,7 @@ def test_an_unsupported_architecture_is_refused_naming_it():
             pass
 
 
+@torch.no_grad()
 def test_bad_inputs_are_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="window"), hf.use(model, "streaming_llm:window=abc"):
@@ -185,6 +208,10 @@ def test_bad_inputs_are_refused():
         pass
     with pytest.raises(ValueError, match="causal"), hf.use(model, Dense(causal=False)):
         pass
+    with hf.use(model, Dense()) as cache:
+        model(tokens(1, 4))  # transformers' own cache: the block's cache stays unused
+    with pytest.raises(RuntimeError, match="ended"):
+        model(tokens(1, 4), past_key_values=cache)
     with hf.use(model, Dense()), pytest.raises(ValueError, match="max_position_embeddings"):
         model(tokens(1, COMMON["max_position_embeddings"] + 1))
     model.train()
@@ -217,3 +244,18 @@ def test_the_real_model_under_dense_reproduces_its_sdpa_logits_and_greedy_text(r
     assert (ours - own).abs().max().item() <= 1e-4
     assert torch.equal(ours_text, own_text)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.model
+@torch.no_grad()
+def test_the_real_model_streams_with_a_bounded_cache(real_model):
+    model, tok = real_model
+    ids = tok("The capital of France is Paris. " * 60, return_tensors="pt").input_ids[:, :300]
+    method = StreamingLLM(sinks=4, window=64)
+    with hf.use(model, method) as cache:
+        full = model(ids, logits_to_keep=1).logits[:, -1]
+        model(ids[:, :-1], past_key_values=cache)
+        last = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+        held = [cache.kv.seq_len(layer) for layer in range(model.config.num_hidden_layers)]
+    assert max(held) <= method.sinks + method.window - 1
+    assert (last - full).abs().max().item() <= 1e-4

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from longattn.api import attention
+from longattn.cache import KVCache
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.methods.intersection import Intersection
@@ -192,8 +193,86 @@ def _check_call(module: torch.nn.Module, arch: str, dropout: float, kwargs: dict
         raise ValueError(f"{arch}: attention dropout ({dropout}) is refused; call model.eval()")
 
 
-def make_attention_fn(method: Method, arch: str):
-    """The ``AttentionInterface`` function that runs ``attention(..., method)`` inside the model."""
+class KVCacheLayer(CacheLayerMixin):
+    """One model layer of a ``LongattnCache``, in transformers' per-layer cache protocol.
+
+    ``update`` stores nothing: it marks the new keys and values as pending and returns them; the
+    attention function then hands them to ``attention(..., cache=kv, layer=...)``, which appends them
+    to the ``KVCache``, attends over what it holds and applies the method's retention.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: LongattnCache, layer: int):
+        super().__init__()
+        self.owner, self.layer = owner, layer
+        self.pending: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.owner.is_open:
+            raise RuntimeError(
+                "this cache belongs to a longattn.hf.use() block that has ended; "
+                "pass it to the model only inside that block"
+            )
+        self.is_initialized = True
+        self.pending = key_states
+        return key_states, value_states
+
+    def take_pending(self, key_states: torch.Tensor) -> bool:
+        """Whether ``key_states`` are the new tokens this layer just received (and forget them)."""
+        mine = self.pending is key_states
+        self.pending = None
+        return mine
+
+    def get_seq_length(self) -> int:
+        return self.owner.kv.n_seen(self.layer)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv.seq_len(self.layer) + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.pending = None
+
+
+class LongattnCache(Cache):
+    """A transformers ``Cache`` whose storage is a ``longattn.KVCache`` (``.kv``).
+
+    Keys are kept, evicted or selected by the method of the ``use()`` block that made it, so memory
+    follows the method (StreamingLLM keeps sinks + window). ``kv.seq_len(layer)`` is what a layer holds,
+    ``get_seq_length()`` the tokens seen.
+    """
+
+    def __init__(self, n_layers: int):
+        self.kv = KVCache(n_layers)
+        self.is_open = True
+        super().__init__(layers=[KVCacheLayer(self, i) for i in range(n_layers)])
+
+    def reset(self) -> None:
+        self.kv.reset()
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("LongattnCache does not support beam search")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LongattnCache cannot be cropped (assisted decoding)")
+
+
+def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
+    """The ``AttentionInterface`` function that runs ``attention(..., method)`` inside the model.
+
+    When the keys are the new tokens of ``cache`` (the model was given it as ``past_key_values``) the
+    call goes through the ``KVCache``; otherwise (no cache, or transformers' own) ``key`` and ``value``
+    already hold every visible token.
+    """
 
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         _check_call(module, arch, dropout, kwargs)
@@ -203,13 +282,27 @@ def make_attention_fn(method: Method, arch: str):
                 f"{arch}: expected longattn's TokenPositions as attention_mask, got "
                 f"{type(pos).__name__} (pass a 2-D attention_mask, not a prepared 4-D mask)"
             )
-        if pos.kv.shape[-1] != key.shape[2] or pos.q.shape[-1] != query.shape[2]:
+        window = kwargs.get("sliding_window")
+        layer = module.layer_idx
+        if layer < len(cache.layers) and cache.layers[layer].take_pending(key):
+            layer_method = _layer_method(method, window, int(pos.q.max()))
+            res = attention(
+                query,
+                key,
+                value,
+                method=layer_method,
+                cache=cache.kv,
+                layer=layer,
+                scale=scaling,
+                q_positions=pos.q,
+                kv_positions=pos.q,  # the new tokens are the queries
+            )
+        elif pos.kv.shape[-1] != key.shape[2] or pos.q.shape[-1] != query.shape[2]:
             raise ValueError(
                 f"{arch}: positions for {pos.q.shape[-1]} queries / {pos.kv.shape[-1]} keys, "
                 f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
             )
-        window = kwargs.get("sliding_window")
-        if pos.default:
+        elif pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
             impl = "sdpa" if isinstance(layer_method, Dense) else "auto"
@@ -231,14 +324,16 @@ def make_attention_fn(method: Method, arch: str):
 
 
 @contextlib.contextmanager
-def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Cache]:
+def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[LongattnCache]:
     """Run ``model``'s attention through ``longattn.attention`` under ``method``; restore it on exit.
 
     Registers an attention function (``AttentionInterface``) and its mask function
     (``AttentionMaskInterface``, which hands per-row positions derived from the padding mask to the
-    attention function), switches the model to them, and yields a transformers ``Cache`` to pass as
-    ``past_key_values`` to ``model(...)`` or ``model.generate(...)``. On exit (also on an exception) the
-    model's previous attention implementation is set back and both registrations are removed.
+    attention function), switches the model to them, and yields a ``LongattnCache`` (a transformers
+    ``Cache`` backed by a ``KVCache``) to pass as ``past_key_values`` to ``model(...)`` or
+    ``model.generate(...)``. Without it the model runs with transformers' own cache, where the method
+    changes compute but not memory. On exit (also on an exception) the model's previous attention
+    implementation is set back, both registrations are removed and the cache is closed.
 
     Refused with ``ValueError`` naming the architecture: unsupported architectures, attention logit
     soft-capping, learned sink logits, non-causal attention, dropout in training mode, and inputs longer
@@ -254,13 +349,15 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Cach
             f"method {method.describe()!r} lets queries see later keys; {_architecture(model)} "
             "is a causal decoder"
         )
+    cache = LongattnCache(model.config.num_hidden_layers)
     name = f"longattn_{next(_names)}"
-    AttentionInterface.register(name, make_attention_fn(method, _architecture(model)))
+    AttentionInterface.register(name, make_attention_fn(method, _architecture(model), cache))
     AttentionMaskInterface.register(name, positions_mask)
     try:
         with attn_implementation(model, name):
-            yield DynamicCache(config=model.config)
+            yield cache
     finally:
+        cache.is_open = False
         # transformers has no unregister; the global mappings are plain dicts.
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)

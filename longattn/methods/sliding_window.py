@@ -39,6 +39,11 @@ class SlidingWindow(Method):
             near = near & (dist % self.dilation == 0)
         return near
 
+    def retain(self, kv_pos, newest):
+        if not self.causal:
+            return None  # a symmetric window needs keys on both sides of a query
+        return kv_pos >= newest + 1 - self.span
+
     def block_bounds(self, h, q_lo, q_hi, kv_lo, kv_hi):
         lowest = 0 if self.causal else -self.span
         d_min, d_max = q_lo - kv_hi, q_hi - kv_lo

@@ -27,6 +27,10 @@ class StreamingLLM(Method):
     def mask(self, b, h, q_pos, kv_pos):
         return (kv_pos <= q_pos) & ((kv_pos < self.sinks) | (q_pos - kv_pos < self.window))
 
+    def retain(self, kv_pos, newest):
+        # the next query (newest + 1) sees kv > newest + 1 - window; later ones see less
+        return (kv_pos < self.sinks) | (kv_pos > newest + 1 - self.window)
+
     def block_bounds(self, h, q_lo, q_hi, kv_lo, kv_hi):
         causal_any, causal_all = kv_lo <= q_hi, kv_hi <= q_lo
         near_any = (q_lo - kv_hi < self.window) & causal_any

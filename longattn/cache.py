@@ -1,0 +1,401 @@
+"""KVCache: per-layer key/value storage with original positions and page metadata maintained at append.
+
+Layout per layer: keys and values ``[B, Hkv, capacity, D]`` (GQA, never expanded), positions
+``[B, capacity]`` int64 with -1 for empty slots. Capacity grows by doubling (rounded to whole pages), so
+appending one token per step reallocates O(log T) times. Rows may hold different numbers of tokens
+(``row_lengths``); a row's empty tail slots have position -1. Page metadata (per-page key min / max /
+sum / count, and any requested low-dimensional projections of the keys) is updated for the touched pages
+at every append, so selection never rescans all keys.
+
+Every mutating call validates all of its input before changing anything: a rejected call leaves the
+cache exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from longattn.types import SelectView
+
+MIN_CAPACITY = 256
+
+
+@dataclass
+class _Layer:
+    keys: torch.Tensor  # [B, Hkv, cap, D]
+    values: torch.Tensor  # [B, Hkv, cap, D]
+    pos: torch.Tensor  # [B, cap] int64, -1 = empty
+    row_len: torch.Tensor  # [B] int64 slots used per row (cpu)
+    next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
+    page_min: torch.Tensor  # [B, Hkv, cap / page, D]
+    page_max: torch.Tensor
+    page_sum: torch.Tensor  # float32
+    page_count: torch.Tensor  # [B, cap / page] int64
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    n_seen: int = 0
+    seq_len: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+class KVCache:
+    """Keys, values and original positions of every layer of a model, growing by amortised doubling.
+
+    ``KVCache(n_layers, page_size=16)``; storage is allocated lazily at a layer's first ``append``
+    (batch, KV heads, head dim, dtype and device are taken from the keys). ``state`` is a dict shared by
+    all layers where selection methods keep cross-layer state (TidalDecode); ``workspace`` holds the
+    decode kernel's reusable buffers.
+    """
+
+    def __init__(self, n_layers: int, *, page_size: int = 16, initial_capacity: int = MIN_CAPACITY):
+        for name, value in (("n_layers", n_layers), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache {name} must be an int > 0, got {value!r}")
+        if isinstance(initial_capacity, bool) or not isinstance(initial_capacity, int):
+            raise TypeError(f"initial_capacity must be an int, got {initial_capacity!r}")
+        if initial_capacity <= 0 or initial_capacity % page_size:
+            raise ValueError(
+                f"initial_capacity ({initial_capacity}) must be > 0 and a multiple of "
+                f"page_size ({page_size})"
+            )
+        self.n_layers = n_layers
+        self.page_size = page_size
+        self.initial_capacity = initial_capacity
+        self._layers: list[_Layer | None] = [None] * n_layers
+        self.state: dict[str, Any] = {}
+        self.workspace: Any = None  # created by the decode path on first use
+
+    # ------------------------------------------------------------------ reading
+    def _get(self, layer: int) -> _Layer | None:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for a cache of {self.n_layers} layers")
+        return self._layers[layer]
+
+    def _need(self, layer: int) -> _Layer:
+        entry = self._get(layer)
+        if entry is None:
+            raise ValueError(f"layer {layer} of the cache is empty (nothing appended yet)")
+        return entry
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, seq_len, D] view of the stored keys (no copy)."""
+        entry = self._need(layer)
+        return entry.keys[:, :, : entry.seq_len]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, seq_len, D] view of the stored values (no copy)."""
+        entry = self._need(layer)
+        return entry.values[:, :, : entry.seq_len]
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """[B, seq_len] int64 original positions; -1 marks an empty slot."""
+        entry = self._need(layer)
+        return entry.pos[:, : entry.seq_len]
+
+    def seq_len(self, layer: int) -> int:
+        """Slots in use (the longest row); 0 for a layer that holds nothing."""
+        entry = self._get(layer)
+        return 0 if entry is None else entry.seq_len
+
+    def row_lengths(self, layer: int) -> torch.Tensor:
+        """[B] int64 slots in use per row."""
+        return self._need(layer).row_len.clone()
+
+    def n_seen(self, layer: int) -> int:
+        """Tokens ever appended to ``layer`` (per row; evicted tokens included)."""
+        entry = self._get(layer)
+        return 0 if entry is None else entry.n_seen
+
+    def capacity(self, layer: int) -> int:
+        entry = self._get(layer)
+        return 0 if entry is None else entry.capacity
+
+    def has_empty_slots(self, layer: int) -> bool:
+        """Whether any slot below ``seq_len`` holds no token (padding or a shorter row)."""
+        return bool((self.positions(layer) < 0).any())
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Append ``k, v`` [B, Hkv, T_new, D] to ``layer``.
+
+        ``positions`` [T_new] or [B, T_new] int (-1 = padding slot); by default each row continues from
+        its last real position + 1 (= ``n_seen`` when nothing was padded). Real positions must stay
+        strictly increasing along each row.
+        """
+        pos = self.check_append(layer, k, v, positions)
+        entry = self._layers[layer]
+        if entry is None:
+            entry = self._allocate(k, k.shape[2])
+            self._layers[layer] = entry
+        t_new = k.shape[2]
+        need = int(entry.row_len.max()) + t_new
+        if need > entry.capacity:
+            self._grow(entry, need)
+        starts = entry.row_len.tolist()
+        if len(set(starts)) == 1:
+            s = starts[0]
+            entry.keys[:, :, s : s + t_new].copy_(k)
+            entry.values[:, :, s : s + t_new].copy_(v)
+            entry.pos[:, s : s + t_new].copy_(pos)
+        else:
+            for b, s in enumerate(starts):
+                entry.keys[b, :, s : s + t_new].copy_(k[b])
+                entry.values[b, :, s : s + t_new].copy_(v[b])
+                entry.pos[b, s : s + t_new].copy_(pos[b])
+        real_max = torch.where(pos >= 0, pos, -1).amax(dim=1).cpu()
+        entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
+        entry.row_len += t_new
+        entry.n_seen += t_new
+        entry.seq_len = int(entry.row_len.max())
+        self._refresh_pages(entry, min(starts), entry.seq_len)
+
+    def check_append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Validate an append without changing anything; returns the positions [B, T_new] it would write."""
+        entry = self._get(layer)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be [B, Hkv, T, D], got shape {tuple(t.shape)}")
+        if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(
+                f"k and v differ: {tuple(k.shape)} {k.dtype} {k.device} vs "
+                f"{tuple(v.shape)} {v.dtype} {v.device}"
+            )
+        if not k.dtype.is_floating_point:
+            raise TypeError(f"k, v must be floating point, got {k.dtype}")
+        batch, _, t_new, _ = k.shape
+        if entry is not None:
+            b, h, _, d = entry.keys.shape
+            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
+                raise ValueError(
+                    f"layer {layer} holds [B={b}, Hkv={h}, D={d}]; cannot append "
+                    f"[B={k.shape[0]}, Hkv={k.shape[1]}, D={k.shape[3]}]"
+                )
+            if k.dtype != entry.keys.dtype or k.device != entry.keys.device:
+                raise TypeError(
+                    f"layer {layer} holds {entry.keys.dtype} on {entry.keys.device}; "
+                    f"cannot append {k.dtype} on {k.device}"
+                )
+        next_pos = (
+            entry.next_pos if entry is not None else torch.zeros(batch, dtype=torch.int64)
+        ).to(k.device)
+        if positions is None:
+            return next_pos.view(-1, 1) + torch.arange(t_new, device=k.device)
+        if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point:
+            raise TypeError("positions must be an integer torch.Tensor")
+        if positions.dtype == torch.bool:
+            raise TypeError("positions must be an integer torch.Tensor, not bool")
+        pos = positions.to(device=k.device, dtype=torch.int64)
+        if pos.dim() == 1:
+            pos = pos.view(1, -1)
+        if pos.dim() != 2 or pos.shape[-1] != t_new or pos.shape[0] not in (1, batch):
+            raise ValueError(
+                f"positions must be [{t_new}] or [{batch}, {t_new}], got {tuple(positions.shape)}"
+            )
+        pos = pos.expand(batch, t_new)
+        if pos.numel() and int(pos.min()) < -1:
+            raise ValueError(f"positions must be >= 0 (or -1 for padding), got {int(pos.min())}")
+        # strictly increasing real positions, continuing after what each row already holds
+        running = torch.cummax(torch.cat([next_pos.view(-1, 1) - 1, pos], dim=1), dim=1).values
+        real = pos >= 0
+        if not bool((pos > running[:, :-1])[real].all()):
+            raise ValueError(
+                "positions must be strictly increasing along each row and after the positions "
+                f"the cache already holds (next free position per row: {next_pos.tolist()})"
+            )
+        return pos
+
+    def evict(self, layer: int, keep: torch.Tensor) -> None:
+        """Drop every token whose ``keep`` entry is False. keep: bool [B, seq_len].
+
+        Kept tokens move to the front of their row in their original order (positions stay unique and
+        increasing); a row's freed tail becomes empty slots (-1). Empty slots are dropped whatever
+        ``keep`` says. ``n_seen`` is unchanged.
+        """
+        entry = self._need(layer)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError("keep must be a bool torch.Tensor [B, seq_len]")
+        expected = (entry.keys.shape[0], entry.seq_len)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep must have shape {list(expected)}, got {list(keep.shape)}")
+        keep = keep.to(entry.pos.device) & (entry.pos[:, : entry.seq_len] >= 0)
+        lengths = keep.sum(dim=1).cpu()
+        for b in range(keep.shape[0]):
+            idx = keep[b].nonzero().flatten()
+            n = idx.numel()
+            entry.keys[b, :, :n] = entry.keys[b, :, idx]
+            entry.values[b, :, :n] = entry.values[b, :, idx]
+            entry.pos[b, :n] = entry.pos[b, idx]
+            entry.pos[b, n:] = -1
+        entry.row_len = lengths.to(torch.int64)
+        entry.seq_len = int(lengths.max()) if lengths.numel() else 0
+        self._refresh_pages(entry, 0, entry.capacity)
+
+    def drop_positions(self, layer: int, positions: torch.Tensor) -> None:
+        """Evict the tokens at original ``positions`` ([n] for every row, or [B, n]).
+
+        Every listed position must be in the cache (in every row it is listed for); otherwise a
+        ``ValueError`` names the missing ones and nothing is evicted.
+        """
+        held = self.positions(layer)  # [B, T]
+        if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point:
+            raise TypeError("positions must be an integer torch.Tensor")
+        pos = positions.to(held.device, torch.int64)
+        pos = pos.view(1, -1).expand(held.shape[0], -1) if pos.dim() == 1 else pos
+        if pos.dim() != 2 or pos.shape[0] != held.shape[0]:
+            raise ValueError(f"positions must be [n] or [B, n], got {tuple(positions.shape)}")
+        for b in range(held.shape[0]):
+            missing = pos[b][~torch.isin(pos[b], held[b][held[b] >= 0])]
+            if missing.numel():
+                raise ValueError(f"row {b}: positions {missing.tolist()} are not in the cache")
+        keep = torch.stack([~torch.isin(held[b], pos[b]) for b in range(held.shape[0])])
+        self.evict(layer, keep)
+
+    def reserve(self, layer: int, capacity: int) -> None:
+        """Grow ``layer`` (already holding tokens) to at least ``capacity`` slots now (benchmarks)."""
+        entry = self._need(layer)
+        if capacity > entry.capacity:
+            self._grow(entry, capacity, exact=True)
+
+    def reset(self) -> None:
+        """Forget every layer and the selection state (storage is released)."""
+        self._layers = [None] * self.n_layers
+        self.state = {}
+        self.workspace = None
+
+    # ------------------------------------------------------------------ metadata
+    def projected_keys(self, layer: int, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, seq_len, r] float32 ``keys @ matrix`` for matrix [Hkv, D, r].
+
+        The first request computes it over the stored keys; later appends keep it up to date. A request
+        under the same ``name`` with a different matrix recomputes it.
+        """
+        entry = self._need(layer)
+        _, h, _, d = entry.keys.shape
+        if matrix.dim() != 3 or matrix.shape[:2] != (h, d):
+            raise ValueError(
+                f"projection {name!r} must be [Hkv={h}, D={d}, r], got {tuple(matrix.shape)}"
+            )
+        matrix = matrix.to(device=entry.keys.device, dtype=torch.float32)
+        known = entry.projections.get(name)
+        if known is None or not torch.equal(known[0], matrix):
+            buf = torch.zeros(*entry.keys.shape[:3], matrix.shape[2], dtype=torch.float32)
+            entry.projections[name] = (matrix, buf)
+            self._refresh_projection(entry, matrix, buf, 0, entry.seq_len)
+        return entry.projections[name][1][:, :, : entry.seq_len]
+
+    def select_view(
+        self, layer: int, q_pos: torch.Tensor, scale: float, calibration: Any = None
+    ) -> SelectView:
+        """The read-only view a ``select`` hook receives for ``layer``."""
+        entry = self._need(layer)
+        pages = -(-entry.seq_len // self.page_size)
+        return SelectView(
+            q_pos=q_pos,
+            keys=self.keys(layer),
+            positions=self.positions(layer),
+            scale=scale,
+            layer=layer,
+            page_size=self.page_size,
+            page_min=entry.page_min[:, :, :pages],
+            page_max=entry.page_max[:, :, :pages],
+            page_sum=entry.page_sum[:, :, :pages],
+            page_count=entry.page_count[:, :pages],
+            project=lambda name, matrix: self.projected_keys(layer, name, matrix),
+            state=self.state,
+            calibration=calibration,
+            n_layers=self.n_layers,
+        )
+
+    def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-capacity (keys, values, positions) of ``layer`` for gathering kernels (do not write)."""
+        entry = self._need(layer)
+        return entry.keys, entry.values, entry.pos
+
+    # ------------------------------------------------------------------ internals
+    def _allocate(self, k: torch.Tensor, t_new: int) -> _Layer:
+        batch, heads, _, dim = k.shape
+        cap = self._round(max(self.initial_capacity, t_new))
+        pages = cap // self.page_size
+        dev = k.device
+        return _Layer(
+            # zeros, not garbage: a gathered page's unused tail is masked, but 0 * NaN would leak
+            keys=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
+            values=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
+            pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
+            row_len=torch.zeros(batch, dtype=torch.int64),
+            next_pos=torch.zeros(batch, dtype=torch.int64),
+            page_min=torch.full((batch, heads, pages, dim), torch.inf, dtype=k.dtype, device=dev),
+            page_max=torch.full((batch, heads, pages, dim), -torch.inf, dtype=k.dtype, device=dev),
+            page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
+            page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
+        )
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.page_size) * self.page_size
+
+    def _grow(self, entry: _Layer, need: int, exact: bool = False) -> None:
+        cap = self._round(need if exact else max(need, 2 * entry.capacity))
+        used = entry.seq_len
+        pages_used = -(-used // self.page_size)
+
+        def bigger(old: torch.Tensor, axis: int, size: int, fill: float | None, keep: int):
+            shape = list(old.shape)
+            shape[axis] = size
+            new = torch.empty(shape, dtype=old.dtype, device=old.device)
+            if fill is not None:
+                new.fill_(fill)
+            new.narrow(axis, 0, keep).copy_(old.narrow(axis, 0, keep))
+            return new
+
+        pages = cap // self.page_size
+        entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
+        entry.values = bigger(entry.values, 2, cap, 0.0, used)
+        entry.pos = bigger(entry.pos, 1, cap, -1, used)
+        entry.page_min = bigger(entry.page_min, 2, pages, torch.inf, pages_used)
+        entry.page_max = bigger(entry.page_max, 2, pages, -torch.inf, pages_used)
+        entry.page_sum = bigger(entry.page_sum, 2, pages, 0.0, pages_used)
+        entry.page_count = bigger(entry.page_count, 1, pages, 0, pages_used)
+        for name, (matrix, buf) in list(entry.projections.items()):
+            entry.projections[name] = (matrix, bigger(buf, 2, cap, 0.0, used))
+
+    def _refresh_pages(self, entry: _Layer, lo: int, hi: int) -> None:
+        """Recompute the metadata of the pages overlapping slots [lo, hi)."""
+        ps = self.page_size
+        p0, p1 = lo // ps, min(-(-hi // ps), entry.capacity // ps)
+        if p1 <= p0:
+            return
+        s0, s1 = p0 * ps, p1 * ps
+        batch, heads, _, dim = entry.keys.shape
+        keys = entry.keys[:, :, s0:s1].reshape(batch, heads, p1 - p0, ps, dim)
+        empty = (entry.pos[:, s0:s1] < 0).view(batch, 1, p1 - p0, ps, 1)
+        entry.page_min[:, :, p0:p1] = keys.masked_fill(empty, torch.inf).amin(dim=3)
+        entry.page_max[:, :, p0:p1] = keys.masked_fill(empty, -torch.inf).amax(dim=3)
+        entry.page_sum[:, :, p0:p1] = keys.float().masked_fill(empty, 0.0).sum(dim=3)
+        entry.page_count[:, p0:p1] = (~empty).view(batch, p1 - p0, ps).sum(dim=2)
+        for matrix, buf in entry.projections.values():
+            self._refresh_projection(entry, matrix, buf, s0, min(s1, entry.seq_len))
+
+    @staticmethod
+    def _refresh_projection(
+        entry: _Layer, matrix: torch.Tensor, buf: torch.Tensor, lo: int, hi: int
+    ) -> None:
+        if hi > lo:
+            # [B, Hkv, n, D] @ [Hkv, D, r] -> [B, Hkv, n, r]
+            buf[:, :, lo:hi] = torch.matmul(entry.keys[:, :, lo:hi].float(), matrix)

@@ -1,0 +1,149 @@
+"""Few-token (decode) attention over a whole KV cache or over gathered pages / tokens of it.
+
+The GQA group is folded into the query axis (``q.view(B, Hkv, G * Tq, D)``), so each KV head's keys and
+values are read once per step by two batched matmuls instead of once per query head: on CPU this is
+several times faster than ``scaled_dot_product_attention(enable_gqa=True)``. Scores, probabilities and
+gathered K/V live in a ``Workspace`` that is reused across steps and layers (fresh multi-MB allocations
+page-fault on every call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn.types import AttnOutput
+
+MAX_DECODE_QUERIES = 16
+
+
+class Workspace:
+    """Named reusable buffers; a request that fits in an existing buffer returns a view of it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:size].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    kv_pos: torch.Tensor | None,
+    causal: bool = True,
+    workspace: Workspace | None = None,
+) -> AttnOutput:
+    """Attention of a few queries over all of ``k, v``, masked by positions.
+
+    q [B, H, Tq, D]; k, v [B, Hkv, T, D] (strided views are fine: the last axis must be contiguous);
+    q_pos [Bp, Tq] and kv_pos [Bp, T] or [B, Hkv, T] int64 with -1 for empty slots, or both None for
+    "every key is visible". A key is visible to a query when its position is >= 0 and, if ``causal``,
+    <= the query's position. Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, None)``;
+    a query that sees no key gets zeros and ``lse = -inf``.
+    """
+    ws = workspace if workspace is not None else Workspace()
+    batch, n_heads, q_len, dim = q.shape
+    n_kv, kv_len = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    rows = group * q_len
+    dtype, dev = q.dtype, q.device
+    if kv_len == 0 or q_len == 0:
+        lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=torch.float32, device=dev)
+        return AttnOutput(torch.zeros_like(q), lse, None)
+    q_fold = q.reshape(batch, n_kv, rows, dim)  # [B, Hkv, G*Tq, D], row = g * Tq + t
+    scores = ws.get("scores", (batch, n_kv, rows, kv_len), dtype, dev)
+    torch.matmul(q_fold, k.transpose(-1, -2), out=scores)  # [B, Hkv, G*Tq, T]
+    if dtype != torch.float32:
+        probs = ws.get("scores32", scores.shape, torch.float32, dev)
+        probs.copy_(scores)
+    else:
+        probs = scores
+    probs.mul_(scale)
+    hidden = _hidden_keys(q_pos, kv_pos, group, causal)
+    if hidden is not None:
+        probs.masked_fill_(hidden, -torch.inf)
+    row_max = probs.amax(dim=-1, keepdim=True)  # [B, Hkv, G*Tq, 1]
+    row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
+    probs.sub_(row_max).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    if dtype != torch.float32:
+        scores.copy_(probs)
+        probs = scores
+    out = ws.get("out", (batch, n_kv, rows, dim), dtype, dev)
+    torch.matmul(probs, v, out=out)  # [B, Hkv, G*Tq, D]
+    empty = total == 0
+    result = (out / torch.where(empty, 1.0, total)).to(dtype)
+    lse = torch.where(empty, -torch.inf, row_max + torch.log(total))
+    return AttnOutput(
+        result.view(batch, n_heads, q_len, dim), lse.view(batch, n_heads, q_len), None
+    )
+
+
+def _hidden_keys(
+    q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, group: int, causal: bool
+) -> torch.Tensor | None:
+    """bool mask broadcastable to [B, Hkv, G*Tq, T] of keys a query must not see, or None if none."""
+    if kv_pos is None:
+        return None
+    kp = kv_pos if kv_pos.dim() == 3 else kv_pos.unsqueeze(1)  # [B', Hkv', T]
+    q_padded = q_pos is not None and bool((q_pos < 0).any())
+    needs = q_padded or bool((kp < 0).any())
+    if causal and q_pos is not None:
+        needs = needs or int(kp.max()) > int(q_pos.min())
+    if not needs:
+        return None
+    kp = kp.unsqueeze(2)  # [B', Hkv', 1, T]
+    hidden = kp < 0
+    if q_pos is not None:
+        qp = q_pos.repeat(1, group).view(q_pos.shape[0], 1, -1, 1)  # [Bp, 1, G*Tq, 1]
+        hidden = hidden | (qp < 0)
+        if causal:
+            hidden = hidden | (kp > qp)
+    return hidden
+
+
+def gather_selected(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    index: torch.Tensor,
+    unit: int,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy the selected pages / tokens of a cache layer into workspace buffers.
+
+    keys, values: the layer's full contiguous storage [B, Hkv, cap, D] (cap a multiple of ``unit``);
+    positions [B, cap]; index [B, Hkv, n] entries of ``unit`` consecutive slots, -1 = unused.
+    Returns k_sel, v_sel [B, Hkv, n * unit, D] and their positions [B, Hkv, n * unit] (-1 where unused).
+    """
+    batch, n_kv, cap, dim = keys.shape
+    n = index.shape[-1]
+    per_row = cap // unit
+    base = torch.arange(batch * n_kv, device=keys.device).view(batch, n_kv, 1) * per_row
+    flat = (base + index.clamp(min=0)).view(-1)  # [B*Hkv*n] rows of [unit*D]
+    out_shape = (batch * n_kv * n, unit * dim)
+    k_sel = workspace.get("k_sel", out_shape, keys.dtype, keys.device)
+    v_sel = workspace.get("v_sel", out_shape, keys.dtype, keys.device)
+    torch.index_select(keys.view(-1, unit * dim), 0, flat, out=k_sel)
+    torch.index_select(values.view(-1, unit * dim), 0, flat, out=v_sel)
+    slots = index.clamp(min=0).unsqueeze(-1) * unit + torch.arange(unit, device=keys.device)
+    pos = positions.gather(1, slots.view(batch, -1)).view(batch, n_kv, n, unit)
+    pos = pos.masked_fill((index < 0).unsqueeze(-1), -1).view(batch, n_kv, n * unit)
+    shape = (batch, n_kv, n * unit, dim)
+    return k_sel.view(shape), v_sel.view(shape), pos

@@ -1,0 +1,60 @@
+"""Quest: query-aware page selection from per-page key min / max."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longattn.method import Method, check_budget, check_positive, register, token_budget, top_index
+from longattn.types import DecodeSelection
+
+
+@register("quest")
+@dataclass(frozen=True)
+class Quest(Method):
+    """Top pages by an upper bound of q·k from each page's element-wise key min / max. Tang et al.
+    2024, arXiv:2406.10774.
+
+    Page bound ``sum_i max(q_i * min_i, q_i * max_i)`` per query row, maximised over the KV head's
+    query heads and the step's queries; the ``budget // page_size`` best pages are attended, always
+    including each row's newest page. ``fraction > 0`` sets the budget as a fraction of the cache.
+    Deviation from paper: one selection per KV head (shared by its GQA group), not per query head.
+    """
+
+    budget: int = 1024
+    fraction: float = 0.0
+    page_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_budget(type(self).__name__, self.budget, self.fraction)
+        check_positive(type(self).__name__, page_size=self.page_size)
+        if self.budget % self.page_size:
+            raise ValueError(
+                f"Quest budget ({self.budget}) must be a multiple of page_size ({self.page_size}): "
+                "whole pages fill the gather workspace"
+            )
+
+    def select(self, q, view):
+        if view.page_size != self.page_size:
+            raise ValueError(
+                f"Quest page_size={self.page_size} differs from the cache's page size {view.page_size}"
+            )
+        n_pages = view.page_min.shape[2]
+        budget = token_budget(self.budget, self.fraction, view.seq_len)
+        k_pages = -(-budget // self.page_size)
+        if k_pages >= n_pages:
+            return None
+        batch, n_kv = view.page_min.shape[:2]
+        rows = q.float().reshape(batch, n_kv, -1, q.shape[-1])  # [B, Hkv, G*Tq, D]
+        empty = (view.page_count == 0)[:, None, None, :]  # [B, 1, 1, P]
+        upper = rows.clamp(min=0) @ view.page_max.float().nan_to_num(0.0, 0.0, 0.0).transpose(
+            -1, -2
+        )
+        lower = rows.clamp(max=0) @ view.page_min.float().nan_to_num(0.0, 0.0, 0.0).transpose(
+            -1, -2
+        )
+        bound = (upper + lower).masked_fill(empty, -torch.inf).amax(dim=2)  # [B, Hkv, P]
+        newest = (view.page_count > 0).cumsum(1).argmax(1)  # [B] last non-empty page per row
+        bound.scatter_(2, newest.view(-1, 1, 1).expand(batch, n_kv, 1), torch.inf)
+        return DecodeSelection(top_index(bound, k_pages), self.page_size)

@@ -1,0 +1,197 @@
+"""KVCache: growth, positions, per-row lengths, eviction, page metadata, bad input, cache-aware attention."""
+
+import pytest
+import torch
+
+from longattn import KVCache, attention, methods
+from longattn.testing import assert_attention_close, make_qkv
+
+
+def _kv(batch=2, heads=2, length=40, dim=8, seed=0, dtype=torch.float32):
+    _, k, v = make_qkv(batch, heads, heads, 1, length, dim, seed=seed, dtype=dtype)
+    return k, v
+
+
+def _snapshot(cache, layer=0):
+    if cache.seq_len(layer) == 0:
+        return None
+    return (
+        cache.keys(layer).clone(),
+        cache.values(layer).clone(),
+        cache.positions(layer).clone(),
+        cache.n_seen(layer),
+        cache.capacity(layer),
+    )
+
+
+def _same(a, b):
+    if a is None or b is None:
+        return a is b
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_append_in_pieces_keeps_every_token_once_in_order():
+    k, v = _kv(length=300)
+    cache = KVCache(1, page_size=16, initial_capacity=32)
+    caps = []
+    for lo, hi in [(0, 1), (1, 7), (7, 100), (100, 101), (101, 300)]:
+        cache.append(0, k[:, :, lo:hi], v[:, :, lo:hi])
+        caps.append(cache.capacity(0))
+    assert torch.equal(cache.keys(0), k) and torch.equal(cache.values(0), v)
+    assert torch.equal(cache.positions(0), torch.arange(300).expand(2, -1))
+    assert cache.n_seen(0) == cache.seq_len(0) == 300
+    # amortised doubling: capacities are page multiples and at least double when they grow
+    assert all(c % 16 == 0 for c in caps)
+    grows = [(a, b) for a, b in zip(caps, caps[1:]) if b != a]
+    assert all(b >= 2 * a for a, b in grows)
+
+
+def test_one_token_steps_reallocate_logarithmically():
+    k, v = _kv(length=1000, batch=1)
+    cache = KVCache(1, initial_capacity=16)
+    seen = set()
+    for t in range(1000):
+        cache.append(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
+        seen.add(cache.capacity(0))
+    assert len(seen) <= 8
+    assert torch.equal(cache.keys(0), k)
+
+
+def test_page_metadata_matches_a_recomputation():
+    k, v = _kv(length=75, batch=2)
+    cache = KVCache(1, page_size=16, initial_capacity=16)
+    for lo in range(0, 75, 7):
+        cache.append(0, k[:, :, lo : lo + 7], v[:, :, lo : lo + 7])
+    view = cache.select_view(0, torch.tensor([[74]]), 1.0)
+    pages = torch.nn.functional.pad(k, (0, 0, 0, 5), value=float("nan")).view(2, 2, 5, 16, 8)
+    torch.testing.assert_close(view.page_max, pages.nan_to_num(-torch.inf).amax(3))
+    torch.testing.assert_close(view.page_min, pages.nan_to_num(torch.inf).amin(3))
+    torch.testing.assert_close(view.page_sum, pages.nan_to_num(0.0).sum(3))
+    assert view.page_count[0].tolist() == [16, 16, 16, 16, 11]
+
+
+def test_projected_keys_stay_current():
+    k, v = _kv(length=50)
+    cache = KVCache(1, page_size=16, initial_capacity=16)
+    cache.append(0, k[:, :, :20], v[:, :, :20])
+    proj = torch.randn(2, 8, 3)
+    cache.projected_keys(0, "p", proj)
+    cache.append(0, k[:, :, 20:], v[:, :, 20:])
+    torch.testing.assert_close(cache.projected_keys(0, "p", proj), k @ proj)
+
+
+def test_explicit_positions_padding_and_per_row_lengths():
+    k, v = _kv(length=6)
+    cache = KVCache(1)
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    cache.append(0, k, v, pos)
+    cache.append(0, k[:, :, :1], v[:, :, :1])  # default: each row continues after its last position
+    assert cache.positions(0)[:, -1].tolist() == [4, 6]
+    cache.evict(0, torch.tensor([[True] * 7, [True, False, True, False, True, True, True]]))
+    assert cache.row_lengths(0).tolist() == [5, 5]  # the padding slots of row 0 are dropped
+    assert cache.positions(0).tolist() == [[0, 1, 2, 3, 4], [0, 2, 4, 5, 6]]
+    cache.evict(0, torch.tensor([[True, True, True, True, True], [False, False, True, True, True]]))
+    assert cache.positions(0).tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, -1, -1]]
+    cache.append(0, k[:, :, :1], v[:, :, :1])
+    assert cache.positions(0).tolist() == [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, -1, -1]]
+    assert torch.equal(cache.keys(0)[1, :, 3], k[1, :, 0])
+
+
+def test_evict_keeps_order_and_values():
+    k, v = _kv(length=64)
+    cache = KVCache(1)
+    cache.append(0, k, v)
+    keep = torch.rand(2, 64, generator=torch.Generator().manual_seed(1)) > 0.5
+    cache.evict(0, keep)
+    for b in range(2):
+        n = int(keep[b].sum())
+        assert torch.equal(cache.positions(0)[b, :n], keep[b].nonzero().flatten())
+        assert torch.equal(cache.keys(0)[b, :, :n], k[b][:, keep[b]])
+        assert torch.equal(cache.values(0)[b, :, :n], v[b][:, keep[b]])
+    assert cache.n_seen(0) == 64
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda c, k, v: c.append(0, k[:, :1], v[:, :1]),  # heads
+        lambda c, k, v: c.append(0, k[..., :4], v[..., :4]),  # head dim
+        lambda c, k, v: c.append(0, k.double(), v.double()),  # dtype
+        lambda c, k, v: c.append(0, k, v[:, :, :3]),  # k/v mismatch
+        lambda c, k, v: c.append(0, k[:, :, :2], v[:, :, :2], torch.tensor([3, 2])),  # decreasing
+        lambda c, k, v: c.append(0, k[:, :, :2], v[:, :, :2], torch.tensor([5, 6])),  # reused
+        lambda c, k, v: c.append(0, k[:, :, :2], v[:, :, :2], torch.tensor([0.0, 1.0])),
+        lambda c, k, v: c.append(3, k, v),  # layer out of range
+        lambda c, k, v: c.evict(0, torch.ones(2, 5, dtype=torch.bool)),  # wrong shape
+        lambda c, k, v: c.evict(0, torch.ones(2, 10)),  # not bool
+        lambda c, k, v: c.drop_positions(0, torch.tensor([3, 99])),  # not in the cache
+        lambda c, k, v: attention(  # q/k batch mismatch through the API
+            torch.randn(1, 4, 1, 8), k[:, :, :1], v[:, :, :1], cache=c
+        ),
+        lambda c, k, v: attention(torch.randn(2, 4, 1, 8), k[:, :1, :1], v[:, :1, :1], cache=c),
+        lambda c, k, v: attention(  # two queries, one token, no positions
+            torch.randn(2, 4, 2, 8), k[:, :, :1], v[:, :, :1], cache=c
+        ),
+    ],
+)
+def test_bad_input_leaves_the_cache_unchanged(bad):
+    k, v = _kv(length=10)
+    cache = KVCache(2)
+    cache.append(0, k, v)
+    before = _snapshot(cache)
+    with pytest.raises((ValueError, TypeError)):
+        bad(cache, k, v)
+    assert _same(before, _snapshot(cache))
+    assert cache.seq_len(1) == 0
+
+
+def test_drop_positions():
+    k, v = _kv(length=10)
+    cache = KVCache(1)
+    cache.append(0, k, v)
+    cache.drop_positions(0, torch.tensor([0, 5]))
+    assert cache.positions(0)[0].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_then_decode_equals_one_pass(dtype):
+    q, k, v = make_qkv(2, 8, 2, 120, 120, 32, dtype=dtype, seed=4)
+    cache = KVCache(1, page_size=16, initial_capacity=16)
+    outs = []
+    for lo, hi in [(0, 50), (50, 100), (100, 103)] + [(t, t + 1) for t in range(103, 120)]:
+        sl = slice(lo, hi)
+        outs.append(attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], cache=cache).out)
+    assert_attention_close(torch.cat(outs, dim=2), q, k, v)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [methods.StreamingLLM(sinks=4, window=16), methods.SlidingWindow(window=20)],
+    ids=lambda m: m.describe(),
+)
+def test_eviction_equals_masking(method):
+    q, k, v = make_qkv(1, 4, 2, 90, 90, 16, seed=5, dtype=torch.float64)
+    cache = KVCache(1)
+    for lo in range(0, 90, 5):
+        sl = slice(lo, lo + 5)
+        res = attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], method=method, cache=cache)
+        full = attention(
+            q[:, :, sl],
+            k[:, :, : lo + 5],
+            v[:, :, : lo + 5],
+            method=method,
+            q_positions=torch.arange(lo, lo + 5),
+            kv_positions=torch.arange(lo + 5),
+        )
+        torch.testing.assert_close(res.out, full.out)
+        kept = method.retain(torch.arange(lo + 5), torch.tensor([[lo + 4]]))[0]
+        assert cache.positions(0)[0].tolist() == torch.arange(lo + 5)[kept].tolist()
+
+
+def test_reset():
+    k, v = _kv()
+    cache = KVCache(2)
+    cache.append(1, k, v)
+    cache.state["x"] = 1
+    cache.reset()
+    assert cache.seq_len(1) == 0 and cache.state == {}
