@@ -16,6 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BENCH_SUITES = {
     "methods": "longattn.bench.methods:run_cli",
     "decode": "longattn.bench.decode:run_cli",
+    "fidelity": "longattn.eval.fidelity:run_cli",
 }
 
 
