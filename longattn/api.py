@@ -339,6 +339,7 @@ def make_cache_call(
     else:
         q_pos = _check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
     probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
+    _check_method_fits_cache(probe.method, cache, k)
     cache.append(layer, k, v, new_pos)
     kv_pos = cache.positions(layer)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
@@ -352,6 +353,25 @@ def make_cache_call(
         cache=cache,
         layer=layer,
     )
+
+
+def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) -> None:
+    """Refuse, before anything is appended, a method whose pages or calibration do not fit the cache."""
+    page = getattr(method, "page_size", None)
+    if page is not None and page != cache.page_size:
+        raise ValueError(
+            f"{method.name} page_size={page} differs from the cache's page size {cache.page_size}"
+        )
+    block = getattr(method, "block_size", None)
+    if method.hook == "select" and block is not None and block % cache.page_size:
+        raise ValueError(
+            f"{method.name} block_size={block} is not a multiple of the cache's page size "
+            f"{cache.page_size}"
+        )
+    if getattr(method, "calibration", ""):
+        from longattn.calibration import load
+
+        load(method.calibration).check(method.name, cache.n_layers, k.shape[1], k.shape[3])
 
 
 def _apply_retention(call: Call) -> None:

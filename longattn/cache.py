@@ -341,8 +341,8 @@ class KVCache:
             pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
             row_len=torch.zeros(batch, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
-            page_min=torch.full((batch, heads, pages, dim), torch.inf, dtype=k.dtype, device=dev),
-            page_max=torch.full((batch, heads, pages, dim), -torch.inf, dtype=k.dtype, device=dev),
+            page_min=torch.zeros(batch, heads, pages, dim, dtype=k.dtype, device=dev),
+            page_max=torch.zeros(batch, heads, pages, dim, dtype=k.dtype, device=dev),
             page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
             page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
         )
@@ -368,8 +368,8 @@ class KVCache:
         entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
         entry.values = bigger(entry.values, 2, cap, 0.0, used)
         entry.pos = bigger(entry.pos, 1, cap, -1, used)
-        entry.page_min = bigger(entry.page_min, 2, pages, torch.inf, pages_used)
-        entry.page_max = bigger(entry.page_max, 2, pages, -torch.inf, pages_used)
+        entry.page_min = bigger(entry.page_min, 2, pages, 0.0, pages_used)
+        entry.page_max = bigger(entry.page_max, 2, pages, 0.0, pages_used)
         entry.page_sum = bigger(entry.page_sum, 2, pages, 0.0, pages_used)
         entry.page_count = bigger(entry.page_count, 1, pages, 0, pages_used)
         for name, (matrix, buf) in list(entry.projections.items()):
@@ -389,6 +389,10 @@ class KVCache:
         entry.page_max[:, :, p0:p1] = keys.masked_fill(empty, -torch.inf).amax(dim=3)
         entry.page_sum[:, :, p0:p1] = keys.float().masked_fill(empty, 0.0).sum(dim=3)
         entry.page_count[:, p0:p1] = (~empty).view(batch, p1 - p0, ps).sum(dim=2)
+        # an empty page holds zeros (not +-inf) so bounds stay finite; selection masks it by count
+        none = (entry.page_count[:, p0:p1] == 0).view(batch, 1, p1 - p0, 1)
+        entry.page_min[:, :, p0:p1].masked_fill_(none, 0.0)
+        entry.page_max[:, :, p0:p1].masked_fill_(none, 0.0)
         for matrix, buf in entry.projections.values():
             self._refresh_projection(entry, matrix, buf, s0, min(s1, entry.seq_len))
 

@@ -121,3 +121,48 @@ def for_layer(method: Any, cache: Any, layer: int) -> dict[str, torch.Tensor] | 
     keys = cache.keys(layer)
     cal.check(method.name, cache.n_layers, keys.shape[1], keys.shape[3])
     return cal.layer(layer)
+
+
+def _stack_layers(captured: dict[int, tuple[torch.Tensor, ...]]) -> list[int]:
+    layers = sorted(captured)
+    if layers != list(range(len(layers))):
+        raise ValueError(f"calibration needs every layer 0..L-1 captured, got {layers}")
+    return layers
+
+
+def calibrate_loki(captured: dict, rank: int, model: str) -> Calibration:
+    """PCA bases of real keys: ``basis`` [L, Hkv, D, D] (columns by decreasing variance).
+
+    ``captured``: ``{layer: (q, k, v)}`` from ``longattn.integrations.hf.capture_qkv``."""
+    from longattn.methods.loki import pca_basis
+
+    layers = _stack_layers(captured)
+    k0 = captured[0][1]
+    basis = torch.stack([pca_basis(captured[i][1], k0.shape[-1]) for i in layers])
+    return Calibration(
+        "loki", model, len(layers), k0.shape[1], k0.shape[-1], {"basis": basis}, {"rank": rank}
+    )
+
+
+def calibrate_double_sparsity(captured: dict, channels: int, model: str) -> Calibration:
+    """Heavy channels ranked by mean |q_c|·|k_c| on real activations: ``channels`` [L, Hkv, D]."""
+
+    layers = _stack_layers(captured)
+    k0 = captured[0][1]
+    dim = k0.shape[-1]
+    ranked = []
+    for i in layers:
+        q, k, _ = captured[i]
+        n_kv = k.shape[1]
+        k_mag = k.float().abs().mean(dim=(0, 2))
+        q_mag = q.float().abs().mean(dim=(0, 2)).view(n_kv, -1, dim).mean(1)
+        ranked.append(torch.argsort(k_mag * q_mag, dim=-1, descending=True, stable=True))
+    return Calibration(
+        "double_sparsity",
+        model,
+        len(layers),
+        k0.shape[1],
+        dim,
+        {"channels": torch.stack(ranked)},
+        {"channels": channels},
+    )

@@ -15,6 +15,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # bench suites: name -> "module:function"; each function takes the parsed arguments, returns an exit code
 BENCH_SUITES = {
     "methods": "longattn.bench.methods:run_cli",
+    "decode": "longattn.bench.decode:run_cli",
+    "fidelity": "longattn.eval.fidelity:run_cli",
 }
 
 

@@ -242,11 +242,11 @@ def token_budget(budget: int, fraction: float, n_tokens: int) -> int:
 
 
 def top_index(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[..., k] indices of the ``k`` largest ``scores`` [..., N] in ascending index order; ties go to
-    the earlier index; entries whose score is -inf become -1."""
+    """[..., k] indices of the ``k`` largest ``scores`` [..., N] in ascending index order; entries
+    whose score is -inf become -1. Uses ``torch.topk`` (deterministic on CPU; the order among exactly
+    equal scores is torch's), so selections are computed once and shared with the reference."""
     k = min(k, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    picked = scores.gather(-1, order)
+    picked, order = torch.topk(scores, k, dim=-1, sorted=False)
     order = torch.where(torch.isneginf(picked), scores.shape[-1], order)
     order = torch.sort(order, dim=-1).values
     return torch.where(order == scores.shape[-1], -1, order)

@@ -76,7 +76,7 @@ class SelectView:
     layer:      layer index.
     page_size:  slots per cache page.
     page_min, page_max: [B, Hkv, P, D] element-wise key min / max per page (empty slots excluded;
-                +inf / -inf for an empty page), P = ceil(T / page_size). Maintained at append time.
+                zeros for an empty page: mask pages by ``page_count``), P = ceil(T / page_size). Maintained at append time.
     page_sum:   [B, Hkv, P, D] float32 sum of the keys per page; ``page_count`` [B, P] real slots per page.
     project:    ``project(name, matrix [Hkv, D, r]) -> [B, Hkv, T, r]`` float32 low-dimensional keys
                 ``keys @ matrix``; the cache keeps them up to date at append time once requested.

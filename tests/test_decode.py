@@ -1,0 +1,150 @@
+"""Decode kernel and decode-time select methods against their own float64 references."""
+
+import pytest
+import torch
+
+from longattn import KVCache, attention, from_string, methods
+from longattn.calibration import Calibration
+from longattn.kernels.decode import decode_attention
+from longattn.testing import METHOD_EXAMPLES, assert_attention_close, make_qkv, oracle
+
+SELECT_SPECS = [
+    s for specs in METHOD_EXAMPLES.values() for s in specs if from_string(s).hook == "select"
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("q_len", [1, 4, 16])
+def test_dense_decode_kernel_matches_the_oracle(dtype, q_len):
+    q, k, v = make_qkv(2, 8, 2, q_len, 333, 64, dtype=dtype, seed=q_len)
+    kv_pos = torch.arange(333).view(1, -1).repeat(2, 1)
+    kv_pos[1, :5] = -1  # left padding in row 1
+    q_pos = kv_pos[:, -q_len:]
+    res = decode_attention(q, k, v, scale=0.125, q_pos=q_pos, kv_pos=kv_pos)
+    assert_attention_close(res, q, k, v, q_positions=q_pos, kv_positions=kv_pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", SELECT_SPECS)
+def test_select_methods_through_the_cache_match_their_reference(spec, dtype):
+    """Prefill in chunks, then decode steps; every step equals the reference on the same selection."""
+    method = from_string(spec)
+    q, k, v = make_qkv(2, 8, 2, 260, 260, 32, dtype=dtype, seed=11)
+    cache = KVCache(3, page_size=getattr(method, "page_size", 16))
+    for layer in range(3):
+        cache.append(layer, k[:, :, :200], v[:, :, :200])
+    for t in range(200, 260, 4):
+        sl = slice(t, t + 4)
+        for layer in range(3):
+            res = attention(
+                q[:, :, sl], k[:, :, sl], v[:, :, sl], method=method, cache=cache, layer=layer
+            )
+            assert_attention_close(
+                res,
+                q[:, :, sl],
+                k[:, :, : t + 4],
+                v[:, :, : t + 4],
+                method if res.state is not None else methods.Dense(),  # None: a dense layer
+                q_positions=torch.arange(t, t + 4),
+                kv_positions=torch.arange(t + 4),
+            )
+            if res.state is not None:
+                assert res.state.to_mask(t + 4).sum(-1).max() <= 80  # within budget (+1 page)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        methods.Quest(budget=512),
+        methods.OracleTopK(budget=512),
+        methods.Loki(budget=512),
+        methods.DoubleSparsity(budget=512),
+        methods.InfLLM(budget=512),
+        methods.TidalDecode(budget=512),
+        methods.Quest(budget=16, fraction=1.0),
+    ],
+    ids=lambda m: m.describe(),
+)
+def test_budget_covering_the_cache_is_dense(method):
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 32, dtype=torch.float64, seed=2)
+    res = attention(q, k, v, method=method)
+    assert res.state is None
+    torch.testing.assert_close(res.out, oracle(q, k, v).out)
+
+
+def test_prefill_of_a_select_method_is_dense_causal():
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 32, seed=3)
+    res = attention(q, k, v, method=methods.Quest(budget=16))
+    assert_attention_close(res, q, k, v)
+
+
+def test_quest_always_keeps_the_newest_page_and_its_bound_is_an_upper_bound():
+    q, k, v = make_qkv(1, 4, 1, 1, 512, 16, seed=4)
+    cache = KVCache(1)
+    cache.append(0, k[:, :, :-1], v[:, :, :-1])
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=64), cache=cache)
+    assert 31 in res.state.index[0, 0].tolist()
+    view = cache.select_view(0, torch.tensor([[511]]), 0.25)
+    exact = (q.view(1, 1, 4, 16) @ k.transpose(-1, -2)).view(1, 1, 4, 32, 16).amax(-1)
+    rows = q.view(1, 1, 4, 16)
+    bound = rows.clamp(min=0) @ view.page_max.transpose(-1, -2) + rows.clamp(
+        max=0
+    ) @ view.page_min.transpose(-1, -2)
+    assert bool((bound >= exact - 1e-5).all())
+
+
+def test_tidal_decode_reuses_the_selection_layer_positions():
+    q, k, v = make_qkv(1, 4, 2, 1, 400, 32, seed=5)
+    method = methods.TidalDecode(budget=64, select_layers=(1,))
+    cache = KVCache(4)
+    for layer in range(4):
+        cache.append(layer, k[:, :, :-1], v[:, :, :-1])
+    states = [
+        attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=layer).state
+        for layer in range(4)
+    ]
+    assert states[0] is None
+    assert torch.equal(states[1].index, states[2].index) and torch.equal(
+        states[2].index, states[3].index
+    )
+
+
+def test_bad_budgets_and_page_sizes_are_refused():
+    with pytest.raises(ValueError):
+        methods.Quest(budget=0)
+    with pytest.raises(ValueError):
+        methods.Quest(budget=100, page_size=16)
+    with pytest.raises(ValueError):
+        methods.Loki(fraction=1.5)
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 32)
+    cache = KVCache(1, page_size=16)
+    cache.append(0, k[:, :, :-1], v[:, :, :-1])
+    before = cache.keys(0).clone()
+    with pytest.raises(ValueError, match="page"):
+        attention(
+            q,
+            k[:, :, -1:],
+            v[:, :, -1:],
+            method=methods.Quest(budget=64, page_size=32),
+            cache=cache,
+        )
+    assert cache.seq_len(0) == 299 and torch.equal(cache.keys(0), before)
+
+
+def test_calibration_round_trip_and_shape_check(tmp_path):
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 32, seed=6)
+    basis = torch.linalg.qr(torch.randn(2, 2, 32, 32)).Q
+    cal = Calibration("loki", "toy", 2, 2, 32, {"basis": basis}, {"rank": 8})
+    path = cal.save(tmp_path / "loki.safetensors")
+    back = Calibration.load(path)
+    assert back.metadata() == cal.metadata() and torch.equal(back.tensors["basis"], basis)
+    method = methods.Loki(budget=64, rank=8, calibration=str(path))
+    cache = KVCache(2)
+    cache.append(1, k[:, :, :-1], v[:, :, :-1])
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=1)
+    assert_attention_close(res, q, k, v, method)
+    wrong = KVCache(3)
+    wrong.append(0, k[:, :, :-1], v[:, :, :-1])
+    with pytest.raises(ValueError, match="shape"):
+        attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=wrong, layer=0)
+    assert wrong.seq_len(0) == 299
