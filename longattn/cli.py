@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=int, default=64)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--out", default=None, help="JSONL file to append results to")
-    bench.add_argument("--memory-length", type=int, default=32768,
-                       help="length of the tiled executor's peak-memory check (methods suite)")
+    bench.add_argument(
+        "--memory-length",
+        type=int,
+        default=32768,
+        help="length of the tiled executor's peak-memory check (methods suite)",
+    )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)

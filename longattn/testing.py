@@ -111,4 +111,8 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "power": ["power:block_size=8,window=2"],
     "neighborhood2d": ["neighborhood2d:height=32,width=32,kernel=5,dilation=2"],
     "per_head_window": ["per_head_window:windows=8/32/128,sinks=2"],
+    "static_blocks": [
+        "static_blocks:block_size=32,n_blocks=32,density=0.3,seed=1",
+        "static_blocks:block_size=64,n_blocks=16,density=0.5,causal=false",
+    ],
 }

@@ -5,6 +5,7 @@ from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
 from longattn.methods.sliding_window import SlidingWindow
+from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
 
@@ -14,6 +15,7 @@ __all__ = [
     "PerHeadWindow",
     "PowerAttention",
     "SlidingWindow",
+    "StaticBlocks",
     "StreamingLLM",
     "Strided",
 ]
