@@ -15,6 +15,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # bench suites: name -> "module:function"; each function takes the parsed arguments, returns an exit code
 BENCH_SUITES = {
     "methods": "longattn.bench.methods:run_cli",
+    "kernels": "longattn.bench.kernels:run_cli",
 }
 
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="methods",
         choices=sorted(BENCH_SUITES),
-        help="methods (default): every registered method against dense SDPA",
+        help="methods (default): every registered method against dense SDPA; kernels: the "
+        "block-sparse kernel against causal SDPA and compiled Flex",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument("--length", type=int, default=None, help="sequence length (default 8192)")
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32768,
         help="length of the tiled executor's peak-memory check (methods suite)",
     )
+    bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)
