@@ -21,6 +21,7 @@ from longattn.kernels.decode import (
     decode_attention,
     gather_selected,
 )
+from longattn.kernels.flex import flex_available, flex_block_attention
 from longattn.kernels.reference import (
     MAX_BYTES_ENV,
     max_score_bytes,
@@ -28,10 +29,11 @@ from longattn.kernels.reference import (
     score_bytes,
 )
 from longattn.kernels.sdpa import sdpa_attention
+from longattn.kernels.sparse import block_index_from_mask, sparse_attention
 from longattn.kernels.tiled import tiled_attention, with_padding
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
-from longattn.types import AttnOutput, DecodeSelection
+from longattn.types import AttnOutput, BlockIndex, DecodeSelection
 
 log = logging.getLogger("longattn")
 
@@ -64,9 +66,13 @@ class Call:
 
 @dataclass(frozen=True)
 class Impl:
+    """An implementation: ``can_run`` says why it cannot run a call (None: it can); ``auto`` says why
+    ``impl="auto"`` should pass it over even though it can run (None: auto may choose it)."""
+
     name: str
     can_run: Callable[[Call], str | None]
     run: Callable[[Call], AttnOutput]
+    auto: Callable[[Call], str | None] = lambda call: None
 
 
 def _mask_hook(call: Call) -> str | None:
@@ -242,9 +248,108 @@ def compute_selection(call: Call, cache: KVCache | None = None) -> DecodeSelecti
     return selection
 
 
+# Block size of the sparse and flex kernels' index, unless the method has a block structure of its own.
+SPARSE_BLOCK = 128
+
+
+def block_size_for(method: Method) -> int:
+    """The index block: the method's own ``block_size`` when it is one SDPA handles well, else 128."""
+    own = getattr(method, "block_size", None)
+    return own if isinstance(own, int) and 32 <= own <= 512 else SPARSE_BLOCK
+
+
+def block_index(call: Call) -> BlockIndex:
+    """The ``BlockIndex`` of a mask method on this call's positions (analytic, from block_bounds)."""
+    return block_index_from_mask(
+        call.method.mask,
+        call.method.block_bounds,
+        call.q.shape[1],
+        call.q_pos,
+        call.kv_pos,
+        block_size_for(call.method),
+    )
+
+
+def _block_can_run(call: Call) -> str | None:
+    reason = _mask_hook(call)
+    if reason:
+        return reason
+    if type(call.method).block_bounds is Method.block_bounds:
+        _, _, _, tq, tk, _ = call.shape
+        if tq * tk > 1 << 24:
+            return (
+                f"method {call.method.name!r} has no block_bounds, and its block index would need "
+                f"the mask on all {tq}x{tk} pairs"
+            )
+    return None
+
+
+def _empty(call: Call) -> AttnOutput | None:
+    """The result of a call with no queries or no keys (nothing to index), else None."""
+    b, h, _, tq, tk, _ = call.shape
+    if tq and tk:
+        return None
+    lse_dtype = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    lse = torch.full((b, h, tq), -torch.inf, dtype=lse_dtype, device=call.q.device)
+    return AttnOutput(torch.zeros_like(call.q), lse, None)
+
+
+def _run_sparse(call: Call) -> AttnOutput:
+    empty = _empty(call)
+    if empty is not None:
+        return empty
+    index = block_index(call)
+    return sparse_attention(
+        call.q,
+        call.k,
+        call.v,
+        index,
+        scale=call.scale,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        mask_fn=call.method.mask,
+        validate=False,  # built here for this call
+    )
+
+
+def _flex_can_run(call: Call) -> str | None:
+    return _block_can_run(call) or flex_available(call.q.device)
+
+
+def _flex_auto(call: Call) -> str | None:
+    # On CPU compiled Flex costs 3-10 s per new shape or mask and has no backward; the sparse kernel
+    # needs no compile step and is as fast (see `longattn bench kernels`), so auto never picks Flex
+    # there. On CUDA Flex is the fused kernel and goes first among the block-sparse paths.
+    if call.q.device.type == "cpu":
+        return "compiles per shape and mask on CPU (seconds each); ask for impl='flex' explicitly"
+    return None
+
+
+def _run_flex(call: Call) -> AttnOutput:
+    empty = _empty(call)
+    if empty is not None:
+        return empty
+    return flex_block_attention(
+        call.q,
+        call.k,
+        call.v,
+        block_index(call),
+        scale=call.scale,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        mask_fn=call.method.mask,
+        validate=False,
+    )
+
+
+# The order impl="auto" walks: dense SDPA for dense attention; compiled Flex (CUDA only, see
+# _flex_auto); the block-sparse gather + SDPA kernel for any mask with block bounds; the tiled online
+# softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [
     Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
+    Impl("flex", _flex_can_run, _run_flex, _flex_auto),
+    Impl("sparse", _block_can_run, _run_sparse),
     Impl("tiled", _mask_hook, _run_tiled),
     Impl("reference", _reference_can_run, _run_reference),
 ]
@@ -259,7 +364,7 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
     if impl == "auto":
         reasons = []
         for candidate in IMPLS:
-            reason = candidate.can_run(call)
+            reason = candidate.can_run(call) or candidate.auto(call)
             if reason is None:
                 log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
                 return candidate

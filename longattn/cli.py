@@ -17,6 +17,7 @@ BENCH_SUITES = {
     "methods": "longattn.bench.methods:run_cli",
     "decode": "longattn.bench.decode:run_cli",
     "fidelity": "longattn.eval.fidelity:run_cli",
+    "kernels": "longattn.bench.kernels:run_cli",
 }
 
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="methods",
         choices=sorted(BENCH_SUITES),
-        help="methods (default): every registered method against dense SDPA",
+        help="methods (default): every registered method against dense SDPA; kernels: the "
+        "block-sparse kernel against causal SDPA and compiled Flex",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument("--length", type=int, default=None, help="sequence length (default 8192)")
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32768,
         help="length of the tiled executor's peak-memory check (methods suite)",
     )
+    bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)

@@ -27,6 +27,8 @@ def methods_markdown() -> str:
         parts.append(doc + "\n")
         rows = ["| parameter | default |", "|---|---|"]
         for f in dataclasses.fields(cls):
+            if not (f.init and f.repr):  # tensors and derived fields have no printable default
+                continue
             rows.append(f"| `{f.name}` | `{getattr(method, f.name)!r}` |")
         if len(rows) > 2:
             parts.append("\n".join(rows) + "\n")

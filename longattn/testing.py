@@ -126,4 +126,8 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "double_sparsity": ["double_sparsity:budget=24,channels=8"],
     "infllm": ["infllm:budget=64,sinks=4,window=12,block_size=16"],
     "tidal_decode": ["tidal_decode:budget=24"],
+    "static_blocks": [
+        "static_blocks:block_size=32,n_blocks=32,density=0.3,seed=1",
+        "static_blocks:block_size=64,n_blocks=16,density=0.5,causal=false",
+    ],
 }

@@ -104,3 +104,198 @@ class SelectView:
     @property
     def seq_len(self) -> int:
         return self.keys.shape[2]
+@dataclass(frozen=True, eq=False)
+class BlockIndex:
+    """Which key blocks each query block visits, per (batch, head): the currency of sparse kernels.
+
+    Padded (ELL) layout, ``n_q_blocks = ceil(q_len / block_size)``, ``n_kv_blocks = ceil(kv_len /
+    block_size)``:
+        kv_blocks [Bi, Hi, n_q_blocks, max_visits] int64: visited key blocks, strictly increasing in
+                  the first ``counts`` slots of a row; the remaining slots are ``-1``.
+        counts    [Bi, Hi, n_q_blocks] int64: number of visited key blocks per query block.
+        partial   [Bi, Hi, n_q_blocks, max_visits] bool: the block needs the element mask (diagonal,
+                  pattern edges); a visited block that is not partial is fully visible.
+    ``Bi`` is 1 or the batch size, ``Hi`` is 1 or the number of *query* heads (a per-head index under
+    GQA still reads the shared K/V head; nothing is expanded).
+
+    Element visibility is: the block is listed, and where it is ``partial`` the caller's mask says so.
+    """
+
+    kv_blocks: torch.Tensor
+    counts: torch.Tensor
+    partial: torch.Tensor
+    block_size: int
+    q_len: int
+    kv_len: int
+
+    @property
+    def n_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_size)
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_size)
+
+    @property
+    def visited(self) -> int:
+        """Total number of visited (query block, key block) pairs over the index's batch and heads."""
+        return int(self.counts.sum())
+
+    @classmethod
+    def from_block_mask(
+        cls,
+        layout: torch.Tensor,
+        block_size: int,
+        *,
+        partial: torch.Tensor | None = None,
+        q_len: int | None = None,
+        kv_len: int | None = None,
+    ) -> BlockIndex:
+        """From a boolean block layout ``[Bl, Hl, n_q_blocks, n_kv_blocks]`` (3-D and 2-D forms get
+        leading ones). ``partial`` (same shape, optional) marks blocks that need the element mask.
+        Lengths default to whole blocks.
+        """
+        if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool:
+            raise TypeError(f"layout must be a bool tensor, got {getattr(layout, 'dtype', layout)}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be an int > 0, got {block_size!r}")
+        if not 2 <= layout.dim() <= 4:
+            raise ValueError(
+                f"layout must be [B, H, nq, nk] (or 3-D / 2-D), got {tuple(layout.shape)}"
+            )
+        while layout.dim() < 4:
+            layout = layout.unsqueeze(0)
+        if partial is None:
+            partial = torch.zeros_like(layout)
+        elif partial.shape != layout.shape[-partial.dim() :] or partial.dtype != torch.bool:
+            raise ValueError(
+                f"partial must be a bool tensor shaped like layout {tuple(layout.shape)}"
+            )
+        partial = partial.expand(layout.shape)
+        n_q, n_kv = layout.shape[-2:]
+        q_len = n_q * block_size if q_len is None else q_len
+        kv_len = n_kv * block_size if kv_len is None else kv_len
+        if -(-q_len // block_size) != n_q or -(-kv_len // block_size) != n_kv:
+            raise ValueError(
+                f"layout has {n_q} x {n_kv} blocks, but q_len={q_len}, kv_len={kv_len} with "
+                f"block_size={block_size} need {-(-q_len // block_size)} x {-(-kv_len // block_size)}"
+            )
+        counts = layout.sum(-1)
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        # A stable sort of "not visited" puts the visited block ids first, in increasing order.
+        order = torch.sort((~layout).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+        slot = torch.arange(width, device=layout.device)
+        used = slot < counts.unsqueeze(-1)
+        kv_blocks = torch.where(used, order, -1)
+        part = torch.gather(partial, -1, order) & used
+        return cls(kv_blocks, counts, part, block_size, q_len, kv_len)
+
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visited, partial) block layouts, each bool [Bi, Hi, n_q_blocks, n_kv_blocks]."""
+        shape = (*self.counts.shape, self.n_kv_blocks + 1)
+        idx = torch.where(self.kv_blocks < 0, self.n_kv_blocks, self.kv_blocks)
+        visited = torch.zeros(shape, dtype=torch.bool, device=idx.device)
+        visited.scatter_(-1, idx, True)
+        partial = torch.zeros(shape, dtype=torch.bool, device=idx.device)
+        partial.scatter_(-1, idx, self.partial)
+        return visited[..., :-1], partial[..., :-1]
+
+    def to_dense(self, mask_fn=None, q_pos=None, kv_pos=None) -> torch.Tensor:
+        """Element visibility, bool [Bi, Hi, q_len, kv_len] (for the oracle; O(T^2), small T only).
+
+        With ``mask_fn(b, h, q_pos, kv_pos)`` the partial blocks are restricted by it (positions default
+        to ``arange``); without it the listed blocks are fully visible.
+        """
+        visited, partial = self.layout()
+        bs = self.block_size
+
+        def expand(x: torch.Tensor) -> torch.Tensor:
+            x = x.repeat_interleave(bs, -2).repeat_interleave(bs, -1)
+            return x[..., : self.q_len, : self.kv_len]
+
+        dense = expand(visited)
+        if mask_fn is None:
+            return dense
+        dev = dense.device
+        q_pos = torch.arange(self.q_len, device=dev).view(1, -1) if q_pos is None else q_pos
+        kv_pos = torch.arange(self.kv_len, device=dev).view(1, -1) if kv_pos is None else kv_pos
+        b = torch.arange(dense.shape[0], device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(dense.shape[1], device=dev).view(1, -1, 1, 1)
+        elem = mask_fn(b, h, q_pos[:, None, :, None], kv_pos[:, None, None, :])
+        return dense & (~expand(partial) | elem)
+
+    def to_block_mask(self, mask_mod=None, n_heads: int | None = None):
+        """FlexAttention's ``BlockMask`` (``from_kv_blocks``): partial blocks use ``mask_mod``.
+
+        Without ``mask_mod`` the partial blocks are treated as full. ``n_heads`` expands an index shared
+        by all heads (Hi = 1) when Flex needs the head count.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        full = ~self.partial if mask_mod is not None else torch.ones_like(self.partial)
+        valid = self.kv_blocks >= 0
+
+        # Flex reads the number of key blocks from the width of the index: pad rows to n_kv_blocks.
+        extra = self.n_kv_blocks - self.kv_blocks.shape[-1]
+        blocks = torch.nn.functional.pad(self.kv_blocks, (0, max(extra, 0)), value=-1)
+        pad = lambda x: torch.nn.functional.pad(x, (0, max(extra, 0)))  # noqa: E731
+
+        def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keep = pad(keep & valid)
+            order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+            ids = torch.gather(blocks, -1, order).clamp(min=0)
+            return keep.sum(-1).to(torch.int32), ids.to(torch.int32)
+
+        part_num, part_idx = pack(~full)
+        full_num, full_idx = pack(full)
+        kv_num, kv_idx = (part_num, part_idx) if mask_mod is not None else (full_num * 0, full_idx)
+        return BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=self.block_size,
+            mask_mod=mask_mod,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
+    def validate(self, batch: int, n_heads: int, q_len: int, kv_len: int) -> None:
+        """Check that this index fits a call (shapes, lengths) and is well formed: block ids in range,
+        strictly increasing (no duplicates), counts within the row. ``ValueError`` names what is wrong.
+        """
+        kv, counts, partial = self.kv_blocks, self.counts, self.partial
+        if (q_len, kv_len) != (self.q_len, self.kv_len):
+            raise ValueError(
+                f"BlockIndex is for q_len={self.q_len}, kv_len={self.kv_len}; the call has "
+                f"q_len={q_len}, kv_len={kv_len}"
+            )
+        if kv.dim() != 4 or partial.shape != kv.shape or counts.shape != kv.shape[:3]:
+            raise ValueError(
+                f"BlockIndex tensors must be kv_blocks/partial [Bi, Hi, nq, width] and counts "
+                f"[Bi, Hi, nq]; got {tuple(kv.shape)}, {tuple(partial.shape)}, {tuple(counts.shape)}"
+            )
+        if kv.dtype.is_floating_point or partial.dtype != torch.bool:
+            raise ValueError(
+                f"kv_blocks must be integer and partial bool, got {kv.dtype}, {partial.dtype}"
+            )
+        bi, hi, nq, width = kv.shape
+        if bi not in (1, batch) or hi not in (1, n_heads) or nq != self.n_q_blocks:
+            raise ValueError(
+                f"BlockIndex shape [Bi={bi}, Hi={hi}, nq={nq}] does not fit batch={batch}, "
+                f"heads={n_heads}, {self.n_q_blocks} query blocks of {self.block_size}"
+            )
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > width):
+            raise ValueError(
+                f"counts must lie in [0, {width}], got {int(counts.min())}..{int(counts.max())}"
+            )
+        used = torch.arange(width, device=kv.device) < counts.unsqueeze(-1)
+        ids = kv[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_kv_blocks):
+            raise ValueError(
+                f"kv block ids must lie in [0, {self.n_kv_blocks}), got {int(ids.min())}..{int(ids.max())}"
+            )
+        both = used[..., 1:] & used[..., :-1]
+        if bool((kv[..., 1:] <= kv[..., :-1])[both].any()):
+            raise ValueError(
+                "kv block ids must be strictly increasing per row (sorted, no duplicates)"
+            )

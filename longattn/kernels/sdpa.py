@@ -14,7 +14,7 @@ from longattn.kernels.merge import merge_partials
 from longattn.types import AttnOutput
 
 
-def _flash_with_lse(
+def flash_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA (top-left causal when ``causal``) returning (out [B, H, Tq, D], lse [B, H, Tq])."""
@@ -58,11 +58,11 @@ def sdpa_attention(
         lse = torch.full(q.shape[:3], -torch.inf, dtype=torch.float32, device=q.device)
         return AttnOutput(torch.zeros_like(q), lse, None)
     if not causal or q_len == 1:
-        return AttnOutput(*_flash_with_lse(q, k, v, False, scale), None)
+        return AttnOutput(*flash_with_lse(q, k, v, False, scale), None)
     prefix = kv_len - q_len
     if prefix == 0:
-        return AttnOutput(*_flash_with_lse(q, k, v, True, scale), None)
-    head = _flash_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
-    tail = _flash_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+        return AttnOutput(*flash_with_lse(q, k, v, True, scale), None)
+    head = flash_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+    tail = flash_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
     out, lse = merge_partials([head[0], tail[0]], [head[1], tail[1]])
     return AttnOutput(out, lse, None)

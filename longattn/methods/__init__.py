@@ -10,6 +10,7 @@ from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
 from longattn.methods.quest import Quest
 from longattn.methods.sliding_window import SlidingWindow
+from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
 from longattn.methods.tidal_decode import TidalDecode
@@ -25,6 +26,7 @@ __all__ = [
     "PowerAttention",
     "Quest",
     "SlidingWindow",
+    "StaticBlocks",
     "StreamingLLM",
     "Strided",
     "TidalDecode",

@@ -1,0 +1,197 @@
+"""``longattn bench kernels``: the block-sparse kernel against dense causal SDPA and compiled Flex.
+
+Per case (random causal block layouts at a fraction of the causal blocks, sliding window 1024,
+StreamingLLM(4, 1024)): the correctness gate on sampled query rows first, then median ms of ours, of
+dense causal SDPA and of compiled Flex on the same BlockIndex (its compile time apart), speedups,
+GFLOP/s of the visited blocks, peak extra memory. JSONL, a table, and a PNG of speedup vs density.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from longattn.api import block_index, make_call
+from longattn.bench.common import JsonlWriter, environment, format_table, median_ms, peak_extra_mib
+from longattn.bench.methods import gate
+from longattn.kernels.flex import flex_block_attention
+from longattn.kernels.sdpa import sdpa_attention
+from longattn.kernels.sparse import sparse_attention
+from longattn.method import from_string
+from longattn.methods import StaticBlocks
+from longattn.testing import make_qkv
+
+QUICK = {
+    "lengths": [8192, 32768],
+    "dtypes": ["float32", "bfloat16"],
+    "heads": [(8, 8)],
+    "dims": [64],
+}
+FULL = {
+    "lengths": [4096, 8192, 16384, 32768, 65536],
+    "dtypes": ["float32", "bfloat16"],
+    "heads": [(8, 8), (32, 8)],
+    "dims": [64, 128],
+}
+DENSITIES = (0.05, 0.10, 0.25)
+
+
+def cases(length: int, n_heads: int, block: int = 128):
+    """(label, method) pairs: per-head random causal layouts, a window, sinks + window."""
+    n = length // block
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for density in DENSITIES:
+        gen = torch.Generator().manual_seed(int(density * 1000))
+        layout = (torch.rand(n_heads, n, n, generator=gen) < density) & causal
+        layout |= torch.eye(n, dtype=torch.bool)
+        yield f"random {density:.0%}", StaticBlocks(layout, block_size=block)
+    yield "sliding_window 1024", from_string("sliding_window:window=1024")
+    yield "streaming_llm 4+1024", from_string("streaming_llm:sinks=4,window=1024")
+
+
+def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
+    call = make_call(q, k, v, method)
+    index = block_index(call)
+    b, h, h_kv, t, _, d = call.shape
+
+    def ours():
+        return sparse_attention(q, k, v, index, scale=call.scale, mask_fn=method.mask)
+
+    err, bound = gate(call, ours().out, rows)
+    visited = index.visited * (h if index.kv_blocks.shape[1] == 1 else 1) * b
+    n = index.n_q_blocks
+    rec = {
+        "bench": "kernels",
+        "case": label,
+        "T": t,
+        "H": h,
+        "Hkv": h_kv,
+        "D": d,
+        "dtype": str(q.dtype).replace("torch.", ""),
+        "density": visited / (b * h * n * (n + 1) / 2),
+        "error": err,
+        "bound": bound,
+        "gate": err <= bound,
+    }
+    if not rec["gate"]:
+        return rec
+    rec["ms"] = median_ms(ours, repeats=repeats)
+    rec["sdpa_ms"] = base_ms
+    rec["speedup"] = base_ms / rec["ms"]
+    rec["ideal"] = 1 / rec["density"]
+    rec["gflops"] = 4 * visited * index.block_size**2 * d / rec["ms"] / 1e6
+    rec["peak_extra_mib"] = peak_extra_mib(ours)
+    if with_flex:
+
+        def flex():
+            return flex_block_attention(q, k, v, index, scale=call.scale, mask_fn=method.mask)
+
+        start = time.perf_counter()
+        flex()
+        rec["flex_compile_s"] = time.perf_counter() - start
+        rec["flex_ms"] = median_ms(flex, warmup=0, repeats=repeats)
+        rec["vs_flex"] = rec["flex_ms"] / rec["ms"]
+    return rec
+
+
+def run_kernels_bench(grid, repeats, with_flex, out_path, log=print) -> list[dict]:
+    writer, env, records = JsonlWriter(out_path), environment(), []
+    for dtype_name in grid["dtypes"]:
+        for length in grid["lengths"]:
+            for n_heads, n_kv in grid["heads"]:
+                for dim in grid["dims"]:
+                    dtype = getattr(torch, dtype_name)
+                    q, k, v = make_qkv(1, n_heads, n_kv, length, length, dim, dtype=dtype)
+                    rows = torch.randperm(length, generator=torch.Generator().manual_seed(0))[:64]
+                    rows = rows.sort().values
+                    scale = dim**-0.5
+                    base = median_ms(
+                        lambda q=q, k=k, v=v, s=scale: sdpa_attention(
+                            q, k, v, causal=True, scale=s
+                        ),
+                        warmup=1,
+                        repeats=repeats if length <= 16384 else 1,
+                    )
+                    for label, method in cases(length, n_heads):
+                        rec = run_case(label, method, q, k, v, base, repeats, with_flex, rows)
+                        rec.update(env)
+                        records.append(rec)
+                        writer.write(rec)
+                        log(format_table([rec], COLUMNS).splitlines()[-1])
+    return records
+
+
+COLUMNS = [
+    ("case", "case"),
+    ("T", "T"),
+    ("H", "H"),
+    ("Hkv", "Hkv"),
+    ("D", "D"),
+    ("dtype", "dtype"),
+    ("density", "density"),
+    ("gate", "gate"),
+    ("ms", "ms"),
+    ("sdpa_ms", "sdpa ms"),
+    ("speedup", "vs sdpa"),
+    ("ideal", "1/dens"),
+    ("gflops", "GFLOP/s"),
+    ("flex_ms", "flex ms"),
+    ("vs_flex", "vs flex"),
+    ("flex_compile_s", "compile s"),
+    ("peak_extra_mib", "peak MiB"),
+]
+
+
+def plot(records: list[dict], path: str) -> str | None:
+    """Speedup over dense causal SDPA against density (PNG); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keys = sorted({(r["T"], r["dtype"]) for r in records if "speedup" in r})
+    for t, dt in keys:
+        pts = sorted(
+            (r["density"], r["speedup"])
+            for r in records
+            if (r["T"], r["dtype"]) == (t, dt) and "speedup" in r
+        )
+        ax.plot(*zip(*pts), "o-", label=f"ours T={t} {dt}")
+        flex = sorted(
+            (r["density"], r["sdpa_ms"] / r["flex_ms"])
+            for r in records
+            if (r["T"], r["dtype"]) == (t, dt) and "flex_ms" in r
+        )
+        if flex:
+            ax.plot(*zip(*flex), "x--", label=f"flex T={t} {dt}")
+    grid = [0.02 + i / 100 for i in range(40)]
+    ax.plot(grid, [1 / x for x in grid], ":", color="gray", label="1/density")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="density of visited causal blocks",
+        ylabel="speedup vs causal SDPA",
+    )
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_cli(args) -> int:
+    grid = dict(QUICK if args.quick else FULL)
+    if args.length:
+        grid["lengths"] = [args.length]
+    out = args.out or "results/bench_kernels.jsonl"
+    print(
+        f"longattn bench kernels ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads"
+    )
+    records = run_kernels_bench(grid, 3, not args.no_flex, out)
+    print(format_table(records, COLUMNS))
+    png = plot(records, out.rsplit(".", 1)[0] + ".png")
+    print(f"JSONL: {out}" + (f"\nplot: {png}" if png else ""))
+    return 0 if all(r["gate"] for r in records) else 1
