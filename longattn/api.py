@@ -34,10 +34,9 @@ from longattn.kernels.tiled import tiled_attention, with_padding
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import AttnOutput, BlockIndex, DecodeSelection
+from longattn.validation import check_increasing, check_positions, check_tensors
 
 log = logging.getLogger("longattn")
-
-CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -432,7 +431,7 @@ def make_cache_call(
     """Validate a cache call completely, then append ``k, v`` and describe the attention over the cache."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    _check_tensors(q, k, v)
+    check_tensors(q, k, v)
     new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
     q_len, t_new = q.shape[2], k.shape[2]
     if q_positions is None:
@@ -442,7 +441,7 @@ def make_cache_call(
             )
         q_pos = new_pos[:, t_new - q_len :]
     else:
-        q_pos = _check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
+        q_pos = check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
     probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
     _check_method_fits_cache(probe.method, cache, k)
     cache.append(layer, k, v, new_pos)
@@ -453,11 +452,23 @@ def make_cache_call(
         k=cache.keys(layer),
         v=cache.values(layer),
         kv_pos=kv_pos,
-        default_positions=False,
+        default_positions=not padded and _is_default_layout(q_pos, kv_pos),
         has_padding=padded,
         cache=cache,
         layer=layer,
     )
+
+
+def _is_default_layout(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> bool:
+    """Whether unpadded positions are exactly ``0..Tk-1`` with the queries as the last ``Tq`` keys, so
+    that kernels which ignore positions (SDPA) compute the same attention."""
+    q_len, kv_len = q_pos.shape[-1], kv_pos.shape[-1]
+    if kv_len == 0 or q_len > kv_len:
+        return False
+    # real positions strictly increase, so first == 0 and last == Tk - 1 means exactly 0..Tk-1
+    if bool((kv_pos[:, 0] != 0).any()) or bool((kv_pos[:, -1] != kv_len - 1).any()):
+        return False
+    return torch.equal(q_pos.expand(kv_pos.shape[0], -1), kv_pos[:, kv_len - q_len :])
 
 
 def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) -> None:
@@ -502,7 +513,7 @@ def make_call(
     kv_positions: torch.Tensor | None = None,
 ) -> Call:
     """Validate an attention call (every check happens here, once) and normalise its positions."""
-    _check_tensors(q, k, v)
+    check_tensors(q, k, v)
     if method is None:
         method = Dense()
     elif isinstance(method, str):
@@ -525,14 +536,14 @@ def make_call(
     if kv_positions is None:
         kv_pos = torch.arange(kv_len, device=device).view(1, -1)
     else:
-        kv_pos = _check_positions(kv_positions, kv_len, batch, "kv_positions", device)
-        _check_increasing(kv_pos)
+        kv_pos = check_positions(kv_positions, kv_len, batch, "kv_positions", device)
+        check_increasing(kv_pos)
     if q_positions is None:
         q_pos = kv_pos[:, kv_len - q_len :] if kv_len >= q_len else None
         if q_pos is None:
             raise ValueError(f"q_positions are needed when Tq={q_len} > Tk={kv_len}")
     else:
-        q_pos = _check_positions(q_positions, q_len, batch, "q_positions", device)
+        q_pos = check_positions(q_positions, q_len, batch, "q_positions", device)
     limit = method.max_positions
     if limit is not None:
         for name, pos in (("q", q_pos), ("kv", kv_pos)):
@@ -543,59 +554,3 @@ def make_call(
                 )
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
     return Call(q, k, v, method, float(scale), q_pos, kv_pos, default, padded)
-
-
-def _check_increasing(kv_pos: torch.Tensor) -> None:
-    """Real (non-padding) key positions must be strictly increasing along each row."""
-    if kv_pos.shape[-1] < 2:
-        return
-    earlier = torch.cummax(kv_pos, dim=-1).values[:, :-1]  # largest position before each slot
-    real = kv_pos[:, 1:] >= 0
-    if not bool((kv_pos[:, 1:] > earlier)[real].all()):
-        raise ValueError(
-            "kv_positions must be strictly increasing along the sequence (-1 = padding)"
-        )
-
-
-def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, T, D] (4-D), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
-    if q.device.type == "cpu" and q.dtype not in CPU_DTYPES:
-        raise TypeError(f"dtype {q.dtype} is not supported on CPU (use float32 or bfloat16)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
-        )
-
-
-def _check_positions(
-    pos: torch.Tensor, length: int, batch: int, name: str, device: torch.device
-) -> torch.Tensor:
-    if not isinstance(pos, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(pos).__name__}")
-    if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
-        raise TypeError(f"{name} must have an integer dtype, got {pos.dtype}")
-    if pos.dim() == 1:
-        pos = pos.view(1, -1)
-    if pos.dim() != 2 or pos.shape[-1] != length or pos.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} must be [{length}] or [{batch}, {length}], got shape {tuple(pos.shape)}"
-        )
-    if pos.numel() and int(pos.min()) < -1:
-        raise ValueError(f"{name} must be >= 0 (or -1 for padding), got {int(pos.min())}")
-    return pos.to(device=device, dtype=torch.int64)

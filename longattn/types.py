@@ -104,6 +104,8 @@ class SelectView:
     @property
     def seq_len(self) -> int:
         return self.keys.shape[2]
+
+
 @dataclass(frozen=True, eq=False)
 class BlockIndex:
     """Which key blocks each query block visits, per (batch, head): the currency of sparse kernels.

@@ -11,9 +11,7 @@ from longattn.testing import METHOD_EXAMPLES, make_qkv
 
 # The static-pattern properties below hold for every ``mask`` method; select methods (decode-time
 # selection) have their own property tests in test_decode.py and test_cache.py.
-SPECS = [
-    s for specs in METHOD_EXAMPLES.values() for s in specs if from_string(s).hook == "mask"
-]
+SPECS = [s for specs in METHOD_EXAMPLES.values() for s in specs if from_string(s).hook == "mask"]
 
 
 def _dense_mask(method, n_heads, q_pos, kv_pos):

@@ -1,8 +1,8 @@
 """Few-token (decode) attention over a whole KV cache or over gathered pages / tokens of it.
 
 The GQA group is folded into the query axis (``q.view(B, Hkv, G * Tq, D)``), so each KV head's keys and
-values are read once per step by two batched matmuls instead of once per query head: on CPU this is
-several times faster than ``scaled_dot_product_attention(enable_gqa=True)``. Scores, probabilities and
+values are read once per step by the CPU flash kernel instead of once per query head: on CPU this is
+several times faster than ``scaled_dot_product_attention(enable_gqa=True)``. Position masks and
 gathered K/V live in a ``Workspace`` that is reused across steps and layers (fresh multi-MB allocations
 page-fault on every call).
 """
@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from longattn.kernels.sdpa import flash_with_lse
 from longattn.types import AttnOutput
 
 MAX_DECODE_QUERIES = 16
@@ -57,41 +58,29 @@ def decode_attention(
     <= the query's position. Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, None)``;
     a query that sees no key gets zeros and ``lse = -inf``.
     """
-    ws = workspace if workspace is not None else Workspace()
     batch, n_heads, q_len, dim = q.shape
     n_kv, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     rows = group * q_len
-    dtype, dev = q.dtype, q.device
     if kv_len == 0 or q_len == 0:
-        lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=torch.float32, device=dev)
+        lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=torch.float32, device=q.device)
         return AttnOutput(torch.zeros_like(q), lse, None)
     q_fold = q.reshape(batch, n_kv, rows, dim)  # [B, Hkv, G*Tq, D], row = g * Tq + t
-    scores = ws.get("scores", (batch, n_kv, rows, kv_len), dtype, dev)
-    torch.matmul(q_fold, k.transpose(-1, -2), out=scores)  # [B, Hkv, G*Tq, T]
-    if dtype != torch.float32:
-        probs = ws.get("scores32", scores.shape, torch.float32, dev)
-        probs.copy_(scores)
-    else:
-        probs = scores
-    probs.mul_(scale)
-    hidden = _hidden_keys(q_pos, kv_pos, group, causal)
+    hidden = _hidden_keys(q_pos, kv_pos, group, causal)  # broadcastable to [B, Hkv, G*Tq, T]
+    bias = None
     if hidden is not None:
-        probs.masked_fill_(hidden, -torch.inf)
-    row_max = probs.amax(dim=-1, keepdim=True)  # [B, Hkv, G*Tq, 1]
-    row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
-    probs.sub_(row_max).exp_()
-    total = probs.sum(dim=-1, keepdim=True)
-    if dtype != torch.float32:
-        scores.copy_(probs)
-        probs = scores
-    out = ws.get("out", (batch, n_kv, rows, dim), dtype, dev)
-    torch.matmul(probs, v, out=out)  # [B, Hkv, G*Tq, D]
-    empty = total == 0
-    result = (out / torch.where(empty, 1.0, total)).to(dtype)
-    lse = torch.where(empty, -torch.inf, row_max + torch.log(total))
+        ws = workspace if workspace is not None else Workspace()
+        shape = torch.broadcast_shapes(hidden.shape, (1, 1, rows, kv_len))
+        bias = ws.get("bias", shape, q.dtype, q.device).zero_().masked_fill_(hidden, -torch.inf)
+    # The CPU flash kernel reads each KV head once for its whole folded group and returns the lse.
+    out, lse = flash_with_lse(q_fold, k, v, False, scale, attn_mask=bias)
+    if hidden is not None:
+        empty = hidden.all(dim=-1).expand(batch, n_kv, rows)  # rows that see no key
+        if bool(empty.any()):
+            out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+            lse = lse.masked_fill(empty, -torch.inf)
     return AttnOutput(
-        result.view(batch, n_heads, q_len, dim), lse.view(batch, n_heads, q_len), None
+        out.reshape(batch, n_heads, q_len, dim), lse.reshape(batch, n_heads, q_len).float(), None
     )
 
 

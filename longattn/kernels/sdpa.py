@@ -15,26 +15,39 @@ from longattn.types import AttnOutput
 
 
 def flash_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA (top-left causal when ``causal``) returning (out [B, H, Tq, D], lse [B, H, Tq])."""
+    """SDPA (top-left causal when ``causal``) returning (out [B, H, Tq, D], lse [B, H, Tq]).
+
+    ``attn_mask``: optional additive bias in q's dtype, broadcastable to [B, H, Tq, Tk] (-inf hides).
+    """
     if q.device.type == "cpu":
         # The CPU flash kernel returns the log-sum-exp and accepts Hkv < H without expanding K/V.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
+            q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
         )
         return out, lse
     group = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1
+        q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, enable_gqa=group > 1
     )
     # The public entry point returns no lse on other devices; it is recomputed in query chunks.
-    lse = _lse_by_chunks(q, k, causal, scale)
+    lse = _lse_by_chunks(q, k, causal, scale, attn_mask)
     return out, lse
 
 
 def _lse_by_chunks(
-    q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, chunk: int = 1024
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> torch.Tensor:
     """Log-sum-exp of the scaled scores, chunked over queries so memory stays O(chunk * Tk)."""
     group = q.shape[1] // k.shape[1]
@@ -45,6 +58,9 @@ def _lse_by_chunks(
         if causal:
             rows = torch.arange(q0, q0 + s.shape[2], device=q.device).view(-1, 1)
             s = s.masked_fill(torch.arange(k.shape[2], device=q.device) > rows, -torch.inf)
+        if attn_mask is not None:
+            bias = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., q0 : q0 + chunk, :]
+            s = s + bias.float()
         parts.append(torch.logsumexp(s, dim=-1))
     return torch.cat(parts, dim=-1)
 

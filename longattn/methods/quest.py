@@ -46,15 +46,13 @@ class Quest(Method):
         if k_pages >= n_pages:
             return None
         batch, n_kv = view.page_min.shape[:2]
-        rows = q.float().reshape(batch, n_kv, -1, q.shape[-1])  # [B, Hkv, G*Tq, D]
+        # The page metadata is finite (empty pages hold zeros, masked below) and is read in place, in
+        # its own dtype: copying [B, Hkv, P, D] twice per step costs more than the whole gather.
+        rows = q.reshape(batch, n_kv, -1, q.shape[-1]).to(view.page_max.dtype)  # [B, Hkv, G*Tq, D]
         empty = (view.page_count == 0)[:, None, None, :]  # [B, 1, 1, P]
-        upper = rows.clamp(min=0) @ view.page_max.float().nan_to_num(0.0, 0.0, 0.0).transpose(
-            -1, -2
-        )
-        lower = rows.clamp(max=0) @ view.page_min.float().nan_to_num(0.0, 0.0, 0.0).transpose(
-            -1, -2
-        )
-        bound = (upper + lower).masked_fill(empty, -torch.inf).amax(dim=2)  # [B, Hkv, P]
+        upper = rows.clamp(min=0) @ view.page_max.transpose(-1, -2)  # [B, Hkv, G*Tq, P]
+        lower = rows.clamp(max=0) @ view.page_min.transpose(-1, -2)
+        bound = (upper + lower).float().masked_fill(empty, -torch.inf).amax(dim=2)  # [B, Hkv, P]
         newest = (view.page_count > 0).cumsum(1).argmax(1)  # [B] last non-empty page per row
         bound.scatter_(2, newest.view(-1, 1, 1).expand(batch, n_kv, 1), torch.inf)
         return DecodeSelection(top_index(bound, k_pages), self.page_size)

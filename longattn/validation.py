@@ -1,0 +1,67 @@
+"""Input validation shared by every entry point: tensors, dtypes, shapes and positions.
+
+Each check raises ``TypeError`` / ``ValueError`` naming the offending value, before anything is computed
+or any cache is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def check_increasing(kv_pos: torch.Tensor) -> None:
+    """Real (non-padding) key positions must be strictly increasing along each row."""
+    if kv_pos.shape[-1] < 2:
+        return
+    earlier = torch.cummax(kv_pos, dim=-1).values[:, :-1]  # largest position before each slot
+    real = kv_pos[:, 1:] >= 0
+    if not bool((kv_pos[:, 1:] > earlier)[real].all()):
+        raise ValueError(
+            "kv_positions must be strictly increasing along the sequence (-1 = padding)"
+        )
+
+
+def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D] (4-D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    if q.device.type == "cpu" and q.dtype not in CPU_DTYPES:
+        raise TypeError(f"dtype {q.dtype} is not supported on CPU (use float32 or bfloat16)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+        )
+
+
+def check_positions(
+    pos: torch.Tensor, length: int, batch: int, name: str, device: torch.device
+) -> torch.Tensor:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {pos.dtype}")
+    if pos.dim() == 1:
+        pos = pos.view(1, -1)
+    if pos.dim() != 2 or pos.shape[-1] != length or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must be [{length}] or [{batch}, {length}], got shape {tuple(pos.shape)}"
+        )
+    if pos.numel() and int(pos.min()) < -1:
+        raise ValueError(f"{name} must be >= 0 (or -1 for padding), got {int(pos.min())}")
+    return pos.to(device=device, dtype=torch.int64)
