@@ -30,11 +30,21 @@ class _Layer:
     pos: torch.Tensor  # [B, cap] int64, -1 = empty
     row_len: torch.Tensor  # [B] int64 slots used per row (cpu)
     next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
-    page_min: torch.Tensor  # [B, Hkv, cap / page, D]
-    page_max: torch.Tensor
+    # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
+    # by side so that a page bound is one matmul over one contiguous tensor
+    page_bounds: torch.Tensor
     page_sum: torch.Tensor  # float32
     page_count: torch.Tensor  # [B, cap / page] int64
     projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def page_min(self) -> torch.Tensor:
+        return self.page_bounds[..., : self.page_bounds.shape[-1] // 2]
+
+    @property
+    def page_max(self) -> torch.Tensor:
+        return self.page_bounds[..., self.page_bounds.shape[-1] // 2 :]
+
     n_seen: int = 0
     seq_len: int = 0
 
@@ -315,6 +325,7 @@ class KVCache:
             page_size=self.page_size,
             page_min=entry.page_min[:, :, :pages],
             page_max=entry.page_max[:, :, :pages],
+            page_bounds=entry.page_bounds[:, :, :pages],
             page_sum=entry.page_sum[:, :, :pages],
             page_count=entry.page_count[:, :pages],
             project=lambda name, matrix: self.projected_keys(layer, name, matrix),
@@ -341,8 +352,7 @@ class KVCache:
             pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
             row_len=torch.zeros(batch, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
-            page_min=torch.zeros(batch, heads, pages, dim, dtype=k.dtype, device=dev),
-            page_max=torch.zeros(batch, heads, pages, dim, dtype=k.dtype, device=dev),
+            page_bounds=torch.zeros(batch, heads, pages, 2 * dim, dtype=k.dtype, device=dev),
             page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
             page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
         )
@@ -368,8 +378,7 @@ class KVCache:
         entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
         entry.values = bigger(entry.values, 2, cap, 0.0, used)
         entry.pos = bigger(entry.pos, 1, cap, -1, used)
-        entry.page_min = bigger(entry.page_min, 2, pages, 0.0, pages_used)
-        entry.page_max = bigger(entry.page_max, 2, pages, 0.0, pages_used)
+        entry.page_bounds = bigger(entry.page_bounds, 2, pages, 0.0, pages_used)
         entry.page_sum = bigger(entry.page_sum, 2, pages, 0.0, pages_used)
         entry.page_count = bigger(entry.page_count, 1, pages, 0, pages_used)
         for name, (matrix, buf) in list(entry.projections.items()):

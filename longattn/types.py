@@ -77,6 +77,7 @@ class SelectView:
     page_size:  slots per cache page.
     page_min, page_max: [B, Hkv, P, D] element-wise key min / max per page (empty slots excluded;
                 zeros for an empty page: mask pages by ``page_count``), P = ceil(T / page_size). Maintained at append time.
+    page_bounds: [B, Hkv, P, 2 * D] page_min and page_max side by side (one contiguous tensor).
     page_sum:   [B, Hkv, P, D] float32 sum of the keys per page; ``page_count`` [B, P] real slots per page.
     project:    ``project(name, matrix [Hkv, D, r]) -> [B, Hkv, T, r]`` float32 low-dimensional keys
                 ``keys @ matrix``; the cache keeps them up to date at append time once requested.
@@ -96,6 +97,7 @@ class SelectView:
     page_max: torch.Tensor
     page_sum: torch.Tensor
     page_count: torch.Tensor
+    page_bounds: torch.Tensor
     project: Callable[[str, torch.Tensor], torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, torch.Tensor] | None = None

@@ -55,9 +55,8 @@ def decode_fidelity(
                     q[:, :, sl], k[:, :, sl], v[:, :, sl], method=method, cache=cache, layer=i
                 )
                 probs = _dense_probs(q[0, :, sl], k[0, :, : t + 1], scale)  # [H, t+1]
-                dense = probs @ v[0, :, : t + 1].double().repeat_interleave(
-                    q.shape[1] // k.shape[1], 0
-                )  # [H, D]
+                values = v[0, :, : t + 1].double().repeat_interleave(q.shape[1] // k.shape[1], 0)
+                dense = (probs.unsqueeze(1) @ values).squeeze(1)  # [H, 1, T] @ [H, T, D] -> [H, D]
                 if res.state is None:
                     recall = torch.ones(q.shape[1], dtype=torch.float64)
                 else:
