@@ -32,7 +32,8 @@ demo-eval: $(EVAL_STAMP)
 	$(BIN)/longattn eval --preset demo --out results/demo --force
 	@echo "eval report: results/demo/report.md (also report.html; plots in results/demo/plots/)"
 
-test: $(STAMP)
+# the whole suite, including the Hugging Face and real-model tests (they need the eval extra)
+test: $(EVAL_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
