@@ -150,8 +150,8 @@ def _run_tiled(call: Call) -> AttnOutput:
 def _decode_can_run(call: Call) -> str | None:
     if call.method.hook == "select":
         return None
-    if not isinstance(call.method, Dense):
-        return f"the decode kernel runs dense and select methods, not {call.method.name!r}"
+    if call.method.hook != "mask":
+        return f"the decode kernel runs mask and select methods, not {call.method.hook!r} ones"
     if call.q.shape[2] > MAX_DECODE_QUERIES:
         return (
             f"the decode kernel takes at most {MAX_DECODE_QUERIES} queries, got {call.q.shape[2]}"
@@ -162,16 +162,29 @@ def _decode_can_run(call: Call) -> str | None:
 def _run_decode(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call)
-    assert isinstance(call.method, Dense)
     ws = _workspace(call.cache)
+    if isinstance(call.method, Dense):
+        return decode_attention(
+            call.q,
+            call.k,
+            call.v,
+            scale=call.scale,
+            q_pos=call.q_pos,
+            kv_pos=call.kv_pos,
+            causal=call.method.causal,
+            workspace=ws,
+        )
+    # any other mask: materialised for the few queries only ([B, H, Tq, T]), folded like the queries
+    b, h, n_kv, tq, tk, _ = call.shape
+    hidden = ~visible_mask(call).expand(b, h, tq, tk).reshape(b, n_kv, (h // n_kv) * tq, tk)
     return decode_attention(
         call.q,
         call.k,
         call.v,
         scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        causal=call.method.causal,
+        q_pos=None,
+        kv_pos=None,
+        hidden=hidden,
         workspace=ws,
     )
 
@@ -458,7 +471,7 @@ def make_cache_call(
         q_pos = check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
     probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
     _check_method_fits_cache(probe.method, cache, k)
-    cache.append(layer, k, v, new_pos)
+    cache.append_checked(layer, k, v, new_pos)  # validated above, nothing changed yet
     kv_pos = cache.positions(layer)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
     return replace(

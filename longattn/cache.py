@@ -36,6 +36,14 @@ class _Layer:
     page_sum: torch.Tensor  # float32
     page_count: torch.Tensor  # [B, cap / page] int64
     projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # slots [lo, hi) whose page metadata and projections are out of date: refreshed when a select
+    # hook asks for them, so dense decode never pays for metadata it does not read
+    stale: tuple[int, int] | None = None
+
+    def mark_stale(self, lo: int, hi: int) -> None:
+        self.stale = (
+            (lo, hi) if self.stale is None else (min(lo, self.stale[0]), max(hi, self.stale[1]))
+        )
 
     @property
     def page_min(self) -> torch.Tensor:
@@ -145,7 +153,13 @@ class KVCache:
         its last real position + 1 (= ``n_seen`` when nothing was padded). Real positions must stay
         strictly increasing along each row.
         """
-        pos = self.check_append(layer, k, v, positions)
+        self.append_checked(layer, k, v, self.check_append(layer, k, v, positions))
+
+    def append_checked(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> None:
+        """``append`` without validation, for callers that already ran ``check_append`` on exactly
+        these tensors (``pos`` is its result, [B, T_new])."""
         entry = self._layers[layer]
         if entry is None:
             entry = self._allocate(k, k.shape[2])
@@ -170,7 +184,7 @@ class KVCache:
         entry.row_len += t_new
         entry.n_seen += t_new
         entry.seq_len = int(entry.row_len.max())
-        self._refresh_pages(entry, min(starts), entry.seq_len)
+        entry.mark_stale(min(starts), entry.seq_len)
 
     def check_append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
@@ -255,7 +269,7 @@ class KVCache:
             entry.pos[b, n:] = -1
         entry.row_len = lengths.to(torch.int64)
         entry.seq_len = int(lengths.max()) if lengths.numel() else 0
-        self._refresh_pages(entry, 0, entry.capacity)
+        entry.mark_stale(0, entry.capacity)
 
     def drop_positions(self, layer: int, positions: torch.Tensor) -> None:
         """Evict the tokens at original ``positions`` ([n] for every row, or [B, n]).
@@ -283,6 +297,15 @@ class KVCache:
         if capacity > entry.capacity:
             self._grow(entry, capacity, exact=True)
 
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (used slots of every layer; capacity not counted)."""
+        total = 0
+        for entry in self._layers:
+            if entry is not None:
+                b, h, _, d = entry.keys.shape
+                total += 2 * b * h * entry.seq_len * d * entry.keys.element_size()
+        return total
+
     def reset(self) -> None:
         """Forget every layer and the selection state (storage is released)."""
         self._layers = [None] * self.n_layers
@@ -297,6 +320,7 @@ class KVCache:
         under the same ``name`` with a different matrix recomputes it.
         """
         entry = self._need(layer)
+        self._sync(entry)
         _, h, _, d = entry.keys.shape
         if matrix.dim() != 3 or matrix.shape[:2] != (h, d):
             raise ValueError(
@@ -315,6 +339,7 @@ class KVCache:
     ) -> SelectView:
         """The read-only view a ``select`` hook receives for ``layer``."""
         entry = self._need(layer)
+        self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
         return SelectView(
             q_pos=q_pos,
@@ -383,6 +408,13 @@ class KVCache:
         entry.page_count = bigger(entry.page_count, 1, pages, 0, pages_used)
         for name, (matrix, buf) in list(entry.projections.items()):
             entry.projections[name] = (matrix, bigger(buf, 2, cap, 0.0, used))
+
+    def _sync(self, entry: _Layer) -> None:
+        """Bring the page metadata and projections up to date with the stored keys."""
+        if entry.stale is not None:
+            lo, hi = entry.stale
+            entry.stale = None
+            self._refresh_pages(entry, lo, hi)
 
     def _refresh_pages(self, entry: _Layer, lo: int, hi: int) -> None:
         """Recompute the metadata of the pages overlapping slots [lo, hi)."""

@@ -195,3 +195,12 @@ def test_reset():
     cache.state["x"] = 1
     cache.reset()
     assert cache.seq_len(1) == 0 and cache.state == {}
+
+
+def test_nbytes_counts_the_held_keys_and_values():
+    cache = KVCache(2)
+    k = torch.randn(1, 2, 40, 8)
+    cache.append(0, k, k)
+    assert cache.nbytes() == 2 * 2 * 40 * 8 * 4
+    cache.evict(0, torch.arange(40).view(1, -1) >= 30)
+    assert cache.nbytes() == 2 * 2 * 10 * 8 * 4

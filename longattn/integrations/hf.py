@@ -259,6 +259,10 @@ class LongattnCache(Cache):
         self.kv.reset()
         super().reset()
 
+    def nbytes(self) -> int:
+        """Bytes of keys and values the backing ``KVCache`` holds now."""
+        return self.kv.nbytes()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("LongattnCache does not support beam search")
 

@@ -48,6 +48,7 @@ def decode_attention(
     q_pos: torch.Tensor | None,
     kv_pos: torch.Tensor | None,
     causal: bool = True,
+    hidden: torch.Tensor | None = None,
     workspace: Workspace | None = None,
 ) -> AttnOutput:
     """Attention of a few queries over all of ``k, v``, masked by positions.
@@ -55,7 +56,9 @@ def decode_attention(
     q [B, H, Tq, D]; k, v [B, Hkv, T, D] (strided views are fine: the last axis must be contiguous);
     q_pos [Bp, Tq] and kv_pos [Bp, T] or [B, Hkv, T] int64 with -1 for empty slots, or both None for
     "every key is visible". A key is visible to a query when its position is >= 0 and, if ``causal``,
-    <= the query's position. Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, None)``;
+    <= the query's position; ``hidden`` (bool, broadcastable to the folded [B, Hkv, G*Tq, T], True
+    = not visible) hides more keys, e.g. a static pattern's mask.
+    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, None)``;
     a query that sees no key gets zeros and ``lse = -inf``.
     """
     batch, n_heads, q_len, dim = q.shape
@@ -66,7 +69,11 @@ def decode_attention(
         lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=torch.float32, device=q.device)
         return AttnOutput(torch.zeros_like(q), lse, None)
     q_fold = q.reshape(batch, n_kv, rows, dim)  # [B, Hkv, G*Tq, D], row = g * Tq + t
-    hidden = _hidden_keys(q_pos, kv_pos, group, causal)  # broadcastable to [B, Hkv, G*Tq, T]
+    by_position = _hidden_keys(q_pos, kv_pos, group, causal)  # broadcastable to [B, Hkv, G*Tq, T]
+    if hidden is None or by_position is None:
+        hidden = by_position if hidden is None else hidden
+    else:
+        hidden = hidden | by_position
     bias = None
     if hidden is not None:
         ws = workspace if workspace is not None else Workspace()
