@@ -288,39 +288,32 @@ def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
             )
         window = kwargs.get("sliding_window")
         layer = module.layer_idx
-        if layer < len(cache.layers) and cache.layers[layer].take_pending(key):
-            layer_method = _layer_method(method, window, int(pos.q.max()))
-            res = attention(
-                query,
-                key,
-                value,
-                method=layer_method,
-                cache=cache.kv,
-                layer=layer,
-                scale=scaling,
-                q_positions=pos.q,
-                kv_positions=pos.q,  # the new tokens are the queries
-            )
-        elif pos.kv.shape[-1] != key.shape[2] or pos.q.shape[-1] != query.shape[2]:
+        # the keys are the new tokens of our cache: attend through the KVCache, which appends them
+        through_cache = layer < len(cache.layers) and cache.layers[layer].take_pending(key)
+        if not through_cache and (
+            pos.kv.shape[-1] != key.shape[2] or pos.q.shape[-1] != query.shape[2]
+        ):
             raise ValueError(
                 f"{arch}: positions for {pos.q.shape[-1]} queries / {pos.kv.shape[-1]} keys, "
                 f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
             )
-        elif pos.default:
+        if not through_cache and pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
             impl = "sdpa" if isinstance(layer_method, Dense) else "auto"
             res = attention(query, key, value, method=layer_method, scale=scaling, impl=impl)
         else:
-            layer_method = _layer_method(method, window, int(pos.q.max()))
             res = attention(
                 query,
                 key,
                 value,
-                method=layer_method,
+                method=_layer_method(method, window, int(pos.q.max())),
+                cache=cache.kv if through_cache else None,
+                layer=layer,
                 scale=scaling,
                 q_positions=pos.q,
-                kv_positions=pos.kv,
+                # through the cache the new tokens are the queries; else the keys have their own
+                kv_positions=pos.q if through_cache else pos.kv,
             )
         return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
