@@ -55,6 +55,9 @@ class _Layer:
 
     n_seen: int = 0
     seq_len: int = 0
+    # every row holds exactly positions 0..seq_len-1 in slots 0..seq_len-1 (no padding, no eviction):
+    # the cache-owned fast path appends and attends without per-call position checks
+    dense: bool = True
 
     @property
     def capacity(self) -> int:
@@ -135,6 +138,12 @@ class KVCache:
         entry = self._get(layer)
         return 0 if entry is None else entry.capacity
 
+    def is_dense(self, layer: int) -> bool:
+        """Whether every row holds exactly positions ``0 .. seq_len - 1`` (no padding, nothing evicted);
+        True for a layer that holds nothing."""
+        entry = self._get(layer)
+        return entry is None or entry.dense
+
     def has_empty_slots(self, layer: int) -> bool:
         """Whether any slot below ``seq_len`` holds no token (padding or a shorter row)."""
         return bool((self.positions(layer) < 0).any())
@@ -156,19 +165,27 @@ class KVCache:
         self.append_checked(layer, k, v, self.check_append(layer, k, v, positions))
 
     def append_checked(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None
     ) -> None:
         """``append`` without validation, for callers that already ran ``check_append`` on exactly
-        these tensors (``pos`` is its result, [B, T_new])."""
+        these tensors (``pos`` is its result, [B, T_new]). ``pos=None`` continues a dense layer
+        (``is_dense``) at positions ``seq_len ..``; the caller has checked k and v with
+        ``check_kv``."""
         entry = self._layers[layer]
         if entry is None:
             entry = self._allocate(k, k.shape[2])
             self._layers[layer] = entry
         t_new = k.shape[2]
+        if pos is None:
+            self._append_dense(entry, k, v)
+            return
         need = int(entry.row_len.max()) + t_new
         if need > entry.capacity:
             self._grow(entry, need)
         starts = entry.row_len.tolist()
+        if entry.dense:  # still dense if every row continues at its next slot with no padding
+            expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
+            entry.dense = len(set(starts)) == 1 and bool((pos == expect).all())
         if len(set(starts)) == 1:
             s = starts[0]
             entry.keys[:, :, s : s + t_new].copy_(k)
@@ -186,10 +203,26 @@ class KVCache:
         entry.seq_len = int(entry.row_len.max())
         entry.mark_stale(min(starts), entry.seq_len)
 
-    def check_append(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Validate an append without changing anything; returns the positions [B, T_new] it would write."""
+    def _append_dense(self, entry: _Layer, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not entry.dense:
+            raise ValueError("append_checked(pos=None) needs a dense layer (see is_dense)")
+        s, t_new = entry.seq_len, k.shape[2]
+        if s + t_new > entry.capacity:
+            self._grow(entry, s + t_new)
+        entry.keys[:, :, s : s + t_new].copy_(k)
+        entry.values[:, :, s : s + t_new].copy_(v)
+        torch.arange(s, s + t_new, out=entry.pos[0, s : s + t_new])
+        if entry.pos.shape[0] > 1:
+            entry.pos[1:, s : s + t_new].copy_(entry.pos[:1, s : s + t_new])
+        entry.next_pos += t_new
+        entry.row_len += t_new
+        entry.n_seen += t_new
+        entry.seq_len = s + t_new
+        entry.mark_stale(s, entry.seq_len)
+
+    def check_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> _Layer | None:
+        """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device) without
+        changing anything; returns the layer's storage (None while it is empty)."""
         entry = self._get(layer)
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
@@ -203,7 +236,6 @@ class KVCache:
             )
         if not k.dtype.is_floating_point:
             raise TypeError(f"k, v must be floating point, got {k.dtype}")
-        batch, _, t_new, _ = k.shape
         if entry is not None:
             b, h, _, d = entry.keys.shape
             if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
@@ -216,6 +248,14 @@ class KVCache:
                     f"layer {layer} holds {entry.keys.dtype} on {entry.keys.device}; "
                     f"cannot append {k.dtype} on {k.device}"
                 )
+        return entry
+
+    def check_append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Validate an append without changing anything; returns the positions [B, T_new] it would write."""
+        entry = self.check_kv(layer, k, v)
+        batch, _, t_new, _ = k.shape
         next_pos = (
             entry.next_pos if entry is not None else torch.zeros(batch, dtype=torch.int64)
         ).to(k.device)
@@ -269,6 +309,7 @@ class KVCache:
             entry.pos[b, n:] = -1
         entry.row_len = lengths.to(torch.int64)
         entry.seq_len = int(lengths.max()) if lengths.numel() else 0
+        entry.dense = False
         entry.mark_stale(0, entry.capacity)
 
     def drop_positions(self, layer: int, positions: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ dispatch belong to the library; a method never calls them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -88,13 +89,7 @@ class Method:
     @property
     def hook(self) -> str:
         """The hook this method overrides (exactly one)."""
-        cls = type(self)
-        found = [h for h in HOOKS if getattr(cls, h) is not getattr(Method, h)]
-        if len(found) != 1:
-            raise TypeError(
-                f"{cls.__name__} must override exactly one hook of {HOOKS}, got {found}"
-            )
-        return found[0]
+        return _hook_of(type(self))
 
     @property
     def max_positions(self) -> int | None:
@@ -283,3 +278,12 @@ def projected_mass(q: torch.Tensor, view: Any, name: str, matrix: torch.Tensor) 
     scores = (q_low @ k_low.transpose(-1, -2)) * view.scale
     scores = scores.view(batch, n_heads, q_len, -1)
     return group_mass(scores, visible_keys(view.q_pos, view.positions), n_kv)
+
+
+@functools.cache
+def _hook_of(cls: type) -> str:
+    """The one hook ``cls`` overrides (a class does not change after definition: computed once)."""
+    found = [h for h in HOOKS if getattr(cls, h) is not getattr(Method, h)]
+    if len(found) != 1:
+        raise TypeError(f"{cls.__name__} must override exactly one hook of {HOOKS}, got {found}")
+    return found[0]

@@ -204,3 +204,55 @@ def test_nbytes_counts_the_held_keys_and_values():
     assert cache.nbytes() == 2 * 2 * 40 * 8 * 4
     cache.evict(0, torch.arange(40).view(1, -1) >= 30)
     assert cache.nbytes() == 2 * 2 * 10 * 8 * 4
+
+
+def test_dense_layer_tracking():
+    cache = KVCache(1)
+    k = torch.randn(2, 2, 5, 8)
+    assert cache.is_dense(0)
+    cache.append(0, k, k)
+    assert cache.is_dense(0)
+    cache.append(0, k[:, :, :2], k[:, :, :2], torch.tensor([5, 6]))  # explicit, but continuing
+    assert cache.is_dense(0)
+    assert cache.positions(0).tolist() == [list(range(7))] * 2
+    cache.append(0, k[:, :, :1], k[:, :, :1], torch.tensor([9]))  # a gap
+    assert not cache.is_dense(0)
+
+    padded = KVCache(1)
+    padded.append(0, k, k, torch.tensor([[-1, 0, 1, 2, 3], [0, 1, 2, 3, 4]]))
+    assert not padded.is_dense(0)
+
+    evicted = KVCache(1)
+    evicted.append(0, k, k)
+    evicted.drop_positions(0, torch.tensor([0]))
+    assert not evicted.is_dense(0)
+
+
+def test_dense_fast_path_matches_explicit_positions():
+    q, k, v = make_qkv(2, 4, 2, 3, 40, 16, seed=3)
+    fast, slow = KVCache(1), KVCache(1)
+    fast.append(0, k[:, :, :30], v[:, :, :30])
+    slow.append(0, k[:, :, :30], v[:, :, :30], torch.arange(30))
+    for t in range(30, 40, 3):
+        sl = slice(t, min(t + 3, 40))
+        kn, vn, qn = k[:, :, sl], v[:, :, sl], q[:, :, -(sl.stop - t) :]
+        pos = torch.arange(t, sl.stop)
+        a = attention(qn, kn, vn, cache=fast, layer=0)
+        b = attention(qn, kn, vn, cache=slow, layer=0, q_positions=pos, kv_positions=pos)
+        torch.testing.assert_close(a.out, b.out)
+        torch.testing.assert_close(a.lse, b.lse)
+    assert fast.is_dense(0)
+    assert torch.equal(fast.positions(0), slow.positions(0))
+    assert torch.equal(fast.keys(0), slow.keys(0))
+
+
+def test_dense_fast_path_refuses_before_appending():
+    cache = KVCache(1)
+    k = torch.randn(1, 2, 4, 8)
+    cache.append(0, k, k)
+    with pytest.raises(ValueError, match="only 1 tokens"):
+        attention(torch.randn(1, 2, 2, 8), k[:, :, :1], k[:, :, :1], cache=cache, layer=0)
+    with pytest.raises(ValueError, match="Hkv"):
+        attention(torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8),
+                  cache=cache, layer=0)
+    assert cache.seq_len(0) == 4 and cache.n_seen(0) == 4 and cache.is_dense(0)

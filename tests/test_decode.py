@@ -93,6 +93,41 @@ def test_quest_always_keeps_the_newest_page_and_its_bound_is_an_upper_bound():
     assert bool((bound >= exact - 1e-5).all())
 
 
+def test_quest_dense_layers_attend_to_everything():
+    q, k, v = make_qkv(1, 4, 2, 1, 512, 16, seed=4)
+    method = methods.Quest(budget=64, dense_layers=1)
+    cache = KVCache(2)
+    for layer in range(2):
+        cache.append(layer, k[:, :, :-1], v[:, :, :-1])
+    first = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=0)
+    second = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=1)
+    assert first.state is None
+    assert_attention_close(first, q, k, v)
+    assert second.state is not None and second.state.index.shape[-1] == 4
+    for bad, err in (("x", TypeError), (-1, ValueError), (True, TypeError)):
+        with pytest.raises(err, match="dense_layers"):
+            methods.Quest(dense_layers=bad)
+
+
+def test_quest_shared_selection_follows_each_heads_own_best_page():
+    # two query heads share a KV head; each has one best page. Head 0's scores are larger everywhere:
+    # its second-best pages (2, 3) outrank head 1's best page (4) by bound, but carry almost none of
+    # head 0's mass, so a 3-page budget (newest page + two) keeps pages 1 and 4 (the largest bound
+    # over the group would keep 1 and 2)
+    dim, t = 8, 16 * 8
+    k = torch.zeros(1, 1, t, dim)
+    k[0, 0, 16:32, 0] = 1.0  # page 1 answers head 0
+    k[0, 0, 32:64, 0] = 0.5  # pages 2, 3: head 0's distant second choices
+    k[0, 0, 64:80, 1] = 1.0  # page 4 answers head 1
+    v = torch.randn(1, 1, t, dim)
+    q = torch.zeros(1, 2, 1, dim)
+    q[0, 0, 0, 0], q[0, 1, 0, 1] = 40.0, 8.0
+    cache = KVCache(1)
+    cache.append(0, k[:, :, :-1], v[:, :, :-1])
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=48), cache=cache)
+    assert res.state.index[0, 0].tolist() == [1, 4, 7]
+
+
 def test_tidal_decode_reuses_the_selection_layer_positions():
     q, k, v = make_qkv(1, 4, 2, 1, 400, 32, seed=5)
     method = methods.TidalDecode(budget=64, select_layers=(1,))

@@ -127,6 +127,9 @@ def run_cli(args: argparse.Namespace) -> int:
     methods = {
         "oracle_topk": from_string(f"oracle_topk:fraction={frac}"),
         "quest": from_string(f"quest:fraction={frac}"),
+        "quest (first 2 layers dense, as in the paper)": from_string(
+            f"quest:fraction={frac},dense_layers=2"
+        ),
         "loki (calibrated, r=16)": from_string(
             f"loki:fraction={frac},rank=16,calibration={loki_path}"
         ),

@@ -97,12 +97,14 @@ class TokenPositions:
     q [B, Tq] and kv [B, Tk]: each slot's original position among the row's real tokens (so a left-padded
     row counts from its first real token, and StreamingLLM's sinks are its first real tokens); -1 marks
     a padding slot. ``default`` is true when there is no padding and the queries are the last Tq of keys
-    that start at position 0, i.e. ``attention()`` may use its default positions (and the SDPA path).
+    that start at position 0, i.e. ``attention()`` may use its default positions (and the SDPA path);
+    ``q_start`` is the first query's position then.
     """
 
     q: torch.Tensor
     kv: torch.Tensor
     default: bool
+    q_start: int = 0
 
 
 def positions_mask(
@@ -143,7 +145,10 @@ def positions_mask(
         padded = True
     default = not padded and kv_offset == 0 and q_offset + q_length == kv_length
     return TokenPositions(
-        seen[:, q_offset : q_offset + q_length], seen[:, kv_offset : kv_offset + kv_length], default
+        seen[:, q_offset : q_offset + q_length],
+        seen[:, kv_offset : kv_offset + kv_length],
+        default,
+        q_offset,
     )
 
 
@@ -302,6 +307,17 @@ def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
             impl = "sdpa" if isinstance(layer_method, Dense) else "auto"
             res = attention(query, key, value, method=layer_method, scale=scaling, impl=impl)
+        elif through_cache and pos.default and _continues(cache.kv, layer, pos.q_start):
+            # the new tokens continue a layer holding 0..n-1 in every row: default positions
+            res = attention(
+                query,
+                key,
+                value,
+                method=_layer_method(method, window, pos.q_start + query.shape[2] - 1),
+                cache=cache.kv,
+                layer=layer,
+                scale=scaling,
+            )
         else:
             res = attention(
                 query,
@@ -318,6 +334,12 @@ def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
         return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
     return attend
+
+
+def _continues(kv: KVCache, layer: int, start: int) -> bool:
+    """Whether tokens at positions ``start..`` are the next ones of ``layer`` in every row, so that
+    ``attention()``'s default cache positions are theirs."""
+    return kv.is_dense(layer) and kv.seq_len(layer) == start
 
 
 @contextlib.contextmanager

@@ -1,0 +1,240 @@
+"""A validated attention call (``Call``) and its construction: every check of ``attention()``'s
+arguments happens here, once, before any cache is touched.
+
+``make_call`` validates a call without a cache; ``make_cache_call`` validates a decode / chunked call
+completely, then appends the new keys to the cache and describes the attention over what it holds;
+``apply_retention`` evicts what the method's retention rule says no later query can see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from longattn.cache import KVCache
+from longattn.method import Method, from_string
+from longattn.methods.dense import Dense
+from longattn.types import DecodeSelection
+from longattn.validation import check_increasing, check_positions, check_tensors
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated attention call. Positions are [Bp, T] int64 with Bp in {1, B}."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    method: Method
+    scale: float
+    q_pos: torch.Tensor
+    kv_pos: torch.Tensor
+    default_positions: bool
+    has_padding: bool = False
+    cache: KVCache | None = None  # set when k, v are a cache layer's views (decode)
+    layer: int = 0
+    selection: DecodeSelection | None = None  # a precomputed selection (tests share it)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        """(B, H, Hkv, Tq, Tk, D)."""
+        b, h, tq, d = self.q.shape
+        return b, h, self.k.shape[1], tq, self.k.shape[2], d
+
+
+def make_cache_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None,
+    scale: float | None,
+    q_positions: torch.Tensor | None,
+    kv_positions: torch.Tensor | None,
+    cache: KVCache,
+    layer: int,
+) -> Call:
+    """Validate a cache call completely, then append ``k, v`` and describe the attention over the cache."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if q_positions is None and kv_positions is None and cache.is_dense(layer):
+        return _dense_cache_call(q, k, v, method, scale, cache, layer)
+    check_tensors(q, k, v)
+    new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
+    q_len, t_new = q.shape[2], k.shape[2]
+    if q_positions is None:
+        if q_len > t_new:
+            raise ValueError(
+                f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
+            )
+        q_pos = new_pos[:, t_new - q_len :]
+    else:
+        q_pos = check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
+    probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
+    _check_method_fits_cache(probe.method, cache, k)
+    cache.append_checked(layer, k, v, new_pos)  # validated above, nothing changed yet
+    kv_pos = cache.positions(layer)
+    padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
+    return replace(
+        probe,
+        k=cache.keys(layer),
+        v=cache.values(layer),
+        kv_pos=kv_pos,
+        default_positions=not padded and _is_default_layout(q_pos, kv_pos),
+        has_padding=padded,
+        cache=cache,
+        layer=layer,
+    )
+
+
+def _dense_cache_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None,
+    scale: float | None,
+    cache: KVCache,
+    layer: int,
+) -> Call:
+    """``make_cache_call`` for a layer holding positions ``0..n-1`` in every row, appended to with
+    default positions: the same checks, without per-call position tensors to validate (the new tokens
+    take positions ``n..``, the queries are the last of them, nothing is padded)."""
+    check_tensors(q, k, v)
+    cache.check_kv(layer, k, v)
+    q_len, t_new = q.shape[2], k.shape[2]
+    if q_len > t_new:
+        raise ValueError(
+            f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
+        )
+    method, scale = _method_and_scale(method, scale, q.shape[-1])
+    end = cache.seq_len(layer) + t_new
+    limit = method.max_positions
+    if limit is not None and end > limit:
+        raise ValueError(
+            f"q position {end - 1} is outside method {method.name!r} (positions must be < {limit})"
+        )
+    _check_method_fits_cache(method, cache, k)
+    cache.append_checked(layer, k, v, None)
+    kv_pos = cache.positions(layer)[:1]  # [1, Tk]: every row holds the same positions
+    return Call(
+        q,
+        cache.keys(layer),
+        cache.values(layer),
+        method,
+        scale,
+        kv_pos[:, end - q_len :],
+        kv_pos,
+        default_positions=True,
+        has_padding=False,
+        cache=cache,
+        layer=layer,
+    )
+
+
+def _is_default_layout(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> bool:
+    """Whether unpadded positions are exactly ``0..Tk-1`` with the queries as the last ``Tq`` keys, so
+    that kernels which ignore positions (SDPA) compute the same attention."""
+    q_len, kv_len = q_pos.shape[-1], kv_pos.shape[-1]
+    if kv_len == 0 or q_len > kv_len:
+        return False
+    # real positions strictly increase, so first == 0 and last == Tk - 1 means exactly 0..Tk-1
+    if bool((kv_pos[:, 0] != 0).any()) or bool((kv_pos[:, -1] != kv_len - 1).any()):
+        return False
+    return torch.equal(q_pos.expand(kv_pos.shape[0], -1), kv_pos[:, kv_len - q_len :])
+
+
+def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) -> None:
+    """Refuse, before anything is appended, a method whose pages or calibration do not fit the cache."""
+    page = getattr(method, "page_size", None)
+    if page is not None and page != cache.page_size:
+        raise ValueError(
+            f"{method.name} page_size={page} differs from the cache's page size {cache.page_size}"
+        )
+    block = getattr(method, "block_size", None)
+    if method.hook == "select" and block is not None and block % cache.page_size:
+        raise ValueError(
+            f"{method.name} block_size={block} is not a multiple of the cache's page size "
+            f"{cache.page_size}"
+        )
+    if getattr(method, "calibration", ""):
+        from longattn.calibration import load
+
+        load(method.calibration).check(method.name, cache.n_layers, k.shape[1], k.shape[3])
+
+
+def apply_retention(call: Call) -> None:
+    """Evict what the method's retention rule says no later query can see."""
+    assert call.cache is not None
+    if type(call.method).retain is Method.retain:  # keeps everything
+        return
+    newest = call.q_pos.amax(dim=1, keepdim=True)  # [Bp, 1]
+    keep = call.method.retain(call.kv_pos, newest)
+    if keep is None:
+        return
+    kv_pos = call.kv_pos.expand(call.q.shape[0], -1)  # [B, Tk]
+    real = kv_pos >= 0
+    keep = keep.expand_as(kv_pos) & real
+    if bool((real & ~keep).any()):
+        call.cache.evict(call.layer, keep)
+
+
+def make_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None = None,
+    scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+) -> Call:
+    """Validate an attention call (every check happens here, once) and normalise its positions."""
+    check_tensors(q, k, v)
+    method, scale = _method_and_scale(method, scale, q.shape[-1])
+    batch, _, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    default = q_positions is None and kv_positions is None
+    if default and q_len > kv_len:
+        raise ValueError(
+            f"q has more positions than k ({q_len} > {kv_len}); pass q_positions and kv_positions"
+        )
+    device = q.device
+    if kv_positions is None:
+        kv_pos = torch.arange(kv_len, device=device).view(1, -1)
+    else:
+        kv_pos = check_positions(kv_positions, kv_len, batch, "kv_positions", device)
+        check_increasing(kv_pos)
+    if q_positions is None:
+        q_pos = kv_pos[:, kv_len - q_len :] if kv_len >= q_len else None
+        if q_pos is None:
+            raise ValueError(f"q_positions are needed when Tq={q_len} > Tk={kv_len}")
+    else:
+        q_pos = check_positions(q_positions, q_len, batch, "q_positions", device)
+    limit = method.max_positions
+    if limit is not None:
+        for name, pos in (("q", q_pos), ("kv", kv_pos)):
+            if pos.numel() and int(pos.max()) >= limit:  # padding (-1) is always inside
+                raise ValueError(
+                    f"{name} position {int(pos.max())} is outside method {method.name!r} "
+                    f"(positions must be < {limit})"
+                )
+    padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
+    return Call(q, k, v, method, scale, q_pos, kv_pos, default, padded)
+
+
+def _method_and_scale(
+    method: Method | str | None, scale: float | None, dim: int
+) -> tuple[Method, float]:
+    """The call's method (default ``Dense()``, strings parsed) and softmax scale (default 1/sqrt(D))."""
+    if method is None:
+        method = Dense()
+    elif isinstance(method, str):
+        method = from_string(method)
+    elif not isinstance(method, Method):
+        raise TypeError(f"method must be a Method or a method string, got {type(method).__name__}")
+    method.hook  # noqa: B018 -- raises TypeError for a class overriding zero or several hooks
+    if scale is None:
+        return method, 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    return method, float(scale)
