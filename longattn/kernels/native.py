@@ -11,6 +11,7 @@ so the dispatcher can state the reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -18,6 +19,7 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -65,6 +67,26 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++")
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs ``ninja`` from PATH; when only the ``ninja`` wheel (a dependency) provides it, e.g.
+    in a virtual environment that is not activated, put its folder on PATH for the build."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, old])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def load(name: str) -> ModuleType:
     """The compiled module for ``kernels/csrc/{name}.cpp`` (built on first use, then cached).
 
@@ -84,14 +106,15 @@ def load(name: str) -> ModuleType:
         path = build_dir(name)
         path.mkdir(parents=True, exist_ok=True)
         try:
-            module = cpp_extension.load(
-                name=f"longattn_{name}",
-                sources=[str(CSRC / f"{name}.cpp")],
-                extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(path),
-                verbose=False,
-            )
+            with _ninja_on_path():
+                module = cpp_extension.load(
+                    name=f"longattn_{name}",
+                    sources=[str(CSRC / f"{name}.cpp")],
+                    extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(path),
+                    verbose=False,
+                )
         except Exception as exc:  # a compiler or linker error: keep the reason, do not retry
             _errors[name] = f"building native kernel {name!r} failed: {str(exc)[-2000:]}"
             raise RuntimeError(_errors[name]) from exc
