@@ -20,6 +20,9 @@ from longattn.kernels.decode import (
     Workspace,
     decode_attention,
     gather_selected,
+    native_decode,
+    native_decode_selected,
+    native_unavailable,
 )
 from longattn.kernels.flex import flex_available, flex_block_attention
 from longattn.kernels.reference import (
@@ -87,7 +90,8 @@ def _selection_mask(call: Call) -> torch.Tensor:
     selection = call.selection if call.selection is not None else compute_selection(call)
     if selection is None:
         return causal
-    chosen = selection.to_mask(tk).repeat_interleave(h // n_kv, dim=1)  # [B, H, Tk]
+    chosen = selection.to_mask(tk)  # [B, Hkv or H, Tk]
+    chosen = chosen.repeat_interleave(h // chosen.shape[1], dim=1)  # [B, H, Tk]
     return causal & chosen.unsqueeze(2)
 
 
@@ -133,6 +137,20 @@ def _decode_can_run(call: Call) -> str | None:
     return None
 
 
+def _native_can_run(call: Call) -> str | None:
+    if call.method.hook != "select" and not isinstance(call.method, Dense):
+        return f"the native decode kernel runs dense and select methods, not {call.method.name!r}"
+    return _decode_can_run(call) or native_unavailable(call.q, call.k.dtype)
+
+
+def _run_native(call: Call) -> AttnOutput:
+    if call.method.hook == "select":
+        return _run_select(call, native=True)
+    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _native_can_run
+    return native_decode(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+                         kv_pos=call.kv_pos, causal=causal)  # fmt: skip
+
+
 def _run_decode(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call)
@@ -153,16 +171,8 @@ def _run_decode(call: Call) -> AttnOutput:
     # any other mask: materialised for the few queries only ([B, H, Tq, T]), folded like the queries
     b, h, n_kv, tq, tk, _ = call.shape
     hidden = ~visible_mask(call).expand(b, h, tq, tk).reshape(b, n_kv, (h // n_kv) * tq, tk)
-    return decode_attention(
-        call.q,
-        call.k,
-        call.v,
-        scale=call.scale,
-        q_pos=None,
-        kv_pos=None,
-        hidden=hidden,
-        workspace=ws,
-    )
+    return decode_attention(call.q, call.k, call.v, scale=call.scale, q_pos=None, kv_pos=None,
+                            hidden=hidden, workspace=ws)  # fmt: skip
 
 
 def _workspace(cache: KVCache | None) -> Workspace:
@@ -173,8 +183,9 @@ def _workspace(cache: KVCache | None) -> Workspace:
     return cache.workspace
 
 
-def _run_select(call: Call) -> AttnOutput:
-    """A select method: its selection gathered into workspaces and attended by the decode kernel.
+def _run_select(call: Call, native: bool = False) -> AttnOutput:
+    """A select method: its selection attended by the native kernel in place (``native``), or
+    gathered into workspaces and attended by the PyTorch decode kernel.
 
     Prefill (more than ``MAX_DECODE_QUERIES`` queries) is dense causal attention by definition.
     """
@@ -183,6 +194,13 @@ def _run_select(call: Call) -> AttnOutput:
         return choose_impl(dense, "auto").run(dense)
     cache, layer = _selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
+    if native and selection is None:
+        return _run_native(replace(call, method=Dense()))
+    if native:
+        keys, values, positions = cache.storage(layer)
+        out = native_decode_selected(call.q, keys, values, positions, selection.index,
+                                     selection.unit, scale=call.scale, q_pos=call.q_pos)  # fmt: skip
+        return AttnOutput(out.out, out.lse, selection)
     ws = _workspace(call.cache)
     if selection is None:
         out = decode_attention(
@@ -344,10 +362,12 @@ def _run_flex(call: Call) -> AttnOutput:
     )
 
 
-# The order impl="auto" walks: dense SDPA for dense attention; compiled Flex (CUDA only, see
+# The order impl="auto" walks: the native decode kernel for few queries (dense or a selection), the
+# PyTorch decode path when it cannot be built; dense SDPA for dense attention; compiled Flex (CUDA only, see
 # _flex_auto); the block-sparse gather + SDPA kernel for any mask with block bounds; the tiled online
 # softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [
+    Impl("native_decode", _native_can_run, _run_native),
     Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
     Impl("flex", _flex_can_run, _run_flex, _flex_auto),

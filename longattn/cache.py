@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from longattn.kernels.decode import page_products
 from longattn.types import SelectView
 
 MIN_CAPACITY = 256
@@ -382,6 +383,7 @@ class KVCache:
         entry = self._need(layer)
         self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
+        bounds = entry.page_bounds[:, :, :pages]
         return SelectView(
             q_pos=q_pos,
             keys=self.keys(layer),
@@ -391,13 +393,14 @@ class KVCache:
             page_size=self.page_size,
             page_min=entry.page_min[:, :, :pages],
             page_max=entry.page_max[:, :, :pages],
-            page_bounds=entry.page_bounds[:, :, :pages],
+            page_bounds=bounds,
             page_sum=entry.page_sum[:, :, :pages],
             page_count=entry.page_count[:, :pages],
             project=lambda name, matrix: self.projected_keys(layer, name, matrix),
             state=self.state,
             calibration=calibration,
             n_layers=self.n_layers,
+            page_products=lambda rows: page_products(rows, bounds),
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,7 +32,8 @@ class AttnOutput(NamedTuple):
 class DecodeSelection(NamedTuple):
     """What a decode-time ``select`` hook chose: per (batch row, KV head), cache slots to attend.
 
-    index: [B, Hkv, n] int64 indices into one cache layer, ascending along the last axis; -1 marks an
+    index: [B, Hkv, n] int64 indices into one cache layer, ascending along the last axis (or
+           [B, H, n]: one selection per query head); -1 marks an
            unused entry (fewer candidates than the budget). Each entry names ``unit`` consecutive slots:
            ``unit == 1`` for tokens, the cache page size for pages (page ``p`` = slots
            ``[p * unit, (p + 1) * unit)``).
@@ -85,6 +86,9 @@ class SelectView:
                 layers within a step (TidalDecode); never stored in the method.
     calibration: per-layer calibration tensors of the method (name -> tensor), or None.
     n_layers:   layers in the cache.
+    page_products: ``page_products(rows [B, Hkv, R, 2 * D]) -> [B, Hkv, P, R]`` float32, per page
+                and row ``page_bounds . row`` (one pass over the page metadata for all rows; a
+                native kernel where it is built).
     """
 
     q_pos: torch.Tensor
@@ -102,6 +106,7 @@ class SelectView:
     state: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, torch.Tensor] | None = None
     n_layers: int = 1
+    page_products: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:

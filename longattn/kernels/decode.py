@@ -1,5 +1,10 @@
 """Few-token (decode) attention over a whole KV cache or over gathered pages / tokens of it.
 
+Two implementations. The native one (``csrc/decode.cpp``, built on first use) reads the cache in
+place: dense over a layer, or over a selection's pages / tokens straight from the cache storage (no
+gather copy), each K/V row read once per step for the whole GQA group, split over the key axis across
+threads and merged by log-sum-exp. The PyTorch one below runs on the CPU flash op:
+
 The GQA group is folded into the query axis (``q.view(B, Hkv, G * Tq, D)``), so each KV head's keys and
 values are read once per step by the CPU flash kernel instead of once per query head: on CPU this is
 several times faster than ``scaled_dot_product_attention(enable_gqa=True)``. Position masks and
@@ -9,14 +14,20 @@ page-fault on every call).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from longattn.kernels import native
 from longattn.kernels.sdpa import flash_with_lse
 from longattn.types import AttnOutput
 
+log = logging.getLogger("longattn")
+
 MAX_DECODE_QUERIES = 16
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+NATIVE_MAX_DIM = 256
 
 
 class Workspace:
@@ -125,21 +136,99 @@ def gather_selected(
     """Copy the selected pages / tokens of a cache layer into workspace buffers.
 
     keys, values: the layer's full contiguous storage [B, Hkv, cap, D] (cap a multiple of ``unit``);
-    positions [B, cap]; index [B, Hkv, n] entries of ``unit`` consecutive slots, -1 = unused.
-    Returns k_sel, v_sel [B, Hkv, n * unit, D] and their positions [B, Hkv, n * unit] (-1 where unused).
+    positions [B, cap]; index [B, Hi, n] (Hi = Hkv, or H for one selection per query head) entries
+    of ``unit`` consecutive slots, -1 = unused.
+    Returns k_sel, v_sel [B, Hi, n * unit, D] and their positions [B, Hi, n * unit] (-1 where unused).
     """
     batch, n_kv, cap, dim = keys.shape
+    n_index = index.shape[1]  # Hkv, or H for one selection per query head
     n = index.shape[-1]
     per_row = cap // unit
-    base = torch.arange(batch * n_kv, device=keys.device).view(batch, n_kv, 1) * per_row
+    kv_head = torch.arange(n_index, device=keys.device) * n_kv // n_index  # [Hi]
+    rows = torch.arange(batch, device=keys.device).view(-1, 1) * n_kv + kv_head  # [B, Hi]
+    base = rows.view(batch, n_index, 1) * per_row
     flat = (base + index.clamp(min=0)).view(-1)  # [B*Hkv*n] rows of [unit*D]
-    out_shape = (batch * n_kv * n, unit * dim)
+    out_shape = (batch * n_index * n, unit * dim)
     k_sel = workspace.get("k_sel", out_shape, keys.dtype, keys.device)
     v_sel = workspace.get("v_sel", out_shape, keys.dtype, keys.device)
     torch.index_select(keys.view(-1, unit * dim), 0, flat, out=k_sel)
     torch.index_select(values.view(-1, unit * dim), 0, flat, out=v_sel)
     slots = index.clamp(min=0).unsqueeze(-1) * unit + torch.arange(unit, device=keys.device)
-    pos = positions.gather(1, slots.view(batch, -1)).view(batch, n_kv, n, unit)
-    pos = pos.masked_fill((index < 0).unsqueeze(-1), -1).view(batch, n_kv, n * unit)
-    shape = (batch, n_kv, n * unit, dim)
+    pos = positions.gather(1, slots.view(batch, -1)).view(batch, n_index, n, unit)
+    pos = pos.masked_fill((index < 0).unsqueeze(-1), -1).view(batch, n_index, n * unit)
+    shape = (batch, n_index, n * unit, dim)
     return k_sel.view(shape), v_sel.view(shape), pos
+
+
+def native_unavailable(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why the native decode kernels cannot take ``q`` (None: they can; builds them on first use)."""
+    if q.device.type != "cpu":
+        return f"the native decode kernel runs on CPU, not {q.device.type}"
+    if q.dtype not in NATIVE_DTYPES or (kv_dtype is not None and kv_dtype != q.dtype):
+        return f"the native decode kernel runs float32 and bfloat16, not {q.dtype}"
+    if q.shape[-1] > NATIVE_MAX_DIM:
+        return f"the native decode kernel takes head dim <= {NATIVE_MAX_DIM}, got {q.shape[-1]}"
+    return native.unavailable("decode")
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def native_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    causal: bool = True,
+) -> AttnOutput:
+    """``decode_attention`` by the native kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
+    views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] int64 (-1 = empty slot)."""
+    out, lse = native.load("decode").decode_dense(
+        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), q_pos, kv_pos, scale, causal
+    )
+    return AttnOutput(out, lse, None)
+
+
+def native_decode_selected(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    index: torch.Tensor,
+    unit: int,
+    *,
+    scale: float,
+    q_pos: torch.Tensor,
+) -> AttnOutput:
+    """Causal attention of q [B, H, Tq, D] over the selected entries of a cache layer, read in place.
+
+    keys, values: the layer's full storage [B, Hkv, cap, D]; positions [B, cap] (-1 = empty);
+    index [B, Hkv, n] (shared by each KV head's query heads) or [B, H, n] (one selection per query
+    head), entries of ``unit`` consecutive slots, -1 = unused.
+    """
+    out, lse = native.load("decode").decode_selected(
+        _last_contiguous(q), keys, values, positions, index, unit, q_pos, scale, True
+    )
+    return AttnOutput(out, lse, None)
+
+
+def page_products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, P, R] float32: ``table[b, h, p] . rows[b, h, r]`` for every page and row.
+
+    rows [B, Hkv, R, E]; table [B, Hkv, P, E] (e.g. page key min / max side by side, E = 2 D). The
+    native kernel reads the table once for all rows; without it, one 2-D product per (row, head).
+    """
+    reason = native_unavailable(rows.float(), None) or (
+        None if table.dtype in NATIVE_DTYPES and table.stride(-1) == 1 else "table layout"
+    )
+    if reason is None:
+        return native.load("decode").products(rows.float().contiguous(), table)
+    log.debug("page_products in PyTorch: %s", reason)
+    batch, n_kv, n_pages = table.shape[:3]
+    rows = rows.to(table.dtype)
+    prods = [table[b, h] @ rows[b, h].T for b in range(batch) for h in range(n_kv)]
+    return torch.stack(prods).float().view(batch, n_kv, n_pages, -1)

@@ -1,0 +1,732 @@
+// Few-query (decode) attention over a KV cache layer, dense or over selected pages / tokens, and the
+// page-bound scorer used by query-aware page selection.
+//
+// Layout: q [B, H, Tq, D]; keys / values [B, Hkv, T, D] (any strides, last axis contiguous); positions
+// int64 with -1 for an empty slot. A "stream" is one (batch row, index head): for dense attention and
+// for a selection per KV head, the index head is the KV head and its rows are the G * Tq (query head,
+// query) pairs of the group, so each K/V row is read once per step for all of them; for a selection
+// per query head, each query head is its own stream (rows = its Tq queries).
+//
+// Each stream's key slots are split into chunks; (stream, chunk) work items run in parallel and keep a
+// partial online softmax (max, sum, acc) in the log2 domain; a second pass merges a stream's chunks by
+// log-sum-exp. Inside an item, keys are processed in tiles of TILE slots: scores for all rows (one
+// K row load serves every row), masking by position, a rescaled online-softmax update, then P @ V.
+// fp32 accumulation for fp32 and bf16 inputs.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LA_AVX512 1
+#else
+#define LA_AVX512 0
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int W = 16;     // lanes of a vector
+constexpr int TILE = 32;  // key slots per tile
+constexpr int MAX_D = 256;
+constexpr float LN2 = 0.69314718055994531f;
+constexpr float LOG2E = 1.44269504088896341f;
+const float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// A 16-lane float vector: AVX-512 where the compiler targets it, plain loops otherwise.
+#if LA_AVX512
+using Mask = __mmask16;
+struct V {
+  __m512 x;
+};
+inline V vzero() { return {_mm512_setzero_ps()}; }
+inline V vset(float a) { return {_mm512_set1_ps(a)}; }
+inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline V vload(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
+inline V vload(const bf16* p, Mask m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+}
+inline V vload(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+}
+inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a.x); }
+inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
+inline V vmul(V a, V b) { return {_mm512_mul_ps(a.x, b.x)}; }
+inline V vadd(V a, V b) { return {_mm512_add_ps(a.x, b.x)}; }
+inline V vmax(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }
+inline V vmin(V a, V b) { return {_mm512_min_ps(a.x, b.x)}; }
+inline float vsum(V a) { return _mm512_reduce_add_ps(a.x); }
+inline float vhmax(V a) { return _mm512_reduce_max_ps(a.x); }
+// 2^x for x <= 0; lanes that are -inf give 0
+inline V vexp2(V a) {
+  __mmask16 finite = _mm512_cmp_ps_mask(a.x, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
+  __m512 x = _mm512_max_ps(a.x, _mm512_set1_ps(-126.0f));
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(LN2));
+  // Cephes expf polynomial on [-ln2/2, ln2/2]
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return {_mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n))};
+}
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+#else
+using Mask = uint16_t;
+struct V {
+  float x[W];
+};
+inline V vzero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
+inline V vset(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
+template <typename T>
+inline V vload(const T* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = static_cast<float>(p[i]); return r; }
+template <typename T>
+inline V vload(const T* p, Mask m) {
+  V r;
+  for (int i = 0; i < W; ++i) r.x[i] = (m >> i) & 1 ? static_cast<float>(p[i]) : 0.f;
+  return r;
+}
+inline void vstore(float* p, V a) { for (int i = 0; i < W; ++i) p[i] = a.x[i]; }
+inline V vfma(V a, V b, V c) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i]; return r; }
+inline V vmul(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] * b.x[i]; return r; }
+inline V vadd(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] + b.x[i]; return r; }
+inline V vmax(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::max(a.x[i], b.x[i]); return r; }
+inline V vmin(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::min(a.x[i], b.x[i]); return r; }
+inline float vsum(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
+inline float vhmax(V a) { float s = a.x[0]; for (int i = 1; i < W; ++i) s = std::max(s, a.x[i]); return s; }
+inline V vexp2(V a) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::exp2(a.x[i]); return r; }
+inline void prefetch(const void*) {}
+#endif
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return static_cast<float>(x); }
+
+// ---------------------------------------------------------------------------------------------
+// The problem, with every stride in elements.
+template <typename T>
+struct Problem {
+  int64_t B, H, Hkv, Tq, D, Dp, nc;  // Dp = D rounded up to W, nc = Dp / W
+  int64_t Hi, Gs, R;                  // streams per batch row, query heads per stream, rows per stream
+  const T* q;
+  int64_t qsB, qsH, qsT;
+  const T* k;
+  const T* v;
+  int64_t ksB, ksH, ksT, vsB, vsH, vsT;
+  const int64_t* qpos;  // [Bp, Tq]
+  int64_t qpsB, qpsT;
+  const int64_t* kpos;  // [Bp, T] (dense) or [B, cap] (selected)
+  int64_t kpsB, kpsT;
+  const int64_t* index;  // [B, Hi, n] or nullptr (dense over T slots)
+  int64_t isB, isH, isN;
+  int64_t n;     // entries per stream: T (dense) or index entries
+  int64_t unit;  // slots per entry (1 for dense)
+  float scale2;  // scale * log2(e)
+  bool causal;
+  Mask mask[MAX_D / W];  // lanes of each W-chunk of D that exist
+};
+
+struct Scratch {
+  std::vector<float> q, s;  // q: [R, Dp] scaled rows; s: [R, TILE] scores then probabilities
+  std::vector<int64_t> qp;  // [R] query position per row (-1: padding row)
+};
+
+// NC > 0: D == NC * W, known at compile time (full unrolling, unmasked loads); NC == 0: any D.
+template <int NC, typename T>
+inline V load_chunk(const Problem<T>& P, const T* p, int64_t c) {
+  if constexpr (NC > 0) {
+    return vload(p + c * W);
+  } else {
+    return vload(p + c * W, P.mask[c]);
+  }
+}
+
+// The rows of the next tile, prefetched a key at a time while this tile's scores are computed
+// (about one tile ahead of use; a burst of a whole tile of prefetches would overflow the fill
+// buffers).
+template <typename T>
+struct Ahead {
+  const T* const* kp;
+  const T* const* vp;
+  int n;
+  int lines;
+  inline void fetch(int j) const {
+    if (j >= n) return;
+    for (int i = 0; i < lines; ++i) {
+      prefetch(reinterpret_cast<const char*>(kp[j]) + 64 * i);
+      prefetch(reinterpret_cast<const char*>(vp[j]) + 64 * i);
+    }
+  }
+};
+
+// scores s[i][j] = q_i . k_j for NR rows starting at q; two keys at a time so that 2 * NR
+// independent FMA chains hide the FMA latency.
+template <int NC, int NR, typename T>
+inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int nj, float* s,
+                    const Ahead<T>* ahead) {
+  const int64_t nc = NC > 0 ? NC : P.nc, Dp = P.Dp;
+  int j = 0;
+  for (; j + 2 <= nj; j += 2) {
+    if (ahead) {
+      ahead->fetch(j);
+      ahead->fetch(j + 1);
+    }
+    V a0[NR], a1[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = a1[i] = vzero();
+    const T* k0 = kp[j];
+    const T* k1 = kp[j + 1];
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < nc; ++c) {
+      const V x0 = load_chunk<NC>(P, k0, c), x1 = load_chunk<NC>(P, k1, c);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) {
+        const V qi = vload(q + i * Dp + c * W);
+        a0[i] = vfma(qi, x0, a0[i]);
+        a1[i] = vfma(qi, x1, a1[i]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      s[i * TILE + j] = vsum(a0[i]);
+      s[i * TILE + j + 1] = vsum(a1[i]);
+    }
+  }
+  if (j < nj) {
+    if (ahead) {
+      for (int jj = j; jj < TILE; ++jj) ahead->fetch(jj);
+    }
+    V a0[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = vzero();
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < nc; ++c) {
+      const V x0 = load_chunk<NC>(P, kp[j], c);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) a0[i] = vfma(vload(q + i * Dp + c * W), x0, a0[i]);
+    }
+    for (int i = 0; i < NR; ++i) s[i * TILE + j] = vsum(a0[i]);
+  }
+}
+
+// acc[i] += sum_j p[i][j] v_j for NR rows; two W-chunks of D at a time (2 * NR FMA chains), the
+// accumulators stay in registers over the tile.
+template <int NC, int NR, typename T>
+inline void pv_rows(const Problem<T>& P, const float* p, const T* const* vp, int nj, float* acc) {
+  const int64_t nc = NC > 0 ? NC : P.nc, Dp = P.Dp;
+  int64_t c = 0;
+  for (; c + 2 <= nc; c += 2) {
+    V a0[NR], a1[NR];
+    for (int i = 0; i < NR; ++i) {
+      a0[i] = vload(acc + i * Dp + c * W);
+      a1[i] = vload(acc + i * Dp + (c + 1) * W);
+    }
+    for (int j = 0; j < nj; ++j) {
+      const V x0 = load_chunk<NC>(P, vp[j], c), x1 = load_chunk<NC>(P, vp[j], c + 1);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) {
+        const V pi = vset(p[i * TILE + j]);
+        a0[i] = vfma(pi, x0, a0[i]);
+        a1[i] = vfma(pi, x1, a1[i]);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      vstore(acc + i * Dp + c * W, a0[i]);
+      vstore(acc + i * Dp + (c + 1) * W, a1[i]);
+    }
+  }
+  if (c < nc) {
+    V a0[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = vload(acc + i * Dp + c * W);
+    for (int j = 0; j < nj; ++j) {
+      const V x0 = load_chunk<NC>(P, vp[j], c);
+      for (int i = 0; i < NR; ++i) a0[i] = vfma(vset(p[i * TILE + j]), x0, a0[i]);
+    }
+    for (int i = 0; i < NR; ++i) vstore(acc + i * Dp + c * W, a0[i]);
+  }
+}
+
+// The same for a compile-time D: each V row is read whole, in order (sequential for the hardware
+// prefetchers), into NR * NC accumulators that stay in registers over the tile.
+template <int NC, int NR, typename T>
+inline void pv_rows_seq(const Problem<T>& P, const float* p, const T* const* vp, int nj,
+                        float* acc) {
+  static_assert(NC > 0, "compile-time D only");
+  const int64_t Dp = P.Dp;
+  V a[NR][NC];
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) a[i][c] = vload(acc + i * Dp + c * W);
+  for (int j = 0; j < nj; ++j) {
+    V pi[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < NR; ++i) pi[i] = vset(p[i * TILE + j]);
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      const V x = vload(vp[j] + c * W);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) a[i][c] = vfma(pi[i], x, a[i][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) vstore(acc + i * Dp + c * W, a[i][c]);
+}
+
+// P @ V for all R rows: row blocks sized so that the accumulators fit the 32 vector registers.
+template <int NC, typename T>
+inline void pv_all(const Problem<T>& P, const float* s, const T* const* vp, int nj, float* acc) {
+  const int64_t R = P.R;
+  int64_t r = 0;
+  if constexpr (NC > 0 && NC <= 4) {
+    for (; r + 4 <= R; r += 4) pv_rows_seq<NC, 4>(P, s + r * TILE, vp, nj, acc + r * P.Dp);
+  }
+  if constexpr (NC > 0 && NC <= 8) {
+    for (; r + 2 <= R; r += 2) pv_rows_seq<NC, 2>(P, s + r * TILE, vp, nj, acc + r * P.Dp);
+    for (; r < R; ++r) pv_rows_seq<NC, 1>(P, s + r * TILE, vp, nj, acc + r * P.Dp);
+  }
+  for (; r + 4 <= R; r += 4) pv_rows<NC, 4>(P, s + r * TILE, vp, nj, acc + r * P.Dp);
+  for (; r < R; ++r) pv_rows<NC, 1>(P, s + r * TILE, vp, nj, acc + r * P.Dp);
+}
+
+template <typename T, typename F4, typename F3, typename F2, typename F1>
+inline void by_row_blocks(int64_t R, F4 f4, F3 f3, F2 f2, F1 f1) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) f4(r);
+  switch (R - r) {
+    case 3: f3(r); break;
+    case 2: f2(r); break;
+    case 1: f1(r); break;
+    default: break;
+  }
+}
+
+// One tile of nj key slots: update the online softmax state (m, l in the log2 domain, acc).
+template <int NC, typename T>
+void tile(const Problem<T>& P, Scratch& S, const Ahead<T>* ahead, const T* const* kp,
+          const T* const* vp,
+          const int64_t* pos, int nj, bool need_mask, float* m, float* l, float* acc) {
+  const int64_t R = P.R;
+  float* s = S.s.data();
+  const float* q = S.q.data();
+  by_row_blocks<T>(
+      R, [&](int64_t r) { qk_rows<NC, 4>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_rows<NC, 3>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_rows<NC, 2>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_rows<NC, 1>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); });
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * TILE;
+    for (int j = nj; j < TILE; ++j) sr[j] = NEG_INF;
+    if (need_mask) {
+      const int64_t qp = S.qp[r];
+      for (int j = 0; j < nj; ++j)
+        if (qp < 0 || (P.causal && pos[j] > qp)) sr[j] = NEG_INF;
+    }
+    V s0 = vload(sr), s1 = vload(sr + W);
+    const float m_new = std::max(m[r], vhmax(vmax(s0, s1)));
+    if (m_new == NEG_INF) {  // nothing visible to this row yet
+      for (int j = 0; j < TILE; ++j) sr[j] = 0.f;
+      continue;
+    }
+    V mn = vset(-m_new);
+    V p0 = vexp2(vadd(s0, mn)), p1 = vexp2(vadd(s1, mn));
+    vstore(sr, p0);
+    vstore(sr + W, p1);
+    const float alpha = m[r] == NEG_INF ? 0.f : std::exp2(m[r] - m_new);
+    l[r] = l[r] * alpha + vsum(vadd(p0, p1));
+    if (alpha != 1.f) {
+      float* ar = acc + r * P.Dp;
+      V va = vset(alpha);
+      for (int64_t c = 0; c < P.nc; ++c) vstore(ar + c * W, vmul(vload(ar + c * W), va));
+    }
+    m[r] = m_new;
+  }
+  pv_all<NC>(P, s, vp, nj, acc);
+}
+
+// Stream (b, ih), entries [e0, e1): the partial state [m R | l R | acc R * Dp] into part.
+template <int NC, typename T>
+void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0, int64_t e1,
+              float* part) {
+  const int64_t R = P.R, G = P.H / P.Hkv;
+  const int64_t h0 = ih * P.Gs;  // first query head of the stream
+  const int64_t kv = h0 / G;
+  float* m = part;
+  float* l = part + R;
+  float* acc = part + 2 * R;
+  std::fill(m, m + R, NEG_INF);
+  std::fill(l, l + R, 0.f);
+  std::fill(acc, acc + R * P.Dp, 0.f);
+  const int64_t qb = P.qpsB ? b : 0;
+  int64_t min_qp = std::numeric_limits<int64_t>::max();
+  for (int64_t g = 0; g < P.Gs; ++g) {
+    for (int64_t t = 0; t < P.Tq; ++t) {
+      const int64_t r = g * P.Tq + t;
+      const T* src = P.q + b * P.qsB + (h0 + g) * P.qsH + t * P.qsT;
+      float* dst = S.q.data() + r * P.Dp;
+      for (int64_t d = 0; d < P.D; ++d) dst[d] = to_float(src[d]) * P.scale2;
+      for (int64_t d = P.D; d < P.Dp; ++d) dst[d] = 0.f;
+      S.qp[r] = P.qpos[qb * P.qpsB + t * P.qpsT];
+      min_qp = std::min(min_qp, S.qp[r]);
+    }
+  }
+  const T* kbase = P.k + b * P.ksB + kv * P.ksH;
+  const T* vbase = P.v + b * P.vsB + kv * P.vsH;
+  const int64_t* pbase = P.kpos + (P.kpsB ? b : 0) * P.kpsB;
+  const int64_t* ibase = P.index ? P.index + b * P.isB + ih * P.isH : nullptr;
+  const int lines = static_cast<int>((P.D * sizeof(T) + 63) / 64);
+  // Tiles are filled one ahead of use, and their rows are prefetched key by key while the current
+  // tile's scores are computed, so that memory loads overlap the arithmetic (the hardware
+  // prefetchers alone left the kernel latency-bound).
+  struct List {
+    const T* kp[TILE];
+    const T* vp[TILE];
+    int64_t pos[TILE];
+    int nj;
+    int64_t max_pos;
+  };
+  int64_t e = e0, u = 0;
+  auto fill = [&](List& t) {
+    t.nj = 0;
+    t.max_pos = -1;
+    while (t.nj < TILE && e < e1) {
+      int64_t slot;
+      if (ibase == nullptr) {
+        slot = e++;
+      } else {
+        const int64_t idx = ibase[e * P.isN];
+        if (idx < 0) {
+          ++e;
+          continue;
+        }
+        slot = idx * P.unit + u;
+        if (++u == P.unit) {
+          u = 0;
+          ++e;
+        }
+      }
+      const int64_t p = pbase[slot * P.kpsT];
+      if (p < 0) continue;  // empty slot: invisible to every row
+      const T* kr = kbase + slot * P.ksT;
+      const T* vr = vbase + slot * P.vsT;
+      t.kp[t.nj] = kr;
+      t.vp[t.nj] = vr;
+      t.pos[t.nj] = p;
+      t.max_pos = std::max(t.max_pos, p);
+      ++t.nj;
+    }
+  };
+  List lists[2];
+  int cur = 0;
+  fill(lists[cur]);
+  while (lists[cur].nj) {
+    fill(lists[1 - cur]);
+    const List& t = lists[cur];
+    const bool need_mask = min_qp < 0 || (P.causal && t.max_pos > min_qp);
+    const List& n = lists[1 - cur];
+    const Ahead<T> ahead{n.kp, n.vp, n.nj, lines};
+    tile<NC>(P, S, &ahead, t.kp, t.vp, t.pos, t.nj, need_mask, m, l,
+             acc);
+    cur = 1 - cur;
+  }
+}
+
+// Merge a stream's chunk partials by log-sum-exp and write out [B, H, Tq, D], lse [B, H, Tq].
+template <typename T>
+void merge(const Problem<T>& P, int64_t b, int64_t ih, int64_t chunks, const float* parts,
+           int64_t part_size, T* out, float* lse, std::vector<float>& acc) {
+  const int64_t R = P.R;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / P.Tq, t = r % P.Tq, h = ih * P.Gs + g;
+    T* o = out + ((b * P.H + h) * P.Tq + t) * P.D;
+    float M = NEG_INF;
+    for (int64_t c = 0; c < chunks; ++c) M = std::max(M, parts[c * part_size + r]);
+    float* lse_r = lse + (b * P.H + h) * P.Tq + t;
+    if (M == NEG_INF) {
+      for (int64_t d = 0; d < P.D; ++d) o[d] = T(0.f);
+      *lse_r = NEG_INF;
+      continue;
+    }
+    float L = 0.f;
+    std::fill(acc.begin(), acc.begin() + P.D, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* pc = parts + c * part_size;
+      if (pc[r] == NEG_INF) continue;
+      const float w = std::exp2(pc[r] - M);
+      L += pc[R + r] * w;
+      const float* a = pc + 2 * R + r * P.Dp;
+      for (int64_t d = 0; d < P.D; ++d) acc[d] += a[d] * w;
+    }
+    const float inv = 1.f / L;
+    for (int64_t d = 0; d < P.D; ++d) o[d] = T(acc[d] * inv);
+    *lse_r = (M + std::log2(L)) * LN2;
+  }
+}
+
+template <typename T>
+void run(Problem<T>& P, T* out, float* lse) {
+  for (int64_t c = 0; c < P.nc; ++c) {
+    const int64_t lanes = std::min<int64_t>(W, P.D - c * W);
+    P.mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
+  }
+  const int64_t streams = P.B * P.Hi;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Enough items to balance the threads, none smaller than ~256 key slots.
+  const int64_t min_entries = std::max<int64_t>(1, 256 / P.unit);
+  int64_t chunks = std::max<int64_t>(1, (8 * threads + streams - 1) / streams);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, P.n / min_entries));
+  while (chunks > 1 && (streams * chunks) % threads) --chunks;
+  const int64_t per_chunk = (P.n + chunks - 1) / chunks;
+  const int64_t part_size = 2 * P.R + P.R * P.Dp;
+  auto run_one = P.D == 128 ? &run_item<8, T> : P.D == 64 ? &run_item<4, T> : &run_item<0, T>;
+  std::vector<float> parts(static_cast<size_t>(streams * chunks * part_size));
+  at::parallel_for(0, streams * chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch S;
+    S.q.resize(P.R * P.Dp);
+    S.s.resize(P.R * TILE);
+    S.qp.resize(P.R);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t stream = item / chunks, c = item % chunks;
+      const int64_t e0 = std::min(P.n, c * per_chunk), e1 = std::min(P.n, e0 + per_chunk);
+      run_one(P, S, stream / P.Hi, stream % P.Hi, e0, e1, parts.data() + item * part_size);
+    }
+  });
+  at::parallel_for(0, streams, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(P.Dp);
+    for (int64_t stream = begin; stream < end; ++stream) {
+      merge(P, stream / P.Hi, stream % P.Hi, chunks, parts.data() + stream * chunks * part_size,
+            part_size, out, lse, acc);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& q_pos) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "decode kernel: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode kernel: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "decode kernel: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "decode kernel: float32 or bfloat16 only, got ", q.scalar_type());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode kernel: the head axis must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes(), "decode kernel: k and v differ in shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "decode kernel: q and k differ");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode kernel: H must be a multiple of Hkv");
+  TORCH_CHECK(q.size(3) <= MAX_D, "decode kernel: head dim up to ", MAX_D);
+  TORCH_CHECK(q_pos.scalar_type() == at::kLong && q_pos.dim() == 2 && q_pos.size(1) == q.size(2),
+              "decode kernel: q_pos must be int64 [Bp, Tq]");
+  TORCH_CHECK(q_pos.size(0) == 1 || q_pos.size(0) == q.size(0), "decode kernel: q_pos batch");
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& q_pos, const at::Tensor& kv_pos, double scale,
+                        bool causal) {
+  Problem<T> P{};
+  P.B = q.size(0);
+  P.H = q.size(1);
+  P.Tq = q.size(2);
+  P.D = q.size(3);
+  P.Hkv = k.size(1);
+  P.Dp = (P.D + W - 1) / W * W;
+  P.nc = P.Dp / W;
+  P.q = q.data_ptr<T>();
+  P.qsB = q.stride(0);
+  P.qsH = q.stride(1);
+  P.qsT = q.stride(2);
+  P.k = k.data_ptr<T>();
+  P.v = v.data_ptr<T>();
+  P.ksB = k.stride(0);
+  P.ksH = k.stride(1);
+  P.ksT = k.stride(2);
+  P.vsB = v.stride(0);
+  P.vsH = v.stride(1);
+  P.vsT = v.stride(2);
+  P.qpos = q_pos.data_ptr<int64_t>();
+  P.qpsB = q_pos.size(0) == 1 ? 0 : q_pos.stride(0);
+  P.qpsT = q_pos.stride(1);
+  P.kpos = kv_pos.data_ptr<int64_t>();
+  P.kpsB = kv_pos.size(0) == 1 ? 0 : kv_pos.stride(0);
+  P.kpsT = kv_pos.stride(1);
+  P.scale2 = static_cast<float>(scale) * LOG2E;
+  P.causal = causal;
+  P.unit = 1;
+  return P;
+}
+
+template <typename F>
+void dispatch(const at::Tensor& q, F fn) {
+  if (q.scalar_type() == at::kFloat)
+    fn(float(0));
+  else
+    fn(bf16(0.f));
+}
+
+std::vector<at::Tensor> finish(const at::Tensor& q, const std::function<void(void*, float*)>& fn) {
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  fn(out.data_ptr(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// Dense: q [B, H, Tq, D] over k, v [B, Hkv, T, D]; q_pos [Bp, Tq], kv_pos [Bp, T] int64.
+std::vector<at::Tensor> decode_dense(const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& q_pos,
+                                     const at::Tensor& kv_pos, double scale, bool causal) {
+  check_inputs(q, k, v, q_pos);
+  TORCH_CHECK(kv_pos.scalar_type() == at::kLong && kv_pos.dim() == 2 &&
+                  kv_pos.size(1) == k.size(2) && (kv_pos.size(0) == 1 || kv_pos.size(0) == q.size(0)),
+              "decode kernel: kv_pos must be int64 [Bp, T]");
+  return finish(q, [&](void* out, float* lse) {
+    dispatch(q, [&](auto zero) {
+      using scalar_t = decltype(zero);
+      auto P = make_problem<scalar_t>(q, k, v, q_pos, kv_pos, scale, causal);
+      P.Hi = P.Hkv;
+      P.Gs = P.H / P.Hkv;
+      P.R = P.Gs * P.Tq;
+      P.n = k.size(2);
+      run(P, static_cast<scalar_t*>(out), lse);
+    });
+  });
+}
+
+// Selected: q over the entries of index [B, Hi, n] (Hi = Hkv: shared by a KV head's group; Hi = H:
+// one selection per query head) into the layer's full storage keys, values [B, Hkv, cap, D] and
+// positions [B, cap]; entry e names slots [e * unit, (e + 1) * unit); -1 = unused.
+std::vector<at::Tensor> decode_selected(const at::Tensor& q, const at::Tensor& keys,
+                                        const at::Tensor& values, const at::Tensor& positions,
+                                        const at::Tensor& index, int64_t unit,
+                                        const at::Tensor& q_pos, double scale, bool causal) {
+  check_inputs(q, keys, values, q_pos);
+  TORCH_CHECK(unit >= 1 && keys.size(2) % unit == 0, "decode kernel: unit must divide capacity");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 &&
+                  positions.size(0) == q.size(0) && positions.size(1) == keys.size(2),
+              "decode kernel: positions must be int64 [B, cap]");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 3 && index.size(0) == q.size(0),
+              "decode kernel: index must be int64 [B, Hi, n]");
+  const int64_t Hi = index.size(1);
+  TORCH_CHECK(Hi == keys.size(1) || Hi == q.size(1),
+              "decode kernel: index heads must be Hkv or H, got ", Hi);
+  if (index.numel()) {
+    const int64_t hi = index.max().item<int64_t>(), lo = index.min().item<int64_t>();
+    TORCH_CHECK(lo >= -1 && hi < keys.size(2) / unit, "decode kernel: index out of range [",
+                lo, ", ", hi, "] for ", keys.size(2) / unit, " entries");
+  }
+  return finish(q, [&](void* out, float* lse) {
+    dispatch(q, [&](auto zero) {
+      using scalar_t = decltype(zero);
+      auto P = make_problem<scalar_t>(q, keys, values, q_pos, positions, scale, causal);
+      P.kpsB = positions.stride(0);
+      P.Hi = Hi;
+      P.Gs = P.H / Hi;
+      P.R = P.Gs * P.Tq;
+      P.index = index.data_ptr<int64_t>();
+      P.isB = index.stride(0);
+      P.isH = index.stride(1);
+      P.isN = index.stride(2);
+      P.n = index.size(2);
+      P.unit = unit;
+      run(P, static_cast<scalar_t*>(out), lse);
+    });
+  });
+}
+
+// Page scores: out[b, h, p, r] = table[b, h, p, :] . rows[b, h, r, :], the table read once for all
+// rows (rows float32 [B, Hkv, R, E], table [B, Hkv, P, E] float32 or bfloat16, E <= 2 * MAX_D).
+template <typename T>
+void products_impl(const at::Tensor& rows, const at::Tensor& table, at::Tensor& out) {
+  const int64_t B = table.size(0), Hh = table.size(1), Pn = table.size(2), E = table.size(3);
+  const int64_t R = rows.size(2), Ep = (E + W - 1) / W * W, nc = Ep / W;
+  std::vector<float> rbuf(B * Hh * R * Ep, 0.f);
+  auto ra = rows.accessor<float, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hh; ++h)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t e = 0; e < E; ++e) rbuf[((b * Hh + h) * R + r) * Ep + e] = ra[b][h][r][e];
+  Mask mask[2 * MAX_D / W];
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t lanes = std::min<int64_t>(W, E - c * W);
+    mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
+  }
+  const T* tab = table.data_ptr<T>();
+  const int64_t tsB = table.stride(0), tsH = table.stride(1), tsP = table.stride(2);
+  float* o = out.data_ptr<float>();
+  constexpr int64_t BLOCK = 256;  // pages per work item
+  const int64_t blocks = (Pn + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, B * Hh * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / blocks, p0 = (item % blocks) * BLOCK;
+      const int64_t b = bh / Hh, h = bh % Hh, p1 = std::min(Pn, p0 + BLOCK);
+      const float* rq = rbuf.data() + bh * R * Ep;
+      const T* base = tab + b * tsB + h * tsH;
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* t = base + p * tsP;
+        float* op = o + (bh * Pn + p) * R;
+        int64_t r = 0;
+        for (; r + 4 <= R; r += 4) {
+          V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+          for (int64_t c = 0; c < nc; ++c) {
+            V tc = vload(t + c * W, mask[c]);
+            a0 = vfma(vload(rq + (r + 0) * Ep + c * W), tc, a0);
+            a1 = vfma(vload(rq + (r + 1) * Ep + c * W), tc, a1);
+            a2 = vfma(vload(rq + (r + 2) * Ep + c * W), tc, a2);
+            a3 = vfma(vload(rq + (r + 3) * Ep + c * W), tc, a3);
+          }
+          op[r] = vsum(a0);
+          op[r + 1] = vsum(a1);
+          op[r + 2] = vsum(a2);
+          op[r + 3] = vsum(a3);
+        }
+        for (; r < R; ++r) {
+          V a0 = vzero();
+          for (int64_t c = 0; c < nc; ++c)
+            a0 = vfma(vload(rq + r * Ep + c * W), vload(t + c * W, mask[c]), a0);
+          op[r] = vsum(a0);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor products(const at::Tensor& rows, const at::Tensor& table) {
+  TORCH_CHECK(rows.device().is_cpu() && table.device().is_cpu(), "products: CPU only");
+  TORCH_CHECK(rows.dim() == 4 && table.dim() == 4, "products: rows and table must be 4-D");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat, "products: rows must be float32");
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16,
+              "products: table must be float32 or bfloat16");
+  TORCH_CHECK(table.stride(3) == 1, "products: table rows must be contiguous");
+  TORCH_CHECK(rows.size(0) == table.size(0) && rows.size(1) == table.size(1) &&
+                  rows.size(3) == table.size(3),
+              "products: rows [B, H, R, E] and table [B, H, P, E] differ");
+  TORCH_CHECK(table.size(3) <= 2 * MAX_D, "products: rows up to ", 2 * MAX_D, " wide");
+  TORCH_CHECK(rows.size(2) >= 1, "products: at least one row");
+  auto out = at::empty({table.size(0), table.size(1), table.size(2), rows.size(2)}, rows.options());
+  if (table.scalar_type() == at::kFloat)
+    products_impl<float>(rows, table, out);
+  else
+    products_impl<bf16>(rows, table, out);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_dense", &decode_dense, "few-query attention over a whole cache layer");
+  m.def("decode_selected", &decode_selected, "few-query attention over selected pages / tokens");
+  m.def("products", &products, "per page and row: table . row");
+  m.attr("avx512") = static_cast<bool>(LA_AVX512);
+}

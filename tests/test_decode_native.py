@@ -1,0 +1,149 @@
+"""The native decode kernels (csrc/decode.cpp) against the float64 oracle.
+
+They skip only when no C++ compiler exists; with one, a build failure fails these tests.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from longattn import KVCache, attention, methods
+from longattn.api import IMPLS
+from longattn.kernels.decode import (
+    native_decode,
+    native_decode_selected,
+    native_unavailable,
+    page_products,
+)
+from longattn.testing import assert_attention_close, make_qkv
+from longattn.types import AttnOutput, DecodeSelection
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler"
+)
+DTYPES = [torch.float32, torch.bfloat16]
+QUEST = methods.Quest(budget=16, page_size=8)  # the oracle only needs a select method
+
+
+def _positions(batch, cap, seed):
+    """[B, cap] increasing positions with empty slots (-1): left padding, holes, a free tail."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.full((batch, cap), -1, dtype=torch.int64)
+    for b in range(batch):
+        used = cap - 7 * b - 5  # per-row lengths
+        keep = torch.rand(used, generator=gen) > 0.1
+        keep[-1] = True
+        slots = torch.arange(used)[keep]
+        pos[b, slots] = torch.arange(slots.numel()) + 3 * b
+    return pos
+
+
+def test_the_native_kernel_builds():
+    assert native_unavailable(torch.zeros(1, 1, 1, 8)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n_heads", "n_kv", "dim"), [(4, 4, 64), (6, 2, 40), (8, 2, 128)])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_dense_matches_the_oracle(dtype, n_heads, n_kv, dim, q_len):
+    q, k, v = make_qkv(3, n_heads, n_kv, q_len, 300, dim, dtype=dtype, seed=q_len + dim)
+    kv_pos = _positions(3, 300, seed=1)
+    q_pos = kv_pos.amax(1, keepdim=True) - torch.arange(q_len - 1, -1, -1)  # last positions
+    q_pos[2, 0] = -1  # a padding query row: zeros, lse -inf
+    for causal in (True, False):
+        res = native_decode(q, k, v, scale=dim**-0.5, q_pos=q_pos, kv_pos=kv_pos, causal=causal)
+        method = methods.Dense(causal=causal)
+        assert_attention_close(res, q, k, v, method, q_positions=q_pos, kv_positions=kv_pos)
+        assert torch.isneginf(res.lse[2, :, 0]).all() and (res.out[2, :, 0] == 0).all()
+
+
+def test_dense_reads_strided_cache_views():
+    q, k, v = make_qkv(2, 8, 2, 1, 1000, 64, seed=3)
+    kv_pos = torch.arange(600).view(1, -1)
+    q_pos = torch.tensor([[599]])
+    res = native_decode(
+        q, k[:, :, :600], v[:, :, :600], scale=0.125, q_pos=q_pos, kv_pos=kv_pos
+    )
+    assert_attention_close(res, q, k[:, :, :600], v[:, :, :600])
+
+
+def _selection(batch, heads, n, n_entries, seed):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack(
+        [torch.randperm(n_entries, generator=gen)[:n] for _ in range(batch * heads)]
+    ).view(batch, heads, n)
+    index = index.sort(-1).values
+    index[:, :, -1] = -1  # an unused entry
+    return index
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n_heads", "n_kv"), [(4, 4), (6, 2), (8, 2)])
+@pytest.mark.parametrize("unit", [1, 8])
+@pytest.mark.parametrize("per_query_head", [False, True])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_selected_matches_the_oracle(dtype, n_heads, n_kv, unit, per_query_head, q_len):
+    cap, dim, batch = 256, 64, 2
+    q, keys, values = make_qkv(batch, n_heads, n_kv, q_len, cap, dim, dtype=dtype, seed=unit)
+    positions = _positions(batch, cap, seed=unit)
+    q_pos = positions.amax(1, keepdim=True) - torch.arange(q_len - 1, -1, -1)
+    heads = n_heads if per_query_head else n_kv
+    index = _selection(batch, heads, 96 // unit, cap // unit, seed=q_len)
+    res = native_decode_selected(
+        q, keys, values, positions, index, unit, scale=dim**-0.5, q_pos=q_pos
+    )
+    selection = DecodeSelection(index, unit)
+    assert_attention_close(
+        AttnOutput(res.out, res.lse, selection),
+        q,
+        keys,
+        values,
+        QUEST,
+        q_positions=q_pos,
+        kv_positions=positions,
+    )
+
+
+def test_selected_rejects_out_of_range_entries():
+    q, keys, values = make_qkv(1, 4, 2, 1, 64, 32)
+    positions = torch.arange(64).view(1, -1)
+    index = torch.tensor([[[0, 9]], [[0, 1]]]).view(1, 2, 2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native_decode_selected(
+            q, keys, values, positions, index, 8, scale=0.1, q_pos=torch.tensor([[63]])
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_page_products_equal_the_matmul(dtype):
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 3, 5, 96, generator=gen)
+    table = torch.randn(2, 3, 300, 96, generator=gen).to(dtype)
+    got = page_products(rows, table)
+    want = table.double() @ rows.double().transpose(-1, -2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_chooses_the_native_kernel_for_decode_and_quest():
+    assert IMPLS[0].name == "native_decode"
+    q, k, v = make_qkv(1, 8, 2, 1, 700, 64, seed=9)
+    cache = KVCache(1)
+    cache.append(0, k[:, :, :-1], v[:, :, :-1])
+    method = methods.Quest(budget=128)
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, impl="native_decode")
+    assert_attention_close(res, q, k, v, method)
+    python = KVCache(1)
+    python.append(0, k[:, :, :-1], v[:, :, :-1])
+    ref = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=python, impl="decode")
+    assert torch.equal(res.state.index, ref.state.index)
+    torch.testing.assert_close(res.out, ref.out, rtol=1e-5, atol=1e-5)
+
+
+def test_native_refuses_what_it_cannot_run():
+    q, k, v = make_qkv(1, 4, 2, 1, 50, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        attention(q, k, v, impl="native_decode")
+    q, k, v = make_qkv(1, 4, 2, 1, 50, 32)
+    with pytest.raises(ValueError, match="dense and select"):
+        attention(q, k, v, method=methods.SlidingWindow(window=8), impl="native_decode")
