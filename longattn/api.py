@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from longattn.cache import KVCache
+from longattn.kernels import block_sparse
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
     Workspace,
@@ -338,6 +339,31 @@ def _run_sparse(call: Call) -> AttnOutput:
     )
 
 
+def _native_can_run(call: Call) -> str | None:
+    return _block_can_run(call) or block_sparse.unavailable(
+        call.q.dtype, call.q.device, call.q.shape[3], call.scale
+    )
+
+
+def _run_native(call: Call) -> AttnOutput:
+    empty = _empty(call)
+    if empty is not None:
+        return empty
+    return block_sparse.block_sparse_attention(
+        call.q,
+        call.k,
+        call.v,
+        block_index(call),
+        scale=call.scale,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        mask_fn=call.method.mask,
+        bounds_fn=call.method.block_bounds,
+        causal=call.method.is_causal,
+        validate=False,  # built here for this call
+    )
+
+
 def _flex_can_run(call: Call) -> str | None:
     return _block_can_run(call) or flex_available(call.q.device)
 
@@ -369,12 +395,14 @@ def _run_flex(call: Call) -> AttnOutput:
 
 
 # The order impl="auto" walks: dense SDPA for dense attention; compiled Flex (CUDA only, see
-# _flex_auto); the block-sparse gather + SDPA kernel for any mask with block bounds; the tiled online
-# softmax for any mask; the materialising reference for small problems.
+# _flex_auto); the native C++ block-sparse kernel for any mask with block bounds, then the plain
+# PyTorch gather + SDPA one (reached when the extension cannot be built: no compiler, a build error);
+# the tiled online softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [
     Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
     Impl("flex", _flex_can_run, _run_flex, _flex_auto),
+    Impl("native", _native_can_run, _run_native, _sparse_auto),
     Impl("sparse", _block_can_run, _run_sparse, _sparse_auto),
     Impl("tiled", _mask_hook, _run_tiled),
     Impl("reference", _reference_can_run, _run_reference),
