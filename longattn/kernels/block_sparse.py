@@ -20,6 +20,10 @@ Element masks cost no Python per block. Once per call the partial blocks are cla
     as one packed uint8 tensor with a pair id per visited slot.
 Blocks holding padding (position -1) always take the byte mask, so padding queries get zeros and
 ``lse = -inf`` like every fully masked row.
+
+Memory: the output, lse, the masks of the partial pairs, and K transposed per block (bf16: K and V
+in VNNI pairs), O(T). That packed copy lives in a workspace kept between calls (a fresh multi-MB
+buffer page-faults on every call); ``release_workspace()`` frees it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ def unavailable(
     if _probes[key]:
         return f"oneDNN brgemm cannot run {key} on this CPU: {_probes[key][:200]}"
     return None
+
+
+def release_workspace() -> None:
+    """Free the packed K/V workspace the kernel keeps between calls (no-op if never built)."""
+    if NAME in native._modules:
+        native.load(NAME).release()
 
 
 def block_sparse_attention(

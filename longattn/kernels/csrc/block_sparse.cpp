@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #ifdef LONGATTN_AVX512
@@ -97,6 +98,31 @@ inline int64_t causal_limit(const int64_t* kp, int64_t ncols, int64_t qp) {
   return std::upper_bound(kp, kp + ncols, qp) - kp;
 }
 
+// exp to ~1 ulp (Cephes expf polynomial, 2^n by vscalefps); exactly 0 below -87.3 (masked -inf).
+// ATen's exp_u20 (20 ulp) is faster but leaves fp32 outside the contract's error bound.
+inline Vec exp_accurate(const Vec& x) {
+#ifdef LONGATTN_AVX512
+  const __m512 v = x;
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  y = _mm512_scalef_ps(y, n);
+  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
+#else
+  return x.exp();
+#endif
+}
+
 // Raw maximum of one block's segment of a score row, masking it in place first: masked entries
 // and those past `limit` become -inf (raw scores; the softmax scale, > 0, is applied in the exp).
 inline float segment_max(float* s, int64_t limit, int64_t width, const uint8_t* mask) {
@@ -140,14 +166,14 @@ inline float exp_row(float* s, out_t* pb, int64_t width, float scale, float m_ne
   int64_t c = 0;
   if constexpr (std::is_same_v<out_t, at::BFloat16>) {
     for (; c + 2 * Vec::size() <= width; c += 2 * Vec::size()) {
-      Vec e0 = at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m).exp_u20();
-      Vec e1 = at::vec::fmadd(Vec::loadu(s + c + Vec::size()), vscale, vneg_m).exp_u20();
+      Vec e0 = exp_accurate(at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m));
+      Vec e1 = exp_accurate(at::vec::fmadd(Vec::loadu(s + c + Vec::size()), vscale, vneg_m));
       vsum = vsum + e0 + e1;
       at::vec::convert_from_float<at::BFloat16>(e0, e1).store(pb + c);
     }
   } else {
     for (; c + Vec::size() <= width; c += Vec::size()) {
-      Vec e = at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m).exp_u20();
+      Vec e = exp_accurate(at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m));
       e.store(s + c);
       vsum = vsum + e;
     }
@@ -190,8 +216,8 @@ void finalize(const Problem& p, const acc_t* acc, const acc_t* m_run, const acc_
               int64_t rows, scalar_t* out, acc_t* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t l = l_run[r];
-    const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-    for (int64_t d = 0; d < p.D; ++d) out[r * p.D + d] = static_cast<scalar_t>(acc[r * p.D + d] * inv);
+    for (int64_t d = 0; d < p.D; ++d)
+      out[r * p.D + d] = static_cast<scalar_t>(l > 0 ? acc[r * p.D + d] / l : acc_t(0));
     lse[r] = l > 0 ? m_run[r] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
   }
 }
@@ -370,6 +396,24 @@ void pack_kv(const scalar_t* k, const scalar_t* v, scalar_t* kt, scalar_t* vp, i
   });
 }
 
+// The packed K (and V) of the last call, kept for the next one: a fresh multi-MB buffer per call
+// page-faults on first touch (~20 ms for 64 MiB here); a reused one does not. Calls are serialised
+// by the mutex (the GIL is held anyway).
+std::mutex workspace_mutex;
+
+at::Tensor& workspace() {
+  static at::Tensor buffer;
+  return buffer;
+}
+
+template <typename scalar_t>
+scalar_t* workspace_ptr(int64_t numel) {
+  at::Tensor& buffer = workspace();
+  const int64_t bytes = numel * static_cast<int64_t>(sizeof(scalar_t));
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kByte);
+  return reinterpret_cast<scalar_t*>(buffer.data_ptr<uint8_t>());
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& kv_blocks, const at::Tensor& counts,
                                 const at::Tensor& kinds, const at::Tensor& masks, int64_t mask_sb,
@@ -417,21 +461,19 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   }
   auto lse = at::empty({p.B, p.H, p.Tq}, q.options().dtype(at::kFloat));
   const int64_t BH = p.B * p.Hkv, padded = BH * p.nkb * p.bs * p.D;
+  std::lock_guard<std::mutex> guard(workspace_mutex);
   if (st == at::kFloat) {
-    auto kt = at::empty({padded}, k.options());
-    pack_kv<float>(k.data_ptr<float>(), nullptr, kt.data_ptr<float>(), nullptr, BH, p.Tk, p.D, p.bs,
-                   p.nkb);
-    run_fast<float>(p, q.data_ptr<float>(), kt.data_ptr<float>(), v.data_ptr<float>(),
-                    out.data_ptr<float>(), lse.data_ptr<float>());
+    float* kt = workspace_ptr<float>(padded);
+    pack_kv<float>(k.data_ptr<float>(), nullptr, kt, nullptr, BH, p.Tk, p.D, p.bs, p.nkb);
+    run_fast<float>(p, q.data_ptr<float>(), kt, v.data_ptr<float>(), out.data_ptr<float>(),
+                    lse.data_ptr<float>());
   } else if (st == at::kBFloat16) {
     TORCH_CHECK(p.D % 2 == 0 && p.bs % 2 == 0, "bfloat16 needs an even head dim and block size");
-    auto kt = at::empty({padded}, k.options());
-    auto vp = at::empty({padded}, v.options());
     using bf = at::BFloat16;
-    pack_kv<bf>(k.data_ptr<bf>(), v.data_ptr<bf>(), kt.data_ptr<bf>(), vp.data_ptr<bf>(), BH, p.Tk,
-                p.D, p.bs, p.nkb);
-    run_fast<bf>(p, q.data_ptr<bf>(), kt.data_ptr<bf>(), vp.data_ptr<bf>(), out.data_ptr<bf>(),
-                 lse.data_ptr<float>());
+    bf* kt = workspace_ptr<bf>(2 * padded);
+    bf* vp = kt + padded;
+    pack_kv<bf>(k.data_ptr<bf>(), v.data_ptr<bf>(), kt, vp, BH, p.Tk, p.D, p.bs, p.nkb);
+    run_fast<bf>(p, q.data_ptr<bf>(), kt, vp, out.data_ptr<bf>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(false, "block_sparse: unsupported dtype ", st);
   }
@@ -462,5 +504,12 @@ std::string probe(const std::string& dtype) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
+  m.def(
+      "release",
+      []() {
+        std::lock_guard<std::mutex> guard(workspace_mutex);
+        workspace() = at::Tensor();
+      },
+      "free the packed-K/V workspace kept between calls");
   m.def("probe", &probe, "empty string when brgemm runs the dtype, else the reason");
 }
