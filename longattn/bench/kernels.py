@@ -138,7 +138,7 @@ def run_kernels_bench(grid, repeats, with_flex, out_path, log=print) -> list[dic
                             q, k, v, causal=True, scale=s
                         ),
                         warmup=1,
-                        repeats=repeats if length <= 16384 else 1,
+                        repeats=repeats,
                     )
                     for label, method in cases(length, n_heads):
                         if grid.get("cases") and not any(c in label for c in grid["cases"]):
