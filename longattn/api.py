@@ -321,47 +321,32 @@ def _empty(call: Call) -> AttnOutput | None:
     return AttnOutput(torch.zeros_like(call.q), lse, None)
 
 
+def _block_kwargs(call: Call) -> dict:
+    """What the block-sparse kernels share: scale, positions, the element mask, and no second
+    check of the index (``block_index`` built it for this call)."""
+    kv_pos, mask_fn = call.kv_pos, call.method.mask
+    return dict(scale=call.scale, q_pos=call.q_pos, kv_pos=kv_pos, mask_fn=mask_fn, validate=False)
+
+
 def _run_sparse(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    index = block_index(call)
-    return sparse_attention(
-        call.q,
-        call.k,
-        call.v,
-        index,
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        validate=False,  # built here for this call
-    )
+    return sparse_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
 
 
 def _native_can_run(call: Call) -> str | None:
-    return _block_can_run(call) or block_sparse.unavailable(
-        call.q.dtype, call.q.device, call.q.shape[3], call.scale
-    )
+    dtype, device, dim = call.q.dtype, call.q.device, call.q.shape[3]
+    return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale)
 
 
 def _run_native(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    return block_sparse.block_sparse_attention(
-        call.q,
-        call.k,
-        call.v,
-        block_index(call),
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        bounds_fn=call.method.block_bounds,
-        causal=call.method.is_causal,
-        validate=False,  # built here for this call
-    )
+    args, kw = (call.q, call.k, call.v, block_index(call)), _block_kwargs(call)
+    bounds, causal = call.method.block_bounds, call.method.is_causal
+    return block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
 
 
 def _flex_can_run(call: Call) -> str | None:
@@ -381,17 +366,7 @@ def _run_flex(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    return flex_block_attention(
-        call.q,
-        call.k,
-        call.v,
-        block_index(call),
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        validate=False,
-    )
+    return flex_block_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
 
 
 # The order impl="auto" walks: dense SDPA for dense attention; compiled Flex (CUDA only, see

@@ -183,3 +183,14 @@ def test_bad_index_is_a_clear_error_and_validate_false_skips_the_check():
     # trusted: the same (reordered, still in-range) index runs unchecked and gives dense attention
     got = block_sparse_attention_on(q, k, v, bad, 0.1, None, validate=False)
     _check(got, q, k, v, None, 0.1)
+
+
+def test_workspace_release_and_reuse_across_shapes():
+    """The packed K/V workspace is reused by a smaller call, regrown by a larger one, and freed."""
+    method = from_string("sliding_window:window=64")
+    for t, dtype in ((300, torch.float32), (100, torch.bfloat16), (520, torch.bfloat16)):
+        q, k, v = make_qkv(1, 2, 2, t, t, 32, dtype=dtype, seed=t)
+        assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+    block_sparse.release_workspace()
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 32, seed=2)
+    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
