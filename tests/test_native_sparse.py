@@ -194,3 +194,29 @@ def test_workspace_release_and_reuse_across_shapes():
     block_sparse.release_workspace()
     q, k, v = make_qkv(1, 2, 2, 200, 200, 32, seed=2)
     assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_batch_and_per_head_index(dtype):
+    """An index with its own layout per batch row and per query head (Bi = B, Hi = H), GQA."""
+    n, bs, t = 5, 16, 75
+    gen = torch.Generator().manual_seed(11)
+    layout = (torch.rand(2, 4, n, n, generator=gen) < 0.5).tril() | torch.eye(n, dtype=torch.bool)
+    layout[1, 2, 3] = False  # an empty query block in one (batch, head) only
+    index = BlockIndex.from_block_mask(
+        layout, bs, partial=torch.eye(n, dtype=torch.bool), q_len=t, kv_len=t
+    )
+    q, k, v = make_qkv(2, 4, 2, t, t, 16, dtype=dtype, seed=12)
+    got = block_sparse_attention_on(q, k, v, index, 0.25, _causal)
+    _check(got, q, k, v, index.to_dense(_causal), 0.25)
+    assert torch.isneginf(got.lse[1, 2, 3 * bs : 4 * bs]).all()
+
+
+def test_without_the_extension_auto_takes_sparse_and_native_says_why(monkeypatch):
+    """No silent fallback: impl='native' raises with the build reason; auto moves on to 'sparse'."""
+    monkeypatch.setattr(native, "unavailable", lambda name: "no C++ compiler found (test)")
+    q, k, v = make_qkv(1, 4, 4, 2048, 2048, 64)
+    call = make_call(q, k, v, from_string("sliding_window:window=512"))
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
+        choose_impl(call, "native")
+    assert choose_impl(call, "auto").name == "sparse"
