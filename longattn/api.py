@@ -336,8 +336,13 @@ def _run_sparse(call: Call) -> AttnOutput:
 
 
 def _native_can_run(call: Call) -> str | None:
-    dtype, device, dim = call.q.dtype, call.q.device, call.q.shape[3]
-    return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale)
+    dtype, device, dim, bs = (
+        call.q.dtype,
+        call.q.device,
+        call.q.shape[3],
+        block_size_for(call.method),
+    )
+    return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale, bs)
 
 
 def _run_native(call: Call) -> AttnOutput:

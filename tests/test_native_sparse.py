@@ -167,6 +167,10 @@ def test_unsupported_calls_say_why():
     call = make_call(q, k, v, from_string("sliding_window:window=16"))
     with pytest.raises(ValueError, match="even head dim"):
         choose_impl(call, "native")
+    q, k, v = make_qkv(1, 2, 2, 66, 66, 16, dtype=torch.bfloat16)
+    call = make_call(q, k, v, methods.StaticBlocks(n_blocks=2, block_size=33))
+    with pytest.raises(ValueError, match="block size"):
+        choose_impl(call, "native")
     assert "float16" in block_sparse.unavailable(torch.float16, torch.device("cpu"), 64)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
     call = make_call(q, k, v, from_string("sliding_window:window=16"), scale=-0.5)
@@ -220,3 +224,9 @@ def test_without_the_extension_auto_takes_sparse_and_native_says_why(monkeypatch
     with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
         choose_impl(call, "native")
     assert choose_impl(call, "auto").name == "sparse"
+
+
+def test_odd_block_size_float32():
+    method = methods.StaticBlocks(n_blocks=4, block_size=33, density=0.6)
+    q, k, v = make_qkv(1, 4, 2, 130, 130, 32, seed=13)
+    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)

@@ -41,7 +41,11 @@ _probes: dict[str, str] = {}
 
 
 def unavailable(
-    dtype: torch.dtype, device: torch.device, head_dim: int, scale: float = 1.0
+    dtype: torch.dtype,
+    device: torch.device,
+    head_dim: int,
+    scale: float = 1.0,
+    block_size: int = 128,
 ) -> str | None:
     """Why the native kernel cannot run this call here (None: it can). Builds it once."""
     if not scale > 0:
@@ -50,8 +54,11 @@ def unavailable(
         return f"the native block-sparse kernel runs on CPU only, not {device.type}"
     if dtype not in DTYPES:
         return f"the native block-sparse kernel runs float32, bfloat16 and float64, not {dtype}"
-    if dtype == torch.bfloat16 and head_dim % 2:
-        return f"the native bfloat16 kernel needs an even head dim (VNNI pairs), got {head_dim}"
+    if dtype == torch.bfloat16 and (head_dim % 2 or block_size % 2):
+        return (
+            f"the native bfloat16 kernel needs an even head dim and block size (VNNI pairs), got "
+            f"{head_dim} and {block_size}"
+        )
     reason = native.unavailable(NAME)
     if reason or dtype == torch.float64:
         return reason
@@ -94,7 +101,7 @@ def block_sparse_attention(
     """
     batch, n_heads, q_len, dim = q.shape
     kv_len = k.shape[2]
-    reason = unavailable(q.dtype, q.device, dim, scale)
+    reason = unavailable(q.dtype, q.device, dim, scale, index.block_size)
     if reason:
         raise ValueError(reason)
     if validate:
