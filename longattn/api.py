@@ -15,6 +15,7 @@ import torch
 
 from longattn.cache import KVCache
 from longattn.call import Call, apply_retention, make_cache_call, make_call
+from longattn.kernels import block_sparse
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
     Workspace,
@@ -137,16 +138,16 @@ def _decode_can_run(call: Call) -> str | None:
     return None
 
 
-def _native_can_run(call: Call) -> str | None:
+def _native_decode_can_run(call: Call) -> str | None:
     if call.method.hook != "select" and not isinstance(call.method, Dense):
         return f"the native decode kernel runs dense and select methods, not {call.method.name!r}"
     return _decode_can_run(call) or native_unavailable(call.q, call.k.dtype)
 
 
-def _run_native(call: Call) -> AttnOutput:
+def _run_native_decode(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call, native=True)
-    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _native_can_run
+    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _native_decode_can_run
     return native_decode(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
                          kv_pos=call.kv_pos, causal=causal)  # fmt: skip
 
@@ -195,7 +196,7 @@ def _run_select(call: Call, native: bool = False) -> AttnOutput:
     cache, layer = _selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
     if native and selection is None:
-        return _run_native(replace(call, method=Dense()))
+        return _run_native_decode(replace(call, method=Dense()))
     if native:
         keys, values, positions = cache.storage(layer)
         out = native_decode_selected(call.q, keys, values, positions, selection.index,
@@ -314,22 +315,37 @@ def _empty(call: Call) -> AttnOutput | None:
     return AttnOutput(torch.zeros_like(call.q), lse, None)
 
 
+def _block_kwargs(call: Call) -> dict:
+    """What the block-sparse kernels share: scale, positions, the element mask, and no second
+    check of the index (``block_index`` built it for this call)."""
+    kv_pos, mask_fn = call.kv_pos, call.method.mask
+    return dict(scale=call.scale, q_pos=call.q_pos, kv_pos=kv_pos, mask_fn=mask_fn, validate=False)
+
+
 def _run_sparse(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    index = block_index(call)
-    return sparse_attention(
-        call.q,
-        call.k,
-        call.v,
-        index,
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        validate=False,  # built here for this call
+    return sparse_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
+
+
+def _native_can_run(call: Call) -> str | None:
+    dtype, device, dim, bs = (
+        call.q.dtype,
+        call.q.device,
+        call.q.shape[3],
+        block_size_for(call.method),
     )
+    return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale, bs)
+
+
+def _run_native(call: Call) -> AttnOutput:
+    empty = _empty(call)
+    if empty is not None:
+        return empty
+    args, kw = (call.q, call.k, call.v, block_index(call)), _block_kwargs(call)
+    bounds, causal = call.method.block_bounds, call.method.is_causal
+    return block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
 
 
 def _flex_can_run(call: Call) -> str | None:
@@ -349,28 +365,20 @@ def _run_flex(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    return flex_block_attention(
-        call.q,
-        call.k,
-        call.v,
-        block_index(call),
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        validate=False,
-    )
+    return flex_block_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
 
 
 # The order impl="auto" walks: the native decode kernel for few queries (dense or a selection), the
-# PyTorch decode path when it cannot be built; dense SDPA for dense attention; compiled Flex (CUDA only, see
-# _flex_auto); the block-sparse gather + SDPA kernel for any mask with block bounds; the tiled online
-# softmax for any mask; the materialising reference for small problems.
+# PyTorch decode path when it cannot be built; dense SDPA for dense attention; compiled Flex (CUDA
+# only, see _flex_auto); the native C++ block-sparse kernel for any mask with block bounds, then the
+# plain PyTorch gather + SDPA one (reached when the extension cannot be built: no compiler, a build
+# error); the tiled online softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [
-    Impl("native_decode", _native_can_run, _run_native),
+    Impl("native_decode", _native_decode_can_run, _run_native_decode),
     Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
     Impl("flex", _flex_can_run, _run_flex, _flex_auto),
+    Impl("native", _native_can_run, _run_native, _sparse_auto),
     Impl("sparse", _block_can_run, _run_sparse, _sparse_auto),
     Impl("tiled", _mask_hook, _run_tiled),
     Impl("reference", _reference_can_run, _run_reference),

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="length of the tiled executor's peak-memory check (methods suite)",
     )
     bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
+    bench.add_argument(
+        "--dtypes", default=None, help="kernels suite: comma-separated dtypes (default both)"
+    )
+    bench.add_argument(
+        "--cases",
+        default=None,
+        help="kernels suite: comma-separated case labels to run (substring match, e.g. '10%%,window')",
+    )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)

@@ -1,9 +1,11 @@
-"""``longattn bench kernels``: the block-sparse kernel against dense causal SDPA and compiled Flex.
+"""``longattn bench kernels``: the block-sparse kernels against dense causal SDPA and compiled Flex.
 
 Per case (random causal block layouts at a fraction of the causal blocks, sliding window 1024,
-StreamingLLM(4, 1024)): the correctness gate on sampled query rows first, then median ms of ours, of
-dense causal SDPA and of compiled Flex on the same BlockIndex (its compile time apart), speedups,
-GFLOP/s of the visited blocks, peak extra memory. JSONL, a table, and a PNG of speedup vs density.
+StreamingLLM(4, 1024)): the correctness gate on sampled query rows first, then median ms of ours
+(the native C++ kernel, ``impl="native"``), of the plain-PyTorch gather + SDPA kernel
+(``impl="sparse"``), of dense causal SDPA and of compiled Flex on the same BlockIndex (its compile
+time apart), speedups, the fraction of the ideal speedup (causal blocks / visited blocks), GFLOP/s
+of the visited blocks, peak extra memory. JSONL, a table, and a PNG of speedup vs density.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from longattn.api import block_index, make_call
 from longattn.bench.common import JsonlWriter, environment, format_table, median_ms, peak_extra_mib
 from longattn.bench.methods import gate
+from longattn.kernels import block_sparse
 from longattn.kernels.flex import flex_block_attention
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.sparse import sparse_attention
@@ -54,16 +57,31 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
     call = make_call(q, k, v, method)
     index = block_index(call)
     b, h, h_kv, t, _, d = call.shape
+    native_reason = block_sparse.unavailable(q.dtype, q.device, d, call.scale)
 
-    def ours():
+    def native():
+        return block_sparse.block_sparse_attention(
+            q,
+            k,
+            v,
+            index,
+            scale=call.scale,
+            mask_fn=method.mask,
+            bounds_fn=method.block_bounds,
+            causal=method.is_causal,
+        )
+
+    def sparse():
         return sparse_attention(q, k, v, index, scale=call.scale, mask_fn=method.mask)
 
+    ours = sparse if native_reason else native
     err, bound = gate(call, ours().out, rows)
     visited = index.visited * (h if index.kv_blocks.shape[1] == 1 else 1) * b
     n = index.n_q_blocks
     rec = {
         "bench": "kernels",
         "case": label,
+        "impl": "sparse" if native_reason else "native",
         "T": t,
         "H": h,
         "Hkv": h_kv,
@@ -74,14 +92,23 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
         "bound": bound,
         "gate": err <= bound,
     }
+    if native_reason:
+        rec["native_unavailable"] = native_reason
     if not rec["gate"]:
         return rec
     rec["ms"] = median_ms(ours, repeats=repeats)
     rec["sdpa_ms"] = base_ms
     rec["speedup"] = base_ms / rec["ms"]
     rec["ideal"] = 1 / rec["density"]
+    rec["of_ideal"] = rec["speedup"] / rec["ideal"]
     rec["gflops"] = 4 * visited * index.block_size**2 * d / rec["ms"] / 1e6
     rec["peak_extra_mib"] = peak_extra_mib(ours)
+    if not native_reason:
+        sparse_err, sparse_bound = gate(call, sparse().out, rows)
+        rec["sparse_error"] = sparse_err
+        if sparse_err <= sparse_bound:
+            rec["sparse_ms"] = median_ms(sparse, repeats=repeats)
+            rec["vs_sparse"] = rec["sparse_ms"] / rec["ms"]
     if with_flex:
 
         def flex():
@@ -111,9 +138,11 @@ def run_kernels_bench(grid, repeats, with_flex, out_path, log=print) -> list[dic
                             q, k, v, causal=True, scale=s
                         ),
                         warmup=1,
-                        repeats=repeats if length <= 16384 else 1,
+                        repeats=repeats,
                     )
                     for label, method in cases(length, n_heads):
+                        if grid.get("cases") and not any(c in label for c in grid["cases"]):
+                            continue
                         rec = run_case(label, method, q, k, v, base, repeats, with_flex, rows)
                         rec.update(env)
                         records.append(rec)
@@ -131,11 +160,16 @@ COLUMNS = [
     ("dtype", "dtype"),
     ("density", "density"),
     ("gate", "gate"),
+    ("error", "error"),
+    ("impl", "impl"),
     ("ms", "ms"),
     ("sdpa_ms", "sdpa ms"),
     ("speedup", "vs sdpa"),
     ("ideal", "1/dens"),
+    ("of_ideal", "of ideal"),
     ("gflops", "GFLOP/s"),
+    ("sparse_ms", "sparse ms"),
+    ("vs_sparse", "vs sparse"),
     ("flex_ms", "flex ms"),
     ("vs_flex", "vs flex"),
     ("flex_compile_s", "compile s"),
@@ -186,6 +220,10 @@ def run_cli(args) -> int:
     grid = dict(QUICK if args.quick else FULL)
     if args.length:
         grid["lengths"] = [args.length]
+    if getattr(args, "dtypes", None):
+        grid["dtypes"] = args.dtypes.split(",")
+    if getattr(args, "cases", None):
+        grid["cases"] = args.cases.split(",")
     out = args.out or "results/bench_kernels.jsonl"
     print(
         f"longattn bench kernels ({'quick' if args.quick else 'full'}), {torch.get_num_threads()} threads"

@@ -1,0 +1,232 @@
+"""The native C++ block-sparse kernel (impl="native") against the float64 oracle.
+
+Skipped only when no C++ compiler exists; with one, a build failure fails these tests.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from longattn import attention, methods
+from longattn.api import choose_impl, make_call
+from longattn.kernels import block_sparse, native
+from longattn.kernels.reference import reference_attention
+from longattn.method import from_string
+from longattn.testing import assert_attention_close, make_qkv
+from longattn.types import BlockIndex
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++)")
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _causal(b, h, qp, kp):
+    return kp <= qp
+
+
+def _check(got, q, k, v, visible, scale):
+    """House bound for float32 / bfloat16; float64 to 1e-12 (the kernel sums in long double, so it
+    differs from the float64 oracle by that oracle's own rounding, a few ulp)."""
+    want = reference_attention(q.double(), k.double(), v.double(), visible, scale)
+    err = (got.out.double() - want.out).abs().max()
+    if q.dtype == torch.float64:
+        assert err <= 1e-12
+        assert torch.allclose(got.lse, want.lse, atol=1e-12, rtol=0)
+        return
+    eager = reference_attention(q, k, v, visible, scale)
+    bound = (
+        2 * (eager.out.double() - want.out).abs().max()
+        + 2 * torch.finfo(q.dtype).eps * want.out.abs().max()
+    )
+    assert err <= bound
+    finite = torch.isfinite(want.lse)
+    assert torch.equal(torch.isneginf(got.lse), ~finite)
+    lse_err = (got.lse.double() - want.lse)[finite].abs().max()
+    assert lse_err <= 2 * (eager.lse.double() - want.lse)[finite].abs().max() + 1e-5
+
+
+def test_the_kernel_builds():
+    assert native.unavailable(block_sparse.NAME) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)], ids=lambda h: f"H{h[0]}kv{h[1]}")
+def test_prebuilt_index_gqa_partial_uneven(dtype, per_head, heads):
+    """Random layouts (uneven counts per row), causal diagonals as partial blocks, GQA, and a block
+    size that does not divide T (ragged last query and key blocks)."""
+    n_heads, n_kv = heads
+    n, bs, t = 6, 32, 180
+    gen = torch.Generator().manual_seed(n_heads + n_kv)
+    layout = (torch.rand(1, n_heads if per_head else 1, n, n, generator=gen) < 0.4).tril()
+    layout |= torch.eye(n, dtype=torch.bool)
+    index = BlockIndex.from_block_mask(
+        layout, bs, partial=torch.eye(n, dtype=torch.bool), q_len=t, kv_len=t
+    )
+    q, k, v = make_qkv(2, n_heads, n_kv, t, t, 32, dtype=dtype, seed=1)
+    got = block_sparse_attention_on(q, k, v, index, 0.2, _causal)
+    _check(got, q, k, v, index.to_dense(_causal), 0.2)
+
+
+def block_sparse_attention_on(q, k, v, index, scale, mask_fn, **kw):
+    return block_sparse.block_sparse_attention(q, k, v, index, scale=scale, mask_fn=mask_fn, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_rows_and_unmasked_partial_blocks(dtype):
+    """A query block with no visited key block gets zeros and lse = -inf; without a mask_fn the
+    partial blocks are fully visible."""
+    layout = torch.tensor(
+        [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]], dtype=torch.bool
+    )
+    partial = torch.tensor(
+        [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool
+    )
+    index = BlockIndex.from_block_mask(layout, 16, partial=partial, q_len=60, kv_len=64)
+    q, k, v = make_qkv(1, 2, 2, 60, 64, 16, dtype=dtype, seed=5)
+    got = block_sparse_attention_on(q, k, v, index, 0.3, None)
+    assert torch.equal(got.out[:, :, 16:32], torch.zeros_like(got.out[:, :, 16:32]))
+    assert torch.isneginf(got.lse[:, :, 16:32]).all()
+    _check(got, q, k, v, index.to_dense(), 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "spec", ["sliding_window:window=100", "streaming_llm:sinks=4,window=64", "dense:causal=false"]
+)
+def test_methods_through_the_api_with_gqa_and_ragged_blocks(dtype, spec):
+    method = from_string(spec)
+    q, k, v = make_qkv(1, 8, 2, 300, 300, 64, dtype=dtype, seed=7)
+    got = attention(q, k, v, method=method, impl="native")
+    if dtype == torch.float64:
+        visible = make_call(q, k, v, method)
+        from longattn.api import visible_mask
+
+        _check(got, q, k, v, visible_mask(visible), q.shape[-1] ** -0.5)
+    else:
+        assert_attention_close(got, q, k, v, method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_padding_positions(dtype):
+    """Left-padded batch rows (position -1): padding keys never attended, padding queries get zeros."""
+    layout = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.6
+    pos = torch.arange(256).repeat(2, 1)
+    pos[0, :50] = -1
+    q, k, v = make_qkv(2, 4, 2, 256, 256, 32, dtype=dtype, seed=4)
+    for method in (
+        methods.StaticBlocks(layout, block_size=64),
+        from_string("sliding_window:window=90"),
+    ):
+        res = attention(q, k, v, method=method, impl="native", q_positions=pos, kv_positions=pos)
+        assert_attention_close(res, q, k, v, method, q_positions=pos, kv_positions=pos)
+        assert torch.equal(res.out[0, :, :50], torch.zeros_like(res.out[0, :, :50]))
+        assert torch.isneginf(res.lse[0, :, :50]).all()
+
+
+def test_causal_diagonals_skip_the_materialised_mask():
+    """Sliding-window diagonal blocks are proven causal by the bounds (no bytes); window edges are
+    not, so they get a packed byte mask; the result matches the oracle either way."""
+    method = from_string("sliding_window:window=300")
+    q, k, v = make_qkv(1, 2, 2, 512, 512, 32, seed=9)
+    call = make_call(q, k, v, method)
+    from longattn.api import block_index
+
+    index = block_index(call)
+    pos = torch.arange(512).view(1, -1)
+    kinds, masks, _ = block_sparse._slot_kinds(
+        index, 2, 1, pos, pos, 512, 512, method.mask, method.block_bounds, True, False
+    )
+    diag = index.kv_blocks == torch.arange(index.n_q_blocks).view(1, 1, -1, 1)
+    assert (kinds[diag] == block_sparse.CAUSAL).all()
+    edge = index.partial & ~diag
+    assert edge.any() and (kinds[edge] >= 0).all()
+    assert masks.shape[2] == int(kinds.max()) + 1
+    res = attention(q, k, v, method=method, impl="native")
+    assert_attention_close(res, q, k, v, method)
+
+
+def test_chunked_query_positions():
+    """Queries at explicit positions inside a longer key range (chunked prefill)."""
+    method = from_string("streaming_llm:sinks=4,window=64")
+    q, k, v = make_qkv(1, 4, 2, 70, 400, 64, seed=3)
+    q_pos, kv_pos = torch.arange(200, 270), torch.arange(400)
+    res = attention(q, k, v, method=method, impl="native", q_positions=q_pos, kv_positions=kv_pos)
+    assert_attention_close(res, q, k, v, method, q_positions=q_pos, kv_positions=kv_pos)
+
+
+def test_auto_chooses_native_for_block_sparse_masks():
+    q, k, v = make_qkv(1, 4, 4, 2048, 2048, 64)
+    call = make_call(q, k, v, from_string("sliding_window:window=512"))
+    assert choose_impl(call, "auto").name == "native"
+
+
+def test_unsupported_calls_say_why():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 63, dtype=torch.bfloat16)
+    call = make_call(q, k, v, from_string("sliding_window:window=16"))
+    with pytest.raises(ValueError, match="even head dim"):
+        choose_impl(call, "native")
+    q, k, v = make_qkv(1, 2, 2, 66, 66, 16, dtype=torch.bfloat16)
+    call = make_call(q, k, v, methods.StaticBlocks(n_blocks=2, block_size=33))
+    with pytest.raises(ValueError, match="block size"):
+        choose_impl(call, "native")
+    assert "float16" in block_sparse.unavailable(torch.float16, torch.device("cpu"), 64)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    call = make_call(q, k, v, from_string("sliding_window:window=16"), scale=-0.5)
+    with pytest.raises(ValueError, match="scale > 0"):
+        choose_impl(call, "native")
+
+
+def test_bad_index_is_a_clear_error_and_validate_false_skips_the_check():
+    index = BlockIndex.from_block_mask(torch.ones(4, 4, dtype=torch.bool), 16)
+    bad = BlockIndex(index.kv_blocks.flip(-1).contiguous(), index.counts, index.partial, 16, 64, 64)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        block_sparse_attention_on(q, k, v, bad, 0.1, None)
+    # trusted: the same (reordered, still in-range) index runs unchecked and gives dense attention
+    got = block_sparse_attention_on(q, k, v, bad, 0.1, None, validate=False)
+    _check(got, q, k, v, None, 0.1)
+
+
+def test_workspace_release_and_reuse_across_shapes():
+    """The packed K/V workspace is reused by a smaller call, regrown by a larger one, and freed."""
+    method = from_string("sliding_window:window=64")
+    for t, dtype in ((300, torch.float32), (100, torch.bfloat16), (520, torch.bfloat16)):
+        q, k, v = make_qkv(1, 2, 2, t, t, 32, dtype=dtype, seed=t)
+        assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+    block_sparse.release_workspace()
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 32, seed=2)
+    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_batch_and_per_head_index(dtype):
+    """An index with its own layout per batch row and per query head (Bi = B, Hi = H), GQA."""
+    n, bs, t = 5, 16, 75
+    gen = torch.Generator().manual_seed(11)
+    layout = (torch.rand(2, 4, n, n, generator=gen) < 0.5).tril() | torch.eye(n, dtype=torch.bool)
+    layout[1, 2, 3] = False  # an empty query block in one (batch, head) only
+    index = BlockIndex.from_block_mask(
+        layout, bs, partial=torch.eye(n, dtype=torch.bool), q_len=t, kv_len=t
+    )
+    q, k, v = make_qkv(2, 4, 2, t, t, 16, dtype=dtype, seed=12)
+    got = block_sparse_attention_on(q, k, v, index, 0.25, _causal)
+    _check(got, q, k, v, index.to_dense(_causal), 0.25)
+    assert torch.isneginf(got.lse[1, 2, 3 * bs : 4 * bs]).all()
+
+
+def test_without_the_extension_auto_takes_sparse_and_native_says_why(monkeypatch):
+    """No silent fallback: impl='native' raises with the build reason; auto moves on to 'sparse'."""
+    monkeypatch.setattr(native, "unavailable", lambda name: "no C++ compiler found (test)")
+    q, k, v = make_qkv(1, 4, 4, 2048, 2048, 64)
+    call = make_call(q, k, v, from_string("sliding_window:window=512"))
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
+        choose_impl(call, "native")
+    assert choose_impl(call, "auto").name == "sparse"
+
+
+def test_odd_block_size_float32():
+    method = methods.StaticBlocks(n_blocks=4, block_size=33, density=0.6)
+    q, k, v = make_qkv(1, 4, 2, 130, 130, 32, seed=13)
+    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
