@@ -120,9 +120,11 @@ def test_page_products_equal_the_matmul(dtype):
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(2, 3, 5, 96, generator=gen)
     table = torch.randn(2, 3, 300, 96, generator=gen).to(dtype)
-    got = max_page_products(rows, table)
     want = (table.double() @ rows.double().transpose(-1, -2)).amax(-1)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    for native_kernel in (True, False):
+        got = max_page_products(rows, table, native_kernel=native_kernel)
+        tol = 1e-5 if native_kernel or dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=100 * tol)
 
 
 def test_auto_chooses_the_native_kernel_for_decode_and_quest():
