@@ -87,8 +87,7 @@ class SelectView:
     calibration: per-layer calibration tensors of the method (name -> tensor), or None.
     n_layers:   layers in the cache.
     page_products: ``page_products(rows [B, Hkv, R, 2 * D]) -> [B, Hkv, P, R]`` float32, per page
-                and row ``page_bounds . row`` (one pass over the page metadata for all rows; a
-                native kernel where it is built).
+                and row ``page_bounds . row``.
     """
 
     q_pos: torch.Tensor
