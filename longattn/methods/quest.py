@@ -60,11 +60,12 @@ class Quest(Method):
         # place, for all the group's rows by the library's page_products.
         rows = q.reshape(batch, n_kv, -1, q.shape[-1]).float()  # [B, Hkv, G*Tq, D]
         split = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)  # pairs with [min, max]
-        bound = view.page_products(split)  # [B, Hkv, P, rows] float32
+        # [B, Hkv, rows, P]: pages on the last axis (a softmax over a strided axis is 5x slower)
+        bound = view.page_products(split).transpose(-1, -2).contiguous()
         empty = (view.page_count == 0)[:, None, :]  # [B, 1, P]
-        bound.mul_(view.scale).masked_fill_(empty.unsqueeze(-1), -torch.inf)
+        bound.mul_(view.scale).masked_fill_(empty.unsqueeze(2), -torch.inf)
         # summed per-row mass estimate; a row with no page at all gives NaN, cleared below
-        bound = torch.softmax(bound, dim=2).sum(-1).nan_to_num_(0.0)  # [B, Hkv, P]
+        bound = torch.softmax(bound, dim=-1).sum(2).nan_to_num_(0.0)  # [B, Hkv, P]
         bound.masked_fill_(empty, -torch.inf)
         newest = (view.page_count > 0).cumsum(1).argmax(1)  # [B] last non-empty page per row
         bound.scatter_(2, newest.view(-1, 1, 1).expand(batch, n_kv, 1), torch.inf)
