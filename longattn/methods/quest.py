@@ -56,8 +56,8 @@ class Quest(Method):
         if k_pages >= n_pages or view.layer < self.dense_layers:
             return None
         batch, n_kv = view.page_min.shape[:2]
-        # The page metadata is finite (empty pages hold zeros, masked below) and is read once, in
-        # place, for all the group's rows by the library's page_products.
+        # The page metadata is finite (empty pages hold zeros, masked below) and is read in place,
+        # for all the group's rows, by the library's page_products.
         rows = q.reshape(batch, n_kv, -1, q.shape[-1]).float()  # [B, Hkv, G*Tq, D]
         split = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)  # pairs with [min, max]
         # [B, Hkv, rows, P]: pages on the last axis (a softmax over a strided axis is 5x slower)
