@@ -266,15 +266,20 @@ def block_size_for(method: Method) -> int:
 
 
 def block_index(call: Call) -> BlockIndex:
-    """The ``BlockIndex`` of a mask method on this call's positions (analytic, from block_bounds)."""
-    return block_index_from_mask(
-        call.method.mask,
-        call.method.block_bounds,
-        call.q.shape[1],
-        call.q_pos,
-        call.kv_pos,
-        block_size_for(call.method),
-    )
+    """The ``BlockIndex`` of a mask method on this call's positions (analytic, from block_bounds);
+    built once per call."""
+    index = call.derived.get("block_index")
+    if index is None:
+        index = block_index_from_mask(
+            call.method.mask,
+            call.method.block_bounds,
+            call.q.shape[1],
+            call.q_pos,
+            call.kv_pos,
+            block_size_for(call.method),
+        )
+        call.derived["block_index"] = index
+    return index
 
 
 def _block_can_run(call: Call) -> str | None:

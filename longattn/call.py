@@ -9,7 +9,8 @@ completely, then appends the new keys to the cache and describes the attention o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -36,6 +37,9 @@ class Call:
     cache: KVCache | None = None  # set when k, v are a cache layer's views (decode)
     layer: int = 0
     selection: DecodeSelection | None = None  # a precomputed selection (tests share it)
+    # what is derived from this call once and read again (the block index: by auto's check, then by
+    # the kernel); ``replace`` starts a new call with an empty one
+    derived: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:

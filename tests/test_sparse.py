@@ -77,3 +77,19 @@ def test_static_blocks_runs_on_the_sparse_kernel_with_padding():
     pos[0, :50] = -1
     res = attention(q, k, v, method=method, impl="sparse", q_positions=pos, kv_positions=pos)
     assert_attention_close(res, q, k, v, method, q_positions=pos, kv_positions=pos)
+
+
+def test_auto_builds_the_block_index_once_per_call(monkeypatch):
+    from longattn import api
+
+    built = []
+    real = api.block_index_from_mask
+
+    def counting(*args):
+        built.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(api, "block_index_from_mask", counting)
+    q, k, v = make_qkv(1, 2, 2, 512, 512, 16, seed=1)
+    api.attention(q, k, v, method="sliding_window:window=128")
+    assert len(built) == 1
