@@ -41,6 +41,7 @@ from longattn.types import AttnOutput, BlockIndex, DecodeSelection
 
 log = logging.getLogger("longattn")
 
+
 @dataclass(frozen=True)
 class Impl:
     """An implementation: ``can_run`` says why it cannot run a call (None: it can); ``auto`` says why

@@ -18,10 +18,25 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.decode import page_products
+from longattn.kernels.decode import page_mass
 from longattn.types import SelectView
 
 MIN_CAPACITY = 256
+
+
+def bounds_dtype(key_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the page key bounds for keys of ``key_dtype``: bfloat16, float64 for float64."""
+    return torch.float64 if key_dtype == torch.float64 else torch.bfloat16
+
+
+def round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
+    """``x`` in ``dtype``, rounded toward ``toward`` (-inf: a lower bound; +inf: an upper bound)
+    wherever the conversion is inexact, so a rounded page min / max still bounds the page's keys."""
+    y = x.to(dtype)
+    if dtype == x.dtype:
+        return y
+    wrong = y.to(x.dtype) > x if toward < 0 else y.to(x.dtype) < x
+    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, toward)), y)
 
 
 @dataclass
@@ -32,7 +47,9 @@ class _Layer:
     row_len: torch.Tensor  # [B] int64 slots used per row (cpu)
     next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
     # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
-    # by side so that a page bound is one matmul over one contiguous tensor
+    # by side so that page bounds stream as one contiguous tensor; bfloat16 rounded outward (min
+    # down, max up: still bounds of the keys, half the bytes of float32 to read per selection),
+    # float64 for a float64 cache
     page_bounds: torch.Tensor
     page_sum: torch.Tensor  # float32
     page_count: torch.Tensor  # [B, cap / page] int64
@@ -384,6 +401,7 @@ class KVCache:
         self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
         bounds = entry.page_bounds[:, :, :pages]
+        count = entry.page_count[:, :pages]
         return SelectView(
             q_pos=q_pos,
             keys=self.keys(layer),
@@ -395,12 +413,12 @@ class KVCache:
             page_max=entry.page_max[:, :, :pages],
             page_bounds=bounds,
             page_sum=entry.page_sum[:, :, :pages],
-            page_count=entry.page_count[:, :pages],
+            page_count=count,
             project=lambda name, matrix: self.projected_keys(layer, name, matrix),
             state=self.state,
             calibration=calibration,
             n_layers=self.n_layers,
-            page_products=lambda rows: page_products(rows, bounds),
+            page_mass=lambda rows, scale: page_mass(rows, bounds, count, scale),
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -421,7 +439,9 @@ class KVCache:
             pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
             row_len=torch.zeros(batch, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
-            page_bounds=torch.zeros(batch, heads, pages, 2 * dim, dtype=k.dtype, device=dev),
+            page_bounds=torch.zeros(
+                batch, heads, pages, 2 * dim, dtype=bounds_dtype(k.dtype), device=dev
+            ),
             page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
             page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
         )
@@ -470,8 +490,11 @@ class KVCache:
         batch, heads, _, dim = entry.keys.shape
         keys = entry.keys[:, :, s0:s1].reshape(batch, heads, p1 - p0, ps, dim)
         empty = (entry.pos[:, s0:s1] < 0).view(batch, 1, p1 - p0, ps, 1)
-        entry.page_min[:, :, p0:p1] = keys.masked_fill(empty, torch.inf).amin(dim=3)
-        entry.page_max[:, :, p0:p1] = keys.masked_fill(empty, -torch.inf).amax(dim=3)
+        dtype = entry.page_bounds.dtype
+        low = keys.masked_fill(empty, torch.inf).amin(dim=3)
+        high = keys.masked_fill(empty, -torch.inf).amax(dim=3)
+        entry.page_min[:, :, p0:p1] = round_outward(low, dtype, -torch.inf)
+        entry.page_max[:, :, p0:p1] = round_outward(high, dtype, torch.inf)
         entry.page_sum[:, :, p0:p1] = keys.float().masked_fill(empty, 0.0).sum(dim=3)
         entry.page_count[:, p0:p1] = (~empty).view(batch, p1 - p0, ps).sum(dim=2)
         # an empty page holds zeros (not +-inf) so bounds stay finite; selection masks it by count

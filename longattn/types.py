@@ -77,7 +77,9 @@ class SelectView:
     layer:      layer index.
     page_size:  slots per cache page.
     page_min, page_max: [B, Hkv, P, D] element-wise key min / max per page (empty slots excluded;
-                zeros for an empty page: mask pages by ``page_count``), P = ceil(T / page_size). Maintained at append time.
+                zeros for an empty page: mask pages by ``page_count``), P = ceil(T / page_size).
+                Maintained at append time; bfloat16 (float64 for a float64 cache), rounded outward
+                (min down, max up), so they still bound every key of the page.
     page_bounds: [B, Hkv, P, 2 * D] page_min and page_max side by side (one contiguous tensor).
     page_sum:   [B, Hkv, P, D] float32 sum of the keys per page; ``page_count`` [B, P] real slots per page.
     project:    ``project(name, matrix [Hkv, D, r]) -> [B, Hkv, T, r]`` float32 low-dimensional keys
@@ -86,8 +88,9 @@ class SelectView:
                 layers within a step (TidalDecode); never stored in the method.
     calibration: per-layer calibration tensors of the method (name -> tensor), or None.
     n_layers:   layers in the cache.
-    page_products: ``page_products(rows [B, Hkv, R, 2 * D]) -> [B, Hkv, P, R]`` float32, per page
-                and row ``page_bounds . row``.
+    page_mass:  ``page_mass(rows [B, Hkv, R, D], scale) -> [B, Hkv, P]`` float32: per page, the
+                summed over rows softmax over pages of ``scale * sum_d max(q_d min_d, q_d max_d)``
+                (-inf for empty pages); ``longattn.kernels.decode.page_mass``.
     """
 
     q_pos: torch.Tensor
@@ -105,7 +108,7 @@ class SelectView:
     state: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, torch.Tensor] | None = None
     n_layers: int = 1
-    page_products: Callable[[torch.Tensor], torch.Tensor] | None = None
+    page_mass: Callable[[torch.Tensor, float], torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:

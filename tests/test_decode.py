@@ -87,9 +87,9 @@ def test_quest_always_keeps_the_newest_page_and_its_bound_is_an_upper_bound():
     view = cache.select_view(0, torch.tensor([[511]]), 0.25)
     exact = (q.view(1, 1, 4, 16) @ k.transpose(-1, -2)).view(1, 1, 4, 32, 16).amax(-1)
     rows = q.view(1, 1, 4, 16)
-    bound = rows.clamp(min=0) @ view.page_max.transpose(-1, -2) + rows.clamp(
+    bound = rows.clamp(min=0) @ view.page_max.float().transpose(-1, -2) + rows.clamp(
         max=0
-    ) @ view.page_min.transpose(-1, -2)
+    ) @ view.page_min.float().transpose(-1, -2)
     assert bool((bound >= exact - 1e-5).all())
 
 

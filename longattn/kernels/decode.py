@@ -213,27 +213,52 @@ def native_decode_selected(
     return AttnOutput(out, lse, None)
 
 
-def page_products(
-    rows: torch.Tensor, table: torch.Tensor, *, native_kernel: bool = False
+def page_mass(
+    rows: torch.Tensor,
+    bounds: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
+    *,
+    native_kernel: bool | None = None,
 ) -> torch.Tensor:
-    """[B, Hkv, P, R] float32: ``table[b, h, p] . rows[b, h, r]`` for every page and row.
+    """[B, Hkv, P] float32: per page, the summed attention mass its key bounds would draw.
 
-    rows [B, Hkv, R, E]; table [B, Hkv, P, E] (e.g. page key min / max side by side, E = 2 D).
-    By default PyTorch products in the table's dtype (one batched product in fp32, one 2-D product
-    [P, E] @ [E, R] per (batch row, head) in bf16): measured faster than the native fused scorer
-    (``native_kernel=True``, one pass over the table for all rows) at 128K, 32/8/d128 fp32 (5.1 ms
-    vs 6.1 ms per Quest step, same run): the fused scorer is compute-bound (a horizontal sum per
-    page and row).
+    ``mass[b, h, p] = sum_r softmax_p(scale * u[b, h, r, p])`` over the non-empty pages, with the
+    upper bound ``u[.., r, p] = sum_d max(q_rd * min_pd, q_rd * max_pd)`` of the scores of page
+    ``p``'s keys; empty pages (``count == 0``) get -inf, a row that sees no page adds nothing.
+    rows [B, Hkv, R, D] (e.g. a KV head's GQA group of query rows); bounds [B, Hkv, P, 2 D] the page
+    key min and max side by side; count [B, P] int64.
+
+    ``native_kernel`` (default: when it can run) streams the bounds once for all rows in C++; with
+    bfloat16 bounds on a CPU with AVX512-BF16 it rounds the query rows to bfloat16 for the bf16
+    dot-product instruction (fp32 accumulation), which moves a bound by about 2^-9 of its size.
+    The PyTorch path computes the same in float32.
     """
+    rows = rows.float()
+    if native_kernel is None:
+        native_kernel = bounds.dtype in NATIVE_DTYPES and native_unavailable(rows) is None
     if native_kernel:
-        reason = native_unavailable(rows.float(), None)
+        reason = native_unavailable(rows, None)
         if reason is not None:
             raise RuntimeError(f"native page scorer unavailable: {reason}")
-        return native.load("decode").products(rows.float().contiguous(), table)
+        return native.load("decode").page_mass(rows.contiguous(), bounds, count, float(scale))
+    split = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)  # pairs with [min | max]
+    # [B, Hkv, R, P]: pages on the last axis (a softmax over a strided axis is 5x slower)
+    bound = _page_products(split, bounds).transpose(-1, -2).contiguous()
+    empty = (count == 0)[:, None, :]  # [B, 1, P]
+    bound.mul_(scale).masked_fill_(empty.unsqueeze(2), -torch.inf)
+    # a row with no page at all gives NaN, cleared
+    mass = torch.softmax(bound, dim=-1).sum(2).nan_to_num_(0.0)
+    return mass.masked_fill_(empty, -torch.inf)
+
+
+def _page_products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, P, R] float32 ``table[b, h, p] . rows[b, h, r]`` in the table's dtype (one batched
+    product in fp32 / fp64; one 2-D product per (batch row, head) in bf16, which is faster than a
+    batched bf16 product of this shape)."""
     batch, n_kv, n_pages = table.shape[:3]
     rows = rows.to(table.dtype)
-    if table.dtype != torch.bfloat16:  # one batched product (about 15 % faster at 128K in fp32)
+    if table.dtype != torch.bfloat16:
         return torch.matmul(table, rows.transpose(-1, -2)).float()
-    # bf16: one 2-D product per (batch row, head); batched bf16 products of this shape are slower
     prods = [table[b, h] @ rows[b, h].T for b in range(batch) for h in range(n_kv)]
     return torch.stack(prods).float().view(batch, n_kv, n_pages, -1)

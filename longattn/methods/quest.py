@@ -56,17 +56,8 @@ class Quest(Method):
         if k_pages >= n_pages or view.layer < self.dense_layers:
             return None
         batch, n_kv = view.page_min.shape[:2]
-        # The page metadata is finite (empty pages hold zeros, masked below) and is read in place,
-        # for all the group's rows, by the library's page_products.
-        rows = q.reshape(batch, n_kv, -1, q.shape[-1]).float()  # [B, Hkv, G*Tq, D]
-        split = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)  # pairs with [min, max]
-        # [B, Hkv, rows, P]: pages on the last axis (a softmax over a strided axis is 5x slower)
-        bound = view.page_products(split).transpose(-1, -2).contiguous()
-        empty = (view.page_count == 0)[:, None, :]  # [B, 1, P]
-        bound.mul_(view.scale).masked_fill_(empty.unsqueeze(2), -torch.inf)
-        # summed per-row mass estimate; a row with no page at all gives NaN, cleared below
-        bound = torch.softmax(bound, dim=-1).sum(2).nan_to_num_(0.0)  # [B, Hkv, P]
-        bound.masked_fill_(empty, -torch.inf)
+        rows = q.reshape(batch, n_kv, -1, q.shape[-1])  # [B, Hkv, G*Tq, D]
+        bound = view.page_mass(rows, view.scale)  # [B, Hkv, P], -inf on empty pages
         newest = (view.page_count > 0).cumsum(1).argmax(1)  # [B] last non-empty page per row
         bound.scatter_(2, newest.view(-1, 1, 1).expand(batch, n_kv, 1), torch.inf)
         return DecodeSelection(top_index(bound, k_pages), self.page_size)
