@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.decode import page_mass
+from longattn.kernels.decode import row_mass
 from longattn.types import SelectView
 
 MIN_CAPACITY = 256
@@ -401,7 +401,6 @@ class KVCache:
         self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
         bounds = entry.page_bounds[:, :, :pages]
-        count = entry.page_count[:, :pages]
         return SelectView(
             q_pos=q_pos,
             keys=self.keys(layer),
@@ -413,12 +412,12 @@ class KVCache:
             page_max=entry.page_max[:, :, :pages],
             page_bounds=bounds,
             page_sum=entry.page_sum[:, :, :pages],
-            page_count=count,
+            page_count=entry.page_count[:, :pages],
             project=lambda name, matrix: self.projected_keys(layer, name, matrix),
             state=self.state,
             calibration=calibration,
             n_layers=self.n_layers,
-            page_mass=lambda rows, scale: page_mass(rows, bounds, count, scale),
+            row_mass=row_mass,
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -275,6 +275,10 @@ def projected_mass(q: torch.Tensor, view: Any, name: str, matrix: torch.Tensor) 
     rows = q.float().reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*Tq, D]
     q_low = rows @ matrix  # [B, Hkv, G*Tq, r]
     k_low = view.project(name, matrix)  # [B, Hkv, T, r]
+    q_min = int(view.q_pos.min())
+    if view.row_mass is not None and q_min >= 0 and int(view.positions.max()) <= q_min:
+        # every stored key is visible to every query (the usual decode step): one fused pass
+        return view.row_mass(q_low, k_low, view.positions >= 0, view.scale)
     scores = (q_low @ k_low.transpose(-1, -2)) * view.scale
     scores = scores.view(batch, n_heads, q_len, -1)
     return group_mass(scores, visible_keys(view.q_pos, view.positions), n_kv)

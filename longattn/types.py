@@ -88,9 +88,10 @@ class SelectView:
                 layers within a step (TidalDecode); never stored in the method.
     calibration: per-layer calibration tensors of the method (name -> tensor), or None.
     n_layers:   layers in the cache.
-    page_mass:  ``page_mass(rows [B, Hkv, R, D], scale) -> [B, Hkv, P]`` float32: per page, the
-                summed over rows softmax over pages of ``scale * sum_d max(q_d min_d, q_d max_d)``
-                (-inf for empty pages); ``longattn.kernels.decode.page_mass``.
+    row_mass:   ``row_mass(rows [B, Hkv, R, E], table [B, Hkv, N, E], present [B, N], scale) ->
+                [B, Hkv, N]`` float32: per entry, ``sum_r softmax_n(scale * rows_r . table_n)`` over
+                present entries (-inf elsewhere), table read once for all rows
+                (``longattn.kernels.decode.row_mass``; native where it can run).
     """
 
     q_pos: torch.Tensor
@@ -108,7 +109,7 @@ class SelectView:
     state: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, torch.Tensor] | None = None
     n_layers: int = 1
-    page_mass: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    row_mass: Callable[..., torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:

@@ -14,7 +14,7 @@ from longattn.kernels.decode import (
     native_decode,
     native_decode_selected,
     native_unavailable,
-    page_mass,
+    row_mass,
 )
 from longattn.testing import assert_attention_close, make_qkv
 from longattn.types import AttnOutput, DecodeSelection
@@ -113,57 +113,59 @@ def test_selected_rejects_out_of_range_entries():
         )
 
 
-def _mass_float64(rows, bounds, count, scale):
-    """page_mass's definition in float64: sum_r softmax_p(scale * sum_d max(q min, q max))."""
-    dim = rows.shape[-1]
-    low, high = bounds.double()[..., :dim], bounds.double()[..., dim:]
-    q = rows.double().unsqueeze(3)  # [B, H, R, 1, D]
-    u = torch.maximum(q * low.unsqueeze(2), q * high.unsqueeze(2)).sum(-1) * scale  # [B, H, R, P]
-    empty = (count == 0)[:, None, None, :]
-    mass = torch.softmax(u.masked_fill(empty, -torch.inf), -1).nan_to_num(0.0).sum(2)
-    return mass.masked_fill(empty[:, :, 0], -torch.inf)
+def _mass_float64(rows, table, present, scale):
+    """row_mass's definition in float64: sum_r softmax_n(scale * rows_r . table_n) over present n."""
+    scores = (rows.double() @ table.double().transpose(-1, -2)) * scale  # [B, H, R, N]
+    absent = ~present[:, None, None, :]
+    mass = torch.softmax(scores.masked_fill(absent, -torch.inf), -1).nan_to_num(0.0).sum(2)
+    return mass.masked_fill(absent[:, :, 0], -torch.inf)
 
 
-# dim 64: the bf16 dot-product path where the CPU has it; dim 40: rows not a whole number of vectors
-@pytest.mark.parametrize("dim", [64, 40])
+# width 64: the bf16 dot-product path where the CPU has it; 16: one vector (Loki's rank);
+# 40: not a whole number of vectors
+@pytest.mark.parametrize("width", [64, 16, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_page_mass_matches_its_definition(dtype, dim):
+def test_row_mass_matches_its_definition(dtype, width):
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(2, 3, 5, dim, generator=gen)
-    low = torch.randn(2, 3, 300, dim, generator=gen)
-    bounds = torch.cat([low, low + torch.rand(2, 3, 300, dim, generator=gen)], -1).to(dtype)
-    count = torch.randint(0, 3, (2, 300), generator=gen)
-    count[1] = 0  # a batch row with no page at all: every page -inf, nothing else
+    rows = torch.randn(2, 3, 5, width, generator=gen)
+    table = torch.randn(2, 3, 1100, width, generator=gen).to(dtype)
+    present = torch.rand(2, 1100, generator=gen) > 0.3
+    present[1] = False  # a batch row with no entry at all: every entry -inf, nothing else
     scale = 0.05
-    want = _mass_float64(rows, bounds, count, scale)
-    # Derived bound: the native kernel may round the rows to bf16 for bf16 bounds (relative 2^-9
-    # per element; fp32 accumulation), which moves each scaled bound by at most delta below; a
+    want = _mass_float64(rows, table, present, scale)
+    # Derived bound: the native kernel may round the rows to bf16 for a bf16 table (relative 2^-9
+    # per element; fp32 accumulation), which moves each scaled score by at most delta below; a
     # softmax whose logits move by <= delta moves by a factor within exp(+-2 delta).
     eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
-    high = bounds.double().abs()
-    magnitude = torch.maximum(high[..., :dim], high[..., dim:]).amax(
-        2, keepdim=True
-    )  # [B, H, 1, D]
-    delta = scale * eps * float((rows.double().abs() * magnitude).sum(-1).max())
+    magnitude = table.double().abs().amax(2, keepdim=True).transpose(-1, -2)  # [B, H, E, 1]
+    delta = scale * eps * float((rows.double().abs() @ magnitude).max())
     tol = want.abs() * (2 * delta + 4 * delta**2) + 1e-7
     finite = torch.isfinite(want)
     for native_kernel in (False, True):
-        got = page_mass(rows, bounds, count, scale, native_kernel=native_kernel)
-        assert got.dtype == torch.float32 and got.shape == (2, 3, 300)
+        got = row_mass(rows, table, present, scale, native_kernel=native_kernel)
+        assert got.dtype == torch.float32 and got.shape == (2, 3, 1100)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         err = (got.double() - want).abs()
         assert bool((err[finite] <= tol[finite]).all()), float((err / tol)[finite].max())
-    # each row's softmax sums to 1 over the non-empty pages (5 rows per head)
-    got = page_mass(rows, bounds, count, scale, native_kernel=True)
+    # each row's softmax sums to 1 over the present entries (5 rows per head)
+    got = row_mass(rows, table, present, scale, native_kernel=True)
     torch.testing.assert_close(
         got[0].clamp(min=0).sum(-1), torch.full((3,), 5.0), rtol=1e-4, atol=0
     )
 
 
-def test_page_mass_rejects_mismatched_bounds():
+def test_row_mass_rejects_mismatched_inputs():
     rows = torch.randn(1, 2, 4, 32)
     with pytest.raises(RuntimeError, match="differ"):
-        page_mass(
+        row_mass(
+            rows,
+            torch.zeros(1, 2, 10, 64),
+            torch.ones(1, 10, dtype=torch.bool),
+            1.0,
+            native_kernel=True,
+        )
+    with pytest.raises(RuntimeError, match="present must be bool"):
+        row_mass(
             rows,
             torch.zeros(1, 2, 10, 32),
             torch.ones(1, 10, dtype=torch.int64),

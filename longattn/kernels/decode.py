@@ -213,52 +213,53 @@ def native_decode_selected(
     return AttnOutput(out, lse, None)
 
 
-def page_mass(
+def row_mass(
     rows: torch.Tensor,
-    bounds: torch.Tensor,
-    count: torch.Tensor,
+    table: torch.Tensor,
+    present: torch.Tensor,
     scale: float,
     *,
     native_kernel: bool | None = None,
 ) -> torch.Tensor:
-    """[B, Hkv, P] float32: per page, the summed attention mass its key bounds would draw.
+    """[B, Hkv, N] float32: per table entry, the softmax mass it draws, summed over query rows.
 
-    ``mass[b, h, p] = sum_r softmax_p(scale * u[b, h, r, p])`` over the non-empty pages, with the
-    upper bound ``u[.., r, p] = sum_d max(q_rd * min_pd, q_rd * max_pd)`` of the scores of page
-    ``p``'s keys; empty pages (``count == 0``) get -inf, a row that sees no page adds nothing.
-    rows [B, Hkv, R, D] (e.g. a KV head's GQA group of query rows); bounds [B, Hkv, P, 2 D] the page
-    key min and max side by side; count [B, P] int64.
+    ``mass[b, h, n] = sum_r softmax_n(scale * rows[b, h, r] . table[b, h, n])`` over the entries with
+    ``present[b, n]``; absent entries get -inf, a row with no present entry adds nothing.
+    rows [B, Hkv, R, E] (a KV head's GQA group of query rows, in some feature space); table
+    [B, Hkv, N, E] per entry features (last axis contiguous); present [B, N] bool. Quest scores
+    pages with rows ``[min(q, 0) | max(q, 0)]`` against the page key bounds ``[min | max]``, i.e. the
+    bound ``sum_d max(q_d min_d, q_d max_d)``; Loki / Double Sparsity score tokens with
+    low-dimensional queries against the cache's low-dimensional keys.
 
-    ``native_kernel`` (default: when it can run) streams the bounds once for all rows in C++; with
-    bfloat16 bounds on a CPU with AVX512-BF16 it rounds the query rows to bfloat16 for the bf16
-    dot-product instruction (fp32 accumulation), which moves a bound by about 2^-9 of its size.
-    The PyTorch path computes the same in float32.
+    ``native_kernel`` (default: when it can run) streams the table once for all rows in C++; with a
+    bfloat16 table (width a multiple of 32) on a CPU with AVX512-BF16 it rounds the rows to
+    bfloat16 for the bf16 dot-product instruction (fp32 accumulation), which moves each score by
+    about 2^-9 of its magnitude. The PyTorch path computes the same in float32.
     """
     rows = rows.float()
     if native_kernel is None:
-        native_kernel = bounds.dtype in NATIVE_DTYPES and native_unavailable(rows) is None
+        native_kernel = table.dtype in NATIVE_DTYPES and native_unavailable(rows) is None
     if native_kernel:
         reason = native_unavailable(rows, None)
         if reason is not None:
-            raise RuntimeError(f"native page scorer unavailable: {reason}")
-        return native.load("decode").page_mass(rows.contiguous(), bounds, count, float(scale))
-    split = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)  # pairs with [min | max]
-    # [B, Hkv, R, P]: pages on the last axis (a softmax over a strided axis is 5x slower)
-    bound = _page_products(split, bounds).transpose(-1, -2).contiguous()
-    empty = (count == 0)[:, None, :]  # [B, 1, P]
-    bound.mul_(scale).masked_fill_(empty.unsqueeze(2), -torch.inf)
-    # a row with no page at all gives NaN, cleared
-    mass = torch.softmax(bound, dim=-1).sum(2).nan_to_num_(0.0)
-    return mass.masked_fill_(empty, -torch.inf)
+            raise RuntimeError(f"native row scorer unavailable: {reason}")
+        return native.load("decode").row_mass(rows.contiguous(), table, present, float(scale))
+    # [B, Hkv, R, N]: entries on the last axis (a softmax over a strided axis is 5x slower)
+    scores = _products(rows, table).transpose(-1, -2).contiguous()
+    absent = ~present[:, None, :]  # [B, 1, N]
+    scores.mul_(scale).masked_fill_(absent.unsqueeze(2), -torch.inf)
+    # a row with no present entry gives NaN, cleared
+    mass = torch.softmax(scores, dim=-1).sum(2).nan_to_num_(0.0)
+    return mass.masked_fill_(absent, -torch.inf)
 
 
-def _page_products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, P, R] float32 ``table[b, h, p] . rows[b, h, r]`` in the table's dtype (one batched
+def _products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, N, R] float32 ``table[b, h, n] . rows[b, h, r]`` in the table's dtype (one batched
     product in fp32 / fp64; one 2-D product per (batch row, head) in bf16, which is faster than a
     batched bf16 product of this shape)."""
-    batch, n_kv, n_pages = table.shape[:3]
+    batch, n_kv, n_entries = table.shape[:3]
     rows = rows.to(table.dtype)
     if table.dtype != torch.bfloat16:
         return torch.matmul(table, rows.transpose(-1, -2)).float()
     prods = [table[b, h] @ rows[b, h].T for b in range(batch) for h in range(n_kv)]
-    return torch.stack(prods).float().view(batch, n_kv, n_pages, -1)
+    return torch.stack(prods).float().view(batch, n_kv, n_entries, -1)

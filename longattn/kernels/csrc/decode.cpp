@@ -1,5 +1,5 @@
 // Few-query (decode) attention over a KV cache layer, dense or over selected pages / tokens, and the
-// page-bound scorer used by query-aware page selection.
+// scorer of query-aware selection (row_mass, at the end).
 //
 // Layout: q [B, H, Tq, D]; keys / values [B, Hkv, T, D] (any strides, last axis contiguous); positions
 // int64 with -1 for an empty slot. A "stream" is one (batch row, index head): for dense attention and
@@ -84,6 +84,20 @@ inline V vexp2(V a) {
   __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return {_mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n))};
 }
+// out[i] = the sum of the lanes of a_i, i < 4 (a transposing tree: 11 instructions for all four)
+inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0.x, a1.x, 0x44),
+                                   _mm512_shuffle_f32x4(a0.x, a1.x, 0xEE));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2.x, a3.x, 0x44),
+                                   _mm512_shuffle_f32x4(a2.x, a3.x, 0xEE));
+  // 128-bit lanes: [a0 | a1 | a2 | a3], four partial sums each
+  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88),
+                           _mm512_shuffle_f32x4(u01, u23, 0xDD));
+  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
+  const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, w)));
+}
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 #else
 using Mask = uint16_t;
@@ -109,6 +123,12 @@ inline V vmin(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::min(a.x
 inline float vsum(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
 inline float vhmax(V a) { float s = a.x[0]; for (int i = 1; i < W; ++i) s = std::max(s, a.x[i]); return s; }
 inline V vexp2(V a) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::exp2(a.x[i]); return r; }
+inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
+  out[0] = vsum(a0);
+  out[1] = vsum(a1);
+  out[2] = vsum(a2);
+  out[3] = vsum(a3);
+}
 inline void prefetch(const void*) {}
 #endif
 
@@ -645,51 +665,38 @@ std::vector<at::Tensor> decode_selected(const at::Tensor& q, const at::Tensor& k
   });
 }
 
-// Page bound mass, the score of query-aware page selection (Quest). For each (batch row b, KV head
-// h) and page p with count[b, p] > 0:
-//   mass[b, h, p] = sum_r softmax_p(scale * u[r, p]),  u[r, p] = sum_d max(q_rd * min_pd, q_rd * max_pd)
-// computed as u = q- . min + q+ . max (q- = min(q, 0), q+ = max(q, 0)) against bounds [B, Hkv, P, 2 D]
-// (min | max side by side); empty pages get -inf and a row that sees no page adds nothing.
-// Pass 1 streams the bounds once for all R rows of a head (work items: head x block of pages) into
-// a [B * Hkv, R, P] buffer of scaled bounds (log2 domain); pass 2 normalises each row and sums rows.
-// With bfloat16 bounds and AVX512-BF16, pass 1 uses the bf16 dot-product instruction, which rounds
-// the query rows to bfloat16 (fp32 accumulation); otherwise it converts the bounds and uses fp32 FMAs.
-#if LA_AVX512
-// The sums of four 16-lane vectors, in lanes 0..3.
-inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
-  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
-  // 128-bit lanes: [a0 | a1 | a2 | a3], four partial sums each
-  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
-  return _mm512_castps512_ps128(
-      _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w));
-}
-#endif
-
+// Row mass, the score of query-aware selection over pages (Quest: rows [q- | q+] against the page
+// key bounds [min | max]) or tokens (Loki, Double Sparsity: low-dimensional queries against the
+// cache's low-dimensional keys). For each (batch row b, KV head h) and entry n with present[b, n]:
+//   mass[b, h, n] = sum_r softmax_n(scale * rows[b, h, r] . table[b, h, n])
+// absent entries get -inf; a row with no present entry adds nothing.
+// Pass 1 streams the table once for all R rows of a head (work items: head x block of entries) into
+// a [B * Hkv, R, N] buffer of scaled scores (log2 domain); pass 2 normalises each row and sums rows.
+// With a bfloat16 table whose width is a multiple of 32 and AVX512-BF16, pass 1 uses the bf16
+// dot-product instruction, which rounds the rows to bfloat16 (fp32 accumulation); otherwise it
+// converts the table to fp32 and uses fp32 FMAs.
 struct MassProblem {
-  int64_t BH, Hh, Pn, E, R, nc;  // nc: W-chunks of E
-  int64_t tsB, tsH, tsP;         // bounds strides
-  const int64_t* count;
-  int64_t csB, csP;
-  const float* rows;  // [BH, R, nc * W] split, scaled rows (zero padded)
-  float* s;           // [BH, R, Pn]
+  int64_t BH, Hh, N, E, R, nc;  // nc: W-chunks of E
+  int64_t tsB, tsH, tsN;        // table strides
+  const bool* present;
+  int64_t psB, psN;
+  const float* rows;  // [BH, R, nc * W] scaled rows (zero padded)
+  float* s;           // [BH, R, N]
   Mask mask[2 * MAX_D / W];
 };
 
-// Scaled bounds of pages [p0, p1) of head bh for all rows, converting the bounds to fp32.
+// Scaled scores of entries [n0, n1) of head bh for all rows, converting the table to fp32.
 template <typename T>
-void bounds_fp32(const MassProblem& M, const T* tab, int64_t bh, int64_t p0, int64_t p1) {
+void scores_fp32(const MassProblem& M, const T* tab, int64_t bh, int64_t n0, int64_t n1) {
   const int64_t b = bh / M.Hh, Ep = M.nc * W;
   const float* rq = M.rows + bh * M.R * Ep;
-  float* s = M.s + bh * M.R * M.Pn;
-  for (int64_t p = p0; p < p1; ++p) {
-    if (M.count[b * M.csB + p * M.csP] == 0) {
-      for (int64_t r = 0; r < M.R; ++r) s[r * M.Pn + p] = NEG_INF;
+  float* s = M.s + bh * M.R * M.N;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (!M.present[b * M.psB + n * M.psN]) {
+      for (int64_t r = 0; r < M.R; ++r) s[r * M.N + n] = NEG_INF;
       continue;
     }
-    const T* t = tab + p * M.tsP;
+    const T* t = tab + n * M.tsN;
     int64_t r = 0;
     for (; r + 4 <= M.R; r += 4) {
       V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
@@ -700,37 +707,36 @@ void bounds_fp32(const MassProblem& M, const T* tab, int64_t bh, int64_t p0, int
         a2 = vfma(vload(rq + (r + 2) * Ep + c * W), tc, a2);
         a3 = vfma(vload(rq + (r + 3) * Ep + c * W), tc, a3);
       }
-      s[r * M.Pn + p] = vsum(a0);
-      s[(r + 1) * M.Pn + p] = vsum(a1);
-      s[(r + 2) * M.Pn + p] = vsum(a2);
-      s[(r + 3) * M.Pn + p] = vsum(a3);
+      float out4[4];
+      vsum4(a0, a1, a2, a3, out4);
+      for (int i = 0; i < 4; ++i) s[(r + i) * M.N + n] = out4[i];
     }
     for (; r < M.R; ++r) {
       V a0 = vzero();
       for (int64_t c = 0; c < M.nc; ++c)
         a0 = vfma(vload(rq + r * Ep + c * W), vload(t + c * W, M.mask[c]), a0);
-      s[r * M.Pn + p] = vsum(a0);
+      s[r * M.N + n] = vsum(a0);
     }
   }
 }
 
 #if LA_AVX512 && defined(__AVX512BF16__)
 #define LA_DPBF16 1
-// The same with bf16 bounds whose width E is a multiple of 32, by the bf16 dot-product instruction;
+// The same for a bf16 table whose width E is a multiple of 32, by the bf16 dot-product instruction;
 // rbf: the rows rounded to bf16 [BH, R, E].
-void bounds_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64_t bh, int64_t p0,
-                   int64_t p1) {
+void scores_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64_t bh, int64_t n0,
+                   int64_t n1) {
   const int64_t b = bh / M.Hh, n32 = M.E / 32;
   const bf16* rq = rbf + bh * M.R * M.E;
-  float* s = M.s + bh * M.R * M.Pn;
+  float* s = M.s + bh * M.R * M.N;
   auto ld = [](const bf16* x) { return (__m512bh)_mm512_loadu_si512(x); };
-  for (int64_t p = p0; p < p1; ++p) {
-    if (M.count[b * M.csB + p * M.csP] == 0) {
-      for (int64_t r = 0; r < M.R; ++r) s[r * M.Pn + p] = NEG_INF;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (!M.present[b * M.psB + n * M.psN]) {
+      for (int64_t r = 0; r < M.R; ++r) s[r * M.N + n] = NEG_INF;
       continue;
     }
-    const bf16* t = tab + p * M.tsP;
-    if (p + 4 < p1) _mm_prefetch(reinterpret_cast<const char*>(t + 4 * M.tsP), _MM_HINT_T0);
+    const bf16* t = tab + n * M.tsN;
+    if (n + 4 < n1) prefetch(t + 4 * M.tsN);
     int64_t r = 0;
     for (; r + 4 <= M.R; r += 4) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -741,15 +747,15 @@ void bounds_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64
         a2 = _mm512_dpbf16_ps(a2, ld(rq + (r + 2) * M.E + c * 32), tc);
         a3 = _mm512_dpbf16_ps(a3, ld(rq + (r + 3) * M.E + c * 32), tc);
       }
-      alignas(16) float out4[4];
-      _mm_store_ps(out4, reduce4(a0, a1, a2, a3));
-      for (int i = 0; i < 4; ++i) s[(r + i) * M.Pn + p] = out4[i];
+      float out4[4];
+      vsum4({a0}, {a1}, {a2}, {a3}, out4);
+      for (int i = 0; i < 4; ++i) s[(r + i) * M.N + n] = out4[i];
     }
     for (; r < M.R; ++r) {
       __m512 a0 = _mm512_setzero_ps();
       for (int64_t c = 0; c < n32; ++c)
         a0 = _mm512_dpbf16_ps(a0, ld(rq + r * M.E + c * 32), ld(t + c * 32));
-      s[r * M.Pn + p] = _mm512_reduce_add_ps(a0);
+      s[r * M.N + n] = _mm512_reduce_add_ps(a0);
     }
   }
 }
@@ -757,93 +763,89 @@ void bounds_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64
 #define LA_DPBF16 0
 #endif
 
-// Pass 2 for head bh: each row's softmax over pages (log2 domain), summed over rows.
+// Pass 2 for head bh: each row's softmax over entries (log2 domain), summed over rows.
 void mass_rows(const MassProblem& M, int64_t bh, float* out) {
-  float* s = M.s + bh * M.R * M.Pn;
-  float* o = out + bh * M.Pn;
+  float* s = M.s + bh * M.R * M.N;
+  float* o = out + bh * M.N;
   const int64_t b = bh / M.Hh;
-  std::fill(o, o + M.Pn, 0.f);
+  std::fill(o, o + M.N, 0.f);
   for (int64_t r = 0; r < M.R; ++r) {
-    float* sr = s + r * M.Pn;
-    float m = NEG_INF;
-    for (int64_t p = 0; p < M.Pn; ++p) m = std::max(m, sr[p]);
-    if (m == NEG_INF) continue;  // this row sees no page
+    float* sr = s + r * M.N;
+    V mx = vset(NEG_INF);
+    int64_t n = 0;
+    for (; n + W <= M.N; n += W) mx = vmax(mx, vload(sr + n));
+    float m = vhmax(mx);
+    for (; n < M.N; ++n) m = std::max(m, sr[n]);
+    if (m == NEG_INF) continue;  // this row sees no entry
     const V mn = vset(-m);
     V sum = vzero();
-    int64_t p = 0;
-    for (; p + W <= M.Pn; p += W) {
-      const V e = vexp2(vadd(vload(sr + p), mn));
-      vstore(sr + p, e);
+    for (n = 0; n + W <= M.N; n += W) {
+      const V e = vexp2(vadd(vload(sr + n), mn));
+      vstore(sr + n, e);
       sum = vadd(sum, e);
     }
     float l = vsum(sum);
-    for (; p < M.Pn; ++p) {
-      sr[p] = sr[p] == NEG_INF ? 0.f : std::exp2(sr[p] - m);
-      l += sr[p];
+    for (; n < M.N; ++n) {
+      sr[n] = sr[n] == NEG_INF ? 0.f : std::exp2(sr[n] - m);
+      l += sr[n];
     }
-    const float inv = 1.f / l;
-    const V vi = vset(inv);
-    p = 0;
-    for (; p + W <= M.Pn; p += W) vstore(o + p, vfma(vload(sr + p), vi, vload(o + p)));
-    for (; p < M.Pn; ++p) o[p] += sr[p] * inv;
+    const V vi = vset(1.f / l);
+    for (n = 0; n + W <= M.N; n += W) vstore(o + n, vfma(vload(sr + n), vi, vload(o + n)));
+    for (; n < M.N; ++n) o[n] += sr[n] / l;
   }
-  for (int64_t p = 0; p < M.Pn; ++p)
-    if (M.count[b * M.csB + p * M.csP] == 0) o[p] = NEG_INF;
+  for (int64_t n = 0; n < M.N; ++n)
+    if (!M.present[b * M.psB + n * M.psN]) o[n] = NEG_INF;
 }
 
-// rows float32 [B, Hkv, R, D]; bounds [B, Hkv, P, 2 D] float32 or bfloat16 (last axis contiguous);
-// count int64 [B, P]. Returns mass float32 [B, Hkv, P].
-at::Tensor page_mass(const at::Tensor& rows, const at::Tensor& bounds, const at::Tensor& count,
-                     double scale) {
-  TORCH_CHECK(rows.device().is_cpu() && bounds.device().is_cpu() && count.device().is_cpu(),
-              "page_mass: CPU tensors only");
-  TORCH_CHECK(rows.dim() == 4 && bounds.dim() == 4, "page_mass: rows and bounds must be 4-D");
-  TORCH_CHECK(rows.scalar_type() == at::kFloat, "page_mass: rows must be float32");
-  TORCH_CHECK(bounds.scalar_type() == at::kFloat || bounds.scalar_type() == at::kBFloat16,
-              "page_mass: bounds must be float32 or bfloat16");
-  TORCH_CHECK(bounds.stride(3) == 1, "page_mass: bounds rows must be contiguous");
-  TORCH_CHECK(rows.size(0) == bounds.size(0) && rows.size(1) == bounds.size(1) &&
-                  2 * rows.size(3) == bounds.size(3),
-              "page_mass: rows [B, H, R, D] and bounds [B, H, P, 2 D] differ");
-  TORCH_CHECK(bounds.size(3) <= 2 * MAX_D, "page_mass: head dim up to ", MAX_D);
-  TORCH_CHECK(rows.size(2) >= 1, "page_mass: at least one row");
-  TORCH_CHECK(count.scalar_type() == at::kLong && count.dim() == 2 &&
-                  count.size(0) == bounds.size(0) && count.size(1) == bounds.size(2),
-              "page_mass: count must be int64 [B, P]");
+// rows float32 [B, Hkv, R, E]; table [B, Hkv, N, E] float32 or bfloat16 (last axis contiguous);
+// present bool [B, N]. Returns mass float32 [B, Hkv, N].
+at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::Tensor& present,
+                    double scale) {
+  TORCH_CHECK(rows.device().is_cpu() && table.device().is_cpu() && present.device().is_cpu(),
+              "row_mass: CPU tensors only");
+  TORCH_CHECK(rows.dim() == 4 && table.dim() == 4, "row_mass: rows and table must be 4-D");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.is_contiguous(),
+              "row_mass: rows must be contiguous float32");
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16,
+              "row_mass: table must be float32 or bfloat16");
+  TORCH_CHECK(table.stride(3) == 1, "row_mass: table rows must be contiguous");
+  TORCH_CHECK(rows.size(0) == table.size(0) && rows.size(1) == table.size(1) &&
+                  rows.size(3) == table.size(3),
+              "row_mass: rows [B, H, R, E] and table [B, H, N, E] differ");
+  TORCH_CHECK(table.size(3) <= 2 * MAX_D, "row_mass: rows up to ", 2 * MAX_D, " wide");
+  TORCH_CHECK(rows.size(2) >= 1, "row_mass: at least one row");
+  TORCH_CHECK(present.scalar_type() == at::kBool && present.dim() == 2 &&
+                  present.size(0) == table.size(0) && present.size(1) == table.size(2),
+              "row_mass: present must be bool [B, N]");
   MassProblem M{};
-  const int64_t B = bounds.size(0), D = rows.size(3);
-  M.Hh = bounds.size(1);
+  const int64_t B = table.size(0);
+  M.Hh = table.size(1);
   M.BH = B * M.Hh;
-  M.Pn = bounds.size(2);
-  M.E = bounds.size(3);
+  M.N = table.size(2);
+  M.E = table.size(3);
   M.R = rows.size(2);
   M.nc = (M.E + W - 1) / W;
-  M.tsB = bounds.stride(0);
-  M.tsH = bounds.stride(1);
-  M.tsP = bounds.stride(2);
-  M.count = count.data_ptr<int64_t>();
-  M.csB = count.stride(0);
-  M.csP = count.stride(1);
+  M.tsB = table.stride(0);
+  M.tsH = table.stride(1);
+  M.tsN = table.stride(2);
+  M.present = present.data_ptr<bool>();
+  M.psB = present.stride(0);
+  M.psN = present.stride(1);
   for (int64_t c = 0; c < M.nc; ++c) {
     const int64_t lanes = std::min<int64_t>(W, M.E - c * W);
     M.mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
   }
   const int64_t Ep = M.nc * W;
-  // the split rows [q- | q+] times scale * log2(e), zero padded to whole vectors
+  // the rows times scale * log2(e), zero padded to whole vectors
   std::vector<float> rbuf(M.BH * M.R * Ep, 0.f);
-  auto ra = rows.accessor<float, 4>();
+  const float* src = rows.data_ptr<float>();
   const float sc = static_cast<float>(scale) * LOG2E;
-  for (int64_t bh = 0; bh < M.BH; ++bh)
-    for (int64_t r = 0; r < M.R; ++r)
-      for (int64_t d = 0; d < D; ++d) {
-        const float x = ra[bh / M.Hh][bh % M.Hh][r][d] * sc;
-        rbuf[(bh * M.R + r) * Ep + d] = std::min(x, 0.f);
-        rbuf[(bh * M.R + r) * Ep + D + d] = std::max(x, 0.f);
-      }
+  for (int64_t i = 0; i < M.BH * M.R; ++i)
+    for (int64_t e = 0; e < M.E; ++e) rbuf[i * Ep + e] = src[i * M.E + e] * sc;
   M.rows = rbuf.data();
-  auto s = at::empty({M.BH, M.R, M.Pn}, rows.options());
+  auto s = at::empty({M.BH, M.R, M.N}, rows.options());
   M.s = s.data_ptr<float>();
-  const bool bf = bounds.scalar_type() == at::kBFloat16;
+  const bool bf = table.scalar_type() == at::kBFloat16;
   const bool fast = LA_DPBF16 && bf && M.E % 32 == 0;
   std::vector<bf16> rbf;
   if (fast) {
@@ -851,25 +853,25 @@ at::Tensor page_mass(const at::Tensor& rows, const at::Tensor& bounds, const at:
     for (int64_t i = 0; i < M.BH * M.R; ++i)
       for (int64_t e = 0; e < M.E; ++e) rbf[i * M.E + e] = bf16(rbuf[i * Ep + e]);
   }
-  constexpr int64_t BLOCK = 256;  // pages per work item
-  const int64_t blocks = (M.Pn + BLOCK - 1) / BLOCK;
+  constexpr int64_t BLOCK = 512;  // entries per work item
+  const int64_t blocks = (M.N + BLOCK - 1) / BLOCK;
   at::parallel_for(0, M.BH * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / blocks, p0 = (item % blocks) * BLOCK;
-      const int64_t p1 = std::min(M.Pn, p0 + BLOCK);
+      const int64_t bh = item / blocks, n0 = (item % blocks) * BLOCK;
+      const int64_t n1 = std::min(M.N, n0 + BLOCK);
       const int64_t off = (bh / M.Hh) * M.tsB + (bh % M.Hh) * M.tsH;
       if (!bf) {
-        bounds_fp32(M, bounds.data_ptr<float>() + off, bh, p0, p1);
+        scores_fp32(M, table.data_ptr<float>() + off, bh, n0, n1);
       } else if (fast) {
 #if LA_DPBF16
-        bounds_dpbf16(M, reinterpret_cast<const bf16*>(bounds.data_ptr()) + off, rbf.data(), bh, p0, p1);
+        scores_dpbf16(M, reinterpret_cast<const bf16*>(table.data_ptr()) + off, rbf.data(), bh, n0, n1);
 #endif
       } else {
-        bounds_fp32(M, reinterpret_cast<const bf16*>(bounds.data_ptr()) + off, bh, p0, p1);
+        scores_fp32(M, reinterpret_cast<const bf16*>(table.data_ptr()) + off, bh, n0, n1);
       }
     }
   });
-  auto out = at::empty({B, M.Hh, M.Pn}, rows.options());
+  auto out = at::empty({B, M.Hh, M.N}, rows.options());
   at::parallel_for(0, M.BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) mass_rows(M, bh, out.data_ptr<float>());
   });
@@ -881,7 +883,7 @@ at::Tensor page_mass(const at::Tensor& rows, const at::Tensor& bounds, const at:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_dense", &decode_dense, "few-query attention over a whole cache layer");
   m.def("decode_selected", &decode_selected, "few-query attention over selected pages / tokens");
-  m.def("page_mass", &page_mass, "per page: the summed softmax of its scaled key bounds over query rows");
+  m.def("row_mass", &row_mass, "per entry: its softmax mass summed over query rows");
   m.attr("dpbf16") = static_cast<bool>(LA_DPBF16);
   m.attr("avx512") = static_cast<bool>(LA_AVX512);
 }
