@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.decode import row_mass
+from longattn.kernels.decode import native_top_index, row_mass
 from longattn.types import SelectView
 
 MIN_CAPACITY = 256
@@ -418,6 +418,7 @@ class KVCache:
             calibration=calibration,
             n_layers=self.n_layers,
             row_mass=row_mass,
+            top_index=native_top_index,
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

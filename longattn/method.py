@@ -236,11 +236,17 @@ def token_budget(budget: int, fraction: float, n_tokens: int) -> int:
     return budget
 
 
-def top_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_index(scores: torch.Tensor, k: int, native: Callable | None = None) -> torch.Tensor:
     """[..., k] indices of the ``k`` largest ``scores`` [..., N] in ascending index order; entries
-    whose score is -inf become -1. Uses ``torch.topk`` (deterministic on CPU; the order among exactly
-    equal scores is torch's), so selections are computed once and shared with the reference."""
+    whose score is -inf become -1 (and come last). Uses ``torch.topk`` (deterministic on CPU; the
+    order among exactly equal scores is torch's), or ``native(scores, k)`` when given and it does
+    not return None (a select hook passes ``view.top_index``: the library's kernel, several times
+    faster over 128K tokens). Selections are computed once and shared with the reference."""
     k = min(k, scores.shape[-1])
+    if native is not None:
+        picked = native(scores, k)
+        if picked is not None:
+            return picked
     picked, order = torch.topk(scores, k, dim=-1, sorted=False)
     order = torch.where(torch.isneginf(picked), scores.shape[-1], order)
     order = torch.sort(order, dim=-1).values

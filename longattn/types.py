@@ -92,6 +92,9 @@ class SelectView:
                 [B, Hkv, N]`` float32: per entry, ``sum_r softmax_n(scale * rows_r . table_n)`` over
                 present entries (-inf elsewhere), table read once for all rows
                 (``longattn.kernels.decode.row_mass``; native where it can run).
+    top_index:  ``top_index(scores, k)`` -> the library's native top-k (see
+                ``longattn.method.top_index``), or None where it cannot run; pass it on to
+                ``top_index(scores, k, view.top_index)``.
     """
 
     q_pos: torch.Tensor
@@ -110,6 +113,7 @@ class SelectView:
     calibration: dict[str, torch.Tensor] | None = None
     n_layers: int = 1
     row_mass: Callable[..., torch.Tensor] | None = None
+    top_index: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None
 
     @property
     def seq_len(self) -> int:

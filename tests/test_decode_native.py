@@ -13,9 +13,11 @@ from longattn.api import IMPLS
 from longattn.kernels.decode import (
     native_decode,
     native_decode_selected,
+    native_top_index,
     native_unavailable,
     row_mass,
 )
+from longattn.method import top_index
 from longattn.testing import assert_attention_close, make_qkv
 from longattn.types import AttnOutput, DecodeSelection
 
@@ -196,3 +198,25 @@ def test_native_refuses_what_it_cannot_run():
     q, k, v = make_qkv(1, 4, 2, 1, 50, 32)
     with pytest.raises(ValueError, match="dense and select"):
         attention(q, k, v, method=methods.SlidingWindow(window=8), impl="native_decode")
+
+
+def test_native_top_index_matches_the_torch_one():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 5000, generator=gen)  # distinct values: the same picks, same order
+    scores[1, 2, 100:] = -torch.inf  # fewer finite scores than k: -1 fills the tail
+    for k in (1, 64, 1000, 5000):
+        got = native_top_index(scores, k)
+        assert torch.equal(got, top_index(scores, k)), k
+    picked = native_top_index(scores, 64)[1, 2]  # finite picks, in index order
+    assert bool((picked.diff() > 0).all()) and int(picked.max()) < 100
+
+
+def test_native_top_index_ties_and_order():
+    scores = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -torch.inf, 3.0, 1.0]])
+    # k = 3: 3.0 and two of the three 2.0s (the lowest indices), ascending
+    assert native_top_index(scores, 3).tolist() == [[1, 3, 6]]
+    # k = 8 takes everything; the -inf pick becomes -1 at the end
+    assert native_top_index(scores, 8).tolist() == [[0, 1, 2, 3, 4, 6, 7, -1]]
+    with pytest.raises(RuntimeError, match="k must be in"):
+        native_top_index(scores, 9)
+    assert native_top_index(scores.double(), 2) is None  # not float32: the caller uses torch

@@ -263,3 +263,14 @@ def _products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return torch.matmul(table, rows.transpose(-1, -2)).float()
     prods = [table[b, h] @ rows[b, h].T for b in range(batch) for h in range(n_kv)]
     return torch.stack(prods).float().view(batch, n_kv, n_entries, -1)
+
+
+def native_top_index(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``longattn.method.top_index`` by the native kernel (one nth_element and one ordered pass
+    per row; equal scores at the threshold go to the lowest indices), or None where it cannot run
+    (not CPU float32, no kernel) so the caller uses the PyTorch one."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.shape[-1] == 0:
+        return None
+    if native.unavailable("decode") is not None:
+        return None
+    return native.load("decode").top_index(scores.contiguous(), k)

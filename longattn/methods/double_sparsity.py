@@ -71,4 +71,4 @@ class DoubleSparsity(Method):
             chosen = view.state[key]
         matrix = channel_matrix(chosen.sort(dim=-1).values, dim)
         mass = projected_mass(q, view, f"ds{self.channels}", matrix)
-        return DecodeSelection(top_index(mass, budget), 1)
+        return DecodeSelection(top_index(mass, budget, view.top_index), 1)

@@ -73,11 +73,16 @@ class InfLLM(Method):
         n_blocks = max(0, (budget - self.sinks - self.window) // self.block_size)
         chosen = torch.zeros(batch, n_kv, t, dtype=torch.bool)
         if n_blocks:
-            blocks = top_index(score, n_blocks)  # [B, Hkv, n_blocks]
+            blocks = top_index(score, n_blocks, view.top_index)  # [B, Hkv, n_blocks]
             hit = torch.zeros(batch, n_kv, block_sum.shape[2] + 1, dtype=torch.bool)
             hit.scatter_(2, blocks.masked_fill(blocks < 0, block_sum.shape[2]), True)
             chosen = hit[..., :-1].gather(2, slot_block.expand(batch, n_kv, t))
         chosen = (chosen | local[:, None]) & real[:, None]
         return DecodeSelection(
-            top_index(chosen.float().masked_fill(~chosen, -torch.inf), budget + self.block_size), 1
+            top_index(
+                chosen.float().masked_fill(~chosen, -torch.inf),
+                budget + self.block_size,
+                view.top_index,
+            ),
+            1,
         )

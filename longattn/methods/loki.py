@@ -59,4 +59,4 @@ class Loki(Method):
                 view.state[key] = pca_basis(view.keys, min(self.rank, view.keys.shape[-1]))
             basis = view.state[key]
         mass = projected_mass(q, view, f"loki{self.rank}", basis.float())
-        return DecodeSelection(top_index(mass, budget), 1)
+        return DecodeSelection(top_index(mass, budget, view.top_index), 1)

@@ -39,4 +39,4 @@ class OracleTopK(Method):
         keys = view.keys.float().repeat_interleave(group, dim=1)
         scores = (q.float() @ keys.transpose(-1, -2)) * view.scale  # [B, H, Tq, T]
         mass = group_mass(scores, visible_keys(view.q_pos, view.positions), n_kv)
-        return DecodeSelection(top_index(mass, budget), 1)
+        return DecodeSelection(top_index(mass, budget, view.top_index), 1)

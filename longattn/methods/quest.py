@@ -65,4 +65,4 @@ class Quest(Method):
         bound = view.row_mass(split, view.page_bounds, view.page_count > 0, view.scale)
         newest = (view.page_count > 0).cumsum(1).argmax(1)  # [B] last non-empty page per row
         bound.scatter_(2, newest.view(-1, 1, 1).expand(batch, n_kv, 1), torch.inf)
-        return DecodeSelection(top_index(bound, k_pages), self.page_size)
+        return DecodeSelection(top_index(bound, k_pages, view.top_index), self.page_size)

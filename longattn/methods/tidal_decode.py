@@ -60,7 +60,7 @@ class TidalDecode(Method):
         keys = view.keys.float().repeat_interleave(group, dim=1)
         scores = (q.float() @ keys.transpose(-1, -2)) * view.scale  # [B, H, Tq, T]
         mass = group_mass(scores, visible_keys(view.q_pos, view.positions), 1)  # [B, 1, T]
-        slots = top_index(mass, budget)[:, 0]  # [B, k]
+        slots = top_index(mass, budget, view.top_index)[:, 0]  # [B, k]
         positions = torch.where(slots < 0, -1, view.positions.gather(1, slots.clamp(min=0)))
         view.state["tidal_decode"] = (slots, positions)
         return DecodeSelection(slots[:, None].expand(batch, n_kv, -1), 1)

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -878,11 +879,61 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
   return out;
 }
 
+// Top-k entries of each row of scores [M, N] float32 (contiguous): the indices of the k largest, in
+// ascending index order, picks whose score is -inf replaced by -1 and moved to the end. Equal scores
+// at the threshold go to the lowest indices. Per row: the k-th largest order key by nth_element on a
+// copy, then one pass collecting the indices in order.
+inline uint32_t order_key(float x) {  // monotone map of float32 to uint32 (NaN above +inf)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+at::Tensor top_index(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat &&
+                  scores.is_contiguous() && scores.dim() >= 1,
+              "top_index: contiguous float32 CPU scores");
+  const int64_t N = scores.size(-1);
+  TORCH_CHECK(k >= 1 && k <= N, "top_index: k must be in [1, ", N, "], got ", k);
+  const int64_t M = N ? scores.numel() / N : 0;
+  auto sizes = scores.sizes().vec();
+  sizes.back() = k;
+  auto out = at::empty(sizes, scores.options().dtype(at::kLong));
+  const float* src = scores.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const uint32_t neg_inf = order_key(NEG_INF);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(N);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* x = src + row * N;
+      int64_t* o = dst + row * k;
+      for (int64_t n = 0; n < N; ++n) keys[n] = order_key(x[n]);
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+      const uint32_t tau = keys[k - 1];
+      int64_t above = 0;
+      for (int64_t n = 0; n < N; ++n) above += order_key(x[n]) > tau;
+      int64_t ties = k - above, j = 0, dropped = 0;
+      for (int64_t n = 0; n < N && j + dropped < k; ++n) {
+        const uint32_t u = order_key(x[n]);
+        if (u > tau || (u == tau && ties-- > 0)) {
+          if (u == neg_inf)
+            ++dropped;
+          else
+            o[j++] = n;
+        }
+      }
+      for (; j < k; ++j) o[j] = -1;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_dense", &decode_dense, "few-query attention over a whole cache layer");
   m.def("decode_selected", &decode_selected, "few-query attention over selected pages / tokens");
+  m.def("top_index", &top_index, "indices of the k largest scores per row, ascending");
   m.def("row_mass", &row_mass, "per entry: its softmax mass summed over query rows");
   m.attr("dpbf16") = static_cast<bool>(LA_DPBF16);
   m.attr("avx512") = static_cast<bool>(LA_AVX512);
