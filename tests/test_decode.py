@@ -197,3 +197,25 @@ def test_decode_fidelity_of_dense_is_exact_and_of_a_selection_is_bounded():
     top = [r for r in rows if r["method"] == "top"]
     assert dense and all(r["recall"] == 1.0 and r["rel_error"] < 1e-5 for r in dense)
     assert top and all(0 < r["recall"] < 1 and 0 < r["rel_error"] < 1 for r in top)
+
+
+def test_infllm_full_rows_select_what_the_general_path_selects():
+    """Rows with no empty slot take InfLLM's O(blocks) path; a padded row in the batch sends the
+    same keys through the general per-slot path: both pick the same tokens."""
+    q, k, v = make_qkv(2, 4, 2, 1, 700, 32, seed=11)
+    k[1], v[1], q[1] = k[0], v[0], q[0]
+    method = methods.InfLLM(budget=448, sinks=40, window=100, block_size=64)  # 4 memory blocks
+    full = KVCache(1)
+    full.append(0, k[:1], v[:1])
+    padded = KVCache(1)
+    pos = torch.arange(700).repeat(2, 1)
+    pos[1, 0], pos[1, 1:] = -1, torch.arange(699)  # row 1: one padding slot, then the same keys
+    padded.append(0, k, v, positions=pos)
+    fast = method.select(q[:1], full.select_view(0, torch.tensor([[700]]), 32**-0.5)).index
+    general = method.select(q, padded.select_view(0, torch.tensor([[700]]), 32**-0.5)).index
+    assert fast.shape == general[:1].shape
+    for h in range(2):
+        picked = fast[0, h][fast[0, h] >= 0]
+        assert picked.numel() == 40 + 4 * 64 + 100
+        assert bool((picked.diff() > 0).all())  # ascending, no duplicates
+        assert set(picked.tolist()) == set(general[0, h][general[0, h] >= 0].tolist())

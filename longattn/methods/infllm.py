@@ -52,6 +52,8 @@ class InfLLM(Method):
             )
         batch, n_kv, t, dim = view.keys.shape
         real = view.positions >= 0  # [B, T]
+        if self.sinks + self.window <= budget and bool(real.all()):
+            return self._select_full(q, view, budget)
         rank = real.cumsum(1) - 1  # order of each real slot in its row
         count = real.sum(1, keepdim=True)
         local = real & ((rank < self.sinks) | (rank >= count - self.window))  # [B, T]
@@ -66,8 +68,10 @@ class InfLLM(Method):
         rows = q.float().reshape(batch, n_kv, -1, dim)
         score = (rows @ mean.transpose(-1, -2)).amax(dim=2)  # [B, Hkv, NB]
         slot_block = torch.arange(t, device=q.device) // self.block_size
-        local_blocks = torch.zeros(batch, block_sum.shape[2], dtype=torch.bool)
-        local_blocks.scatter_(1, slot_block.expand(batch, t).masked_fill(~local, 0), local)
+        n_all = block_sum.shape[2]
+        local_blocks = torch.zeros(batch, n_all + 1, dtype=torch.bool)  # last: a sink for the rest
+        local_blocks.scatter_(1, slot_block.expand(batch, t).masked_fill(~local, n_all), True)
+        local_blocks = local_blocks[:, :n_all]
         # only blocks holding no sink / window token compete, so the budget is not spent twice
         score = score.masked_fill((block_count == 0)[:, None] | local_blocks[:, None], -torch.inf)
         n_blocks = max(0, (budget - self.sinks - self.window) // self.block_size)
@@ -86,3 +90,29 @@ class InfLLM(Method):
             ),
             1,
         )
+
+    def _select_full(self, q, view, budget: int) -> DecodeSelection:
+        """``select`` for rows whose every slot holds a token (no padding, no eviction): the sinks
+        are slots [0, sinks), the window the last ``window`` slots, and only the blocks between
+        them are scored, from page-level products. O(blocks + budget) work past the scoring."""
+        batch, n_kv, t, dim = view.keys.shape
+        size, per = self.block_size, self.block_size // view.page_size
+        lo = -(-min(self.sinks, t) // size)  # first block holding no sink
+        hi = max(t - self.window, 0) // size  # blocks from here on hold window tokens
+        head = torch.arange(min(self.sinks, t), device=q.device)
+        tail = torch.arange(max(t - self.window, 0), t, device=q.device)
+        parts = [head.expand(batch, n_kv, -1)]
+        n_pick = min(max(0, (budget - self.sinks - self.window) // size), max(0, hi - lo))
+        if n_pick:
+            rows = q.float().reshape(batch, n_kv, -1, dim)  # [B, Hkv, R, D]
+            sums = view.page_sum[:, :, lo * per : hi * per]  # whole blocks: size tokens each
+            score = torch.matmul(sums, rows.transpose(-1, -2))  # [B, Hkv, pages, R]
+            score = score.view(batch, n_kv, hi - lo, per, -1).sum(3).amax(-1) / size
+            blocks = top_index(score, n_pick, view.top_index) + lo  # [B, Hkv, n_pick] ascending
+            slots = blocks.unsqueeze(-1) * size + torch.arange(size, device=q.device)
+            parts.append(slots.view(batch, n_kv, -1))
+        parts.append(tail.expand(batch, n_kv, -1))
+        index = torch.cat(parts, dim=-1)
+        width = budget + size  # the general path's width
+        index = torch.nn.functional.pad(index, (0, width - index.shape[-1]), value=-1)
+        return DecodeSelection(index, 1)
