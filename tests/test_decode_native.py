@@ -220,3 +220,24 @@ def test_native_top_index_ties_and_order():
     with pytest.raises(RuntimeError, match="k must be in"):
         native_top_index(scores, 9)
     assert native_top_index(scores.double(), 2) is None  # not float32: the caller uses torch
+
+
+def test_native_top_index_over_long_rows():
+    """Rows long enough for the sampled threshold: the same picks as torch, including rows whose
+    sample misleads it (a few large scores the strided sample misses) and rows of equal scores."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, 70000, generator=gen)
+    # row 1: large scores exactly where the strided sample (every 34th) looks, so its threshold
+    # lets too few through and the kernel must fall back to the whole row
+    scores[1, ::34] = 100.0 + torch.rand(scores[1, ::34].numel(), generator=gen)
+    scores[2] = torch.randn(70000, generator=gen).round()  # many ties at the threshold
+    scores[3, 5000:] = -torch.inf
+    for k in (1, 1024, 4000):
+        got = native_top_index(scores, k)
+        want = top_index(scores, k)
+        for row in (0, 1, 3):
+            assert torch.equal(got[row], want[row]), (row, k)
+        # ties: the same number of picks at each score value, ascending, lowest indices at the tie
+        picked = scores[2, got[2]]
+        assert bool((got[2].diff() > 0).all())
+        assert torch.equal(picked.sort().values, scores[2].topk(k).values.sort().values)

@@ -671,8 +671,10 @@ std::vector<at::Tensor> decode_selected(const at::Tensor& q, const at::Tensor& k
 // cache's low-dimensional keys). For each (batch row b, KV head h) and entry n with present[b, n]:
 //   mass[b, h, n] = sum_r softmax_n(scale * rows[b, h, r] . table[b, h, n])
 // absent entries get -inf; a row with no present entry adds nothing.
-// Pass 1 streams the table once for all R rows of a head (work items: head x block of entries) into
-// a [B * Hkv, R, N] buffer of scaled scores (log2 domain); pass 2 normalises each row and sums rows.
+// Pass 1 streams the table once for all R rows of a head (work items: head x block of entries): the
+// scaled scores (log2 domain) of a block, exponentiated against the block's maximum while in cache,
+// into a [B * Hkv, R, N] buffer, with each (block, row)'s max and sum; pass 2 weights each block's
+// rows by their share of the row's softmax normaliser and sums the rows.
 // With a bfloat16 table whose width is a multiple of 32 and AVX512-BF16, pass 1 uses the bf16
 // dot-product instruction, which rounds the rows to bfloat16 (fp32 accumulation); otherwise it
 // converts the table to fp32 and uses fp32 FMAs.
@@ -764,37 +766,57 @@ void scores_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64
 #define LA_DPBF16 0
 #endif
 
-// Pass 2 for head bh: each row's softmax over entries (log2 domain), summed over rows.
-void mass_rows(const MassProblem& M, int64_t bh, float* out) {
-  float* s = M.s + bh * M.R * M.N;
-  float* o = out + bh * M.N;
-  const int64_t b = bh / M.Hh;
-  std::fill(o, o + M.N, 0.f);
+// After pass 1 on entries [n0, n1) of head bh, while they are in cache: per row, exponentiate the
+// scores against the block's own maximum in place and record (max, sum) in stats[r].
+void block_exp(const MassProblem& M, int64_t bh, int64_t n0, int64_t n1, float* stats) {
   for (int64_t r = 0; r < M.R; ++r) {
-    float* sr = s + r * M.N;
+    float* sr = M.s + (bh * M.R + r) * M.N;
     V mx = vset(NEG_INF);
-    int64_t n = 0;
-    for (; n + W <= M.N; n += W) mx = vmax(mx, vload(sr + n));
+    int64_t n = n0;
+    for (; n + W <= n1; n += W) mx = vmax(mx, vload(sr + n));
     float m = vhmax(mx);
-    for (; n < M.N; ++n) m = std::max(m, sr[n]);
-    if (m == NEG_INF) continue;  // this row sees no entry
-    const V mn = vset(-m);
-    V sum = vzero();
-    for (n = 0; n + W <= M.N; n += W) {
-      const V e = vexp2(vadd(vload(sr + n), mn));
-      vstore(sr + n, e);
-      sum = vadd(sum, e);
+    for (; n < n1; ++n) m = std::max(m, sr[n]);
+    float l = 0.f;
+    if (m == NEG_INF) {  // no present entry in this block
+      std::fill(sr + n0, sr + n1, 0.f);
+    } else {
+      const V mn = vset(-m);
+      V sum = vzero();
+      for (n = n0; n + W <= n1; n += W) {
+        const V e = vexp2(vadd(vload(sr + n), mn));
+        vstore(sr + n, e);
+        sum = vadd(sum, e);
+      }
+      l = vsum(sum);
+      for (; n < n1; ++n) {
+        sr[n] = sr[n] == NEG_INF ? 0.f : std::exp2(sr[n] - m);
+        l += sr[n];
+      }
     }
-    float l = vsum(sum);
-    for (; n < M.N; ++n) {
-      sr[n] = sr[n] == NEG_INF ? 0.f : std::exp2(sr[n] - m);
-      l += sr[n];
-    }
-    const V vi = vset(1.f / l);
-    for (n = 0; n + W <= M.N; n += W) vstore(o + n, vfma(vload(sr + n), vi, vload(o + n)));
-    for (; n < M.N; ++n) o[n] += sr[n] / l;
+    stats[2 * r] = m;
+    stats[2 * r + 1] = l;
   }
-  for (int64_t n = 0; n < M.N; ++n)
+}
+
+// Pass 2 on entries [n0, n1) of head bh: out = sum_r coef[r] * e_r (coef[r]: the block's share of
+// row r's softmax normaliser, 0 for a row that sees nothing); absent entries -inf.
+void block_sum(const MassProblem& M, int64_t bh, int64_t n0, int64_t n1, const float* coef,
+               float* out) {
+  float* o = out + bh * M.N;
+  const float* s = M.s + bh * M.R * M.N;
+  const int64_t b = bh / M.Hh;
+  int64_t n = n0;
+  for (; n + W <= n1; n += W) {
+    V acc = vzero();
+    for (int64_t r = 0; r < M.R; ++r) acc = vfma(vset(coef[r]), vload(s + r * M.N + n), acc);
+    vstore(o + n, acc);
+  }
+  for (; n < n1; ++n) {
+    float acc = 0.f;
+    for (int64_t r = 0; r < M.R; ++r) acc += coef[r] * s[r * M.N + n];
+    o[n] = acc;
+  }
+  for (n = n0; n < n1; ++n)
     if (!M.present[b * M.psB + n * M.psN]) o[n] = NEG_INF;
 }
 
@@ -856,6 +878,7 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
   }
   constexpr int64_t BLOCK = 512;  // entries per work item
   const int64_t blocks = (M.N + BLOCK - 1) / BLOCK;
+  std::vector<float> stats(M.BH * blocks * M.R * 2);  // per (head, block, row): max, sum
   at::parallel_for(0, M.BH * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, n0 = (item % blocks) * BLOCK;
@@ -870,23 +893,100 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
       } else {
         scores_fp32(M, reinterpret_cast<const bf16*>(table.data_ptr()) + off, bh, n0, n1);
       }
+      block_exp(M, bh, n0, n1, stats.data() + item * M.R * 2);
     }
   });
+  // each row's global max and normaliser; then each block's coefficient per row
+  std::vector<float> coef(M.BH * blocks * M.R, 0.f);
+  for (int64_t bh = 0; bh < M.BH; ++bh) {
+    for (int64_t r = 0; r < M.R; ++r) {
+      auto st = [&](int64_t blk) { return stats.data() + ((bh * blocks + blk) * M.R + r) * 2; };
+      float top = NEG_INF, total = 0.f;
+      for (int64_t blk = 0; blk < blocks; ++blk) top = std::max(top, st(blk)[0]);
+      if (top == NEG_INF) continue;  // this row sees no entry: it adds nothing
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        if (st(blk)[0] != NEG_INF) total += st(blk)[1] * std::exp2(st(blk)[0] - top);
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        if (st(blk)[0] != NEG_INF)
+          coef[(bh * blocks + blk) * M.R + r] = std::exp2(st(blk)[0] - top) / total;
+    }
+  }
   auto out = at::empty({B, M.Hh, M.N}, rows.options());
-  at::parallel_for(0, M.BH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) mass_rows(M, bh, out.data_ptr<float>());
+  at::parallel_for(0, M.BH * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / blocks, n0 = (item % blocks) * BLOCK;
+      block_sum(M, bh, n0, std::min(M.N, n0 + BLOCK), coef.data() + item * M.R,
+                out.data_ptr<float>());
+    }
   });
   return out;
 }
 
 // Top-k entries of each row of scores [M, N] float32 (contiguous): the indices of the k largest, in
 // ascending index order, picks whose score is -inf replaced by -1 and moved to the end. Equal scores
-// at the threshold go to the lowest indices. Per row: the k-th largest order key by nth_element on a
-// copy, then one pass collecting the indices in order.
+// at the threshold go to the lowest indices. Per row: a threshold from an evenly strided sample
+// that about 2k entries pass, one pass collecting those candidates in index order, the k-th
+// largest among them by nth_element, and one pass over the candidates writing the picks; when
+// fewer than k entries pass, the same on the whole row.
 inline uint32_t order_key(float x) {  // monotone map of float32 to uint32 (NaN above +inf)
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct Candidates {
+  std::vector<uint32_t> key, sorted;
+  std::vector<int64_t> index;
+};
+
+// The k largest of the candidates (key, index; index ascending) into o, as described above.
+void pick_top(Candidates& C, int64_t k, int64_t* o) {
+  const int64_t n = static_cast<int64_t>(C.key.size());
+  C.sorted.assign(C.key.begin(), C.key.end());
+  std::nth_element(C.sorted.begin(), C.sorted.begin() + (k - 1), C.sorted.end(),
+                   std::greater<uint32_t>());
+  const uint32_t tau = C.sorted[k - 1], neg_inf = order_key(NEG_INF);
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) above += C.key[i] > tau;
+  int64_t ties = k - above, j = 0, dropped = 0;
+  for (int64_t i = 0; i < n && j + dropped < k; ++i) {
+    const uint32_t u = C.key[i];
+    if (u > tau || (u == tau && ties-- > 0)) {
+      if (u == neg_inf)
+        ++dropped;
+      else
+        o[j++] = C.index[i];
+    }
+  }
+  for (; j < k; ++j) o[j] = -1;
+}
+
+void top_row(const float* x, int64_t N, int64_t k, int64_t* o, Candidates& C) {
+  constexpr int64_t SAMPLE = 2048;
+  uint32_t floor_key = 0;  // entries with a smaller order key cannot be picked
+  if (N >= 8 * SAMPLE && 16 * k <= N) {
+    C.sorted.resize(SAMPLE);
+    const int64_t stride = N / SAMPLE;
+    for (int64_t i = 0; i < SAMPLE; ++i) C.sorted[i] = order_key(x[i * stride]);
+    const int64_t j = std::min<int64_t>(SAMPLE - 1, (2 * k * SAMPLE + N - 1) / N + 8);
+    std::nth_element(C.sorted.begin(), C.sorted.begin() + j, C.sorted.end(),
+                     std::greater<uint32_t>());
+    floor_key = C.sorted[j];
+  }
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    C.key.clear();
+    C.index.clear();
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t u = order_key(x[n]);
+      if (u >= floor_key) {
+        C.key.push_back(u);
+        C.index.push_back(n);
+      }
+    }
+    if (static_cast<int64_t>(C.key.size()) >= k) break;
+    floor_key = 0;  // the sample's threshold let too few through: take the whole row
+  }
+  pick_top(C, k, o);
 }
 
 at::Tensor top_index(const at::Tensor& scores, int64_t k) {
@@ -901,29 +1001,9 @@ at::Tensor top_index(const at::Tensor& scores, int64_t k) {
   auto out = at::empty(sizes, scores.options().dtype(at::kLong));
   const float* src = scores.data_ptr<float>();
   int64_t* dst = out.data_ptr<int64_t>();
-  const uint32_t neg_inf = order_key(NEG_INF);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> keys(N);
-    for (int64_t row = begin; row < end; ++row) {
-      const float* x = src + row * N;
-      int64_t* o = dst + row * k;
-      for (int64_t n = 0; n < N; ++n) keys[n] = order_key(x[n]);
-      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
-      const uint32_t tau = keys[k - 1];
-      int64_t above = 0;
-      for (int64_t n = 0; n < N; ++n) above += order_key(x[n]) > tau;
-      int64_t ties = k - above, j = 0, dropped = 0;
-      for (int64_t n = 0; n < N && j + dropped < k; ++n) {
-        const uint32_t u = order_key(x[n]);
-        if (u > tau || (u == tau && ties-- > 0)) {
-          if (u == neg_inf)
-            ++dropped;
-          else
-            o[j++] = n;
-        }
-      }
-      for (; j < k; ++j) o[j] = -1;
-    }
+    Candidates C;
+    for (int64_t row = begin; row < end; ++row) top_row(src + row * N, N, k, dst + row * k, C);
   });
   return out;
 }
