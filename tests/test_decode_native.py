@@ -156,24 +156,14 @@ def test_row_mass_matches_its_definition(dtype, width):
     )
 
 
-def test_row_mass_rejects_mismatched_inputs():
-    rows = torch.randn(1, 2, 4, 32)
-    with pytest.raises(RuntimeError, match="differ"):
-        row_mass(
-            rows,
-            torch.zeros(1, 2, 10, 64),
-            torch.ones(1, 10, dtype=torch.bool),
-            1.0,
-            native_kernel=True,
-        )
-    with pytest.raises(RuntimeError, match="present must be bool"):
-        row_mass(
-            rows,
-            torch.zeros(1, 2, 10, 32),
-            torch.ones(1, 10, dtype=torch.int64),
-            1.0,
-            native_kernel=True,
-        )
+@pytest.mark.parametrize(
+    "width, present_dtype, match",
+    [(64, torch.bool, "differ"), (32, torch.int64, "present must be bool")],
+)
+def test_row_mass_rejects_mismatched_inputs(width, present_dtype, match):
+    rows, table = torch.randn(1, 2, 4, 32), torch.zeros(1, 2, 10, width)
+    with pytest.raises(RuntimeError, match=match):
+        row_mass(rows, table, torch.ones(1, 10, dtype=present_dtype), 1.0, native_kernel=True)
 
 
 def test_auto_chooses_the_native_kernel_for_decode_and_quest():
