@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from longattn import registry
 from longattn.cli import main
@@ -31,3 +32,22 @@ def test_docs_prints_the_method_reference(capsys):
 def test_bad_length_is_refused():
     with pytest.raises(SystemExit, match="-5"):
         main(["bench", "--length", "-5"])
+
+
+def test_bench_decode_config_reports_ratios_from_the_same_run(tmp_path):
+    from longattn.bench.common import JsonlWriter
+    from longattn.bench.decode import CopyProbe, bench_config
+
+    writer = JsonlWriter(tmp_path / "decode.jsonl")
+    rows = bench_config(
+        2048, "smollm2", torch.float32, [512], ["quest"], 3, writer, CopyProbe(1 << 24)
+    )
+    names = [r["name"] for r in rows]
+    assert names == ["sdpa enable_gqa", "sdpa folded", "ours dense", "quest"]
+    dense = rows[2]
+    assert dense["copy_gbps"] > 0 and 0 < dense["of_copy"] < 10
+    assert (
+        min(r["vs_best_sdpa"] for r in rows[:2]) <= 1.0 == max(r["vs_best_sdpa"] for r in rows[:2])
+    )
+    assert rows[3]["budget"] == 512 and rows[3]["select_ms"] > 0
+    assert len((tmp_path / "decode.jsonl").read_text().splitlines()) == 4

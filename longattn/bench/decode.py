@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import statistics
 import time
 
 import torch
@@ -36,12 +37,37 @@ COLUMNS = [
 ]
 
 
-def copy_bandwidth(n_bytes: int = 1 << 29) -> float:
-    """GB/s of a large ``copy_`` (bytes read + written) into a preallocated tensor."""
-    src = torch.ones(n_bytes // 4)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), warmup=2, repeats=7)
-    return 2 * n_bytes / ms / 1e6
+class CopyProbe:
+    """Times one large ``copy_`` (bytes read + written) between preallocated tensors: the machine's
+    copy bandwidth, measurable right next to the timing it is compared with."""
+
+    def __init__(self, n_bytes: int = 1 << 29) -> None:
+        self.n_bytes = n_bytes
+        self.src = torch.ones(n_bytes // 4)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # fault the pages in
+
+    def gbps(self) -> float:
+        start = time.perf_counter()
+        self.dst.copy_(self.src)
+        return 2 * self.n_bytes / (time.perf_counter() - start) / 1e9
+
+
+def paired_dense(step, probe: CopyProbe, kv_bytes: int, repeats: int) -> tuple[float, float, float]:
+    """Dense decode steps each timed right after a copy-bandwidth probe, so slow phases of a shared
+    machine hit both alike. Returns (median step ms, median copy GB/s, median of the per-pair
+    ratios of KV read bandwidth to copy bandwidth)."""
+    step()
+    times, copies, ratios = [], [], []
+    for _ in range(repeats):
+        copy = probe.gbps()
+        start = time.perf_counter()
+        step()
+        ms = (time.perf_counter() - start) * 1e3
+        times.append(ms)
+        copies.append(copy)
+        ratios.append(kv_bytes / ms / 1e6 / copy)
+    return statistics.median(times), statistics.median(copies), statistics.median(ratios)
 
 
 def _method(name: str, budget: int):
@@ -66,7 +92,9 @@ def gate(shape: tuple[int, int, int], dtype: torch.dtype, budget: int) -> None:
         assert_attention_close(res, q, k, v, method)
 
 
-def bench_config(kv_len, shape_name, dtype, budgets, methods, repeats, writer) -> list[dict]:
+def bench_config(
+    kv_len, shape_name, dtype, budgets, methods, repeats, writer, probe: CopyProbe
+) -> list[dict]:
     n_heads, n_kv, dim = SHAPES[shape_name]
     group = n_heads // n_kv
     gen = torch.Generator().manual_seed(0)
@@ -94,10 +122,11 @@ def bench_config(kv_len, shape_name, dtype, budgets, methods, repeats, writer) -
     sdpa_fold = median_ms(lambda: F.scaled_dot_product_attention(q_fold, k, v), repeats=repeats)
     record("sdpa enable_gqa", sdpa_gqa)
     record("sdpa folded", sdpa_fold)
-    dense = median_ms(
-        lambda: attention(q, k_new, v_new, cache=cache, layer=0), repeats=repeats, warmup=2
+    dense, copy_gbps, of_copy = paired_dense(
+        lambda: attention(q, k_new, v_new, cache=cache, layer=0), probe, kv_bytes, repeats
     )
     record("ours dense", dense)
+    rows[-1].update(copy_gbps=copy_gbps, of_copy=of_copy)
     for budget in budgets:
         for name in methods:
             method = _method(name, budget)
@@ -149,18 +178,23 @@ def run_cli(args: argparse.Namespace) -> int:
     repeats = 5 if quick else 9
     out = pathlib.Path(args.out or "results/bench_decode.jsonl")
     writer = JsonlWriter(out)
-    copy_gbps = copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
+    probe = CopyProbe()
+    copy_gbps = statistics.median(probe.gbps() for _ in range(7))
+    print(f"copy bandwidth at the start: {copy_gbps:.1f} GB/s (read + write)")
     writer.write(dict(environment(), name="copy bandwidth", gbps=copy_gbps))
     rows = []
     for shape_name in SHAPES:
         for dtype in dtypes:
             gate(SHAPES[shape_name], dtype, 1024)
             for kv_len in lengths:
-                rows += bench_config(kv_len, shape_name, dtype, budgets, METHODS, repeats, writer)
-    for row in rows:
-        row["of_copy"] = row["gbps"] / copy_gbps if row["name"] == "ours dense" else None
-    print(format_table(rows, COLUMNS + [("of_copy", "of copy BW")]))
+                rows += bench_config(
+                    kv_len, shape_name, dtype, budgets, METHODS, repeats, writer, probe
+                )
+    print(format_table(rows, COLUMNS + [("copy_gbps", "copy GB/s"), ("of_copy", "of copy BW")]))
+    print(
+        "of copy BW: median over dense steps of (KV bytes read / step time) / (copy bandwidth "
+        "timed just before that step)"
+    )
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
