@@ -144,6 +144,22 @@ def test_tidal_decode_reuses_the_selection_layer_positions():
     )
 
 
+def test_tidal_decode_reselects_when_a_layer_is_shorter_than_the_saved_slots():
+    """Layer 0 holds more tokens than layer 1: the slots it saved do not all exist in layer 1,
+    which selects for itself instead of indexing past its end."""
+    q, k, v = make_qkv(1, 4, 2, 1, 400, 32, seed=5)
+    method = methods.TidalDecode(budget=64, select_layers=(0,))
+    cache = KVCache(2)
+    cache.append(0, k[:, :, :-1], v[:, :, :-1])
+    cache.append(1, k[:, :, :300], v[:, :, :300])
+    attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=0)
+    assert int(cache.state["tidal_decode"][0].max()) >= 301  # saved slots beyond layer 1's end
+    q1 = q.clone()
+    res = attention(q1, k[:, :, 300:301], v[:, :, 300:301], method=method, cache=cache, layer=1)
+    assert int(res.state.index.max()) < 301
+    assert_attention_close(res, q1, k[:, :, :301], v[:, :, :301], method)
+
+
 def test_bad_budgets_and_page_sizes_are_refused():
     with pytest.raises(ValueError):
         methods.Quest(budget=0)

@@ -52,7 +52,8 @@ class TidalDecode(Method):
         saved = view.state.get("tidal_decode")
         if view.layer not in self.select_layers and saved is not None:
             slots, positions = saved
-            if slots.shape[-1] <= view.seq_len:
+            # reusable only while every saved slot exists in this layer and holds the same position
+            if slots.shape[-1] <= view.seq_len and int(slots.max()) < view.seq_len:
                 here = view.positions.gather(1, slots.clamp(min=0))
                 if torch.equal(torch.where(slots < 0, -1, here), positions):
                     return DecodeSelection(slots[:, None].expand(batch, n_kv, -1), 1)
