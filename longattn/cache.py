@@ -487,6 +487,9 @@ class KVCache:
         if p1 <= p0:
             return
         s0, s1 = p0 * ps, p1 * ps
+        if entry.dense and p1 - p0 == 1 and entry.seq_len > s0:  # one decode step's page
+            self._refresh_dense_page(entry, p0, s0, min(s1, entry.seq_len))
+            return
         batch, heads, _, dim = entry.keys.shape
         keys = entry.keys[:, :, s0:s1].reshape(batch, heads, p1 - p0, ps, dim)
         empty = (entry.pos[:, s0:s1] < 0).view(batch, 1, p1 - p0, ps, 1)
@@ -503,6 +506,18 @@ class KVCache:
         entry.page_max[:, :, p0:p1].masked_fill_(none, 0.0)
         for matrix, buf in entry.projections.values():
             self._refresh_projection(entry, matrix, buf, s0, min(s1, entry.seq_len))
+
+    def _refresh_dense_page(self, entry: _Layer, page: int, lo: int, hi: int) -> None:
+        """``_refresh_pages`` for one page of a dense layer: slots [lo, hi) hold tokens in every
+        row, the rest of the page is empty, so slicing replaces masking."""
+        keys = entry.keys[:, :, lo:hi]
+        dtype = entry.page_bounds.dtype
+        entry.page_min[:, :, page] = round_outward(keys.amin(dim=2), dtype, -torch.inf)
+        entry.page_max[:, :, page] = round_outward(keys.amax(dim=2), dtype, torch.inf)
+        entry.page_sum[:, :, page] = keys.float().sum(dim=2)
+        entry.page_count[:, page] = hi - lo
+        for matrix, buf in entry.projections.values():
+            self._refresh_projection(entry, matrix, buf, lo, hi)
 
     @staticmethod
     def _refresh_projection(

@@ -37,6 +37,7 @@ namespace {
 using bf16 = c10::BFloat16;
 constexpr int W = 16;     // lanes of a vector
 constexpr int TILE = 32;  // key slots per tile
+constexpr int64_t AHEAD_ENTRIES = 2;  // selected pages prefetched this many entries ahead
 constexpr int MAX_D = 256;
 constexpr float LN2 = 0.69314718055994531f;
 constexpr float LOG2E = 1.44269504088896341f;
@@ -100,6 +101,7 @@ inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, w)));
 }
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 #else
 using Mask = uint16_t;
 struct V {
@@ -131,6 +133,7 @@ inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   out[3] = vsum(a3);
 }
 inline void prefetch(const void*) {}
+inline void prefetch_l2(const void*) {}
 #endif
 
 inline float to_float(float x) { return x; }
@@ -433,6 +436,19 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
           continue;
         }
         slot = idx * P.unit + u;
+        if (u == 0 && P.unit > 1 && e + AHEAD_ENTRIES < e1) {
+          // a page's rows are contiguous: bring the whole page a few entries ahead into L2 (the
+          // hardware prefetchers restart at every page of the selection)
+          const int64_t ahead_idx = ibase[(e + AHEAD_ENTRIES) * P.isN];
+          if (ahead_idx >= 0) {
+            const char* ka = reinterpret_cast<const char*>(kbase + ahead_idx * P.unit * P.ksT);
+            const char* va = reinterpret_cast<const char*>(vbase + ahead_idx * P.unit * P.vsT);
+            for (int64_t i = 0; i < P.unit * lines; ++i) {
+              prefetch_l2(ka + 64 * i);
+              prefetch_l2(va + 64 * i);
+            }
+          }
+        }
         if (++u == P.unit) {
           u = 0;
           ++e;
