@@ -24,8 +24,9 @@ from longattn.types import SelectView
 MIN_CAPACITY = 256
 
 
-def bounds_dtype(key_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the page key bounds for keys of ``key_dtype``: bfloat16, float64 for float64."""
+def metadata_dtype(key_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the page key bounds and low-dimensional keys kept for keys of ``key_dtype``:
+    bfloat16 (half the bytes a selection reads), float64 for a float64 cache."""
     return torch.float64 if key_dtype == torch.float64 else torch.bfloat16
 
 
@@ -373,7 +374,8 @@ class KVCache:
 
     # ------------------------------------------------------------------ metadata
     def projected_keys(self, layer: int, name: str, matrix: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, seq_len, r] float32 ``keys @ matrix`` for matrix [Hkv, D, r].
+        """[B, Hkv, seq_len, r] ``keys @ matrix`` for matrix [Hkv, D, r], computed in float32
+        (float64 for a float64 cache) and kept in ``metadata_dtype`` (bfloat16; float64).
 
         The first request computes it over the stored keys; later appends keep it up to date. A request
         under the same ``name`` with a different matrix recomputes it.
@@ -385,10 +387,13 @@ class KVCache:
             raise ValueError(
                 f"projection {name!r} must be [Hkv={h}, D={d}, r], got {tuple(matrix.shape)}"
             )
-        matrix = matrix.to(device=entry.keys.device, dtype=torch.float32)
+        wide = torch.float64 if entry.keys.dtype == torch.float64 else torch.float32
+        matrix = matrix.to(device=entry.keys.device, dtype=wide)
         known = entry.projections.get(name)
         if known is None or not torch.equal(known[0], matrix):
-            buf = torch.zeros(*entry.keys.shape[:3], matrix.shape[2], dtype=torch.float32)
+            buf = torch.zeros(
+                *entry.keys.shape[:3], matrix.shape[2], dtype=metadata_dtype(entry.keys.dtype)
+            )
             entry.projections[name] = (matrix, buf)
             self._refresh_projection(entry, matrix, buf, 0, entry.seq_len)
         return entry.projections[name][1][:, :, : entry.seq_len]
@@ -440,7 +445,7 @@ class KVCache:
             row_len=torch.zeros(batch, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
             page_bounds=torch.zeros(
-                batch, heads, pages, 2 * dim, dtype=bounds_dtype(k.dtype), device=dev
+                batch, heads, pages, 2 * dim, dtype=metadata_dtype(k.dtype), device=dev
             ),
             page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
             page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
@@ -525,4 +530,4 @@ class KVCache:
     ) -> None:
         if hi > lo:
             # [B, Hkv, n, D] @ [Hkv, D, r] -> [B, Hkv, n, r]
-            buf[:, :, lo:hi] = torch.matmul(entry.keys[:, :, lo:hi].float(), matrix)
+            buf[:, :, lo:hi] = torch.matmul(entry.keys[:, :, lo:hi].to(matrix.dtype), matrix)

@@ -285,7 +285,7 @@ def projected_mass(q: torch.Tensor, view: Any, name: str, matrix: torch.Tensor) 
     if view.row_mass is not None and q_min >= 0 and int(view.positions.max()) <= q_min:
         # every stored key is visible to every query (the usual decode step): one fused pass
         return view.row_mass(q_low, k_low, view.positions >= 0, view.scale)
-    scores = (q_low @ k_low.transpose(-1, -2)) * view.scale
+    scores = (q_low @ k_low.float().transpose(-1, -2)) * view.scale
     scores = scores.view(batch, n_heads, q_len, -1)
     return group_mass(scores, visible_keys(view.q_pos, view.positions), n_kv)
 

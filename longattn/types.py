@@ -82,8 +82,9 @@ class SelectView:
                 (min down, max up), so they still bound every key of the page.
     page_bounds: [B, Hkv, P, 2 * D] page_min and page_max side by side (one contiguous tensor).
     page_sum:   [B, Hkv, P, D] float32 sum of the keys per page; ``page_count`` [B, P] real slots per page.
-    project:    ``project(name, matrix [Hkv, D, r]) -> [B, Hkv, T, r]`` float32 low-dimensional keys
-                ``keys @ matrix``; the cache keeps them up to date at append time once requested.
+    project:    ``project(name, matrix [Hkv, D, r]) -> [B, Hkv, T, r]`` low-dimensional keys
+                ``keys @ matrix`` (bfloat16; float64 for a float64 cache); the cache keeps them up
+                to date at append time once requested.
     state:      dict shared by all layers of the cache for selection state that must persist across
                 layers within a step (TidalDecode); never stored in the method.
     calibration: per-layer calibration tensors of the method (name -> tensor), or None.

@@ -83,7 +83,12 @@ def test_projected_keys_stay_current():
     proj = torch.randn(2, 8, 3)
     cache.projected_keys(0, "p", proj)
     cache.append(0, k[:, :, 20:], v[:, :, 20:])
-    torch.testing.assert_close(cache.projected_keys(0, "p", proj), k @ proj)
+    low = cache.projected_keys(0, "p", proj)
+    assert low.dtype == torch.bfloat16  # float32 keys: kept in bf16, rounded once from fp32
+    torch.testing.assert_close(low, (k @ proj).bfloat16(), rtol=0, atol=0)
+    cache64 = KVCache(1)
+    cache64.append(0, k.double(), v.double())
+    torch.testing.assert_close(cache64.projected_keys(0, "p", proj), k.double() @ proj.double())
 
 
 def test_explicit_positions_padding_and_per_row_lengths():

@@ -739,6 +739,67 @@ void scores_fp32(const MassProblem& M, const T* tab, int64_t bh, int64_t n0, int
   }
 }
 
+#if LA_AVX512
+// In-register transpose of a 16 x 16 float block: r[i] lane j  ->  r[j] lane i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// Pass 1 for a narrow table (E a multiple of 16; used for E = 16, e.g. Loki's 16 low-dimensional
+// key features) with `present` contiguous: 16 entries at a time, transposed in registers so that each
+// row's 16 scores come out of plain FMAs with broadcast query features (no horizontal sums).
+// Returns the first entry it did not process.
+template <typename T>
+int64_t scores_narrow(const MassProblem& M, const T* tab, int64_t bh, int64_t n0, int64_t n1) {
+  const int64_t b = bh / M.Hh, Ep = M.nc * W;
+  const float* rq = M.rows + bh * M.R * Ep;
+  float* s = M.s + bh * M.R * M.N;
+  const bool* pres = M.present + b * M.psB;
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    for (int64_t c = 0; c < M.nc; ++c) {
+      __m512 col[16];
+      for (int i = 0; i < 16; ++i) col[i] = vload(tab + (n + i) * M.tsN + c * W).x;
+      transpose16(col);  // col[e]: feature c * 16 + e of the 16 entries
+      for (int64_t r = 0; r < M.R; ++r) {
+        const float* q = rq + r * Ep + c * W;
+        __m512 acc = c ? _mm512_loadu_ps(s + r * M.N + n) : _mm512_setzero_ps();
+        for (int e = 0; e < 16; ++e) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[e]), col[e], acc);
+        _mm512_storeu_ps(s + r * M.N + n, acc);
+      }
+    }
+    const __mmask16 absent = _mm_cmpeq_epi8_mask(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(pres + n)), _mm_setzero_si128());
+    if (absent)
+      for (int64_t r = 0; r < M.R; ++r)
+        _mm512_mask_storeu_ps(s + r * M.N + n, absent, _mm512_set1_ps(NEG_INF));
+  }
+  return n;
+}
+#endif
+
 #if LA_AVX512 && defined(__AVX512BF16__)
 #define LA_DPBF16 1
 // The same for a bf16 table whose width E is a multiple of 32, by the bf16 dot-product instruction;
@@ -885,7 +946,11 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
   auto s = at::empty({M.BH, M.R, M.N}, rows.options());
   M.s = s.data_ptr<float>();
   const bool bf = table.scalar_type() == at::kBFloat16;
-  const bool fast = LA_DPBF16 && bf && M.E % 32 == 0;
+  // one-vector tables (16 features): transposed 16-entry blocks (measured 1.7x faster for bf16
+  // at 128K tokens x 8 heads, equal for fp32, slower for wider tables); wide bf16 tables: bf16
+  // dot products
+  const bool narrow = LA_AVX512 && M.E == W && M.psN == 1;
+  const bool fast = !narrow && LA_DPBF16 && bf && M.E % 32 == 0;
   std::vector<bf16> rbf;
   if (fast) {
     rbf.resize(M.BH * M.R * M.E);
@@ -900,14 +965,20 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
       const int64_t bh = item / blocks, n0 = (item % blocks) * BLOCK;
       const int64_t n1 = std::min(M.N, n0 + BLOCK);
       const int64_t off = (bh / M.Hh) * M.tsB + (bh % M.Hh) * M.tsH;
-      if (!bf) {
-        scores_fp32(M, table.data_ptr<float>() + off, bh, n0, n1);
-      } else if (fast) {
-#if LA_DPBF16
-        scores_dpbf16(M, reinterpret_cast<const bf16*>(table.data_ptr()) + off, rbf.data(), bh, n0, n1);
+      const bf16* tbf = bf ? reinterpret_cast<const bf16*>(table.data_ptr()) + off : nullptr;
+      const float* tf = bf ? nullptr : table.data_ptr<float>() + off;
+      int64_t n = n0;
+#if LA_AVX512
+      if (narrow) n = bf ? scores_narrow(M, tbf, bh, n0, n1) : scores_narrow(M, tf, bh, n0, n1);
 #endif
+      if (fast) {
+#if LA_DPBF16
+        scores_dpbf16(M, tbf, rbf.data(), bh, n, n1);
+#endif
+      } else if (bf) {
+        scores_fp32(M, tbf, bh, n, n1);
       } else {
-        scores_fp32(M, reinterpret_cast<const bf16*>(table.data_ptr()) + off, bh, n0, n1);
+        scores_fp32(M, tf, bh, n, n1);
       }
       block_exp(M, bh, n0, n1, stats.data() + item * M.R * 2);
     }
