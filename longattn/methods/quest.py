@@ -22,12 +22,12 @@ class Quest(Method):
     keeps its first two layers dense, where attention is least sparse: ``dense_layers=2``).
     Deviation from paper (written for one query head per KV head): one selection per KV head, shared
     by its GQA group and the step's queries, ranking pages by ``sum over rows of softmax(scale * u)``,
-    i.e. the summed attention mass each row would give the page if its bound were its score.
-    The cache keeps the page min / max in bfloat16 rounded outward (still bounds of the keys, half
-    the bytes to read per step), and the native scorer rounds the query rows to bfloat16 for the
-    bf16 dot-product instruction where the CPU has it. On
+    i.e. the summed attention mass each row would give the page if its bound were its score. On
     SmolLM2-135M (9/3 heads) this recalls as much softmax mass as per-query-head selection, more than
     ranking by the maximum bound over the group (``longattn eval fidelity``).
+    Precision: the cache keeps the page min / max in bfloat16 rounded outward (still bounds of the
+    keys, half the bytes to read per step), and the native scorer rounds the query rows to bfloat16
+    for the bf16 dot-product instruction where the CPU has it.
     """
 
     budget: int = 1024
