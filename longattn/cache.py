@@ -498,11 +498,9 @@ class KVCache:
         batch, heads, _, dim = entry.keys.shape
         keys = entry.keys[:, :, s0:s1].reshape(batch, heads, p1 - p0, ps, dim)
         empty = (entry.pos[:, s0:s1] < 0).view(batch, 1, p1 - p0, ps, 1)
-        dtype = entry.page_bounds.dtype
         low = keys.masked_fill(empty, torch.inf).amin(dim=3)
         high = keys.masked_fill(empty, -torch.inf).amax(dim=3)
-        entry.page_min[:, :, p0:p1] = round_outward(low, dtype, -torch.inf)
-        entry.page_max[:, :, p0:p1] = round_outward(high, dtype, torch.inf)
+        self._store_bounds(entry, slice(p0, p1), low, high)
         entry.page_sum[:, :, p0:p1] = keys.float().masked_fill(empty, 0.0).sum(dim=3)
         entry.page_count[:, p0:p1] = (~empty).view(batch, p1 - p0, ps).sum(dim=2)
         # an empty page holds zeros (not +-inf) so bounds stay finite; selection masks it by count
@@ -516,13 +514,18 @@ class KVCache:
         """``_refresh_pages`` for one page of a dense layer: slots [lo, hi) hold tokens in every
         row, the rest of the page is empty, so slicing replaces masking."""
         keys = entry.keys[:, :, lo:hi]
-        dtype = entry.page_bounds.dtype
-        entry.page_min[:, :, page] = round_outward(keys.amin(dim=2), dtype, -torch.inf)
-        entry.page_max[:, :, page] = round_outward(keys.amax(dim=2), dtype, torch.inf)
+        self._store_bounds(entry, page, keys.amin(dim=2), keys.amax(dim=2))
         entry.page_sum[:, :, page] = keys.float().sum(dim=2)
         entry.page_count[:, page] = hi - lo
         for matrix, buf in entry.projections.values():
             self._refresh_projection(entry, matrix, buf, lo, hi)
+
+    @staticmethod
+    def _store_bounds(entry: _Layer, pages: int | slice, low: torch.Tensor, high: torch.Tensor):
+        """Store page key min / max, rounded outward to the bounds' dtype."""
+        dtype = entry.page_bounds.dtype
+        entry.page_min[:, :, pages] = round_outward(low, dtype, -torch.inf)
+        entry.page_max[:, :, pages] = round_outward(high, dtype, torch.inf)
 
     @staticmethod
     def _refresh_projection(
