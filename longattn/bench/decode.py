@@ -154,21 +154,42 @@ def bench_config(
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """Speedup over the best SDPA variant per configuration: one row of panels per head shape and
+    dtype, one column per KV length, log scale, with the SDPA line at 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    configs = sorted({(r["kv_len"], r["shape"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.5 * len(configs), 4), squeeze=False)
-    for ax, cfg in zip(axes[0], configs):
-        sel = [r for r in rows if (r["kv_len"], r["shape"], r["dtype"]) == cfg]
-        labels = [r["name"] + (f"\n{r['budget']}" if r["budget"] else "") for r in sel]
-        ax.bar(range(len(sel)), [r["ms"] for r in sel])
-        ax.set_xticks(range(len(sel)), labels, rotation=70, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("decode step ms")
-        ax.set_title(f"T={cfg[0]} {cfg[1]} {cfg[2]}", fontsize=9)
+    groups = sorted({(r["shape"], r["dtype"]) for r in rows})
+    lengths = sorted({r["kv_len"] for r in rows})
+    fig, axes = plt.subplots(
+        len(groups),
+        len(lengths),
+        figsize=(4.8 * len(lengths), 3.6 * len(groups)),
+        squeeze=False,
+    )
+    for i, (shape, dtype) in enumerate(groups):
+        for j, kv_len in enumerate(lengths):
+            ax = axes[i][j]
+            sel = [
+                r
+                for r in rows
+                if (r["shape"], r["dtype"], r["kv_len"]) == (shape, dtype, kv_len)
+                and not r["name"].startswith("sdpa")
+            ]
+            labels = [r["name"] + (f" {r['budget']}" if r["budget"] else "") for r in sel]
+            ax.bar(range(len(sel)), [r["vs_best_sdpa"] for r in sel], color="tab:blue")
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="best SDPA")
+            ax.set_xticks(range(len(sel)), labels, rotation=75, fontsize=6)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_ylabel("speedup over best SDPA (x)", fontsize=8)
+            ax.set_title(f"decode step, KV {kv_len} tokens, {shape} heads, {dtype}", fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
