@@ -53,21 +53,20 @@ class CopyProbe:
         return 2 * self.n_bytes / (time.perf_counter() - start) / 1e9
 
 
-def paired_dense(step, probe: CopyProbe, kv_bytes: int, repeats: int) -> tuple[float, float, float]:
+def paired_dense(step, probe: CopyProbe, kv_bytes: int, repeats: int) -> tuple[float, float]:
     """Dense decode steps each timed right after a copy-bandwidth probe, so slow phases of a shared
-    machine hit both alike. Returns (median step ms, median copy GB/s, median of the per-pair
-    ratios of KV read bandwidth to copy bandwidth)."""
+    machine hit both alike. Returns (median copy GB/s, median of the per-pair ratios of KV read
+    bandwidth to copy bandwidth)."""
     step()
-    times, copies, ratios = [], [], []
+    copies, ratios = [], []
     for _ in range(repeats):
         copy = probe.gbps()
         start = time.perf_counter()
         step()
         ms = (time.perf_counter() - start) * 1e3
-        times.append(ms)
         copies.append(copy)
         ratios.append(kv_bytes / ms / 1e6 / copy)
-    return statistics.median(times), statistics.median(copies), statistics.median(ratios)
+    return statistics.median(copies), statistics.median(ratios)
 
 
 def _method(name: str, budget: int):
@@ -129,7 +128,7 @@ def bench_config(
     # step time as for every other row (back to back); the bandwidth fraction from cold steps,
     # each right after a copy probe (which also evicts a KV that would fit in the caches)
     record("ours dense", median_ms(dense_step, repeats=repeats, warmup=2))
-    _, copy_gbps, of_copy = paired_dense(dense_step, probe, kv_bytes, repeats)
+    copy_gbps, of_copy = paired_dense(dense_step, probe, kv_bytes, repeats)
     rows[-1].update(copy_gbps=copy_gbps, of_copy=of_copy)
     for budget in budgets:
         for name in methods:
