@@ -32,12 +32,17 @@
 #define LA_AVX512 0
 #endif
 
+// For helpers that only prefetch: GCC deduces that such a function has no side effects and drops
+// calls to it that were not inlined first.
+#define LA_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 using bf16 = c10::BFloat16;
 constexpr int W = 16;     // lanes of a vector
 constexpr int TILE = 32;  // key slots per tile
 constexpr int64_t AHEAD_ENTRIES = 2;  // selected pages prefetched this many entries ahead
+constexpr int64_t FAR_BYTES = 32 << 10;  // dense: K and V rows prefetched this far ahead
 constexpr int MAX_D = 256;
 constexpr float LN2 = 0.69314718055994531f;
 constexpr float LOG2E = 1.44269504088896341f;
@@ -100,8 +105,8 @@ inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
   _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, w)));
 }
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+LA_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+LA_INLINE void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 #else
 using Mask = uint16_t;
 struct V {
@@ -178,20 +183,26 @@ inline V load_chunk(const Problem<T>& P, const T* p, int64_t c) {
   }
 }
 
-// The rows of the next tile, prefetched a key at a time while this tile's scores are computed
-// (about one tile ahead of use; a burst of a whole tile of prefetches would overflow the fill
-// buffers).
+// Rows fetched a key at a time while a tile's scores are computed, spread over the tile (a burst
+// of a whole tile of prefetches would overflow the fill buffers). Key j of the tile fetches
+// kp[j] + k_off and vp[j] + v_off, into L2. Dense float32: the rows FAR_BYTES ahead in the same
+// stream (the hardware prefetchers alone let the loop fall behind the stream; fetching into L1 that
+// far ahead evicts the rows in use); bfloat16 reads half the bytes per key and streams as fast
+// without. Selected rows: the next tile's rows (scattered, so the hardware cannot predict them).
 template <typename T>
 struct Ahead {
   const T* const* kp;
   const T* const* vp;
-  int n;
+  int n;  // keys of the tile that have a row to fetch
   int lines;
-  inline void fetch(int j) const {
+  int64_t k_off, v_off;
+  LA_INLINE void fetch(int j) const {
     if (j >= n) return;
+    const char* k = reinterpret_cast<const char*>(kp[j] + k_off);
+    const char* v = reinterpret_cast<const char*>(vp[j] + v_off);
     for (int i = 0; i < lines; ++i) {
-      prefetch(reinterpret_cast<const char*>(kp[j]) + 64 * i);
-      prefetch(reinterpret_cast<const char*>(vp[j]) + 64 * i);
+      prefetch_l2(k + 64 * i);
+      prefetch_l2(v + 64 * i);
     }
   }
 };
@@ -411,13 +422,14 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
   const int64_t* pbase = P.kpos + (P.kpsB ? b : 0) * P.kpsB;
   const int64_t* ibase = P.index ? P.index + b * P.isB + ih * P.isH : nullptr;
   const int lines = static_cast<int>((P.D * sizeof(T) + 63) / 64);
-  // Tiles are filled one ahead of use, and their rows are prefetched key by key while the current
-  // tile's scores are computed, so that memory loads overlap the arithmetic (the hardware
-  // prefetchers alone left the kernel latency-bound).
+  const int64_t far = std::max<int64_t>(1, FAR_BYTES / static_cast<int64_t>(P.D * sizeof(T)));
+  // Tiles are filled one ahead of use; while a tile's scores are computed, rows further on are
+  // prefetched key by key (see Ahead), so that memory loads overlap the arithmetic.
   struct List {
     const T* kp[TILE];
     const T* vp[TILE];
     int64_t pos[TILE];
+    int64_t slot[TILE];
     int nj;
     int64_t max_pos;
   };
@@ -461,6 +473,7 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
       t.kp[t.nj] = kr;
       t.vp[t.nj] = vr;
       t.pos[t.nj] = p;
+      t.slot[t.nj] = slot;
       t.max_pos = std::max(t.max_pos, p);
       ++t.nj;
     }
@@ -472,8 +485,17 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
     fill(lists[1 - cur]);
     const List& t = lists[cur];
     const bool need_mask = min_qp < 0 || (P.causal && t.max_pos > min_qp);
-    const List& n = lists[1 - cur];
-    const Ahead<T> ahead{n.kp, n.vp, n.nj, lines};
+    Ahead<T> ahead;
+    if (ibase == nullptr) {  // slots in order: fetch slot + far while it is in the item
+      int n_far = 0;
+      if constexpr (sizeof(T) == 4) {  // bf16 streams as fast without (measured)
+        while (n_far < t.nj && t.slot[n_far] + far < e1) ++n_far;
+      }
+      ahead = {t.kp, t.vp, n_far, lines, far * P.ksT, far * P.vsT};
+    } else {
+      const List& n = lists[1 - cur];
+      ahead = {n.kp, n.vp, n.nj, lines, 0, 0};
+    }
     tile<NC>(P, S, &ahead, t.kp, t.vp, t.pos, t.nj, need_mask, m, l,
              acc);
     cur = 1 - cur;
