@@ -120,7 +120,10 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "power": ["power:block_size=8,window=2"],
     "neighborhood2d": ["neighborhood2d:height=32,width=32,kernel=5,dilation=2"],
     "per_head_window": ["per_head_window:windows=8/32/128,sinks=2"],
-    "quest": ["quest:budget=32,page_size=16", "quest:budget=16,page_size=8,fraction=0.25"],
+    "quest": [
+        "quest:budget=32,page_size=16,dense_layers=0",
+        "quest:budget=16,page_size=8,fraction=0.25,dense_layers=0",
+    ],
     "oracle_topk": ["oracle_topk:budget=24"],
     "loki": ["loki:budget=24,rank=8"],
     "double_sparsity": ["double_sparsity:budget=24,channels=8"],

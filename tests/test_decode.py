@@ -82,7 +82,9 @@ def test_quest_always_keeps_the_newest_page_and_its_bound_is_an_upper_bound():
     q, k, v = make_qkv(1, 4, 1, 1, 512, 16, seed=4)
     cache = KVCache(1)
     cache.append(0, k[:, :, :-1], v[:, :, :-1])
-    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=64), cache=cache)
+    res = attention(
+        q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=64, dense_layers=0), cache=cache
+    )
     assert 31 in res.state.index[0, 0].tolist()
     view = cache.select_view(0, torch.tensor([[511]]), 0.25)
     exact = (q.view(1, 1, 4, 16) @ k.transpose(-1, -2)).view(1, 1, 4, 32, 16).amax(-1)
@@ -93,17 +95,22 @@ def test_quest_always_keeps_the_newest_page_and_its_bound_is_an_upper_bound():
     assert bool((bound >= exact - 1e-5).all())
 
 
-def test_quest_dense_layers_attend_to_everything():
+@pytest.mark.parametrize(
+    "method, n_dense",
+    [(methods.Quest(budget=64, dense_layers=1), 1), (methods.Quest(budget=64), 2)],
+    ids=["dense_layers=1", "default"],
+)
+def test_quest_dense_layers_attend_to_everything(method, n_dense):
     q, k, v = make_qkv(1, 4, 2, 1, 512, 16, seed=4)
-    method = methods.Quest(budget=64, dense_layers=1)
-    cache = KVCache(2)
-    for layer in range(2):
+    cache = KVCache(n_dense + 1)
+    for layer in range(n_dense + 1):
         cache.append(layer, k[:, :, :-1], v[:, :, :-1])
-    first = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=0)
-    second = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=1)
-    assert first.state is None
-    assert_attention_close(first, q, k, v)
-    assert second.state is not None and second.state.index.shape[-1] == 4
+    for layer in range(n_dense):
+        res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=layer)
+        assert res.state is None
+        assert_attention_close(res, q, k, v)
+    last = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, layer=n_dense)
+    assert last.state is not None and last.state.index.shape[-1] == 4
     for bad, err in (("x", TypeError), (-1, ValueError), (True, TypeError)):
         with pytest.raises(err, match="dense_layers"):
             methods.Quest(dense_layers=bad)
@@ -124,7 +131,9 @@ def test_quest_shared_selection_follows_each_heads_own_best_page():
     q[0, 0, 0, 0], q[0, 1, 0, 1] = 40.0, 8.0
     cache = KVCache(1)
     cache.append(0, k[:, :, :-1], v[:, :, :-1])
-    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=48), cache=cache)
+    res = attention(
+        q, k[:, :, -1:], v[:, :, -1:], method=methods.Quest(budget=48, dense_layers=0), cache=cache
+    )
     assert res.state.index[0, 0].tolist() == [1, 4, 7]
 
 

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler"
 )
 DTYPES = [torch.float32, torch.bfloat16]
-QUEST = methods.Quest(budget=16, page_size=8)  # the oracle only needs a select method
+QUEST = methods.Quest(
+    budget=16, page_size=8, dense_layers=0
+)  # the oracle only needs a select method
 
 
 def _positions(batch, cap, seed):
@@ -171,7 +173,7 @@ def test_auto_chooses_the_native_kernel_for_decode_and_quest():
     q, k, v = make_qkv(1, 8, 2, 1, 700, 64, seed=9)
     cache = KVCache(1)
     cache.append(0, k[:, :, :-1], v[:, :, :-1])
-    method = methods.Quest(budget=128)
+    method = methods.Quest(budget=128, dense_layers=0)
     res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, impl="native_decode")
     assert_attention_close(res, q, k, v, method)
     python = KVCache(1)

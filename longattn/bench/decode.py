@@ -72,6 +72,8 @@ def paired_dense(step, probe: CopyProbe, kv_bytes: int, repeats: int) -> tuple[f
 def _method(name: str, budget: int):
     if name == "tidal_decode":  # timed on a reusing layer: layer 1 after selection layer 0
         return from_string(f"tidal_decode:budget={budget},select_layers=0")
+    if name == "quest":  # a selecting layer (its default keeps layers 0 and 1 dense)
+        return from_string(f"quest:budget={budget},dense_layers=0")
     if name == "infllm":
         return from_string(f"infllm:budget={budget},sinks=64,window=256,block_size=64")
     return from_string(f"{name}:budget={budget}")

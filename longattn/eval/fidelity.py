@@ -126,9 +126,11 @@ def run_cli(args: argparse.Namespace) -> int:
     captured = capture_qkv(model, real_text_ids(tok, length))
     methods = {
         "oracle_topk": from_string(f"oracle_topk:fraction={frac}"),
-        "quest": from_string(f"quest:fraction={frac}"),
-        "quest (first 2 layers dense, as in the paper)": from_string(
-            f"quest:fraction={frac},dense_layers=2"
+        "quest (first 2 layers dense, the default, as in the paper)": from_string(
+            f"quest:fraction={frac}"
+        ),
+        "quest (every layer selected, dense_layers=0)": from_string(
+            f"quest:fraction={frac},dense_layers=0"
         ),
         "loki (calibrated, r=16)": from_string(
             f"loki:fraction={frac},rank=16,calibration={loki_path}"

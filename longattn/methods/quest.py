@@ -18,8 +18,10 @@ class Quest(Method):
 
     Page bound ``u = sum_i max(q_i * min_i, q_i * max_i)`` per query row; the ``budget // page_size``
     best pages are attended, always including each row's newest page. ``fraction > 0`` sets the
-    budget as a fraction of the cache. Layers below ``dense_layers`` attend to everything (the paper
-    keeps its first two layers dense, where attention is least sparse: ``dense_layers=2``).
+    budget as a fraction of the cache. Layers below ``dense_layers`` attend to everything: by default
+    the first two, as in the paper, where attention is least sparse (on SmolLM2-135M even the exact
+    top-k keeps only 0.60 of layer 0's mass at a 1/8 budget); ``dense_layers=0`` selects in every
+    layer.
     Deviation from paper (written for one query head per KV head): one selection per KV head, shared
     by its GQA group and the step's queries, ranking pages by ``sum over rows of softmax(scale * u)``,
     i.e. the summed attention mass each row would give the page if its bound were its score. On
@@ -33,7 +35,7 @@ class Quest(Method):
     budget: int = 1024
     fraction: float = 0.0
     page_size: int = 16
-    dense_layers: int = 0
+    dense_layers: int = 2
 
     def __post_init__(self) -> None:
         check_budget(type(self).__name__, self.budget, self.fraction)
