@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -30,6 +31,11 @@
 #define LA_AVX512 1
 #else
 #define LA_AVX512 0
+#endif
+#if LA_AVX512 && defined(__AVX512BF16__)
+#define LA_DPBF16 1  // the bf16 dot-product instruction (vdpbf16ps)
+#else
+#define LA_DPBF16 0
 #endif
 
 // For helpers that only prefetch: GCC deduces that such a function has no side effects and drops
@@ -170,6 +176,7 @@ struct Problem {
 
 struct Scratch {
   std::vector<float> q, s;  // q: [R, Dp] scaled rows; s: [R, TILE] scores then probabilities
+  std::vector<bf16> qb;     // [R, Dp] the unscaled rows of a bf16 query (for qk_rows_dot)
   std::vector<int64_t> qp;  // [R] query position per row (-1: padding row)
 };
 
@@ -185,10 +192,10 @@ inline V load_chunk(const Problem<T>& P, const T* p, int64_t c) {
 
 // Rows fetched a key at a time while a tile's scores are computed, spread over the tile (a burst
 // of a whole tile of prefetches would overflow the fill buffers). Key j of the tile fetches
-// kp[j] + k_off and vp[j] + v_off, into L2. Dense float32: the rows FAR_BYTES ahead in the same
-// stream (the hardware prefetchers alone let the loop fall behind the stream; fetching into L1 that
-// far ahead evicts the rows in use); bfloat16 reads half the bytes per key and streams as fast
-// without. Selected rows: the next tile's rows (scattered, so the hardware cannot predict them).
+// kp[j] + k_off and vp[j] + v_off, into L2. Dense: the rows FAR_BYTES ahead in the same stream (the
+// hardware prefetchers alone let the loop fall behind the stream; fetching into L1 that far ahead
+// evicts the rows in use). Selected rows: the next tile's rows (scattered, so the hardware cannot
+// predict them).
 template <typename T>
 struct Ahead {
   const T* const* kp;
@@ -252,6 +259,71 @@ inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int
     }
     for (int i = 0; i < NR; ++i) s[i * TILE + j] = vsum(a0[i]);
   }
+}
+
+// bf16 keys with the bf16 dot-product instruction, for D a multiple of 32: the unscaled bf16 rows
+// (exact products, fp32 sums; about half the instructions of converting K to fp32 for FMAs, which
+// made bf16 decode compute-bound), the sums scaled afterwards.
+template <typename T, int NC>
+constexpr bool kDotBf16 = LA_DPBF16 && std::is_same_v<T, bf16> && NC > 0 && NC % 2 == 0;
+
+#if LA_DPBF16
+template <int NC, int NR>
+inline void qk_rows_dot(const Problem<bf16>& P, const bf16* q, const bf16* const* kp, int nj,
+                        float* s, const Ahead<bf16>* ahead) {
+  const int64_t Dp = P.Dp;
+  auto ld = [](const bf16* x) { return (__m512bh)_mm512_loadu_si512(x); };
+  int j = 0;
+  for (; j + 2 <= nj; j += 2) {
+    if (ahead) {
+      ahead->fetch(j);
+      ahead->fetch(j + 1);
+    }
+    __m512 a0[NR], a1[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < NC / 2; ++c) {
+      const __m512bh x0 = ld(kp[j] + c * 32), x1 = ld(kp[j + 1] + c * 32);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) {
+        const __m512bh qi = ld(q + i * Dp + c * 32);
+        a0[i] = _mm512_dpbf16_ps(a0[i], qi, x0);
+        a1[i] = _mm512_dpbf16_ps(a1[i], qi, x1);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      s[i * TILE + j] = _mm512_reduce_add_ps(a0[i]) * P.scale2;
+      s[i * TILE + j + 1] = _mm512_reduce_add_ps(a1[i]) * P.scale2;
+    }
+  }
+  if (j < nj) {
+    if (ahead) {
+      for (int jj = j; jj < TILE; ++jj) ahead->fetch(jj);
+    }
+    __m512 a0[NR];
+    for (int i = 0; i < NR; ++i) a0[i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < NC / 2; ++c) {
+      const __m512bh x0 = ld(kp[j] + c * 32);
+#pragma GCC unroll 4
+      for (int i = 0; i < NR; ++i) a0[i] = _mm512_dpbf16_ps(a0[i], ld(q + i * Dp + c * 32), x0);
+    }
+    for (int i = 0; i < NR; ++i) s[i * TILE + j] = _mm512_reduce_add_ps(a0[i]) * P.scale2;
+  }
+}
+#endif
+
+// Scores of the NR rows from row r: by qk_rows_dot where it applies, else by qk_rows.
+template <int NC, int NR, typename T>
+inline void qk_block(const Problem<T>& P, const Scratch& S, int64_t r, const T* const* kp, int nj,
+                     float* s, const Ahead<T>* ahead) {
+#if LA_DPBF16
+  if constexpr (kDotBf16<T, NC>) {
+    qk_rows_dot<NC, NR>(P, S.qb.data() + r * P.Dp, kp, nj, s + r * TILE, ahead);
+    return;
+  }
+#endif
+  qk_rows<NC, NR>(P, S.q.data() + r * P.Dp, kp, nj, s + r * TILE, ahead);
 }
 
 // acc[i] += sum_j p[i][j] v_j for NR rows; two W-chunks of D at a time (2 * NR FMA chains), the
@@ -355,12 +427,11 @@ void tile(const Problem<T>& P, Scratch& S, const Ahead<T>* ahead, const T* const
           const int64_t* pos, int nj, bool need_mask, float* m, float* l, float* acc) {
   const int64_t R = P.R;
   float* s = S.s.data();
-  const float* q = S.q.data();
   by_row_blocks<T>(
-      R, [&](int64_t r) { qk_rows<NC, 4>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
-      [&](int64_t r) { qk_rows<NC, 3>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
-      [&](int64_t r) { qk_rows<NC, 2>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); },
-      [&](int64_t r) { qk_rows<NC, 1>(P, q + r * P.Dp, kp, nj, s + r * TILE, r ? nullptr : ahead); });
+      R, [&](int64_t r) { qk_block<NC, 4>(P, S, r, kp, nj, s, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_block<NC, 3>(P, S, r, kp, nj, s, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_block<NC, 2>(P, S, r, kp, nj, s, r ? nullptr : ahead); },
+      [&](int64_t r) { qk_block<NC, 1>(P, S, r, kp, nj, s, r ? nullptr : ahead); });
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * TILE;
     for (int j = nj; j < TILE; ++j) sr[j] = NEG_INF;
@@ -413,6 +484,7 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
       float* dst = S.q.data() + r * P.Dp;
       for (int64_t d = 0; d < P.D; ++d) dst[d] = to_float(src[d]) * P.scale2;
       for (int64_t d = P.D; d < P.Dp; ++d) dst[d] = 0.f;
+      if constexpr (kDotBf16<T, NC>) std::copy(src, src + P.D, S.qb.data() + r * P.Dp);
       S.qp[r] = P.qpos[qb * P.qpsB + t * P.qpsT];
       min_qp = std::min(min_qp, S.qp[r]);
     }
@@ -488,9 +560,7 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
     Ahead<T> ahead;
     if (ibase == nullptr) {  // slots in order: fetch slot + far while it is in the item
       int n_far = 0;
-      if constexpr (sizeof(T) == 4) {  // bf16 streams as fast without (measured)
-        while (n_far < t.nj && t.slot[n_far] + far < e1) ++n_far;
-      }
+      while (n_far < t.nj && t.slot[n_far] + far < e1) ++n_far;
       ahead = {t.kp, t.vp, n_far, lines, far * P.ksT, far * P.vsT};
     } else {
       const List& n = lists[1 - cur];
@@ -554,6 +624,7 @@ void run(Problem<T>& P, T* out, float* lse) {
   at::parallel_for(0, streams * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch S;
     S.q.resize(P.R * P.Dp);
+    S.qb.resize(P.R * P.Dp);
     S.s.resize(P.R * TILE);
     S.qp.resize(P.R);
     for (int64_t item = begin; item < end; ++item) {
@@ -822,8 +893,7 @@ int64_t scores_narrow(const MassProblem& M, const T* tab, int64_t bh, int64_t n0
 }
 #endif
 
-#if LA_AVX512 && defined(__AVX512BF16__)
-#define LA_DPBF16 1
+#if LA_DPBF16
 // The same for a bf16 table whose width E is a multiple of 32, by the bf16 dot-product instruction;
 // rbf: the rows rounded to bf16 [BH, R, E].
 void scores_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64_t bh, int64_t n0,
@@ -861,8 +931,6 @@ void scores_dpbf16(const MassProblem& M, const bf16* tab, const bf16* rbf, int64
     }
   }
 }
-#else
-#define LA_DPBF16 0
 #endif
 
 // After pass 1 on entries [n0, n1) of head bh, while they are in cache: per row, exponentiate the
