@@ -139,16 +139,16 @@ def _decode_can_run(call: Call) -> str | None:
     return None
 
 
-def _native_decode_can_run(call: Call) -> str | None:
+def _decode_cpp_can_run(call: Call) -> str | None:
     if call.method.hook != "select" and not isinstance(call.method, Dense):
-        return f"the native decode kernel runs dense and select methods, not {call.method.name!r}"
+        return f"the C++ decode kernel runs dense and select methods, not {call.method.name!r}"
     return _decode_can_run(call) or native_unavailable(call.q, call.k.dtype)
 
 
-def _run_native_decode(call: Call) -> AttnOutput:
+def _run_decode_cpp(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call, native=True)
-    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _native_decode_can_run
+    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _decode_cpp_can_run
     return native_decode(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
                          kv_pos=call.kv_pos, causal=causal)  # fmt: skip
 
@@ -197,7 +197,7 @@ def _run_select(call: Call, native: bool = False) -> AttnOutput:
     cache, layer = _selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
     if native and selection is None:
-        return _run_native_decode(replace(call, method=Dense()))
+        return _run_decode_cpp(replace(call, method=Dense()))
     if native:
         keys, values, positions = cache.storage(layer)
         out = native_decode_selected(call.q, keys, values, positions, selection.index,
@@ -335,7 +335,7 @@ def _run_sparse(call: Call) -> AttnOutput:
     return sparse_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
 
 
-def _native_can_run(call: Call) -> str | None:
+def _sparse_cpp_can_run(call: Call) -> str | None:
     dtype, device, dim, bs = (
         call.q.dtype,
         call.q.device,
@@ -345,7 +345,7 @@ def _native_can_run(call: Call) -> str | None:
     return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale, bs)
 
 
-def _run_native(call: Call) -> AttnOutput:
+def _run_sparse_cpp(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
@@ -374,17 +374,17 @@ def _run_flex(call: Call) -> AttnOutput:
     return flex_block_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
 
 
-# The order impl="auto" walks: the native decode kernel for few queries (dense or a selection), the
+# The order impl="auto" walks: the C++ decode kernel for few queries (dense or a selection), the
 # PyTorch decode path when it cannot be built; dense SDPA for dense attention; compiled Flex (CUDA
 # only, see _flex_auto); the native C++ block-sparse kernel for any mask with block bounds, then the
 # plain PyTorch gather + SDPA one (reached when the extension cannot be built: no compiler, a build
 # error); the tiled online softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [
-    Impl("native_decode", _native_decode_can_run, _run_native_decode),
+    Impl("decode_cpp", _decode_cpp_can_run, _run_decode_cpp),
     Impl("decode", _decode_can_run, _run_decode),
     Impl("sdpa", _sdpa_can_run, _run_sdpa),
     Impl("flex", _flex_can_run, _run_flex, _flex_auto),
-    Impl("native", _native_can_run, _run_native, _sparse_auto),
+    Impl("sparse_cpp", _sparse_cpp_can_run, _run_sparse_cpp, _sparse_auto),
     Impl("sparse", _block_can_run, _run_sparse, _sparse_auto),
     Impl("tiled", _mask_hook, _run_tiled),
     Impl("reference", _reference_can_run, _run_reference),

@@ -2,7 +2,7 @@
 
 Per case (random causal block layouts at a fraction of the causal blocks, sliding window 1024,
 StreamingLLM(4, 1024)): the correctness gate on sampled query rows first, then median ms of ours
-(the native C++ kernel, ``impl="native"``), of the plain-PyTorch gather + SDPA kernel
+(the native C++ kernel, ``impl="sparse_cpp"``), of the plain-PyTorch gather + SDPA kernel
 (``impl="sparse"``), of dense causal SDPA and of compiled Flex on the same BlockIndex (its compile
 time apart), speedups, the fraction of the ideal speedup (causal blocks / visited blocks), GFLOP/s
 of the visited blocks, peak extra memory. JSONL, a table, and a PNG of speedup vs density.
@@ -81,7 +81,7 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
     rec = {
         "bench": "kernels",
         "case": label,
-        "impl": "sparse" if native_reason else "native",
+        "impl": "sparse" if native_reason else "sparse_cpp",
         "T": t,
         "H": h,
         "Hkv": h_kv,

@@ -7,7 +7,7 @@ the items are balanced over the threads by decreasing block count. float32, bflo
 with fp32 accumulation, 2x the fp32 rate here) and float64 (plain loops, for exact tests). GQA: query
 head h reads KV head ``h // (H / Hkv)``; K/V are never expanded.
 
-This is its own implementation (``impl="native"`` in the API), not the engine of ``sparse``: the
+This is its own implementation (``impl="sparse_cpp"`` in the API), not the engine of ``sparse``: the
 plain-PyTorch gather + SDPA path stays runnable and testable by name, and ``auto`` reaches it only
 through the dispatch order when the extension cannot be built (the reason is logged).
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from longattn.kernels import native
+from longattn.kernels import extension
 from longattn.kernels.tiled import BoundsFn, MaskFn, with_padding
 from longattn.types import AttnOutput, BlockIndex
 
@@ -49,22 +49,22 @@ def unavailable(
 ) -> str | None:
     """Why the native kernel cannot run this call here (None: it can). Builds it once."""
     if not scale > 0:
-        return f"the native block-sparse kernel needs scale > 0 (applied inside exp), got {scale}"
+        return f"the C++ block-sparse kernel needs scale > 0 (applied inside exp), got {scale}"
     if device.type != "cpu":
-        return f"the native block-sparse kernel runs on CPU only, not {device.type}"
+        return f"the C++ block-sparse kernel runs on CPU only, not {device.type}"
     if dtype not in DTYPES:
-        return f"the native block-sparse kernel runs float32, bfloat16 and float64, not {dtype}"
+        return f"the C++ block-sparse kernel runs float32, bfloat16 and float64, not {dtype}"
     if dtype == torch.bfloat16 and (head_dim % 2 or block_size % 2):
         return (
-            f"the native bfloat16 kernel needs an even head dim and block size (VNNI pairs), got "
+            f"the C++ bfloat16 kernel needs an even head dim and block size (VNNI pairs), got "
             f"{head_dim} and {block_size}"
         )
-    reason = native.unavailable(NAME)
+    reason = extension.unavailable(NAME)
     if reason or dtype == torch.float64:
         return reason
     key = str(dtype).replace("torch.", "")
     if key not in _probes:
-        _probes[key] = native.load(NAME).probe(key)
+        _probes[key] = extension.load(NAME).probe(key)
     if _probes[key]:
         return f"oneDNN brgemm cannot run {key} on this CPU: {_probes[key][:200]}"
     return None
@@ -72,8 +72,8 @@ def unavailable(
 
 def release_workspace() -> None:
     """Free the packed K/V workspace the kernel keeps between calls (no-op if never built)."""
-    if NAME in native._modules:
-        native.load(NAME).release()
+    if NAME in extension._modules:
+        extension.load(NAME).release()
 
 
 def block_sparse_attention(
@@ -118,7 +118,7 @@ def block_sparse_attention(
     kinds, masks, strides = _slot_kinds(
         index, n_heads, batch, q_pos_b, kv_pos_b, q_len, kv_len, mask_fn, bounds_fn, causal, padded
     )
-    out, lse = native.load(NAME).forward(
+    out, lse = extension.load(NAME).forward(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from longattn.kernels import native
+from longattn.kernels import extension
 from longattn.kernels.sdpa import flash_with_lse
 from longattn.types import AttnOutput
 
@@ -158,14 +158,14 @@ def gather_selected(
 
 
 def native_unavailable(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
-    """Why the native decode kernels cannot take ``q`` (None: they can; builds them on first use)."""
+    """Why the C++ decode kernels cannot take ``q`` (None: they can; builds them on first use)."""
     if q.device.type != "cpu":
-        return f"the native decode kernel runs on CPU, not {q.device.type}"
+        return f"the C++ decode kernel runs on CPU, not {q.device.type}"
     if q.dtype not in NATIVE_DTYPES or (kv_dtype is not None and kv_dtype != q.dtype):
-        return f"the native decode kernel runs float32 and bfloat16, not {q.dtype}"
+        return f"the C++ decode kernel runs float32 and bfloat16, not {q.dtype}"
     if q.shape[-1] > NATIVE_MAX_DIM:
-        return f"the native decode kernel takes head dim <= {NATIVE_MAX_DIM}, got {q.shape[-1]}"
-    return native.unavailable("decode")
+        return f"the C++ decode kernel takes head dim <= {NATIVE_MAX_DIM}, got {q.shape[-1]}"
+    return extension.unavailable("decode")
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ def native_decode(
 ) -> AttnOutput:
     """``decode_attention`` by the native kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
     views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] int64 (-1 = empty slot)."""
-    out, lse = native.load("decode").decode_dense(
+    out, lse = extension.load("decode").decode_dense(
         _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), q_pos, kv_pos, scale, causal
     )
     return AttnOutput(out, lse, None)
@@ -207,7 +207,7 @@ def native_decode_selected(
     index [B, Hkv, n] (shared by each KV head's query heads) or [B, H, n] (one selection per query
     head), entries of ``unit`` consecutive slots, -1 = unused.
     """
-    out, lse = native.load("decode").decode_selected(
+    out, lse = extension.load("decode").decode_selected(
         _last_contiguous(q), keys, values, positions, index, unit, q_pos, scale, True
     )
     return AttnOutput(out, lse, None)
@@ -243,7 +243,7 @@ def row_mass(
         reason = native_unavailable(rows, None)
         if reason is not None:
             raise RuntimeError(f"native row scorer unavailable: {reason}")
-        return native.load("decode").row_mass(rows.contiguous(), table, present, float(scale))
+        return extension.load("decode").row_mass(rows.contiguous(), table, present, float(scale))
     # [B, Hkv, R, N]: entries on the last axis (a softmax over a strided axis is 5x slower)
     scores = _products(rows, table).transpose(-1, -2).contiguous()
     absent = ~present[:, None, :]  # [B, 1, N]
@@ -271,6 +271,6 @@ def native_top_index(scores: torch.Tensor, k: int) -> torch.Tensor | None:
     (not CPU float32, no kernel) so the caller uses the PyTorch one."""
     if scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.shape[-1] == 0:
         return None
-    if native.unavailable("decode") is not None:
+    if extension.unavailable("decode") is not None:
         return None
-    return native.load("decode").top_index(scores.contiguous(), k)
+    return extension.load("decode").top_index(scores.contiguous(), k)

@@ -169,12 +169,12 @@ def test_row_mass_rejects_mismatched_inputs(width, present_dtype, match):
 
 
 def test_auto_chooses_the_native_kernel_for_decode_and_quest():
-    assert IMPLS[0].name == "native_decode"
+    assert IMPLS[0].name == "decode_cpp"
     q, k, v = make_qkv(1, 8, 2, 1, 700, 64, seed=9)
     cache = KVCache(1)
     cache.append(0, k[:, :, :-1], v[:, :, :-1])
     method = methods.Quest(budget=128, dense_layers=0)
-    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, impl="native_decode")
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, impl="decode_cpp")
     assert_attention_close(res, q, k, v, method)
     python = KVCache(1)
     python.append(0, k[:, :, :-1], v[:, :, :-1])
@@ -186,10 +186,10 @@ def test_auto_chooses_the_native_kernel_for_decode_and_quest():
 def test_native_refuses_what_it_cannot_run():
     q, k, v = make_qkv(1, 4, 2, 1, 50, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32 and bfloat16"):
-        attention(q, k, v, impl="native_decode")
+        attention(q, k, v, impl="decode_cpp")
     q, k, v = make_qkv(1, 4, 2, 1, 50, 32)
     with pytest.raises(ValueError, match="dense and select"):
-        attention(q, k, v, method=methods.SlidingWindow(window=8), impl="native_decode")
+        attention(q, k, v, method=methods.SlidingWindow(window=8), impl="decode_cpp")
 
 
 def test_native_top_index_matches_the_torch_one():

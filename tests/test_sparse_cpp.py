@@ -1,4 +1,4 @@
-"""The native C++ block-sparse kernel (impl="native") against the float64 oracle.
+"""The native C++ block-sparse kernel (impl="sparse_cpp") against the float64 oracle.
 
 Skipped only when no C++ compiler exists; with one, a build failure fails these tests.
 """
@@ -10,7 +10,7 @@ import torch
 
 from longattn import attention, methods
 from longattn.api import choose_impl, make_call
-from longattn.kernels import block_sparse, native
+from longattn.kernels import block_sparse, extension
 from longattn.kernels.reference import reference_attention
 from longattn.method import from_string
 from longattn.testing import assert_attention_close, make_qkv
@@ -47,7 +47,7 @@ def _check(got, q, k, v, visible, scale):
 
 
 def test_the_kernel_builds():
-    assert native.unavailable(block_sparse.NAME) is None
+    assert extension.unavailable(block_sparse.NAME) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -98,7 +98,7 @@ def test_empty_rows_and_unmasked_partial_blocks(dtype):
 def test_methods_through_the_api_with_gqa_and_ragged_blocks(dtype, spec):
     method = from_string(spec)
     q, k, v = make_qkv(1, 8, 2, 300, 300, 64, dtype=dtype, seed=7)
-    got = attention(q, k, v, method=method, impl="native")
+    got = attention(q, k, v, method=method, impl="sparse_cpp")
     if dtype == torch.float64:
         visible = make_call(q, k, v, method)
         from longattn.api import visible_mask
@@ -119,7 +119,7 @@ def test_padding_positions(dtype):
         methods.StaticBlocks(layout, block_size=64),
         from_string("sliding_window:window=90"),
     ):
-        res = attention(q, k, v, method=method, impl="native", q_positions=pos, kv_positions=pos)
+        res = attention(q, k, v, method=method, impl="sparse_cpp", q_positions=pos, kv_positions=pos)
         assert_attention_close(res, q, k, v, method, q_positions=pos, kv_positions=pos)
         assert torch.equal(res.out[0, :, :50], torch.zeros_like(res.out[0, :, :50]))
         assert torch.isneginf(res.lse[0, :, :50]).all()
@@ -143,7 +143,7 @@ def test_causal_diagonals_skip_the_materialised_mask():
     edge = index.partial & ~diag
     assert edge.any() and (kinds[edge] >= 0).all()
     assert masks.shape[2] == int(kinds.max()) + 1
-    res = attention(q, k, v, method=method, impl="native")
+    res = attention(q, k, v, method=method, impl="sparse_cpp")
     assert_attention_close(res, q, k, v, method)
 
 
@@ -152,30 +152,30 @@ def test_chunked_query_positions():
     method = from_string("streaming_llm:sinks=4,window=64")
     q, k, v = make_qkv(1, 4, 2, 70, 400, 64, seed=3)
     q_pos, kv_pos = torch.arange(200, 270), torch.arange(400)
-    res = attention(q, k, v, method=method, impl="native", q_positions=q_pos, kv_positions=kv_pos)
+    res = attention(q, k, v, method=method, impl="sparse_cpp", q_positions=q_pos, kv_positions=kv_pos)
     assert_attention_close(res, q, k, v, method, q_positions=q_pos, kv_positions=kv_pos)
 
 
 def test_auto_chooses_native_for_block_sparse_masks():
     q, k, v = make_qkv(1, 4, 4, 2048, 2048, 64)
     call = make_call(q, k, v, from_string("sliding_window:window=512"))
-    assert choose_impl(call, "auto").name == "native"
+    assert choose_impl(call, "auto").name == "sparse_cpp"
 
 
 def test_unsupported_calls_say_why():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 63, dtype=torch.bfloat16)
     call = make_call(q, k, v, from_string("sliding_window:window=16"))
     with pytest.raises(ValueError, match="even head dim"):
-        choose_impl(call, "native")
+        choose_impl(call, "sparse_cpp")
     q, k, v = make_qkv(1, 2, 2, 66, 66, 16, dtype=torch.bfloat16)
     call = make_call(q, k, v, methods.StaticBlocks(n_blocks=2, block_size=33))
     with pytest.raises(ValueError, match="block size"):
-        choose_impl(call, "native")
+        choose_impl(call, "sparse_cpp")
     assert "float16" in block_sparse.unavailable(torch.float16, torch.device("cpu"), 64)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
     call = make_call(q, k, v, from_string("sliding_window:window=16"), scale=-0.5)
     with pytest.raises(ValueError, match="scale > 0"):
-        choose_impl(call, "native")
+        choose_impl(call, "sparse_cpp")
 
 
 def test_bad_index_is_a_clear_error_and_validate_false_skips_the_check():
@@ -194,10 +194,10 @@ def test_workspace_release_and_reuse_across_shapes():
     method = from_string("sliding_window:window=64")
     for t, dtype in ((300, torch.float32), (100, torch.bfloat16), (520, torch.bfloat16)):
         q, k, v = make_qkv(1, 2, 2, t, t, 32, dtype=dtype, seed=t)
-        assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+        assert_attention_close(attention(q, k, v, method=method, impl="sparse_cpp"), q, k, v, method)
     block_sparse.release_workspace()
     q, k, v = make_qkv(1, 2, 2, 200, 200, 32, seed=2)
-    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+    assert_attention_close(attention(q, k, v, method=method, impl="sparse_cpp"), q, k, v, method)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -218,15 +218,15 @@ def test_per_batch_and_per_head_index(dtype):
 
 def test_without_the_extension_auto_takes_sparse_and_native_says_why(monkeypatch):
     """No silent fallback: impl='native' raises with the build reason; auto moves on to 'sparse'."""
-    monkeypatch.setattr(native, "unavailable", lambda name: "no C++ compiler found (test)")
+    monkeypatch.setattr(extension, "unavailable", lambda name: "no C++ compiler found (test)")
     q, k, v = make_qkv(1, 4, 4, 2048, 2048, 64)
     call = make_call(q, k, v, from_string("sliding_window:window=512"))
     with pytest.raises(ValueError, match="no C\\+\\+ compiler found"):
-        choose_impl(call, "native")
+        choose_impl(call, "sparse_cpp")
     assert choose_impl(call, "auto").name == "sparse"
 
 
 def test_odd_block_size_float32():
     method = methods.StaticBlocks(n_blocks=4, block_size=33, density=0.6)
     q, k, v = make_qkv(1, 4, 2, 130, 130, 32, seed=13)
-    assert_attention_close(attention(q, k, v, method=method, impl="native"), q, k, v, method)
+    assert_attention_close(attention(q, k, v, method=method, impl="sparse_cpp"), q, k, v, method)
