@@ -358,12 +358,25 @@ class KVCache:
             self._grow(entry, capacity, exact=True)
 
     def nbytes(self) -> int:
-        """Bytes of the keys and values held (used slots of every layer; capacity not counted)."""
+        """Bytes of the keys and values in used slots of every layer (what the tokens need).
+
+        ``capacity_nbytes`` is what the storage really holds (allocated slots and metadata)."""
         total = 0
         for entry in self._layers:
             if entry is not None:
                 b, h, _, d = entry.keys.shape
                 total += 2 * b * h * entry.seq_len * d * entry.keys.element_size()
+        return total
+
+    def capacity_nbytes(self) -> int:
+        """Bytes of memory the cache holds: every layer's allocated keys, values, positions, page
+        metadata and low-dimensional key projections (``nbytes`` counts used key/value slots only)."""
+        total = 0
+        for entry in self._layers:
+            if entry is not None:
+                held = [entry.keys, entry.values, entry.pos, entry.page_bounds, entry.page_sum]
+                held += [entry.page_count] + [buf for _, buf in entry.projections.values()]
+                total += sum(t.numel() * t.element_size() for t in held)
         return total
 
     def reset(self) -> None:
