@@ -6,7 +6,7 @@ import torch
 from longattn import attention, methods
 from longattn.kernels.reference import reference_attention
 from longattn.kernels.sparse import sparse_attention
-from longattn.testing import assert_attention_close, make_qkv
+from longattn.testing import assert_attention_close, check_against_reference, make_qkv
 from longattn.types import BlockIndex
 
 
@@ -26,14 +26,7 @@ def test_prebuilt_index_matches_dense(dtype, per_head):
     )
     q, k, v = make_qkv(2, 4, 2, 180, 180, 32, dtype=dtype, seed=1)
     got = sparse_attention(q, k, v, index, scale=0.2, mask_fn=_causal)
-    visible = index.to_dense(_causal)
-    want = reference_attention(q.double(), k.double(), v.double(), visible, 0.2)
-    eager = reference_attention(q, k, v, visible, 0.2)
-    bound = (
-        2 * (eager.out.double() - want.out).abs().max()
-        + 2 * torch.finfo(dtype).eps * want.out.abs().max()
-    )
-    assert (got.out.double() - want.out).abs().max() <= bound
+    check_against_reference(got, q, k, v, index.to_dense(_causal), 0.2)
 
 
 def test_layout_round_trip():
