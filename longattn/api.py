@@ -128,9 +128,7 @@ def _run_tiled(call: Call) -> AttnOutput:
 
 
 def _decode_can_run(call: Call) -> str | None:
-    if call.method.hook == "select":
-        return None
-    if call.method.hook != "mask":
+    if call.method.hook not in ("mask", "select"):
         return f"the decode kernel runs mask and select methods, not {call.method.hook!r} ones"
     if call.q.shape[2] > MAX_DECODE_QUERIES:
         return (
@@ -187,13 +185,9 @@ def _workspace(cache: KVCache | None) -> Workspace:
 
 def _run_select(call: Call, native: bool = False) -> AttnOutput:
     """A select method: its selection attended by the native kernel in place (``native``), or
-    gathered into workspaces and attended by the PyTorch decode kernel.
-
-    Prefill (more than ``MAX_DECODE_QUERIES`` queries) is dense causal attention by definition.
+    gathered into workspaces and attended by the PyTorch decode kernel. (With more than
+    ``MAX_DECODE_QUERIES`` queries the call is dense: ``longattn.call.phase_method``.)
     """
-    if call.q.shape[2] > MAX_DECODE_QUERIES:
-        dense = replace(call, method=Dense(), selection=None)
-        return choose_impl(dense, "auto").run(dense)
     cache, layer = _selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
     if native and selection is None:
@@ -345,12 +339,36 @@ def _sparse_cpp_can_run(call: Call) -> str | None:
     return _block_can_run(call) or block_sparse.unavailable(dtype, device, dim, call.scale, bs)
 
 
+def _checked_causal(call: Call) -> bool:
+    """The method's ``is_causal`` declaration, checked on this call's positions before a kernel skips
+    later keys because of it: no query may see the next position or the last key's position."""
+    method = call.method
+    if not method.is_causal:
+        return False
+    b, h = call.shape[:2]
+    b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1)
+    h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1)
+    q_pos = call.q_pos[:, None, :]  # [Bp, 1, Tq]
+    real = q_pos >= 0
+    for later in (q_pos + 1, torch.maximum(q_pos + 1, call.kv_pos.amax(dim=1).view(-1, 1, 1))):
+        seen = method.mask(b_idx, h_idx, q_pos, later) & real
+        if bool(seen.any()):
+            where = seen.nonzero()[0].tolist()
+            qp = int(q_pos.expand_as(seen)[tuple(where)])
+            kp = int(later.expand_as(seen)[tuple(where)])
+            raise ValueError(
+                f"method {method.describe()!r} declares is_causal, but its mask lets query "
+                f"position {qp} see the later position {kp} (head {where[1]})"
+            )
+    return True
+
+
 def _run_sparse_cpp(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
     args, kw = (call.q, call.k, call.v, block_index(call)), _block_kwargs(call)
-    bounds, causal = call.method.block_bounds, call.method.is_causal
+    bounds, causal = call.method.block_bounds, _checked_causal(call)
     return block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
 
 
@@ -448,7 +466,16 @@ def attention(
     if cache is None:
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
         return choose_impl(call, impl).run(call)
-    call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
-    result = choose_impl(call, impl).run(call)
-    apply_retention(call)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    # A refused call (bad impl, a kernel's refusal, any error) leaves the cache bit-identical.
+    t_new = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
+    point = cache.checkpoint(layer, t_new, refresh=not isinstance(method, (Dense, type(None))))
+    try:
+        call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
+        result = choose_impl(call, impl).run(call)
+        apply_retention(call)
+    except BaseException:
+        cache.rollback(point)
+        raise
     return result

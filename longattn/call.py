@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from longattn.cache import KVCache
+from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import DecodeSelection
@@ -75,8 +76,9 @@ def make_cache_call(
         q_pos = new_pos[:, t_new - q_len :]
     else:
         q_pos = check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
+    method, _ = _method_and_scale(method, scale, q.shape[-1])
+    _check_method_fits_cache(method, cache, k)  # the method as asked, also where prefill is dense
     probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
-    _check_method_fits_cache(probe.method, cache, k)
     cache.append_checked(layer, k, v, new_pos)  # validated above, nothing changed yet
     kv_pos = cache.positions(layer)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
@@ -112,13 +114,14 @@ def _dense_cache_call(
             f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
         )
     method, scale = _method_and_scale(method, scale, q.shape[-1])
+    _check_method_fits_cache(method, cache, k)
+    method = phase_method(method, q_len)
     end = cache.seq_len(layer) + t_new
     limit = method.max_positions
     if limit is not None and end > limit:
         raise ValueError(
             f"q position {end - 1} is outside method {method.name!r} (positions must be < {limit})"
         )
-    _check_method_fits_cache(method, cache, k)
     cache.append_checked(layer, k, v, None)
     kv_pos = cache.positions(layer)[:1]  # [1, Tk]: every row holds the same positions
     return Call(
@@ -223,7 +226,17 @@ def make_call(
                     f"(positions must be < {limit})"
                 )
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
+    method = phase_method(method, q_len)
     return Call(q, k, v, method, scale, q_pos, kv_pos, default, padded)
+
+
+def phase_method(method: Method, q_len: int) -> Method:
+    """The rule a call runs: a select method acts at decode time only; with more than
+    ``MAX_DECODE_QUERIES`` queries (prefill) it is dense causal attention by definition, and the call
+    is a dense call that every dense implementation may run."""
+    if method.hook == "select" and q_len > MAX_DECODE_QUERIES:
+        return Dense()
+    return method
 
 
 def _method_and_scale(

@@ -46,6 +46,9 @@ class Method:
 
     name: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        """Field validation of a subclass (``@register`` adds the type checks of every field)."""
+
     def mask(
         self, b: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor
     ) -> torch.Tensor:
@@ -98,15 +101,20 @@ class Method:
 
     @property
     def is_causal(self) -> bool:
-        """Whether the method never lets a query see a later key (used to skip whole key ranges)."""
-        return True
+        """Whether the method never lets a query see a later key; kernels use it to skip key ranges
+        and diagonal masks. A select method is causal by construction (kernels apply causality to
+        its selection). A mask method is taken as non-causal unless it declares ``is_causal``: an
+        omission costs speed, never correctness. A declaration is checked against ``mask`` by the
+        test suite for every registered method, and on each call's positions by the dispatcher
+        before a kernel relies on it (``longattn.api``)."""
+        return self.hook == "select"
 
     def describe(self) -> str:
         """``name:field=value,...`` string that ``from_string`` parses back to an equal method."""
         parts = [
             f"{f.name}={_format_value(getattr(self, f.name))}" for f in dataclasses.fields(self)
         ]
-        return self.name + (":" + ",".join(parts) if parts else "")
+        return (self.name or type(self).__name__) + (":" + ",".join(parts) if parts else "")
 
 
 def register(name: str) -> Callable[[M], M]:
@@ -122,10 +130,48 @@ def register(name: str) -> Callable[[M], M]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register expects a Method subclass, got {cls!r}")
         cls.name = name
+        _check_fields_on_init(cls)
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _check_fields_on_init(cls: type) -> None:
+    """Make construction check every field against its annotation (``bool`` takes only a bool, so
+    ``Dense(causal="no")`` is refused rather than truthy) before the class's own ``__post_init__``."""
+    own = cls.__post_init__  # its own or inherited validation, run after the type checks
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(cls.__name__, f.name, hints.get(f.name), getattr(self, f.name))
+        own(self)
+
+    cls.__post_init__ = __post_init__
+
+
+def _check_type(cls_name: str, key: str, tp: Any, value: Any) -> None:
+    """TypeError unless ``value`` fits the plain annotation ``tp`` (bool, int, float, str, a tuple of
+    ints, or an Optional of one); other annotations (tensors) are the class's own business."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return
+        tp = next(a for a in args if a is not type(None))
+    ok = {
+        bool: lambda x: isinstance(x, bool),
+        int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+        float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        str: lambda x: isinstance(x, str),
+    }.get(tp)
+    if typing.get_origin(tp) is tuple:
+        ok = lambda x: isinstance(x, tuple) and all(  # noqa: E731
+            isinstance(i, int) and not isinstance(i, bool) for i in x
+        )
+    if ok is not None and not ok(value):
+        want = getattr(tp, "__name__", str(tp))
+        raise TypeError(f"{cls_name}.{key} must be {want}, got {value!r} ({type(value).__name__})")
 
 
 def registry() -> dict[str, type[Method]]:
@@ -160,6 +206,8 @@ def from_string(spec: str) -> Method:
         key = key.strip()
         if not eq:
             raise ValueError(f"bad parameter {item!r} in {spec!r}: expected field=value")
+        if key in kwargs:
+            raise ValueError(f"parameter {key!r} is given twice in {spec!r}")
         if key not in fields:
             raise ValueError(
                 f"method {name!r} has no parameter {key!r}; parameters: {', '.join(sorted(fields))}"

@@ -26,6 +26,9 @@ def flash_with_lse(
 
     ``attn_mask``: optional additive bias in q's dtype, broadcastable to [B, H, Tq, Tk] (-inf hides).
     """
+    # The fused kernels read rows as contiguous vectors: a strided last axis (q[..., ::2], keys
+    # stored [B, H, D, T] and viewed transposed) silently gives wrong results without this copy.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if q.device.type == "cpu":
         # The CPU flash kernel returns the log-sum-exp and accepts Hkv < H without expanding K/V.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

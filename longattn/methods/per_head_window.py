@@ -47,6 +47,10 @@ class PerHeadWindow(Method):
         table = torch.tensor(self.windows, device=h.device)
         return table[h % len(self.windows)]
 
+    @property
+    def is_causal(self) -> bool:
+        return True
+
     def mask(self, b, h, q_pos, kv_pos):
         dist = q_pos - kv_pos
         return (dist >= 0) & ((dist < self._head_windows(h)) | (kv_pos < self.sinks))

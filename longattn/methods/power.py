@@ -29,6 +29,10 @@ class PowerAttention(Method):
     def __post_init__(self) -> None:
         check_positive(type(self).__name__, block_size=self.block_size, window=self.window)
 
+    @property
+    def is_causal(self) -> bool:
+        return True
+
     def mask(self, b, h, q_pos, kv_pos):
         dist = torch.div(q_pos, self.block_size, rounding_mode="floor") - torch.div(
             kv_pos, self.block_size, rounding_mode="floor"

@@ -24,6 +24,10 @@ class StreamingLLM(Method):
         check_non_negative(type(self).__name__, sinks=self.sinks)
         check_positive(type(self).__name__, window=self.window)
 
+    @property
+    def is_causal(self) -> bool:
+        return True
+
     def mask(self, b, h, q_pos, kv_pos):
         return (kv_pos <= q_pos) & ((kv_pos < self.sinks) | (q_pos - kv_pos < self.window))
 

@@ -32,6 +32,10 @@ class Strided(Method):
         if self.summary > self.stride:
             raise ValueError(f"Strided.summary must be <= stride={self.stride}, got {self.summary}")
 
+    @property
+    def is_causal(self) -> bool:
+        return True
+
     def mask(self, b, h, q_pos, kv_pos):
         dist = q_pos - kv_pos
         causal = dist >= 0
