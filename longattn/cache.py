@@ -20,6 +20,7 @@ import torch
 
 from longattn.kernels.decode import native_top_index, row_mass
 from longattn.types import SelectView
+from longattn.validation import check_finite
 
 MIN_CAPACITY = 256
 
@@ -212,7 +213,7 @@ class KVCache:
             return
         need = int(entry.row_len.max()) + t_new
         if need > entry.capacity:
-            self._grow(entry, need)
+            self._resize(entry, need)
         starts = entry.row_len.tolist()
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
@@ -239,7 +240,7 @@ class KVCache:
             raise ValueError("append_checked(pos=None) needs a dense layer (see is_dense)")
         s, t_new = entry.seq_len, k.shape[2]
         if s + t_new > entry.capacity:
-            self._grow(entry, s + t_new)
+            self._resize(entry, s + t_new)
         entry.keys[:, :, s : s + t_new].copy_(k)
         entry.values[:, :, s : s + t_new].copy_(v)
         torch.arange(s, s + t_new, out=entry.pos[0, s : s + t_new])
@@ -267,6 +268,8 @@ class KVCache:
             )
         if not k.dtype.is_floating_point:
             raise TypeError(f"k, v must be floating point, got {k.dtype}")
+        check_finite("k", k)
+        check_finite("v", v)
         if entry is not None:
             b, h, _, d = entry.keys.shape
             if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
@@ -341,6 +344,12 @@ class KVCache:
         entry.row_len = lengths.to(torch.int64)
         entry.seq_len = int(lengths.max()) if lengths.numel() else 0
         entry.dense = False
+        # storage follows what is kept: below a quarter of the capacity it halves (to twice the
+        # tokens held, not below the initial capacity), so a bounded method holds bounded memory
+        # and an append right after the eviction does not grow it back
+        target = self._round(max(self.initial_capacity, 2 * entry.seq_len))
+        if 4 * entry.seq_len <= entry.capacity and target < entry.capacity:
+            self._resize(entry, target, exact=True)
         entry.mark_stale(0, entry.capacity)
 
     def drop_positions(self, layer: int, positions: torch.Tensor) -> None:
@@ -424,7 +433,7 @@ class KVCache:
             b, h, _, d = entry.keys.shape
             need = 2 * b * h * self._round(capacity) * d * entry.keys.element_size()
             try:
-                self._grow(entry, capacity, exact=True)
+                self._resize(entry, capacity, exact=True)
             except (RuntimeError, MemoryError) as exc:  # the allocator's refusal, said plainly
                 raise ValueError(
                     f"reserve({layer}, {capacity}) needs {need / 2**30:.1f} GiB of keys and "
@@ -541,7 +550,8 @@ class KVCache:
     def _round(self, n: int) -> int:
         return -(-n // self.page_size) * self.page_size
 
-    def _grow(self, entry: _Layer, need: int, exact: bool = False) -> None:
+    def _resize(self, entry: _Layer, need: int, exact: bool = False) -> None:
+        """Reallocate to ``need`` slots (``exact``) or at least double; the used slots are kept."""
         cap = self._round(need if exact else max(need, 2 * entry.capacity))
         used = entry.seq_len
         pages_used = -(-used // self.page_size)

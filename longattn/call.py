@@ -19,7 +19,7 @@ from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import DecodeSelection
-from longattn.validation import check_increasing, check_positions, check_tensors
+from longattn.validation import check_finite, check_increasing, check_positions, check_tensors
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,8 @@ def make_call(
 ) -> Call:
     """Validate an attention call (every check happens here, once) and normalise its positions."""
     check_tensors(q, k, v)
+    check_finite("k", k)
+    check_finite("v", v)
     method, scale = _method_and_scale(method, scale, q.shape[-1])
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]

@@ -65,3 +65,20 @@ def check_positions(
     if pos.numel() and int(pos.min()) < -1:
         raise ValueError(f"{name} must be >= 0 (or -1 for padding), got {int(pos.min())}")
     return pos.to(device=device, dtype=torch.int64)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Keys and values must be finite, padding and masked slots included: a masked slot's NaN would
+    otherwise reach real queries through the kernels' P V products (0 * NaN = NaN). One pass over
+    the tensor (min and max, which propagate NaN), no temporary of its size."""
+    if t.numel() == 0:
+        return
+    low, high = torch.aminmax(t)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
+    where = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+    raise ValueError(
+        f"{name} holds a non-finite value ({t[where].item()}) at [b, h, t, d] = {list(where)}; "
+        "keys and values must be finite, padding and masked slots included"
+    )
+
