@@ -107,6 +107,7 @@ def _dense_cache_call(
     default positions: the same checks, without per-call position tensors to validate (the new tokens
     take positions ``n..``, the queries are the last of them, nothing is padded)."""
     check_tensors(q, k, v)
+    check_finite("q", q)
     cache.check_kv(layer, k, v)
     q_len, t_new = q.shape[2], k.shape[2]
     if q_len > t_new:
@@ -197,8 +198,8 @@ def make_call(
 ) -> Call:
     """Validate an attention call (every check happens here, once) and normalise its positions."""
     check_tensors(q, k, v)
-    check_finite("k", k)
-    check_finite("v", v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t)
     method, scale = _method_and_scale(method, scale, q.shape[-1])
     batch, _, q_len, _ = q.shape
     kv_len = k.shape[2]

@@ -68,9 +68,10 @@ def check_positions(
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Keys and values must be finite, padding and masked slots included: a masked slot's NaN would
-    otherwise reach real queries through the kernels' P V products (0 * NaN = NaN). One pass over
-    the tensor (min and max, which propagate NaN), no temporary of its size."""
+    """Queries, keys and values must be finite, padding and masked slots included: a masked slot's
+    NaN would otherwise reach real queries through the kernels' P V products (0 * NaN = NaN), and
+    the fused kernels return zeros, not NaN, for a NaN query. One pass over the tensor (min and max,
+    which propagate NaN), no temporary of its size."""
     if t.numel() == 0:
         return
     low, high = torch.aminmax(t)
@@ -79,6 +80,6 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     where = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
     raise ValueError(
         f"{name} holds a non-finite value ({t[where].item()}) at [b, h, t, d] = {list(where)}; "
-        "keys and values must be finite, padding and masked slots included"
+        "queries, keys and values must be finite, padding and masked slots included"
     )
 

@@ -1,4 +1,14 @@
-"""Contract: every registered method x every implementation x dtype x shape matches its float64 oracle."""
+"""Contract: every registered method x every implementation that must run it x dtype matches its
+float64 oracle within ``longattn.testing.reference_bound``.
+
+``must_run`` states, per method and call, which implementations run it; the table is exact both ways:
+a listed implementation that refuses fails (a regression that loses an implementation shows as a
+failure, never as a skip), and an unlisted one that accepts fails too (the table is stale). The default
+run covers every method x implementation x dtype on a few shapes; ``-m slow`` adds the wide grid.
+"""
+
+import functools
+import itertools
 
 import pytest
 import torch
@@ -6,16 +16,64 @@ import torch
 import longattn
 from longattn import attention, from_string
 from longattn.api import choose_impl, impl_names, make_call
-from longattn.testing import METHOD_EXAMPLES, assert_attention_close, make_qkv
+from longattn.kernels.decode import MAX_DECODE_QUERIES
+from longattn.methods import Dense
+from longattn.testing import (
+    METHOD_EXAMPLES,
+    assert_attention_close,
+    cpu_runs_bf16_brgemm,
+    make_qkv,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (Tq, Tk): equal lengths and fewer queries than keys.
-LENGTHS = [(1, 1), (17, 17), (5, 17), (128, 128), (40, 128), (1000, 1000), (1, 1000)]
-HEADS = [(4, 4), (8, 2)]
-DIMS = [64, 128]
 SPECS = [s for specs in METHOD_EXAMPLES.values() for s in specs]
 # Compiled Flex costs seconds per new shape and mask on CPU: it has its own grid in test_flex.py.
 GRID_IMPLS = [name for name in impl_names() if name != "flex"]
+# (Tq, Tk, H, Hkv, D): few queries over many keys (decode), a ragged prefill with GQA, a square one.
+SHAPES = [(1, 1000, 8, 2, 64), (5, 17, 4, 4, 128), (40, 128, 8, 2, 64), (128, 128, 4, 4, 128)]
+WIDE = [
+    (tq, tk, h, hkv, d)
+    for (tq, tk), (h, hkv), d in itertools.product(
+        [(1, 1), (17, 17), (5, 17), (128, 128), (40, 128), (1000, 1000), (1, 1000)],
+        [(4, 4), (8, 2)],
+        [64, 128],
+    )
+]
+
+
+@functools.cache
+def must_run(spec: str, impl: str, dtype: torch.dtype, q_len: int, dim: int) -> bool:
+    """Whether ``impl`` must run ``spec`` on a call with these queries, dtype and head dim."""
+    method = from_string(spec)
+    few = q_len <= MAX_DECODE_QUERIES
+    if method.hook == "select" and not few:
+        method = Dense()  # a select method's prefill is a dense call (longattn.call.phase_method)
+    dense, mask = isinstance(method, Dense), method.hook == "mask"
+    return {
+        "decode_cpp": few and (dense or method.hook == "select") and dtype in DTYPES and dim <= 256,
+        "decode": few and method.hook in ("mask", "select"),
+        "sdpa": dense,
+        "sparse_cpp": mask and (dtype != torch.bfloat16 or cpu_runs_bf16_brgemm()),
+        "sparse": mask,
+        "tiled": mask,
+        "reference": True,
+    }[impl]
+
+
+def _cases(shapes):
+    for spec, impl, dtype, shape in itertools.product(SPECS, GRID_IMPLS, DTYPES, shapes):
+        if must_run(spec, impl, dtype, shape[0], shape[4]):
+            yield pytest.param(spec, impl, dtype, shape, id=f"{spec}-{impl}-{dtype}-{shape}")
+
+
+def _run(spec, impl, dtype, shape):
+    q_len, kv_len, heads, kv_heads, dim = shape
+    method = from_string(spec)
+    batch = 2 if q_len < 100 else 1
+    q, k, v = make_qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype=dtype, seed=q_len + dim)
+    call = make_call(q, k, v, method)
+    result = choose_impl(call, impl).run(call)  # a refusal raises: it fails the test
+    assert_attention_close(result, q, k, v, method)
 
 
 def test_every_registered_method_has_examples():
@@ -24,48 +82,40 @@ def test_every_registered_method_has_examples():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_every_method_has_a_fast_impl(spec):
-    q, k, v = make_qkv(q_len=64)
-    call = make_call(q, k, v, from_string(spec))
-    fast = [name for name in GRID_IMPLS if name != "reference"]
-    runnable = [name for name in fast if _can(call, name)]
-    assert runnable, f"{spec} has no implementation besides the reference"
+def test_the_must_run_table_is_exact(spec):
+    """Each implementation accepts a call exactly when ``must_run`` says it must."""
+    for impl, dtype, (q_len, kv_len, heads, kv_heads, dim) in itertools.product(
+        GRID_IMPLS, DTYPES, SHAPES
+    ):
+        q, k, v = make_qkv(1, heads, kv_heads, q_len, kv_len, dim, dtype=dtype)
+        call = make_call(q, k, v, from_string(spec))
+        try:
+            choose_impl(call, impl)
+            runs = True
+        except ValueError:
+            runs = False
+        assert runs == must_run(spec, impl, dtype, q_len, dim), (impl, dtype, q_len, dim)
 
 
-def _can(call, name):
-    try:
-        choose_impl(call, name)
-    except ValueError:
-        return False
-    return True
+@pytest.mark.parametrize("spec, impl, dtype, shape", list(_cases(SHAPES)))
+def test_contract(spec, impl, dtype, shape):
+    _run(spec, impl, dtype, shape)
 
 
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"H{h[0]}kv{h[1]}")
-@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda t: f"q{t[0]}k{t[1]}")
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, impl, dtype, shape", list(_cases(WIDE)))
+def test_contract_wide(spec, impl, dtype, shape):
+    _run(spec, impl, dtype, shape)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("impl", GRID_IMPLS)
 @pytest.mark.parametrize("spec", SPECS)
-def test_contract(spec, impl, dtype, lengths, heads, dim):
+def test_auto_matches_oracle(spec, dtype):
+    """What users call: impl='auto' on a prefill and on a decode-sized call."""
     method = from_string(spec)
-    q_len, kv_len = lengths
-    q, k, v = make_qkv(
-        2 if q_len < 100 else 1,
-        heads[0],
-        heads[1],
-        q_len,
-        kv_len,
-        dim,
-        dtype=dtype,
-        seed=q_len + dim,
-    )
-    call = make_call(q, k, v, method)
-    try:
-        chosen = choose_impl(call, impl)
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    result = chosen.run(call)
-    assert_attention_close(result, q, k, v, method)
+    for q_len in (64, 3):
+        q, k, v = make_qkv(1, 8, 2, q_len, 200, 64, dtype=dtype, seed=q_len)
+        assert_attention_close(attention(q, k, v, method=method), q, k, v, method)
 
 
 @pytest.mark.parametrize("spec", SPECS)
