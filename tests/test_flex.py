@@ -48,7 +48,7 @@ def test_flex_padding_and_all_full_blocks():
     pos = torch.arange(256).repeat(2, 1)
     pos[1, :40] = -1
     got = flex_block_attention(q, k, v, index, scale=0.2, q_pos=pos, kv_pos=pos)
-    want = assert_attention_close(
+    assert_attention_close(
         got,
         q,
         k,
@@ -58,5 +58,4 @@ def test_flex_padding_and_all_full_blocks():
         q_positions=pos,
         kv_positions=pos,
     )
-    assert want >= 0
     assert (got.out[1, :, :40] == 0).all()
