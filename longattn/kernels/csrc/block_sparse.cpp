@@ -374,6 +374,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(kv_blocks.scalar_type() == at::kLong && counts.scalar_type() == at::kLong &&
               kinds.scalar_type() == at::kInt && masks.scalar_type() == at::kByte &&
               q_pos.scalar_type() == at::kLong && kv_pos.scalar_type() == at::kLong);
+  // The Python wrapper validates its inputs; these checks keep a direct call from reading out of
+  // bounds (the index contents, block ids in range, are the wrapper's `validate`).
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "block_sparse: q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] with H a multiple of Hkv");
+  TORCH_CHECK(block_size >= 1 && kv_blocks.dim() == 4 && kinds.sizes() == kv_blocks.sizes() &&
+                  counts.dim() == 3 && counts.sizes() == kv_blocks.sizes().slice(0, 3) &&
+                  (kv_blocks.size(0) == 1 || kv_blocks.size(0) == q.size(0)) &&
+                  (kv_blocks.size(1) == 1 || kv_blocks.size(1) == q.size(1)),
+              "block_sparse: kv_blocks / kinds [Bi, Hi, nq, W] and counts [Bi, Hi, nq]");
+  TORCH_CHECK(masks.dim() == 5, "block_sparse: masks [Bm, Hm, P, bs, bs]");
+  for (const auto& [pos, len] : {std::pair{&q_pos, q.size(2)}, std::pair{&kv_pos, k.size(2)}})
+    TORCH_CHECK(pos->dim() == 2 && pos->size(1) == len &&
+                    (pos->size(0) == 1 || pos->size(0) == q.size(0)),
+                "block_sparse: positions [1 or B, T], got ", pos->sizes(), " for T = ", len);
   Problem p{};
   p.B = q.size(0);
   p.H = q.size(1);
