@@ -4,7 +4,8 @@ FlashAttention's block-sparse variant (Dao et al. 2022, arXiv:2205.14135) on CPU
 query block) work item and per visited key block, S = Q Kᵀ by oneDNN's brgemm micro-kernel, the
 element mask only where the block needs one, a vectorised online softmax, P V by a second GEMM;
 the items are balanced over the threads by decreasing block count. float32, bfloat16 (GEMMs in bf16
-with fp32 accumulation, 2x the fp32 rate here) and float64 (plain loops, for exact tests). GQA: query
+with fp32 accumulation, 2x the fp32 rate on the CPUs that run it; ``bf16_supported()`` says whether
+this one does) and float64 (plain loops, for exact tests). GQA: query
 head h reads KV head ``h // (H / Hkv)``; K/V are never expanded.
 
 This is its own implementation (``impl="sparse_cpp"`` in the API), not the engine of ``sparse``: the
@@ -75,8 +76,9 @@ def bf16_supported() -> bool:
     """Whether this CPU runs the kernel in bfloat16 (False also when the extension cannot be built).
 
     The bf16 GEMMs are oneDNN brgemm on VNNI-packed operands, which torch 2.13 runs only where
-    oneDNN's micro-kernels support it (AMX); on other CPUs (AVX2-only, AVX-512 without AMX) it
-    refuses, and ``unavailable(torch.bfloat16, ...)`` gives that refusal as the reason.
+    oneDNN's bf16 micro-kernel does (its refusal names AMX; seen on an AVX2-only AMD Zen 3). Where
+    it refuses, ``unavailable(torch.bfloat16, ...)`` gives that refusal as the reason. The probe
+    runs brgemm itself rather than reading CPU flags, so it follows torch's own rule.
     """
     return extension.unavailable(NAME) is None and not _brgemm_refusal("bfloat16")
 
