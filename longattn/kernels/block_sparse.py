@@ -63,10 +63,11 @@ def unavailable(
     reason = extension.unavailable(NAME)
     if reason or dtype == torch.float64:
         return reason
-    refusal = _brgemm_refusal(str(dtype).replace("torch.", ""))
+    dtype_name = str(dtype).replace("torch.", "")
+    refusal = _brgemm_refusal(dtype_name)
     if refusal:
         return (
-            f"the C++ block-sparse kernel cannot run {dtype} on this CPU ({_cpu_name()}): "
+            f"the C++ block-sparse kernel cannot run {dtype_name} on this CPU ({_cpu_name()}): "
             f"oneDNN's brgemm refuses it ({refusal[:200]}); use float32, or impl='sparse'"
         )
     return None
