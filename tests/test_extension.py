@@ -1,4 +1,4 @@
-"""The C++ kernel loader: clear errors, builds keyed by everything they depend on (every csrc file,
+"""The C++ kernel loader: clear errors, builds keyed by everything they depend on (source, every csrc header,
 compiler and version, flags, torch, Python, the CPU), nothing built at import."""
 
 import pathlib
@@ -81,8 +81,12 @@ def test_build_key_follows_the_flags_and_torch(monkeypatch, tmp_path):
     assert extension.build_key("k") not in (first, second)
 
 
-def test_the_key_is_stable():
-    assert extension.build_key("decode") == extension.build_key("decode")
+def test_the_key_is_stable_and_ignores_other_kernels(monkeypatch, tmp_path):
+    _fake_csrc(monkeypatch, tmp_path)
+    first = extension.build_key("k")
+    (tmp_path / "other.cpp").write_text("int z;\n")
+    assert extension.build_key("k") == first
+    assert extension.build_key("other") != first
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 Each kernel is one C++ source file (plus the headers of ``csrc/``) compiled as a torch extension on
 first use with the system C++ compiler (``-O3 -march=native -fopenmp``) and cached under
 ``$LONGATTN_NATIVE_DIR`` (default ``~/.cache/longattn/native``) in a folder keyed by everything the
-binary depends on (``build_key``): every file of ``csrc/``, the compiler's resolved path and its
+binary depends on (``build_key``): its source and every header of ``csrc/``, the compiler's resolved path and its
 ``--version`` text, the flags, the torch and Python versions, and the CPU's model name and feature
 flags. ``-march=native`` makes a build specific to the CPU it was built on, so a home directory
 shared between machines must never hand one machine's build to another.
@@ -87,7 +87,10 @@ def compiler_id() -> str:
 def build_key(name: str) -> str:
     """A hash of everything the compiled ``name`` depends on (see the module docstring)."""
     parts = [name.encode()]
-    for path in sorted(p for p in CSRC.iterdir() if p.is_file()):  # sources and headers
+    # its source and every header of csrc/ (a header may include another; hashing them all cannot
+    # miss one); the other kernels' sources are not part of this build
+    inputs = [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))]
+    for path in inputs:
         parts += [path.name.encode(), path.read_bytes()]
     parts += [
         compiler_id().encode(),
