@@ -1,5 +1,5 @@
-"""The C++ kernel loader: clear errors, builds keyed by everything they depend on (source, every csrc header,
-compiler and version, flags, torch, Python, the CPU), nothing built at import."""
+"""The C++ kernel loader: clear errors, builds keyed by everything they depend on (source, every
+csrc header, compiler and version, flags, torch, Python, the CPU), nothing built at import."""
 
 import pathlib
 
