@@ -123,7 +123,7 @@ def block_sparse_attention(
     ``bounds_fn`` (a method's ``block_bounds``) it lets diagonal blocks skip the materialised mask.
     Positions ``q_pos`` [Tq] or [Bp, Tq] and ``kv_pos`` [Tk] or [Bp, Tk] (integer, Bp in {1, B})
     default to queries being the last Tq keys; -1 marks padding.
-    Shapes, dtypes and positions are always checked (``TypeError`` / ``ValueError`` naming the value);
+    Shapes, dtypes and positions are always checked (``TypeError`` / ``ValueError`` naming it);
     ``validate=False`` skips only the index contents check (block ids in range and increasing, one
     pass over the index) for trusted hot loops.
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 for float64 input))``.
@@ -187,7 +187,8 @@ def _check_qkv(q, k, v, index) -> None:
     batch, n_heads, _, dim = q.shape
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(
-            f"k/v [B, Hkv, Tk, D] = {tuple(k.shape)} do not match q [B, H, Tq, D] = {tuple(q.shape)}"
+            f"k/v [B, Hkv, Tk, D] = {tuple(k.shape)} do not match q [B, H, Tq, D] = "
+            f"{tuple(q.shape)}"
         )
     if dim == 0:
         raise ValueError(f"head dim must be >= 1, got shape {tuple(q.shape)}")

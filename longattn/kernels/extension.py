@@ -3,10 +3,10 @@
 Each kernel is one C++ source file (plus the headers of ``csrc/``) compiled as a torch extension on
 first use with the system C++ compiler (``-O3 -march=native -fopenmp``) and cached under
 ``$LONGATTN_NATIVE_DIR`` (default ``~/.cache/longattn/native``) in a folder keyed by everything the
-binary depends on (``build_key``): its source and every header of ``csrc/``, the compiler's resolved path and its
-``--version`` text, the flags, the torch and Python versions, and the CPU's model name and feature
-flags. ``-march=native`` makes a build specific to the CPU it was built on, so a home directory
-shared between machines must never hand one machine's build to another.
+binary depends on (``build_key``): its source and every header of ``csrc/``, the compiler's
+resolved path and its ``--version`` text, the flags, the torch and Python versions, and the CPU's
+model name and feature flags. ``-march=native`` makes a build specific to the CPU it was built
+on, so a home directory shared between machines must never hand one machine's build to another.
 
 Nothing is built or checked at import time: ``load(name)`` builds on its first call, and
 ``unavailable(name)`` says why a kernel cannot be used (no compiler, a build error; for a torch
@@ -44,7 +44,7 @@ _lock = threading.Lock()
 
 
 def cpu_id() -> str:
-    """The CPU's model name and feature flags (``/proc/cpuinfo``): what ``-march=native`` targets."""
+    """The CPU's model name and feature flags (``/proc/cpuinfo``): ``-march=native``'s target."""
     try:
         lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -118,7 +118,7 @@ def torch_outside_tested_range() -> str | None:
     try:
         version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     except ValueError:
-        return f"torch {torch.__version__} (version not understood; the kernels are tested on {tested})"
+        return f"torch {torch.__version__} (version not understood; kernels tested on {tested})"
     if (lo_major, lo_minor) <= version < (hi_major, hi_minor):
         return None
     return (

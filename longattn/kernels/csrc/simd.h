@@ -1,14 +1,14 @@
-// The vector helpers shared by the C++ kernels: a 16-lane float vector V with one implementation per
-// instruction set the compiler targets (-march=native), and the exp / exp2 polynomial written once
-// on top of it.
+// The vector helpers shared by the C++ kernels: a 16-lane float vector V with one implementation
+// per instruction set the compiler targets (-march=native), and the exp / exp2 polynomials written
+// once on top of it.
 //
 //   AVX-512 (F, BW, DQ, VL): one __m512;   AVX2 + FMA: two __m256;   anything else: plain loops.
 //
-// Every path gives the same answers up to the order of a horizontal sum: max and min follow the x86
-// rule (NaN in either operand gives the second operand), exp / exp2 propagate NaN and give exactly 0
-// for arguments far below the float range (masked -inf scores), rounding to bfloat16 is to nearest
-// even. The contents have internal linkage: each extension is its own shared object, and no symbol
-// of one must resolve to the other's (they may be built for the same CPU with different headers).
+// Every path gives the same answers up to the order of a horizontal sum: max and min follow the
+// x86 rule (NaN in either operand gives the second operand), exp / exp2 propagate NaN and give
+// exactly 0 for arguments far below the float range (masked -inf scores), rounding to bfloat16 is
+// to nearest even. The contents have internal linkage: each extension is its own shared object,
+// and no symbol of one must resolve to the other's (they may be built from different headers).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -71,8 +71,10 @@ inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a.x); }
 inline void vstore(bf16* p, V a) {
   const __m512i u = _mm512_castps_si512(a.x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.x, a.x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  const __mmask16 nan = _mm512_cmp_ps_mask(a.x, a.x, _CMP_UNORD_Q);
+  const __m512i r = _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan,
+                                          _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
@@ -129,7 +131,8 @@ inline __m256i lane_mask(unsigned m) {
 }
 // maskload never touches the lanes it leaves out, so a ragged row end cannot fault
 inline V vload(const float* p, Mask m) {
-  return {_mm256_maskload_ps(p, lane_mask(m & 0xFFu)), _mm256_maskload_ps(p + 8, lane_mask(m >> 8))};
+  return {_mm256_maskload_ps(p, lane_mask(m & 0xFFu)),
+          _mm256_maskload_ps(p + 8, lane_mask(m >> 8))};
 }
 inline __m256 widen8(__m128i h) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -182,7 +185,9 @@ inline __m256 pow2(__m256 n) {
   const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
 }
-inline V vscale2(V a, V n) { return {_mm256_mul_ps(a.lo, pow2(n.lo)), _mm256_mul_ps(a.hi, pow2(n.hi))}; }
+inline V vscale2(V a, V n) {
+  return {_mm256_mul_ps(a.lo, pow2(n.lo)), _mm256_mul_ps(a.hi, pow2(n.hi))};
+}
 inline V vzero_below(V a, V x, float t) {
   const __m256 vt = _mm256_set1_ps(t);
   return {_mm256_andnot_ps(_mm256_cmp_ps(x.lo, vt, _CMP_LT_OQ), a.lo),
@@ -193,7 +198,9 @@ inline __m256 mask_bytes8(__m256 a, const uint8_t* m) {
   const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bytes, _mm256_setzero_si256()));
   return _mm256_blendv_ps(a, _mm256_set1_ps(NEG_INF), hidden);
 }
-inline V vmask_bytes(V a, const uint8_t* m) { return {mask_bytes8(a.lo, m), mask_bytes8(a.hi, m + 8)}; }
+inline V vmask_bytes(V a, const uint8_t* m) {
+  return {mask_bytes8(a.lo, m), mask_bytes8(a.hi, m + 8)};
+}
 inline float hsum8(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -240,7 +247,9 @@ inline void vstore(float* p, V a) { std::copy(a.x, a.x + W, p); }
 inline void vstore(bf16* p, V a) {
   for (int i = 0; i < W; ++i) p[i] = bf16(a.x[i]);  // c10 rounds to nearest even
 }
-inline V vfma(V a, V b, V c) { return lanes([&](int i) { return std::fma(a.x[i], b.x[i], c.x[i]); }); }
+inline V vfma(V a, V b, V c) {
+  return lanes([&](int i) { return std::fma(a.x[i], b.x[i], c.x[i]); });
+}
 inline V vfnma(V a, V b, V c) {
   return lanes([&](int i) { return std::fma(-a.x[i], b.x[i], c.x[i]); });
 }
