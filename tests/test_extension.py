@@ -115,3 +115,15 @@ def test_the_tested_range_matches_pyproject():
     text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
     (lo_major, lo_minor), (hi_major, hi_minor) = extension.TESTED_TORCH
     assert f'"torch>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"' in text
+
+
+@pytest.mark.skipif(extension._compiler() is None, reason="no C++ compiler")
+@pytest.mark.parametrize("name", ["block_sparse", "decode"])
+def test_each_kernel_takes_the_vector_path_this_cpu_has(name):
+    """-march=native must select simd.h's AVX-512 path where the CPU has it, else AVX2 + FMA, so a
+    CPU never silently runs the portable loops (what AVX2-only CPUs used to get)."""
+    flags = set(extension.cpu_id().split())
+    module = extension.load(name)
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    assert module.avx512 == avx512
+    assert module.avx2 == (not avx512 and {"avx2", "fma"} <= flags)

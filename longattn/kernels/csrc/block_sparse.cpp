@@ -475,4 +475,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "free the packed-K/V workspace kept between calls");
   m.def("probe", &probe, "empty string when brgemm runs the dtype, else the reason");
+  m.attr("avx512") = static_cast<bool>(LA_AVX512);
+  m.attr("avx2") = static_cast<bool>(LA_AVX2);
 }
