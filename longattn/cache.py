@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.decode import native_top_index, row_mass
+from longattn.kernels.selection import native_top_index, row_mass
 from longattn.types import SelectView
 from longattn.validation import check_finite
 

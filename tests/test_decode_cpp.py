@@ -10,13 +10,8 @@ import torch
 
 from longattn import KVCache, attention, methods
 from longattn.api import IMPLS
-from longattn.kernels.decode import (
-    native_decode,
-    native_decode_selected,
-    native_top_index,
-    native_unavailable,
-    row_mass,
-)
+from longattn.kernels.decode import native_decode, native_decode_selected, native_unavailable
+from longattn.kernels.selection import native_top_index, row_mass
 from longattn.method import top_index
 from longattn.testing import assert_attention_close, make_qkv
 from longattn.types import AttnOutput, DecodeSelection

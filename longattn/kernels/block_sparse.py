@@ -4,7 +4,8 @@ FlashAttention's block-sparse variant (Dao et al. 2022, arXiv:2205.14135) on CPU
 query block) work item and per visited key block, S = Q Kᵀ by oneDNN's brgemm micro-kernel, the
 element mask only where the block needs one, a vectorised online softmax, P V by a second GEMM;
 the items are balanced over the threads by decreasing block count. float32, bfloat16 (GEMMs in bf16
-with fp32 accumulation, 2x the fp32 rate here) and float64 (plain loops, for exact tests). GQA: query
+with fp32 accumulation, 2x the fp32 rate on the CPUs that run it; ``bf16_supported()`` says whether
+this one does) and float64 (plain loops, for exact tests). GQA: query
 head h reads KV head ``h // (H / Hkv)``; K/V are never expanded.
 
 This is its own implementation (``impl="sparse_cpp"`` in the API), not the engine of ``sparse``: the
@@ -62,12 +63,37 @@ def unavailable(
     reason = extension.unavailable(NAME)
     if reason or dtype == torch.float64:
         return reason
-    key = str(dtype).replace("torch.", "")
-    if key not in _probes:
-        _probes[key] = extension.load(NAME).probe(key)
-    if _probes[key]:
-        return f"oneDNN brgemm cannot run {key} on this CPU: {_probes[key][:200]}"
+    dtype_name = str(dtype).replace("torch.", "")
+    refusal = _brgemm_refusal(dtype_name)
+    if refusal:
+        return (
+            f"the C++ block-sparse kernel cannot run {dtype_name} on this CPU ({_cpu_name()}): "
+            f"oneDNN's brgemm refuses it ({refusal[:200]}); use float32, or impl='sparse'"
+        )
     return None
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs the kernel in bfloat16 (False also when the extension cannot be built).
+
+    The bf16 GEMMs are oneDNN brgemm on VNNI-packed operands, which torch 2.13 runs only where
+    oneDNN's bf16 micro-kernel does (its refusal names AMX; seen on an AVX2-only AMD Zen 3). Where
+    it refuses, ``unavailable(torch.bfloat16, ...)`` gives that refusal as the reason. The probe
+    runs brgemm itself rather than reading CPU flags, so it follows torch's own rule.
+    """
+    return extension.unavailable(NAME) is None and not _brgemm_refusal("bfloat16")
+
+
+def _brgemm_refusal(dtype_name: str) -> str:
+    """oneDNN brgemm's error text for ``dtype_name`` on this CPU ("" when it runs); probed once."""
+    if dtype_name not in _probes:
+        _probes[dtype_name] = extension.load(NAME).probe(dtype_name)
+    return _probes[dtype_name]
+
+
+def _cpu_name() -> str:
+    first = extension.cpu_id().splitlines()[0]
+    return first.split(":", 1)[-1].strip() or "unknown CPU"
 
 
 def release_workspace() -> None:
@@ -95,21 +121,28 @@ def block_sparse_attention(
     ``mask_fn(b, h, q_pos, kv_pos)`` decides visibility inside partial blocks (None: they are fully
     visible). ``causal=True`` promises that ``mask_fn`` never shows a key at a later position; with
     ``bounds_fn`` (a method's ``block_bounds``) it lets diagonal blocks skip the materialised mask.
-    Positions [Bp, T] (Bp in {1, B}) default to queries being the last Tq keys; -1 marks padding.
-    ``validate=False`` skips the index checks (once per call) for trusted hot loops.
+    Positions ``q_pos`` [Tq] or [Bp, Tq] and ``kv_pos`` [Tk] or [Bp, Tk] (integer, Bp in {1, B})
+    default to queries being the last Tq keys; -1 marks padding.
+    Shapes, dtypes and positions are always checked (``TypeError`` / ``ValueError`` naming it);
+    ``validate=False`` skips only the index contents check (block ids in range and increasing, one
+    pass over the index) for trusted hot loops.
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 for float64 input))``.
     """
+    _check_qkv(q, k, v, index)
     batch, n_heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     reason = unavailable(q.dtype, q.device, dim, scale, index.block_size)
     if reason:
         raise ValueError(reason)
+    _check_index_shape(index, batch, n_heads, q_len, kv_len)
     if validate:
         index.validate(batch, n_heads, q_len, kv_len)
     if kv_pos is None:
         kv_pos = torch.arange(kv_len, device=q.device).view(1, -1)
     if q_pos is None:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).view(1, -1)
+    q_pos = _positions("q_pos", q_pos, batch, q_len, q.device)
+    kv_pos = _positions("kv_pos", kv_pos, batch, kv_len, q.device)
     bs = index.block_size
     q_pos_b, kv_pos_b = _pad_positions(q_pos, bs), _pad_positions(kv_pos, bs)  # [Bp, n*bs]
     q_pad = (q_pos_b[:, :q_len] < 0).view(q_pos.shape[0], -1)
@@ -128,12 +161,78 @@ def block_sparse_attention(
         masks,
         strides[0],
         strides[1],
-        q_pos.contiguous(),
-        kv_pos.contiguous(),
+        q_pos,
+        kv_pos,
         bs,
         float(scale),
     )
     return AttnOutput(out, lse, None)
+
+
+def _check_qkv(q, k, v, index) -> None:
+    """q [B, H, Tq, D], k and v [B, Hkv, Tk, D] of one dtype and device, H a multiple of Hkv."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, T, D], got shape {tuple(t.shape)}")
+    if not isinstance(index, BlockIndex):
+        raise TypeError(f"index must be a BlockIndex, got {type(index).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    batch, n_heads, _, dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(
+            f"k/v [B, Hkv, Tk, D] = {tuple(k.shape)} do not match q [B, H, Tq, D] = "
+            f"{tuple(q.shape)}"
+        )
+    if dim == 0:
+        raise ValueError(f"head dim must be >= 1, got shape {tuple(q.shape)}")
+    if k.shape[1] == 0 or n_heads % k.shape[1]:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def _check_index_shape(index: BlockIndex, batch: int, n_heads: int, q_len: int, kv_len: int):
+    """The index's lengths and tensor shapes fit the call (the kernel indexes by them)."""
+    if (index.q_len, index.kv_len) != (q_len, kv_len):
+        raise ValueError(
+            f"index is for q_len={index.q_len}, kv_len={index.kv_len}; q and k have "
+            f"q_len={q_len}, kv_len={kv_len}"
+        )
+    kv, counts, partial = index.kv_blocks, index.counts, index.partial
+    fits = (
+        kv.dim() == 4
+        and kv.shape[0] in (1, batch)
+        and kv.shape[1] in (1, n_heads)
+        and kv.shape[2] == index.n_q_blocks
+        and counts.shape == kv.shape[:3]
+        and partial.shape == kv.shape
+    )
+    if not fits:
+        raise ValueError(
+            f"index kv_blocks {tuple(kv.shape)}, counts {tuple(counts.shape)}, partial "
+            f"{tuple(partial.shape)} do not fit [Bi in (1, {batch}), Hi in (1, {n_heads}), "
+            f"{index.n_q_blocks} query blocks, width] / [Bi, Hi, nq]"
+        )
+
+
+def _positions(name: str, pos, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """``pos`` [T] or [Bp, T] (Bp in {1, B}, integer) as contiguous int64 [Bp, T]."""
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {pos.dtype}")
+    if pos.dim() == 1:
+        pos = pos.view(1, -1)
+    if pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] != length:
+        raise ValueError(
+            f"{name} must have shape [{length}] or [1 or {batch}, {length}], got {tuple(pos.shape)}"
+        )
+    return pos.to(device=device, dtype=torch.int64).contiguous()
 
 
 def _pad_positions(pos: torch.Tensor, bs: int) -> torch.Tensor:

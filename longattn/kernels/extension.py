@@ -1,22 +1,28 @@
 """Build and load the library's C++ CPU kernels (``kernels/csrc/*.cpp``), once per machine.
 
-Each kernel is one C++ source file compiled as a torch extension on first use with the system C++
-compiler (``-O3 -march=native -fopenmp``) and cached under ``$LONGATTN_NATIVE_DIR`` (default
-``~/.cache/longattn/native``) in a folder keyed by the source text, the torch version, the Python
-version and the CPU, so an edited source, another torch or another machine never reuses a stale
-build. Nothing is built at import time: ``load(name)`` builds on its first call, and
-``unavailable(name)`` says why a kernel cannot be used (no compiler, a build error) without raising,
-so the dispatcher can state the reason.
+Each kernel is one C++ source file (plus the headers of ``csrc/``) compiled as a torch extension on
+first use with the system C++ compiler (``-O3 -march=native -fopenmp``) and cached under
+``$LONGATTN_NATIVE_DIR`` (default ``~/.cache/longattn/native``) in a folder keyed by everything the
+binary depends on (``build_key``): its source and every header of ``csrc/``, the compiler's
+resolved path and its ``--version`` text, the flags, the torch and Python versions, and the CPU's
+model name and feature flags. ``-march=native`` makes a build specific to the CPU it was built
+on, so a home directory shared between machines must never hand one machine's build to another.
+
+Nothing is built or checked at import time: ``load(name)`` builds on its first call, and
+``unavailable(name)`` says why a kernel cannot be used (no compiler, a build error; for a torch
+outside the tested range it says so) without raising, so the dispatcher can state the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import pathlib
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,44 +33,98 @@ import torch
 CSRC = pathlib.Path(__file__).parent / "csrc"
 DIR_ENV = "LONGATTN_NATIVE_DIR"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# The torch releases the kernels are tested on, [low, high): they use ATen internals
+# (cpublas::brgemm, the parallel and BFloat16 headers) that change between releases.
+# pyproject.toml declares the same range.
+TESTED_TORCH = ((2, 13), (2, 14))
 
 _modules: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 _lock = threading.Lock()
 
 
-def _cpu_key() -> str:
+def cpu_id() -> str:
+    """The CPU's model name and feature flags (``/proc/cpuinfo``): ``-march=native``'s target."""
     try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        flags = platform.processor()
-    return flags
-
-
-def build_dir(name: str) -> pathlib.Path:
-    """Where ``name`` is built: a folder keyed by its source, torch, Python and the CPU flags."""
-    source = (CSRC / f"{name}.cpp").read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                torch.__version__.encode(),
-                sys.version.encode(),
-                _cpu_key().encode(),
-                " ".join(FLAGS).encode(),
-            ]
-        )
-    ).hexdigest()[:16]
-    root = pathlib.Path(os.environ.get(DIR_ENV, pathlib.Path.home() / ".cache/longattn/native"))
-    return root / f"{name}-{key}"
+        return f"{platform.machine()} {platform.processor()}"
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86, then ARM
+    found: dict[str, str] = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in keys and key not in found:
+            found[key] = line
+    return "\n".join(found.get(k, "") for k in keys)
 
 
 def _compiler() -> str | None:
+    """The compiler torch's builder runs: ``$CXX``, else ``c++``."""
     cxx = os.environ.get("CXX")
     if cxx:
         return shutil.which(cxx)
     return shutil.which("c++") or shutil.which("g++")
+
+
+@functools.lru_cache(maxsize=8)
+def _version_text(path: str) -> str:
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown version ({exc})"
+    return done.stdout + done.stderr
+
+
+def compiler_id() -> str:
+    """The compiler's resolved path (``c++`` is usually a link) and its ``--version`` output."""
+    path = _compiler()
+    if path is None:
+        return "no compiler"
+    resolved = str(pathlib.Path(path).resolve())
+    return f"{resolved}\n{_version_text(resolved)}"
+
+
+def build_key(name: str) -> str:
+    """A hash of everything the compiled ``name`` depends on (see the module docstring)."""
+    parts = [name.encode()]
+    # its source and every header of csrc/ (a header may include another; hashing them all cannot
+    # miss one); the other kernels' sources are not part of this build
+    inputs = [CSRC / f"{name}.cpp", *sorted(CSRC.glob("*.h"))]
+    for path in inputs:
+        parts += [path.name.encode(), path.read_bytes()]
+    parts += [
+        compiler_id().encode(),
+        " ".join(FLAGS).encode(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        cpu_id().encode(),
+    ]
+    digest = hashlib.sha256()
+    for part in parts:  # length-prefixed: no two lists of parts hash alike
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()[:20]
+
+
+def build_dir(name: str) -> pathlib.Path:
+    """Where ``name`` is built: ``$LONGATTN_NATIVE_DIR/{name}-{build_key(name)}``."""
+    root = pathlib.Path(os.environ.get(DIR_ENV, pathlib.Path.home() / ".cache/longattn/native"))
+    return root / f"{name}-{build_key(name)}"
+
+
+def torch_outside_tested_range() -> str | None:
+    """A sentence naming the running torch when it is outside ``TESTED_TORCH`` (None inside)."""
+    (lo_major, lo_minor), (hi_major, hi_minor) = TESTED_TORCH
+    tested = f">={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"
+    try:
+        version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return f"torch {torch.__version__} (version not understood; kernels tested on {tested})"
+    if (lo_major, lo_minor) <= version < (hi_major, hi_minor):
+        return None
+    return (
+        f"torch {torch.__version__} is outside the range the kernels are tested on ({tested}); "
+        "they use ATen internals that change between releases"
+    )
 
 
 @contextlib.contextmanager
@@ -98,7 +158,7 @@ def load(name: str) -> ModuleType:
         if name in _errors:
             raise RuntimeError(_errors[name])
         if not (CSRC / f"{name}.cpp").is_file():
-            raise ValueError(f"no native kernel named {name!r} (looked for {CSRC / name}.cpp)")
+            raise ValueError(f"no C++ kernel named {name!r} (looked for {CSRC / name}.cpp)")
         if _compiler() is None:
             raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
         from torch.utils import cpp_extension
@@ -116,10 +176,16 @@ def load(name: str) -> ModuleType:
                     verbose=False,
                 )
         except Exception as exc:  # a compiler or linker error: keep the reason, do not retry
-            _errors[name] = f"building native kernel {name!r} failed: {str(exc)[-2000:]}"
+            _errors[name] = _build_error(name, exc)
             raise RuntimeError(_errors[name]) from exc
         _modules[name] = module
         return module
+
+
+def _build_error(name: str, exc: Exception) -> str:
+    reason = f"building C++ kernel {name!r} failed: {str(exc)[-2000:]}"
+    untested = torch_outside_tested_range()
+    return f"{reason}\n(likely cause: {untested})" if untested else reason
 
 
 def unavailable(name: str) -> str | None:

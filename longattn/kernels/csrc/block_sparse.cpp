@@ -17,17 +17,7 @@
 // [Bm, Hm, P, bs, bs] (uint8; batch/head strides 0 when the mask broadcasts).
 // A query row that sees no key gets out = 0 and lse = -inf.
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX512
-#define LONGATTN_AVX512 1
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
@@ -38,14 +28,9 @@
 #include <mutex>
 #include <vector>
 
-#ifdef LONGATTN_AVX512
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 struct Problem {
   int64_t B, H, Hkv, Tq, Tk, D, bs, nq, nkb, W, Bi, Hi;
@@ -98,56 +83,20 @@ inline int64_t causal_limit(const int64_t* kp, int64_t ncols, int64_t qp) {
   return std::upper_bound(kp, kp + ncols, qp) - kp;
 }
 
-// exp to ~1 ulp (Cephes expf polynomial, 2^n by vscalefps); exactly 0 below -87.3 (masked -inf).
-// ATen's exp_u20 (20 ulp) is faster but leaves fp32 outside the contract's error bound.
-inline Vec exp_accurate(const Vec& x) {
-#ifdef LONGATTN_AVX512
-  const __m512 v = x;
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  y = _mm512_scalef_ps(y, n);
-  const __mmask16 under = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
-#else
-  return x.exp();
-#endif
-}
-
 // Raw maximum of one block's segment of a score row, masking it in place first: masked entries
 // and those past `limit` become -inf (raw scores; the softmax scale, > 0, is applied in the exp).
 inline float segment_max(float* s, int64_t limit, int64_t width, const uint8_t* mask) {
-  const Vec vninf(NEG_INF);
-  Vec vmax(NEG_INF);
+  V vm = vset(NEG_INF);
   int64_t c = 0;
-  if (mask) {
-    for (; c + Vec::size() <= limit; c += Vec::size()) {
-#ifdef LONGATTN_AVX512
-      Vec x = Vec::loadu(s + c);
-      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + c));
-      x = _mm512_mask_mov_ps(vninf, _mm_test_epi8_mask(bytes, bytes), x);
-#else
-      for (int64_t j = 0; j < Vec::size(); ++j)
-        if (!mask[c + j]) s[c + j] = NEG_INF;
-      Vec x = Vec::loadu(s + c);
-#endif
-      x.store(s + c);
-      vmax = at::vec::maximum(vmax, x);
+  for (; c + W <= limit; c += W) {
+    V x = vload(s + c);
+    if (mask) {
+      x = vmask_bytes(x, mask + c);
+      vstore(s + c, x);
     }
-  } else {
-    for (; c + Vec::size() <= limit; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + c));
+    vm = vmax(vm, x);
   }
-  float mx = at::vec::vec_reduce_all<float>(
-      [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
+  float mx = vhmax(vm);
   for (; c < limit; ++c) {
     if (mask && !mask[c]) s[c] = NEG_INF;
     mx = std::max(mx, s[c]);
@@ -158,34 +107,36 @@ inline float segment_max(float* s, int64_t limit, int64_t width, const uint8_t* 
 
 // Probabilities of one score row (raw scores, -inf where masked) against the running maximum
 // m_new (scaled): e = exp(scale * s - m_new), written as float into s or as bfloat16 into pb.
-// Returns their sum.
+// Returns their sum. exp is simd.h's polynomial (about 1 ulp): ATen's exp_u20 (20 ulp) is faster
+// but leaves fp32 outside the contract's error bound.
 template <typename out_t>
 inline float exp_row(float* s, out_t* pb, int64_t width, float scale, float m_new) {
-  const Vec vscale(scale), vneg_m(-m_new);
-  Vec vsum(0.0f);
+  constexpr bool to_bf16 = std::is_same_v<out_t, at::BFloat16>;
+  const V vscale = vset(scale), vneg_m = vset(-m_new);
+  V vs = vzero();
   int64_t c = 0;
-  if constexpr (std::is_same_v<out_t, at::BFloat16>) {
-    for (; c + 2 * Vec::size() <= width; c += 2 * Vec::size()) {
-      Vec e0 = exp_accurate(at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m));
-      Vec e1 = exp_accurate(at::vec::fmadd(Vec::loadu(s + c + Vec::size()), vscale, vneg_m));
-      vsum = vsum + e0 + e1;
-      at::vec::convert_from_float<at::BFloat16>(e0, e1).store(pb + c);
-    }
-  } else {
-    for (; c + Vec::size() <= width; c += Vec::size()) {
-      Vec e = exp_accurate(at::vec::fmadd(Vec::loadu(s + c), vscale, vneg_m));
-      e.store(s + c);
-      vsum = vsum + e;
-    }
+  for (; c + W <= width; c += W) {
+    const V e = vexp(vfma(vload(s + c), vscale, vneg_m));
+    if constexpr (to_bf16) vstore(pb + c, e);
+    else vstore(s + c, e);
+    vs = vadd(vs, e);
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
+  float sum = vsum(vs);
   for (; c < width; ++c) {
     const float e = std::exp(s[c] * scale - m_new);
     sum += e;
-    if constexpr (std::is_same_v<out_t, at::BFloat16>) pb[c] = at::BFloat16(e);
+    if constexpr (to_bf16) pb[c] = at::BFloat16(e);
     else s[c] = e;
   }
   return sum;
+}
+
+// x[0:n] *= alpha
+inline void scale_row(float* x, int64_t n, float alpha) {
+  const V va = vset(alpha);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(x + i, vmul(vload(x + i), va));
+  for (; i < n; ++i) x[i] *= alpha;
 }
 
 struct SlotInfo {
@@ -283,10 +234,7 @@ void run_fast(const Problem& p, const scalar_t* q, const scalar_t* kt, const sca
           }
           const float sum = exp_row<scalar_t>(sr, pb + r * ldw, width, scale, m_new);
           const float alpha = (m_run[r] == NEG_INF) ? 0.0f : std::exp(m_run[r] - m_new);
-          if (alpha != 1.0f) {
-            float* ar = a + r * D;
-            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, ar, ar, D);
-          }
+          if (alpha != 1.0f) scale_row(a + r * D, D, alpha);
           l_run[r] = l_run[r] * alpha + sum;
           m_run[r] = m_new;
         }
@@ -426,6 +374,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(kv_blocks.scalar_type() == at::kLong && counts.scalar_type() == at::kLong &&
               kinds.scalar_type() == at::kInt && masks.scalar_type() == at::kByte &&
               q_pos.scalar_type() == at::kLong && kv_pos.scalar_type() == at::kLong);
+  // The Python wrapper validates its inputs; these checks keep a direct call from reading out of
+  // bounds (the index contents, block ids in range, are the wrapper's `validate`).
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "block_sparse: q [B, H, Tq, D] and k, v [B, Hkv, Tk, D] with H a multiple of Hkv");
+  TORCH_CHECK(block_size >= 1 && kv_blocks.dim() == 4 && kinds.sizes() == kv_blocks.sizes() &&
+                  counts.dim() == 3 && counts.sizes() == kv_blocks.sizes().slice(0, 3) &&
+                  (kv_blocks.size(0) == 1 || kv_blocks.size(0) == q.size(0)) &&
+                  (kv_blocks.size(1) == 1 || kv_blocks.size(1) == q.size(1)),
+              "block_sparse: kv_blocks / kinds [Bi, Hi, nq, W] and counts [Bi, Hi, nq]");
+  TORCH_CHECK(masks.dim() == 5, "block_sparse: masks [Bm, Hm, P, bs, bs]");
+  for (const auto& [pos, len] : {std::pair{&q_pos, q.size(2)}, std::pair{&kv_pos, k.size(2)}})
+    TORCH_CHECK(pos->dim() == 2 && pos->size(1) == len &&
+                    (pos->size(0) == 1 || pos->size(0) == q.size(0)),
+                "block_sparse: positions [1 or B, T], got ", pos->sizes(), " for T = ", len);
   Problem p{};
   p.B = q.size(0);
   p.H = q.size(1);
@@ -512,4 +475,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "free the packed-K/V workspace kept between calls");
   m.def("probe", &probe, "empty string when brgemm runs the dtype, else the reason");
+  m.attr("avx512") = static_cast<bool>(LA_AVX512);
+  m.attr("avx2") = static_cast<bool>(LA_AVX2);
 }

@@ -26,126 +26,14 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LA_AVX512 1
-#else
-#define LA_AVX512 0
-#endif
-#if LA_AVX512 && defined(__AVX512BF16__)
-#define LA_DPBF16 1  // the bf16 dot-product instruction (vdpbf16ps)
-#else
-#define LA_DPBF16 0
-#endif
-
-// For helpers that only prefetch: GCC deduces that such a function has no side effects and drops
-// calls to it that were not inlined first.
-#define LA_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace {
 
-using bf16 = c10::BFloat16;
-constexpr int W = 16;     // lanes of a vector
 constexpr int TILE = 32;  // key slots per tile
 constexpr int64_t AHEAD_ENTRIES = 2;  // selected pages prefetched this many entries ahead
 constexpr int64_t FAR_BYTES = 32 << 10;  // dense: K and V rows prefetched this far ahead
 constexpr int MAX_D = 256;
-constexpr float LN2 = 0.69314718055994531f;
-constexpr float LOG2E = 1.44269504088896341f;
-const float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------------
-// A 16-lane float vector: AVX-512 where the compiler targets it, plain loops otherwise.
-#if LA_AVX512
-using Mask = __mmask16;
-struct V {
-  __m512 x;
-};
-inline V vzero() { return {_mm512_setzero_ps()}; }
-inline V vset(float a) { return {_mm512_set1_ps(a)}; }
-inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline V vload(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
-inline V vload(const bf16* p, Mask m) {
-  __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
-}
-inline V vload(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
-}
-inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a.x); }
-inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
-inline V vmul(V a, V b) { return {_mm512_mul_ps(a.x, b.x)}; }
-inline V vadd(V a, V b) { return {_mm512_add_ps(a.x, b.x)}; }
-inline V vmax(V a, V b) { return {_mm512_max_ps(a.x, b.x)}; }
-inline V vmin(V a, V b) { return {_mm512_min_ps(a.x, b.x)}; }
-inline float vsum(V a) { return _mm512_reduce_add_ps(a.x); }
-inline float vhmax(V a) { return _mm512_reduce_max_ps(a.x); }
-// 2^x for x <= 0; lanes that are -inf give 0
-inline V vexp2(V a) {
-  __mmask16 finite = _mm512_cmp_ps_mask(a.x, _mm512_set1_ps(-126.0f), _CMP_GT_OQ);
-  __m512 x = _mm512_max_ps(a.x, _mm512_set1_ps(-126.0f));
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(LN2));
-  // Cephes expf polynomial on [-ln2/2, ln2/2]
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return {_mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n))};
-}
-// out[i] = the sum of the lanes of a_i, i < 4 (a transposing tree: 11 instructions for all four)
-inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
-  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0.x, a1.x, 0x44),
-                                   _mm512_shuffle_f32x4(a0.x, a1.x, 0xEE));
-  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2.x, a3.x, 0x44),
-                                   _mm512_shuffle_f32x4(a2.x, a3.x, 0xEE));
-  // 128-bit lanes: [a0 | a1 | a2 | a3], four partial sums each
-  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88),
-                           _mm512_shuffle_f32x4(u01, u23, 0xDD));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
-  const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, w)));
-}
-LA_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-LA_INLINE void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
-#else
-using Mask = uint16_t;
-struct V {
-  float x[W];
-};
-inline V vzero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
-inline V vset(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
-template <typename T>
-inline V vload(const T* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = static_cast<float>(p[i]); return r; }
-template <typename T>
-inline V vload(const T* p, Mask m) {
-  V r;
-  for (int i = 0; i < W; ++i) r.x[i] = (m >> i) & 1 ? static_cast<float>(p[i]) : 0.f;
-  return r;
-}
-inline void vstore(float* p, V a) { for (int i = 0; i < W; ++i) p[i] = a.x[i]; }
-inline V vfma(V a, V b, V c) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i]; return r; }
-inline V vmul(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] * b.x[i]; return r; }
-inline V vadd(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = a.x[i] + b.x[i]; return r; }
-inline V vmax(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::max(a.x[i], b.x[i]); return r; }
-inline V vmin(V a, V b) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::min(a.x[i], b.x[i]); return r; }
-inline float vsum(V a) { float s = 0.f; for (int i = 0; i < W; ++i) s += a.x[i]; return s; }
-inline float vhmax(V a) { float s = a.x[0]; for (int i = 1; i < W; ++i) s = std::max(s, a.x[i]); return s; }
-inline V vexp2(V a) { V r; for (int i = 0; i < W; ++i) r.x[i] = std::exp2(a.x[i]); return r; }
-inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
-  out[0] = vsum(a0);
-  out[1] = vsum(a1);
-  out[2] = vsum(a2);
-  out[3] = vsum(a3);
-}
-inline void prefetch(const void*) {}
-inline void prefetch_l2(const void*) {}
-#endif
 
 inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) { return static_cast<float>(x); }
@@ -1194,4 +1082,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_mass", &row_mass, "per entry: its softmax mass summed over query rows");
   m.attr("dpbf16") = static_cast<bool>(LA_DPBF16);
   m.attr("avx512") = static_cast<bool>(LA_AVX512);
+  m.attr("avx2") = static_cast<bool>(LA_AVX2);
 }
