@@ -127,3 +127,29 @@ def test_each_kernel_takes_the_vector_path_this_cpu_has(name):
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
     assert module.avx512 == avx512
     assert module.avx2 == (not avx512 and {"avx2", "fma"} <= flags)
+
+
+TINY = """#include <torch/extension.h>
+int answer() { return 42; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
+"""
+
+
+def test_a_build_left_by_a_killed_process_blocks_nothing(monkeypatch, tmp_path):
+    """A killed build leaves torch's lock file behind, which made every later process wait forever:
+    builds happen in a private folder moved into place whole, and a finished one loads lock-free."""
+    monkeypatch.setattr(extension, "CSRC", tmp_path / "src")
+    monkeypatch.setenv(extension.DIR_ENV, str(tmp_path / "build"))
+    monkeypatch.setattr(extension, "_modules", {})
+    monkeypatch.setattr(extension, "_errors", {})
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tiny.cpp").write_text(TINY)
+    final = extension.build_dir("tiny")
+    killed = final.with_name(final.name + ".build-1-1")
+    killed.mkdir(parents=True)
+    (killed / "lock").touch()  # what a killed torch build leaves
+    assert extension.load("tiny").answer() == 42
+    assert (final / "longattn_tiny.so").is_file() and not (final / "lock").exists()
+    (final / "lock").touch()  # even a stale lock in the finished folder is not waited on
+    monkeypatch.setattr(extension, "_modules", {})
+    assert extension.load("tiny").answer() == 42

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import pathlib
 import platform
@@ -164,22 +165,47 @@ def load(name: str) -> ModuleType:
         from torch.utils import cpp_extension
 
         path = build_dir(name)
-        path.mkdir(parents=True, exist_ok=True)
         try:
-            with _ninja_on_path():
-                module = cpp_extension.load(
-                    name=f"longattn_{name}",
-                    sources=[str(CSRC / f"{name}.cpp")],
-                    extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(path),
-                    verbose=False,
-                )
+            module = _import_built(name, path) or _build(name, path, cpp_extension)
         except Exception as exc:  # a compiler or linker error: keep the reason, do not retry
             _errors[name] = _build_error(name, exc)
             raise RuntimeError(_errors[name]) from exc
         _modules[name] = module
         return module
+
+
+def _import_built(name: str, path: pathlib.Path) -> ModuleType | None:
+    """The finished build in ``path`` imported directly (no build lock), or None if there is none."""
+    library = path / f"longattn_{name}.so"
+    if not library.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"longattn_{name}", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, path: pathlib.Path, cpp_extension: ModuleType) -> ModuleType:
+    """Build in a folder of this process's own, then move it to ``path`` in one rename: a build
+    killed half-way leaves no lock or partial library that another process would wait on or load
+    (torch's build lock is never released by a killed process)."""
+    private = path.with_name(f"{path.name}.build-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(private, ignore_errors=True)
+    private.mkdir(parents=True)
+    with _ninja_on_path():
+        module = cpp_extension.load(
+            name=f"longattn_{name}",
+            sources=[str(CSRC / f"{name}.cpp")],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(private),
+            verbose=False,
+        )
+    try:
+        private.rename(path)
+    except OSError:  # another process finished first: its build is the same
+        shutil.rmtree(private, ignore_errors=True)
+    return module
 
 
 def _build_error(name: str, exc: Exception) -> str:
