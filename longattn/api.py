@@ -20,10 +20,10 @@ from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
     Workspace,
     decode_attention,
+    decode_cpp_unavailable,
+    decode_dense_cpp,
+    decode_selected_cpp,
     gather_selected,
-    native_decode,
-    native_decode_selected,
-    native_unavailable,
 )
 from longattn.kernels.flex import flex_available, flex_block_attention
 from longattn.kernels.reference import (
@@ -140,14 +140,14 @@ def _decode_can_run(call: Call) -> str | None:
 def _decode_cpp_can_run(call: Call) -> str | None:
     if call.method.hook != "select" and not isinstance(call.method, Dense):
         return f"the C++ decode kernel runs dense and select methods, not {call.method.name!r}"
-    return _decode_can_run(call) or native_unavailable(call.q, call.k.dtype)
+    return _decode_can_run(call) or decode_cpp_unavailable(call.q, call.k.dtype)
 
 
 def _run_decode_cpp(call: Call) -> AttnOutput:
     if call.method.hook == "select":
-        return _run_select(call, native=True)
+        return _run_select(call, cpp=True)
     causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _decode_cpp_can_run
-    return native_decode(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+    return decode_dense_cpp(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
                          kv_pos=call.kv_pos, causal=causal)  # fmt: skip
 
 
@@ -183,18 +183,18 @@ def _workspace(cache: KVCache | None) -> Workspace:
     return cache.workspace
 
 
-def _run_select(call: Call, native: bool = False) -> AttnOutput:
-    """A select method: its selection attended by the native kernel in place (``native``), or
+def _run_select(call: Call, cpp: bool = False) -> AttnOutput:
+    """A select method: its selection attended by the C++ kernel in place (``cpp``), or
     gathered into workspaces and attended by the PyTorch decode kernel. (With more than
     ``MAX_DECODE_QUERIES`` queries the call is dense: ``longattn.call.phase_method``.)
     """
     cache, layer = _selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
-    if native and selection is None:
+    if cpp and selection is None:
         return _run_decode_cpp(replace(call, method=Dense()))
-    if native:
+    if cpp:
         keys, values, positions = cache.storage(layer)
-        out = native_decode_selected(call.q, keys, values, positions, selection.index,
+        out = decode_selected_cpp(call.q, keys, values, positions, selection.index,
                                      selection.unit, scale=call.scale, q_pos=call.q_pos)  # fmt: skip
         return AttnOutput(out.out, out.lse, selection)
     ws = _workspace(call.cache)
@@ -394,7 +394,7 @@ def _run_flex(call: Call) -> AttnOutput:
 
 # The order impl="auto" walks: the C++ decode kernel for few queries (dense or a selection), the
 # PyTorch decode path when it cannot be built; dense SDPA for dense attention; compiled Flex (CUDA
-# only, see _flex_auto); the native C++ block-sparse kernel for any mask with block bounds, then the
+# only, see _flex_auto); the C++ block-sparse kernel for any mask with block bounds, then the
 # plain PyTorch gather + SDPA one (reached when the extension cannot be built: no compiler, a build
 # error); the tiled online softmax for any mask; the materialising reference for small problems.
 IMPLS: list[Impl] = [

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longattn.kernels.selection import native_top_index, row_mass
+from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView
 from longattn.validation import check_finite
 
@@ -519,7 +519,7 @@ class KVCache:
             calibration=calibration,
             n_layers=self.n_layers,
             row_mass=row_mass,
-            top_index=native_top_index,
+            top_index=top_index_cpp,
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -166,8 +166,11 @@ def _check_type(cls_name: str, key: str, tp: Any, value: Any) -> None:
         str: lambda x: isinstance(x, str),
     }.get(tp)
     if typing.get_origin(tp) is tuple:
-        ok = lambda x: isinstance(x, tuple) and all(  # noqa: E731
-            isinstance(i, int) and not isinstance(i, bool) for i in x
+        ok = lambda x: (
+            isinstance(x, tuple)
+            and all(  # noqa: E731
+                isinstance(i, int) and not isinstance(i, bool) for i in x
+            )
         )
     if ok is not None and not ok(value):
         want = getattr(tp, "__name__", str(tp))
@@ -284,15 +287,15 @@ def token_budget(budget: int, fraction: float, n_tokens: int) -> int:
     return budget
 
 
-def top_index(scores: torch.Tensor, k: int, native: Callable | None = None) -> torch.Tensor:
+def top_index(scores: torch.Tensor, k: int, fast: Callable | None = None) -> torch.Tensor:
     """[..., k] indices of the ``k`` largest ``scores`` [..., N] in ascending index order; entries
     whose score is -inf become -1 (and come last). Uses ``torch.topk`` (deterministic on CPU; the
-    order among exactly equal scores is torch's), or ``native(scores, k)`` when given and it does
+    order among exactly equal scores is torch's), or ``fast(scores, k)`` when given and it does
     not return None (a select hook passes ``view.top_index``: the library's kernel, several times
     faster over 128K tokens). Selections are computed once and shared with the reference."""
     k = min(k, scores.shape[-1])
-    if native is not None:
-        picked = native(scores, k)
+    if fast is not None:
+        picked = fast(scores, k)
         if picked is not None:
             return picked
     picked, order = torch.topk(scores, k, dim=-1, sorted=False)

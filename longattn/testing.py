@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 
 import torch
@@ -197,15 +196,13 @@ def assert_attention_close(
     return check_against_reference(result, q, k, v, visible_mask(call), call.scale)
 
 
-@functools.cache
 def cpu_runs_bf16_brgemm() -> bool:
-    """Whether oneDNN's brgemm multiplies bfloat16 on this CPU (AMX, or AVX512-BF16 where oneDNN
-    enables it): the C++ block-sparse kernel's bfloat16 path needs it, so the tests require that
-    path exactly where this holds."""
+    """Whether the C++ block-sparse kernel's bfloat16 path runs on this CPU (oneDNN's bf16 brgemm,
+    probed by ``longattn.kernels.block_sparse.bf16_supported``): the tests require that path
+    exactly where this holds."""
     from longattn.kernels import block_sparse
 
-    reason = block_sparse.unavailable(torch.bfloat16, torch.device("cpu"), 64)
-    return reason is None or "brgemm cannot run" not in reason
+    return block_sparse.bf16_supported()
 
 
 # Small-parameter instances that exercise each method's pattern at test lengths (T <= 1000). Every

@@ -92,8 +92,8 @@ class SelectView:
     row_mass:   ``row_mass(rows [B, Hkv, R, E], table [B, Hkv, N, E], present [B, N], scale) ->
                 [B, Hkv, N]`` float32: per entry, ``sum_r softmax_n(scale * rows_r . table_n)`` over
                 present entries (-inf elsewhere), table read once for all rows
-                (``longattn.kernels.selection.row_mass``; native where it can run).
-    top_index:  ``top_index(scores, k)`` -> the library's native top-k (see
+                (``longattn.kernels.selection.row_mass``; in C++ where it can run).
+    top_index:  ``top_index(scores, k)`` -> the library's C++ top-k (see
                 ``longattn.method.top_index``), or None where it cannot run; pass it on to
                 ``top_index(scores, k, view.top_index)``.
     """

@@ -82,4 +82,3 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         f"{name} holds a non-finite value ({t[where].item()}) at [b, h, t, d] = {list(where)}; "
         "queries, keys and values must be finite, padding and masked slots included"
     )
-

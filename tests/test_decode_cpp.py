@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from longattn import KVCache, attention, methods
-from longattn.api import IMPLS
-from longattn.kernels.decode import native_decode, native_decode_selected, native_unavailable
-from longattn.kernels.selection import native_top_index, row_mass
+from longattn.api import choose_impl
+from longattn.call import make_cache_call
+from longattn.kernels.decode import decode_cpp_unavailable, decode_dense_cpp, decode_selected_cpp
+from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.method import top_index
 from longattn.testing import assert_attention_close, make_qkv
 from longattn.types import AttnOutput, DecodeSelection
@@ -39,7 +40,7 @@ def _positions(batch, cap, seed):
 
 
 def test_the_native_kernel_builds():
-    assert native_unavailable(torch.zeros(1, 1, 1, 8)) is None
+    assert decode_cpp_unavailable(torch.zeros(1, 1, 1, 8)) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -51,7 +52,7 @@ def test_dense_matches_the_oracle(dtype, n_heads, n_kv, dim, q_len):
     q_pos = kv_pos.amax(1, keepdim=True) - torch.arange(q_len - 1, -1, -1)  # last positions
     q_pos[2, 0] = -1  # a padding query row: zeros, lse -inf
     for causal in (True, False):
-        res = native_decode(q, k, v, scale=dim**-0.5, q_pos=q_pos, kv_pos=kv_pos, causal=causal)
+        res = decode_dense_cpp(q, k, v, scale=dim**-0.5, q_pos=q_pos, kv_pos=kv_pos, causal=causal)
         method = methods.Dense(causal=causal)
         assert_attention_close(res, q, k, v, method, q_positions=q_pos, kv_positions=kv_pos)
         assert torch.isneginf(res.lse[2, :, 0]).all() and (res.out[2, :, 0] == 0).all()
@@ -61,7 +62,7 @@ def test_dense_reads_strided_cache_views():
     q, k, v = make_qkv(2, 8, 2, 1, 1000, 64, seed=3)
     kv_pos = torch.arange(600).view(1, -1)
     q_pos = torch.tensor([[599]])
-    res = native_decode(q, k[:, :, :600], v[:, :, :600], scale=0.125, q_pos=q_pos, kv_pos=kv_pos)
+    res = decode_dense_cpp(q, k[:, :, :600], v[:, :, :600], scale=0.125, q_pos=q_pos, kv_pos=kv_pos)
     assert_attention_close(res, q, k[:, :, :600], v[:, :, :600])
 
 
@@ -87,9 +88,7 @@ def test_selected_matches_the_oracle(dtype, n_heads, n_kv, unit, per_query_head,
     q_pos = positions.amax(1, keepdim=True) - torch.arange(q_len - 1, -1, -1)
     heads = n_heads if per_query_head else n_kv
     index = _selection(batch, heads, 96 // unit, cap // unit, seed=q_len)
-    res = native_decode_selected(
-        q, keys, values, positions, index, unit, scale=dim**-0.5, q_pos=q_pos
-    )
+    res = decode_selected_cpp(q, keys, values, positions, index, unit, scale=dim**-0.5, q_pos=q_pos)
     selection = DecodeSelection(index, unit)
     assert_attention_close(
         AttnOutput(res.out, res.lse, selection),
@@ -107,7 +106,7 @@ def test_selected_rejects_out_of_range_entries():
     positions = torch.arange(64).view(1, -1)
     index = torch.tensor([[[0, 9]], [[0, 1]]]).view(1, 2, 2)
     with pytest.raises(RuntimeError, match="out of range"):
-        native_decode_selected(
+        decode_selected_cpp(
             q, keys, values, positions, index, 8, scale=0.1, q_pos=torch.tensor([[63]])
         )
 
@@ -140,14 +139,14 @@ def test_row_mass_matches_its_definition(dtype, width):
     delta = scale * eps * float((rows.double().abs() @ magnitude).max())
     tol = want.abs() * (2 * delta + 4 * delta**2) + 1e-7
     finite = torch.isfinite(want)
-    for native_kernel in (False, True):
-        got = row_mass(rows, table, present, scale, native_kernel=native_kernel)
+    for cpp_kernel in (False, True):
+        got = row_mass(rows, table, present, scale, cpp_kernel=cpp_kernel)
         assert got.dtype == torch.float32 and got.shape == (2, 3, 1100)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         err = (got.double() - want).abs()
         assert bool((err[finite] <= tol[finite]).all()), float((err / tol)[finite].max())
     # each row's softmax sums to 1 over the present entries (5 rows per head)
-    got = row_mass(rows, table, present, scale, native_kernel=True)
+    got = row_mass(rows, table, present, scale, cpp_kernel=True)
     torch.testing.assert_close(
         got[0].clamp(min=0).sum(-1), torch.full((3,), 5.0), rtol=1e-4, atol=0
     )
@@ -160,25 +159,24 @@ def test_row_mass_matches_its_definition(dtype, width):
 def test_row_mass_rejects_mismatched_inputs(width, present_dtype, match):
     rows, table = torch.randn(1, 2, 4, 32), torch.zeros(1, 2, 10, width)
     with pytest.raises(RuntimeError, match=match):
-        row_mass(rows, table, torch.ones(1, 10, dtype=present_dtype), 1.0, native_kernel=True)
+        row_mass(rows, table, torch.ones(1, 10, dtype=present_dtype), 1.0, cpp_kernel=True)
 
 
-def test_auto_chooses_the_native_kernel_for_decode_and_quest():
-    assert IMPLS[0].name == "decode_cpp"
+@pytest.mark.parametrize("method", [methods.Dense(), methods.Quest(budget=128, dense_layers=0)])
+def test_auto_chooses_the_cpp_kernel_for_decode_steps(method):
+    """What auto picks for a decode step over a cache, judged on the call it builds (a separate
+    cache: choosing must not need the step to run), then the step itself against the oracle."""
     q, k, v = make_qkv(1, 8, 2, 1, 700, 64, seed=9)
-    cache = KVCache(1)
-    cache.append(0, k[:, :, :-1], v[:, :, :-1])
-    method = methods.Quest(budget=128, dense_layers=0)
-    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache, impl="decode_cpp")
+    probe, cache = KVCache(1), KVCache(1)
+    for c in (probe, cache):
+        c.append(0, k[:, :, :-1], v[:, :, :-1])
+    call = make_cache_call(q, k[:, :, -1:], v[:, :, -1:], method, None, None, None, probe, 0)
+    assert choose_impl(call, "auto").name == "decode_cpp"
+    res = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=cache)
     assert_attention_close(res, q, k, v, method)
-    python = KVCache(1)
-    python.append(0, k[:, :, :-1], v[:, :, :-1])
-    ref = attention(q, k[:, :, -1:], v[:, :, -1:], method=method, cache=python, impl="decode")
-    assert torch.equal(res.state.index, ref.state.index)
-    torch.testing.assert_close(res.out, ref.out, rtol=1e-5, atol=1e-5)
 
 
-def test_native_refuses_what_it_cannot_run():
+def test_decode_cpp_refuses_what_it_cannot_run():
     q, k, v = make_qkv(1, 4, 2, 1, 50, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         attention(q, k, v, impl="decode_cpp")
@@ -187,26 +185,26 @@ def test_native_refuses_what_it_cannot_run():
         attention(q, k, v, method=methods.SlidingWindow(window=8), impl="decode_cpp")
 
 
-def test_native_top_index_matches_the_torch_one():
+def test_cpp_top_index_matches_the_torch_one():
     gen = torch.Generator().manual_seed(3)
     scores = torch.randn(2, 3, 5000, generator=gen)  # distinct values: the same picks, same order
     scores[1, 2, 100:] = -torch.inf  # fewer finite scores than k: -1 fills the tail
     for k in (1, 64, 1000, 5000):
-        got = native_top_index(scores, k)
+        got = top_index_cpp(scores, k)
         assert torch.equal(got, top_index(scores, k)), k
-    picked = native_top_index(scores, 64)[1, 2]  # finite picks, in index order
+    picked = top_index_cpp(scores, 64)[1, 2]  # finite picks, in index order
     assert bool((picked.diff() > 0).all()) and int(picked.max()) < 100
 
 
 def test_native_top_index_ties_and_order():
     scores = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -torch.inf, 3.0, 1.0]])
     # k = 3: 3.0 and two of the three 2.0s (the lowest indices), ascending
-    assert native_top_index(scores, 3).tolist() == [[1, 3, 6]]
+    assert top_index_cpp(scores, 3).tolist() == [[1, 3, 6]]
     # k = 8 takes everything; the -inf pick becomes -1 at the end
-    assert native_top_index(scores, 8).tolist() == [[0, 1, 2, 3, 4, 6, 7, -1]]
+    assert top_index_cpp(scores, 8).tolist() == [[0, 1, 2, 3, 4, 6, 7, -1]]
     with pytest.raises(RuntimeError, match="k must be in"):
-        native_top_index(scores, 9)
-    assert native_top_index(scores.double(), 2) is None  # not float32: the caller uses torch
+        top_index_cpp(scores, 9)
+    assert top_index_cpp(scores.double(), 2) is None  # not float32: the caller uses torch
 
 
 def test_native_top_index_over_long_rows():
@@ -220,7 +218,7 @@ def test_native_top_index_over_long_rows():
     scores[2] = torch.randn(70000, generator=gen).round()  # many ties at the threshold
     scores[3, 5000:] = -torch.inf
     for k in (1, 1024, 4000):
-        got = native_top_index(scores, k)
+        got = top_index_cpp(scores, k)
         want = top_index(scores, k)
         for row in (0, 1, 3):
             assert torch.equal(got[row], want[row]), (row, k)

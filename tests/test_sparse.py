@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from longattn import attention, methods
-from longattn.kernels.reference import reference_attention
 from longattn.kernels.sparse import sparse_attention
 from longattn.testing import assert_attention_close, check_against_reference, make_qkv
 from longattn.types import BlockIndex

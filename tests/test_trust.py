@@ -43,7 +43,7 @@ def _strided_variants(dtype):
 def test_strided_inputs_give_the_oracles_answer(impl, dtype):
     """Any strided input gives the oracle's answer (sdpa and decode once returned garbage)."""
     ran = 0
-    for name, (q, k, v) in _strided_variants(dtype).items():
+    for q, k, v in _strided_variants(dtype).values():
         for q_len in (48, 3):
             q_part = q[:, :, -q_len:]
             try:
@@ -117,7 +117,9 @@ def test_non_finite_keys_and_values_are_refused(where):
     slot = 0 if where.startswith("padding") else 7
     target[0, 1, slot, 3] = torch.nan if slot else torch.inf
     for method in (methods.Dense(), methods.SlidingWindow(window=2)):
-        with pytest.raises(ValueError, match="non-finite.*must be finite, padding and masked slots"):
+        with pytest.raises(
+            ValueError, match="non-finite.*must be finite, padding and masked slots"
+        ):
             attention(q, k, v, method=method, q_positions=q_pos, kv_positions=kv_pos)
     cache = KVCache(1)
     with pytest.raises(ValueError, match="non-finite"):
@@ -183,8 +185,10 @@ def _state(cache, layer=0):
 def _same(a, b):
     if a is None or b is None:
         return a is b
-    return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1:2] == b[1:2] and torch.equal(
-        a[2], b[2]
+    return (
+        all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+        and a[1:2] == b[1:2]
+        and torch.equal(a[2], b[2])
     )
 
 
@@ -198,8 +202,13 @@ def _refusals(tmp_path):
         ("too many queries for decode", methods.Quest(budget=16, dense_layers=0), "decode", 20, {}),
         ("too many queries for decode_cpp", methods.Dense(), "decode_cpp", 20, {}),
         ("reference over its cap", methods.Dense(), "reference", 1, {"cap": "1"}),
-        ("calibration of another shape", methods.Loki(budget=16, rank=4, calibration=str(wrong_cal)),
-         "auto", 1, {}),  # fmt: skip
+        (
+            "calibration of another shape",
+            methods.Loki(budget=16, rank=4, calibration=str(wrong_cal)),
+            "auto",
+            1,
+            {},
+        ),  # fmt: skip
         ("bad scale", methods.Dense(), "auto", 1, {"scale": float("nan")}),
         ("non-finite value", methods.Dense(), "auto", 1, {"nan": True}),
     ]

@@ -93,7 +93,7 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
         "gate": used <= 1,
     }
     if native_reason:
-        rec["native_unavailable"] = native_reason
+        rec["decode_cpp_unavailable"] = native_reason
     if not rec["gate"]:
         return rec
     rec["ms"] = median_ms(ours, repeats=repeats)
@@ -104,7 +104,7 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
     rec["gflops"] = 4 * visited * index.block_size**2 * d / rec["ms"] / 1e6
     rec["peak_extra_mib"] = peak_extra_mib(ours)
     if not native_reason:
-        _, sparse_used = gate(call, sparse().out, rows)
+        sparse_err, sparse_used = gate(call, sparse().out, rows)
         rec["sparse_error"] = sparse_err
         if sparse_used <= 1:
             rec["sparse_ms"] = median_ms(sparse, repeats=repeats)

@@ -48,7 +48,7 @@ def unavailable(
     scale: float = 1.0,
     block_size: int = 128,
 ) -> str | None:
-    """Why the native kernel cannot run this call here (None: it can). Builds it once."""
+    """Why the C++ block-sparse kernel cannot run this call here (None: it can). Builds it once."""
     if not scale > 0:
         return f"the C++ block-sparse kernel needs scale > 0 (applied inside exp), got {scale}"
     if device.type != "cpu":

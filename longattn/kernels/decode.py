@@ -3,7 +3,7 @@
 Attention only: the scorers that choose the pages / tokens (``row_mass``, the top-k) live in
 ``kernels/selection.py``.
 
-Two implementations. The native one (``csrc/decode.cpp``, built on first use) reads the cache in
+Two implementations. The C++ one (``csrc/decode.cpp``, built on first use) reads the cache in
 place: dense over a layer, or over a selection's pages / tokens straight from the cache storage (no
 gather copy), each K/V row read once per step for the whole GQA group, split over the key axis across
 threads and merged by log-sum-exp. The PyTorch one below runs on the CPU flash op:
@@ -26,8 +26,8 @@ from longattn.kernels.sdpa import flash_with_lse
 from longattn.types import AttnOutput
 
 MAX_DECODE_QUERIES = 16
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-NATIVE_MAX_DIM = 256
+CPP_DTYPES = (torch.float32, torch.bfloat16)
+CPP_MAX_DIM = 256
 
 
 class Workspace:
@@ -160,14 +160,14 @@ def gather_selected(
     return k_sel.view(shape), v_sel.view(shape), pos
 
 
-def native_unavailable(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
+def decode_cpp_unavailable(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
     """Why the C++ decode kernels cannot take ``q`` (None: they can; builds them on first use)."""
     if q.device.type != "cpu":
         return f"the C++ decode kernel runs on CPU, not {q.device.type}"
-    if q.dtype not in NATIVE_DTYPES or (kv_dtype is not None and kv_dtype != q.dtype):
+    if q.dtype not in CPP_DTYPES or (kv_dtype is not None and kv_dtype != q.dtype):
         return f"the C++ decode kernel runs float32 and bfloat16, not {q.dtype}"
-    if q.shape[-1] > NATIVE_MAX_DIM:
-        return f"the C++ decode kernel takes head dim <= {NATIVE_MAX_DIM}, got {q.shape[-1]}"
+    if q.shape[-1] > CPP_MAX_DIM:
+        return f"the C++ decode kernel takes head dim <= {CPP_MAX_DIM}, got {q.shape[-1]}"
     return extension.unavailable("decode")
 
 
@@ -175,7 +175,7 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def native_decode(
+def decode_dense_cpp(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -185,7 +185,7 @@ def native_decode(
     kv_pos: torch.Tensor,
     causal: bool = True,
 ) -> AttnOutput:
-    """``decode_attention`` by the native kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
+    """``decode_attention`` by the C++ kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
     views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] int64 (-1 = empty slot)."""
     out, lse = extension.load("decode").decode_dense(
         _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), q_pos, kv_pos, scale, causal
@@ -193,7 +193,7 @@ def native_decode(
     return AttnOutput(out, lse, None)
 
 
-def native_decode_selected(
+def decode_selected_cpp(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,

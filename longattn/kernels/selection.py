@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from longattn.kernels import extension
-from longattn.kernels.decode import NATIVE_DTYPES, native_unavailable
+from longattn.kernels.decode import CPP_DTYPES, decode_cpp_unavailable
 
 
 def row_mass(
@@ -21,7 +21,7 @@ def row_mass(
     present: torch.Tensor,
     scale: float,
     *,
-    native_kernel: bool | None = None,
+    cpp_kernel: bool | None = None,
 ) -> torch.Tensor:
     """[B, Hkv, N] float32: per table entry, the softmax mass it draws, summed over query rows.
 
@@ -33,18 +33,18 @@ def row_mass(
     bound ``sum_d max(q_d min_d, q_d max_d)``; Loki / Double Sparsity score tokens with
     low-dimensional queries against the cache's low-dimensional keys.
 
-    ``native_kernel`` (default: when it can run) streams the table once for all rows in C++; with a
+    ``cpp_kernel`` (default: when it can run) streams the table once for all rows in C++; with a
     bfloat16 table (width a multiple of 32) on a CPU with AVX512-BF16 it rounds the rows to
     bfloat16 for the bf16 dot-product instruction (fp32 accumulation), which moves each score by
     about 2^-9 of its magnitude. The PyTorch path computes the same in float32.
     """
     rows = rows.float()
-    if native_kernel is None:
-        native_kernel = table.dtype in NATIVE_DTYPES and native_unavailable(rows) is None
-    if native_kernel:
-        reason = native_unavailable(rows, None)
+    if cpp_kernel is None:
+        cpp_kernel = table.dtype in CPP_DTYPES and decode_cpp_unavailable(rows) is None
+    if cpp_kernel:
+        reason = decode_cpp_unavailable(rows, None)
         if reason is not None:
-            raise RuntimeError(f"native row scorer unavailable: {reason}")
+            raise RuntimeError(f"C++ row scorer unavailable: {reason}")
         return extension.load("decode").row_mass(rows.contiguous(), table, present, float(scale))
     # [B, Hkv, R, N]: entries on the last axis (a softmax over a strided axis is 5x slower)
     scores = _products(rows, table).transpose(-1, -2).contiguous()
@@ -67,8 +67,8 @@ def _products(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.stack(prods).float().view(batch, n_kv, n_entries, -1)
 
 
-def native_top_index(scores: torch.Tensor, k: int) -> torch.Tensor | None:
-    """``longattn.method.top_index`` by the native kernel (one nth_element and one ordered pass
+def top_index_cpp(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``longattn.method.top_index`` by the C++ kernel (one nth_element and one ordered pass
     per row; equal scores at the threshold go to the lowest indices), or None where it cannot run
     (not CPU float32, no kernel) so the caller uses the PyTorch one."""
     if scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.shape[-1] == 0:

@@ -28,7 +28,7 @@ class Quest(Method):
     SmolLM2-135M (9/3 heads) this recalls as much softmax mass as per-query-head selection, more than
     ranking by the maximum bound over the group (``longattn eval fidelity``).
     Precision: the cache keeps the page min / max in bfloat16 rounded outward (still bounds of the
-    keys, half the bytes to read per step), and the native scorer rounds the query rows to bfloat16
+    keys, half the bytes to read per step), and the C++ scorer rounds the query rows to bfloat16
     for the bf16 dot-product instruction where the CPU has it.
     """
 
