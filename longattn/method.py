@@ -159,19 +159,18 @@ def _check_type(cls_name: str, key: str, tp: Any, value: Any) -> None:
         if value is None:
             return
         tp = next(a for a in args if a is not type(None))
+
+    def int_like(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
     ok = {
         bool: lambda x: isinstance(x, bool),
-        int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+        int: int_like,
         float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
         str: lambda x: isinstance(x, str),
     }.get(tp)
     if typing.get_origin(tp) is tuple:
-        ok = lambda x: (
-            isinstance(x, tuple)
-            and all(  # noqa: E731
-                isinstance(i, int) and not isinstance(i, bool) for i in x
-            )
-        )
+        ok = lambda x: isinstance(x, tuple) and all(map(int_like, x))  # noqa: E731
     if ok is not None and not ok(value):
         want = getattr(tp, "__name__", str(tp))
         raise TypeError(f"{cls_name}.{key} must be {want}, got {value!r} ({type(value).__name__})")
