@@ -71,7 +71,7 @@ def sparse_attention(
     k, v = k.contiguous(), v.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every row is written below
     lse = torch.full(q.shape[:3], -torch.inf, dtype=lse_dtype, device=q.device)
-    if q_len and kv_len:
+    if out.numel() and kv_len:  # no batch rows, heads or queries: nothing to index
         partial = index.partial
         if padded:  # a key block holding a padding slot always needs the element mask
             kv_pad = (kv_pos.view(-1, n_kv, bs) < 0).any(-1).any(0)
