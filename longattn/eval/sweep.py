@@ -327,6 +327,51 @@ def _kv(shape=(2, 2, 3, 8), dtype=torch.float32):
     return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
 
 
+_t = torch.tensor
+# what is done to a cache holding 10 tokens in layer 0 of 2 (B=2, Hkv=2, D=8, page 4)
+CACHE_CALLS = {
+    "k 3-D": lambda c: c["cache"].append(0, *(x[0] for x in _kv())),
+    "k/v shapes differ": lambda c: c["cache"].append(0, _kv()[0], _kv((2, 2, 4, 8))[1]),
+    "float64 into float32": lambda c: c["cache"].append(0, *_kv(dtype=torch.float64)),
+    "int keys": lambda c: c["cache"].append(0, *_kv(dtype=torch.int32)),
+    "Hkv=3": lambda c: c["cache"].append(0, *_kv((2, 3, 3, 8))),
+    "D=4": lambda c: c["cache"].append(0, *_kv((2, 2, 3, 4))),
+    "B=1": lambda c: c["cache"].append(0, *_kv((1, 2, 3, 8))),
+    "float positions": lambda c: c["cache"].append(0, *_kv(), positions=torch.arange(3.0)),
+    "bool positions": lambda c: c["cache"].append(0, *_kv(), positions=_t([True] * 3)),
+    "list positions": lambda c: c["cache"].append(0, *_kv(), positions=[10, 11, 12]),
+    "decreasing positions": lambda c: c["cache"].append(0, *_kv(), positions=_t([12, 11, 10])),
+    "positions at -2": lambda c: c["cache"].append(0, *_kv(), positions=_t([-2, 10, 11])),
+    "positions already held": lambda c: c["cache"].append(0, *_kv(), positions=_t([3, 11, 12])),
+    "positions of 2": lambda c: c["cache"].append(0, *_kv(), positions=_t([10, 11])),
+    "layer 2 of 2": lambda c: c["cache"].append(2, *_kv()),
+    "layer -1": lambda c: c["cache"].append(-1, *_kv()),
+    "layer '0'": lambda c: c["cache"].append("0", *_kv()),
+    "layer True": lambda c: c["cache"].append(True, *_kv()),
+    "evict float keep": lambda c: c["cache"].evict(0, torch.ones(2, 10)),
+    "evict keep [2, 9]": lambda c: c["cache"].evict(0, torch.ones(2, 9, dtype=torch.bool)),
+    "evict keep list": lambda c: c["cache"].evict(0, [[True] * 10] * 2),
+    "evict all": lambda c: c["cache"].evict(0, torch.zeros(2, 10, dtype=torch.bool)),
+    "evict empty layer": lambda c: c["cache"].evict(1, torch.ones(2, 0, dtype=torch.bool)),
+    "drop missing 99": lambda c: c["cache"].drop_positions(0, _t([1, 99])),
+    "drop float": lambda c: c["cache"].drop_positions(0, _t([1.0])),
+    "drop 3-D": lambda c: c["cache"].drop_positions(0, _t([[[1]]])),
+    "drop -1": lambda c: c["cache"].drop_positions(0, _t([-1])),
+    "drop from empty layer": lambda c: c["cache"].drop_positions(1, _t([0])),
+    "drop [0, 5]": lambda c: c["cache"].drop_positions(0, _t([0, 5])),
+    "reserve -5": lambda c: c["cache"].reserve(0, -5),
+    "reserve 0": lambda c: c["cache"].reserve(0, 0),
+    "reserve '100'": lambda c: c["cache"].reserve(0, "100"),
+    "reserve 100.5": lambda c: c["cache"].reserve(0, 100.5),
+    "reserve 2**50": lambda c: c["cache"].reserve(0, 2**50),
+    "reserve empty layer": lambda c: c["cache"].reserve(1, 64),
+    "positions(2)": lambda c: c["cache"].positions(2),
+    "keys of empty layer": lambda c: c["cache"].keys(1),
+    "seq_len('0')": lambda c: c["cache"].seq_len("0"),
+    "row_lengths(1.0)": lambda c: c["cache"].row_lengths(1.0),
+}
+
+
 def cache_api_cases() -> list[Case]:
     from longattn.cache import KVCache
 
@@ -338,48 +383,6 @@ def cache_api_cases() -> list[Case]:
              tuple(str(x) for x in kw.values()), f"KVCache(**{kw})")
         for kw in ctor
     ]  # fmt: skip
-    t = torch.tensor
-    appends = {
-        "k 3-D": lambda c: c["cache"].append(0, *(x[0] for x in _kv())),
-        "k/v shapes differ": lambda c: c["cache"].append(0, _kv()[0], _kv((2, 2, 4, 8))[1]),
-        "float64 into float32": lambda c: c["cache"].append(0, *_kv(dtype=torch.float64)),
-        "int keys": lambda c: c["cache"].append(0, *_kv(dtype=torch.int32)),
-        "Hkv=3": lambda c: c["cache"].append(0, *_kv((2, 3, 3, 8))),
-        "D=4": lambda c: c["cache"].append(0, *_kv((2, 2, 3, 4))),
-        "B=1": lambda c: c["cache"].append(0, *_kv((1, 2, 3, 8))),
-        "float positions": lambda c: c["cache"].append(0, *_kv(), positions=torch.arange(3.0)),
-        "bool positions": lambda c: c["cache"].append(0, *_kv(), positions=t([True] * 3)),
-        "list positions": lambda c: c["cache"].append(0, *_kv(), positions=[10, 11, 12]),
-        "decreasing positions": lambda c: c["cache"].append(0, *_kv(), positions=t([12, 11, 10])),
-        "positions at -2": lambda c: c["cache"].append(0, *_kv(), positions=t([-2, 10, 11])),
-        "positions already held": lambda c: c["cache"].append(0, *_kv(), positions=t([3, 11, 12])),
-        "positions of 2": lambda c: c["cache"].append(0, *_kv(), positions=t([10, 11])),
-        "layer 2 of 2": lambda c: c["cache"].append(2, *_kv()),
-        "layer -1": lambda c: c["cache"].append(-1, *_kv()),
-        "layer '0'": lambda c: c["cache"].append("0", *_kv()),
-        "layer True": lambda c: c["cache"].append(True, *_kv()),
-        "evict float keep": lambda c: c["cache"].evict(0, torch.ones(2, 10)),
-        "evict keep [2, 9]": lambda c: c["cache"].evict(0, torch.ones(2, 9, dtype=torch.bool)),
-        "evict keep list": lambda c: c["cache"].evict(0, [[True] * 10] * 2),
-        "evict all": lambda c: c["cache"].evict(0, torch.zeros(2, 10, dtype=torch.bool)),
-        "evict empty layer": lambda c: c["cache"].evict(1, torch.ones(2, 0, dtype=torch.bool)),
-        "drop missing 99": lambda c: c["cache"].drop_positions(0, t([1, 99])),
-        "drop float": lambda c: c["cache"].drop_positions(0, t([1.0])),
-        "drop 3-D": lambda c: c["cache"].drop_positions(0, t([[[1]]])),
-        "drop -1": lambda c: c["cache"].drop_positions(0, t([-1])),
-        "drop from empty layer": lambda c: c["cache"].drop_positions(1, t([0])),
-        "drop [0, 5]": lambda c: c["cache"].drop_positions(0, t([0, 5])),
-        "reserve -5": lambda c: c["cache"].reserve(0, -5),
-        "reserve 0": lambda c: c["cache"].reserve(0, 0),
-        "reserve '100'": lambda c: c["cache"].reserve(0, "100"),
-        "reserve 100.5": lambda c: c["cache"].reserve(0, 100.5),
-        "reserve 2**50": lambda c: c["cache"].reserve(0, 2**50),
-        "reserve empty layer": lambda c: c["cache"].reserve(1, 64),
-        "positions(2)": lambda c: c["cache"].positions(2),
-        "keys of empty layer": lambda c: c["cache"].keys(1),
-        "seq_len('0')": lambda c: c["cache"].seq_len("0"),
-        "row_lengths(1.0)": lambda c: c["cache"].row_lengths(1.0),
-    }
     names = ("layer", "positions", "keep", "capacity", "shape", "dtype", "k ", "tensor", "reserve",
              "hold", "B=", "Hkv", "int", "empty", "99", "-2", "increasing", "-5")  # fmt: skip
-    return cases + [_cache_case(desc, act, names) for desc, act in appends.items()]
+    return cases + [_cache_case(desc, act, names) for desc, act in CACHE_CALLS.items()]

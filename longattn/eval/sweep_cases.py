@@ -249,60 +249,63 @@ def _decode_case(desc, names=(), setup=_decode_setup, change=None, **kwargs) -> 
     return Case("decode", name, setup, call, None if change else check, tuple(names), name)
 
 
+QUEST = "quest:budget=8,page_size=4,dense_layers=0"
+# refused decode steps: (what, words the error names, setup arguments, call arguments)
+DECODE_REFUSALS = [
+    ("unknown impl", ("fastest",), {}, dict(impl="fastest")),
+    (
+        "impl that cannot run",
+        ("sdpa",),
+        {},
+        dict(impl="sdpa", method="sliding_window:window=5"),
+    ),
+    ("decode_cpp for a mask", ("decode",), {}, dict(impl="decode_cpp", method="power")),
+    ("17 queries on decode", ("16", "17"), dict(tq=17, t_new=17), dict(impl="decode")),
+    (
+        "17 queries on quest decode",
+        ("16", "17"),
+        dict(tq=17, t_new=17),
+        dict(impl="decode", method=QUEST),
+    ),
+    ("q heads 3", ("multiple",), dict(h=3), {}),
+    ("q float64", ("dtype",), {}, dict(change=lambda c: (c["q"].double(), *c["new"]))),
+    (
+        "new keys Hkv=1",
+        ("hold", "Hkv"),
+        {},
+        dict(change=lambda c: (c["q"], *(x[:, :1] for x in c["new"]))),
+    ),
+    ("scale nan", ("scale",), {}, dict(scale=float("nan"))),
+    ("method 3", ("method",), {}, dict(method=3)),
+    ("layer 5", ("layer",), {}, dict(layer=5)),
+    ("q_positions of 2", ("q_positions",), {}, dict(q_positions=torch.arange(2))),
+    ("q_positions at -2", ("q_positions", "-2"), {}, dict(q_positions=torch.tensor([-2]))),
+    ("kv_positions already held", ("positions",), {}, dict(kv_positions=torch.tensor([3]))),
+    (
+        "quest page_size 8 on a 4-page cache",
+        ("page",),
+        {},
+        dict(method="quest:budget=8,page_size=8,dense_layers=0"),
+    ),
+    ("2 queries, 1 new token", ("q_positions", "queries"), dict(tq=2), {}),
+    (
+        "reference of 17 queries over 16 new",
+        ("q_positions",),
+        dict(tq=17, t_new=16),
+        dict(impl="reference"),
+    ),
+]
+
+
 def _decode_cases() -> list[Case]:
-    quest = "quest:budget=8,page_size=4,dense_layers=0"
     cases = [
         _decode_case("valid step", method=method, impl=impl)
-        for method in (None, quest, "sliding_window:window=5", "streaming_llm:sinks=2,window=6")
+        for method in (None, QUEST, "sliding_window:window=5", "streaming_llm:sinks=2,window=6")
         for impl in ("auto", "decode", "decode_cpp", "tiled", "reference", "sparse", "sdpa")
     ]
     transposed = lambda c: (c["q"], *(x.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
                                       for x in c["new"]))  # fmt: skip
-    bad = [
-        ("unknown impl", ("fastest",), {}, dict(impl="fastest")),
-        (
-            "impl that cannot run",
-            ("sdpa",),
-            {},
-            dict(impl="sdpa", method="sliding_window:window=5"),
-        ),
-        ("decode_cpp for a mask", ("decode",), {}, dict(impl="decode_cpp", method="power")),
-        ("17 queries on decode", ("16", "17"), dict(tq=17, t_new=17), dict(impl="decode")),
-        (
-            "17 queries on quest decode",
-            ("16", "17"),
-            dict(tq=17, t_new=17),
-            dict(impl="decode", method=quest),
-        ),
-        ("q heads 3", ("multiple",), dict(h=3), {}),
-        ("q float64", ("dtype",), {}, dict(change=lambda c: (c["q"].double(), *c["new"]))),
-        (
-            "new keys Hkv=1",
-            ("hold", "Hkv"),
-            {},
-            dict(change=lambda c: (c["q"], *(x[:, :1] for x in c["new"]))),
-        ),
-        ("scale nan", ("scale",), {}, dict(scale=float("nan"))),
-        ("method 3", ("method",), {}, dict(method=3)),
-        ("layer 5", ("layer",), {}, dict(layer=5)),
-        ("q_positions of 2", ("q_positions",), {}, dict(q_positions=torch.arange(2))),
-        ("q_positions at -2", ("q_positions", "-2"), {}, dict(q_positions=torch.tensor([-2]))),
-        ("kv_positions already held", ("positions",), {}, dict(kv_positions=torch.tensor([3]))),
-        (
-            "quest page_size 8 on a 4-page cache",
-            ("page",),
-            {},
-            dict(method="quest:budget=8,page_size=8,dense_layers=0"),
-        ),
-        ("2 queries, 1 new token", ("q_positions", "queries"), dict(tq=2), {}),
-        (
-            "reference of 17 queries over 16 new",
-            ("q_positions",),
-            dict(tq=17, t_new=16),
-            dict(impl="reference"),
-        ),
-    ]
-    for desc, names, setup_kw, kw in bad:
+    for desc, names, setup_kw, kw in DECODE_REFUSALS:
         setup = lambda setup_kw=setup_kw: _decode_setup(**setup_kw)  # noqa: E731
         cases.append(_decode_case(desc, names, setup, **kw))
     for impl in ("auto", "decode", "decode_cpp"):
