@@ -34,6 +34,19 @@ class Calibration:
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        for key in ("method", "model"):
+            if not isinstance(getattr(self, key), str):
+                raise TypeError(f"calibration {key} must be a str, got {getattr(self, key)!r}")
+        for key in ("n_layers", "n_kv_heads", "head_dim", "version"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"calibration {key} must be an int > 0, got {value!r}")
+        if not isinstance(self.params, dict):
+            raise TypeError(f"calibration params must be a dict, got {self.params!r}")
+        if not isinstance(self.tensors, dict) or not all(
+            isinstance(t, torch.Tensor) for t in self.tensors.values()
+        ):
+            raise TypeError("calibration tensors must be a dict of name -> torch.Tensor")
         for name, t in self.tensors.items():
             if t.dim() < 2 or tuple(t.shape[:2]) != (self.n_layers, self.n_kv_heads):
                 raise ValueError(
@@ -63,28 +76,26 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {path} does not exist")
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
-            if raw is None:
-                raise ValueError(
-                    f"{path} is not a longattn calibration file (no {META_KEY!r} header)"
-                )
-            meta = json.loads(raw)
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        if meta.get("version") != FORMAT_VERSION:
+        path = _check_path(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                raw = (fh.metadata() or {}).get(META_KEY)
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError) as exc:
             raise ValueError(
-                f"{path}: calibration format version {meta.get('version')} is not supported "
-                f"(expected {FORMAT_VERSION})"
-            )
-        return cls(tensors=tensors, **meta)
+                f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from None
+        meta = _parse_header(path, raw)
+        try:
+            return cls(tensors=tensors, **meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def check(self, method: str, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
-        """Refuse an artifact made for another method or another model shape."""
+        """Refuse an artifact made for another method or another model shape, or one whose tensors
+        are not what ``method`` reads (checked here, before a cache call appends anything)."""
         if method != self.method:
             raise ValueError(f"calibration is for method {self.method!r}, not {method!r}")
         have = (self.n_layers, self.n_kv_heads, self.head_dim)
@@ -94,9 +105,66 @@ class Calibration:
                 f"calibration for model {self.model!r} has shape (layers, kv heads, head dim) = "
                 f"{have}, but the cache holds {want}"
             )
+        for name, (trailing, integer) in _expected_tensors(method, head_dim).items():
+            t = self.tensors.get(name)
+            if t is None:
+                raise ValueError(
+                    f"calibration for {method!r} needs a tensor {name!r}, has {sorted(self.tensors)}"
+                )
+            shape = tuple(t.shape[2:])
+            if len(shape) != len(trailing) or any(w and s != w for s, w in zip(shape, trailing)):
+                raise ValueError(
+                    f"calibration tensor {name!r} must be [n_layers, n_kv_heads, "
+                    f"{', '.join(str(w or 'r') for w in trailing)}], got {tuple(t.shape)}"
+                )
+            if integer and (
+                t.dtype.is_floating_point or int(t.min()) < 0 or int(t.max()) >= head_dim
+            ):
+                raise ValueError(
+                    f"calibration tensor {name!r} must hold channel indices in [0, {head_dim}), "
+                    f"got {t.dtype} in [{t.min().item()}, {t.max().item()}]"
+                )
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {name: t[index] for name, t in self.tensors.items()}
+
+
+def _expected_tensors(method: str, head_dim: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """What a method reads from its calibration: name -> (shape after [L, Hkv] with 0 = any size,
+    whether it holds channel indices)."""
+    return {
+        "loki": {"basis": ((head_dim, 0), False)},
+        "double_sparsity": {"channels": ((0,), True)},
+    }.get(method, {})
+
+
+def _check_path(path: str | os.PathLike) -> pathlib.Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"calibration path must be a str or os.PathLike, got {path!r}")
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist (or is not a file)")
+    return path
+
+
+def _parse_header(path: pathlib.Path, raw: str | None) -> dict[str, Any]:
+    """The JSON header of a calibration file, checked for the fields ``Calibration`` takes."""
+    if raw is None:
+        raise ValueError(f"{path} is not a longattn calibration file (no {META_KEY!r} header)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the {META_KEY!r} header is not valid JSON ({exc})") from None
+    fields = {"method", "model", "n_layers", "n_kv_heads", "head_dim", "params", "version"}
+    if not isinstance(meta, dict) or set(meta) != fields:
+        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: the {META_KEY!r} header must hold {sorted(fields)}, got {got}")
+    if meta["version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: calibration format version {meta['version']!r} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    return meta
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,10 +174,8 @@ def _load_cached(path: str, mtime: float) -> Calibration:
 
 def load(path: str | os.PathLike) -> Calibration:
     """Load (and memoise, keyed by path and modification time) a calibration file."""
-    path = str(pathlib.Path(path).resolve())
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"calibration file {path} does not exist")
-    return _load_cached(path, os.path.getmtime(path))
+    path = _check_path(path).resolve()
+    return _load_cached(str(path), os.path.getmtime(path))
 
 
 def for_layer(method: Any, cache: Any, layer: int) -> dict[str, torch.Tensor] | None:

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from longattn.eval.commands import positive_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -21,6 +23,21 @@ BENCH_SUITES = {
 }
 
 
+# the block size of `bench kernels`' layouts: its lengths must be whole blocks
+KERNELS_BLOCK = 128
+
+
+def _bench_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a bench command line that argparse cannot see (None: nothing)."""
+    if args.dtypes is not None:
+        bad = [d for d in args.dtypes.split(",") if d.strip() not in DTYPES]
+        if bad:
+            return f"--dtypes: unknown dtype(s) {bad}; known: {', '.join(sorted(DTYPES))}"
+    if args.suite == "kernels" and args.length is not None and args.length % KERNELS_BLOCK:
+        return f"bench kernels --length must be a multiple of {KERNELS_BLOCK}, got {args.length}"
+    return None
+
+
 def _bench(args: argparse.Namespace) -> int:
     module, _, func = BENCH_SUITES[args.suite].partition(":")
     return getattr(importlib.import_module(module), func)(args)
@@ -31,7 +48,13 @@ def _docs(args: argparse.Namespace) -> int:
 
     text = methods_markdown()
     if args.out:
-        pathlib.Path(args.out).write_text(text)
+        try:
+            pathlib.Path(args.out).write_text(text)
+        except OSError as exc:
+            print(
+                f"longattn docs: error: cannot write {args.out!r}: {exc.strerror}", file=sys.stderr
+            )
+            return 2
         print(f"wrote {args.out}")
     else:
         print(text)
@@ -51,14 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         "block-sparse kernel against causal SDPA and compiled Flex",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
-    bench.add_argument("--length", type=int, default=None, help="sequence length (default 8192)")
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--dim", type=int, default=64)
+    bench.add_argument(
+        "--length", type=positive_int, default=None, help="sequence length (default 8192)"
+    )
+    bench.add_argument("--heads", type=positive_int, default=8)
+    bench.add_argument("--dim", type=positive_int, default=64)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--out", default=None, help="JSONL file to append results to")
     bench.add_argument(
         "--memory-length",
-        type=int,
+        type=positive_int,
         default=32768,
         help="length of the tiled executor's peak-memory check (methods suite)",
     )
@@ -98,9 +123,12 @@ def _add_eval_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; usage errors print one line and return 2 (argparse's own exit 2)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "length", None) is not None and args.length <= 0:
-        raise SystemExit(f"longattn: --length must be > 0, got {args.length}")
+    problem = _bench_problem(args) if args.command == "bench" else None
+    if problem:
+        print(f"longattn bench: error: {problem}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

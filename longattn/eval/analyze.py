@@ -105,12 +105,16 @@ def run_analysis(
     window: int = 64,
 ) -> pathlib.Path:
     """Capture a dense pass over ``length`` tokens of ``corpus``, analyse it, write JSON and PNGs."""
+    from longattn.eval import text
     from longattn.eval.models import load
     from longattn.eval.runner import check_lengths
     from longattn.integrations.hf import capture_qkv
 
     if window <= 0:
         raise ValueError(f"--window must be > 0, got {window}")
+    text.corpus(corpus)  # an unknown or missing corpus is refused before the model loads
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"analysis folder {out} exists: pass --force to overwrite")
     model, tokenizer = load(model_name)

@@ -37,6 +37,17 @@ PRESET_EXTRAS = {"demo": {"quest": "quest:budget=256"}}
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a usage error (exit 2) names a value that is not > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
+    return value
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (demo)")
     p.add_argument("--model", help="smollm2-135m (embedded), a local HF folder or a .gguf file")
@@ -45,10 +56,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tasks", help="passkey,needle,multikey,multivalue,vartrack,ppl,fidelity")
     p.add_argument("--lengths", help="comma-separated token counts, e.g. 1k,2k,4k")
-    p.add_argument("--samples", type=int, help="samples per task and length")
-    p.add_argument("--ppl-samples", dest="ppl_samples", type=int, help="texts per length for ppl")
+    p.add_argument("--samples", type=positive_int, help="samples per task and length")
+    p.add_argument(
+        "--ppl-samples", dest="ppl_samples", type=positive_int, help="texts per length for ppl"
+    )
     p.add_argument("--depths", help="needle depths in [0, 1], cycled over the needle samples")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, help="greedy tokens to decode")
+    p.add_argument(
+        "--new-tokens", dest="new_tokens", type=positive_int, help="greedy tokens to decode"
+    )
     p.add_argument("--corpus", help="real text for ppl and fidelity: pydoc, licenses or kjv")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="results folder (JSONL, report, plots)")
@@ -157,6 +172,6 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", dest="text_length", default="1k", help="tokens of real text (1k)")
     p.add_argument("--corpus", default="pydoc", help="pydoc, licenses or kjv")
-    p.add_argument("--window", type=int, default=64, help="locality window (tokens)")
+    p.add_argument("--window", type=positive_int, default=64, help="locality window (tokens)")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="overwrite an existing folder")

@@ -48,10 +48,10 @@ def sparse_attention(
     skips the index checks (once per call) for trusted hot loops.
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 for float64 input))``.
     """
+    if validate:
+        check_sparse_call(q, k, v, index, scale, q_pos, kv_pos, mask_fn)
     batch, n_heads, q_len, dim = q.shape
     kv_len = k.shape[2]
-    if validate:
-        index.validate(batch, n_heads, q_len, kv_len)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if kv_pos is None:
         kv_pos = torch.arange(kv_len, device=q.device).view(1, -1)
@@ -63,13 +63,15 @@ def sparse_attention(
     padded = pad_q or pad_kv or bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
     if padded:
         mask_fn = with_padding(mask_fn)
+    elif mask_fn is None:
+        mask_fn = _all_visible
     q, q_pos = pad_to_blocks(q, q_pos, pad_q)
     k, kv_pos = pad_to_blocks(k, kv_pos, pad_kv)
     v, _ = pad_to_blocks(v, kv_pos, pad_kv)
     k, v = k.contiguous(), v.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # every row is written below
     lse = torch.full(q.shape[:3], -torch.inf, dtype=lse_dtype, device=q.device)
-    if q_len and kv_len:
+    if out.numel() and kv_len:  # no batch rows, heads or queries: nothing to index
         partial = index.partial
         if padded:  # a key block holding a padding slot always needs the element mask
             kv_pad = (kv_pos.view(-1, n_kv, bs) < 0).any(-1).any(0)
@@ -86,6 +88,57 @@ def sparse_attention(
         out = out.masked_fill(pad_rows.unsqueeze(-1), 0.0)
         lse = lse.masked_fill(pad_rows, -torch.inf)
     return AttnOutput(out, lse, None)
+
+
+def check_sparse_call(q, k, v, index, scale, q_pos=None, kv_pos=None, mask_fn=None) -> None:
+    """Validate the arguments of a block-sparse kernel call: ``TypeError`` / ``ValueError`` naming the
+    offending argument, before anything is computed (the kernels index with these shapes unchecked).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D] (4-D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    batch, n_heads, q_len, dim = q.shape
+    if (k.shape[0], k.shape[3]) != (batch, dim) or dim == 0:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and a head_dim > 0"
+        )
+    if k.shape[1] == 0 or n_heads % k.shape[1]:
+        raise ValueError(
+            f"query heads ({n_heads}) must be a multiple of key/value heads ({k.shape[1]})"
+        )
+    if not isinstance(index, BlockIndex):
+        raise TypeError(f"index must be a BlockIndex, got {type(index).__name__}")
+    index.validate(batch, n_heads, q_len, k.shape[2])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
+    for name, pos, length in (("q_pos", q_pos, q_len), ("kv_pos", kv_pos, k.shape[2])):
+        _check_block_positions(name, pos, length, batch)
+
+
+def _check_block_positions(name: str, pos, length: int, batch: int) -> None:
+    """Positions of a kernel call: None, or integer [Bp, length] with Bp in {1, batch}, >= -1."""
+    if pos is None:
+        return
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(pos).__name__}")
+    if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {pos.dtype}")
+    if pos.dim() != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} must be [Bp, {length}] with Bp in (1, {batch}), got {tuple(pos.shape)}"
+        )
+    if pos.numel() and int(pos.min()) < -1:
+        raise ValueError(f"{name} must be >= 0 (or -1 for padding), got {int(pos.min())}")
 
 
 def block_index_from_mask(
@@ -139,6 +192,12 @@ def _layout_by_evaluation(mask_fn, n_heads, q_pos, kv_pos, bs):
     real = real.reshape(1, 1, *blocks.shape[2:]).all(-1).all(-2)
     all_ = blocks.all(-1).all(-2).all(0) & real[0]
     return any_, all_
+
+
+def _all_visible(b, h, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+    """The element mask of ``mask_fn=None``: every pair of a partial block is visible."""
+    shape = torch.broadcast_shapes(q_pos.shape, kv_pos.shape)
+    return torch.ones(shape, dtype=torch.bool, device=q_pos.device)
 
 
 def pad_to_blocks(
