@@ -37,7 +37,7 @@ from longattn.kernels.sparse import block_index_from_mask, sparse_attention
 from longattn.kernels.tiled import tiled_attention, with_padding
 from longattn.method import Method
 from longattn.methods.dense import Dense
-from longattn.types import AttnOutput, BlockIndex, DecodeSelection
+from longattn.types import AttnOutput, BlockIndex, DecodeSelection, accumulation_dtype
 
 log = logging.getLogger("longattn")
 
@@ -310,7 +310,7 @@ def _empty(call: Call) -> AttnOutput | None:
     b, h, _, tq, tk, _ = call.shape
     if tq and tk:
         return None
-    lse_dtype = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulation_dtype(call.q.dtype)
     lse = torch.full((b, h, tq), -torch.inf, dtype=lse_dtype, device=call.q.device)
     return AttnOutput(torch.zeros_like(call.q), lse, None)
 
@@ -460,8 +460,8 @@ def attention(
     strictly increasing) any alignment is possible, e.g. chunked prefill. Position -1 marks a padding
     slot (left-padded batches, unused cache slots): it is never attended, and a padding query gets
     ``out = 0``, ``lse = -inf``.
-    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32, state)``; a query that sees no key
-    gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
+    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq], state)``, lse float32 (float64 for
+    float64 inputs); a query that sees no key gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
     """
     if cache is None:
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)

@@ -240,7 +240,7 @@ def _parse_value(tp: Any, raw: str, key: str, spec: str) -> Any:
         if tp is str:
             return raw
         if origin is tuple:
-            return tuple(int(x) for x in raw.split("/") if x)
+            return tuple(int(x) for x in raw.split("/"))  # an empty element is an error
     except ValueError:
         raise ValueError(f"bad value {raw!r} for parameter {key!r} in {spec!r}") from None
     raise TypeError(f"parameter {key!r} of type {tp} cannot be given in a method string")

@@ -11,7 +11,7 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput, DecodeSelection
+from longattn.types import AttnOutput, DecodeSelection, accumulation_dtype
 
 
 def make_qkv(
@@ -89,7 +89,7 @@ def reference_bound(
     scores, probabilities and the output to the input dtype. For query i with n_i visible keys:
 
     * a score ``s_ij = scale * q_i . k_j`` is off by at most ``e_ij = (gamma(D) + u_in) a_ij`` with
-      ``a_ij = scale * sum_d |q_id k_jd|`` (the dot product's bound, then a rounding to the dtype);
+      ``a_ij = |scale| sum_d |q_id k_jd|`` (the dot product's bound, then a rounding to the dtype);
       let ``E_i = max_j e_ij`` over the visible keys;
     * a softmax weight is a ratio of exponentials, so shifting every score by at most ``E_i`` moves
       it by a factor within ``exp(+-2 E_i)``; each exponential carries ``eta`` and the merge of
@@ -111,13 +111,13 @@ def reference_bound(
     q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
     ref = reference_attention(q64, k64, v64, visible, scale)
     u_in = torch.finfo(q.dtype).eps / 2
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     u, eta = torch.finfo(acc).eps / 2, EXP_ULPS * torch.finfo(acc).eps
     batch, n_heads, q_len, dim = q.shape
     group = n_heads // k.shape[1]
     k_abs = k64.abs().repeat_interleave(group, dim=1)  # [B, H, Tk, D]
     v_abs = v64.abs().repeat_interleave(group, dim=1)
-    mags = scale * (q64.abs() @ k_abs.transpose(-1, -2))  # [B, H, Tq, Tk]: a_ij
+    mags = abs(scale) * (q64.abs() @ k_abs.transpose(-1, -2))  # [B, H, Tq, Tk]: a_ij
     shape = (batch, n_heads, q_len, k.shape[2])
     seen = torch.ones(shape, dtype=torch.bool) if visible is None else visible.expand(shape)
     scores = (q64 @ k64.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale

@@ -14,6 +14,11 @@ from typing import Any, NamedTuple
 import torch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums and the log-sum-exp are kept: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class AttnOutput(NamedTuple):
     """Result of every attention call, whatever the method.
 

@@ -43,6 +43,13 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head_dim differs: q has {q.shape[3]}, k has {k.shape[3]}")
+    for name, size in (
+        ("batch size", q.shape[0]),
+        ("query heads", q.shape[1]),
+        ("head_dim", q.shape[3]),
+    ):
+        if size == 0:
+            raise ValueError(f"{name} must be >= 1, got 0 (q shape {tuple(q.shape)})")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"

@@ -9,77 +9,9 @@ from longattn.eval.sweep_cases import all_cases
 
 CASES = all_cases()
 
-STRIDED = "strided inputs on sdpa / decode (issue 12, item 2)"
-MASKED_NAN = "NaN / Inf in padding and masked keys (issue 12, item 2)"
-REFUSED_MUTATES = "a refused cache call mutates the cache (issue 12, item 3)"
-PAD = "kv_positions=torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6, 7]), q_positions=torch.tensor([7])"
-WINDOW = "method='sliding_window:window=3'"
-QUEST = "method='quest:budget=8,page_size=4,dense_layers=0'"
-# Failures of fixes that are landing separately (issue 12); each mark goes when its fix is merged.
-# (start of the case name, reason): exactly the cases that fail before those fixes.
-PENDING = [
-    *(
-        (f"{kind} q_len={q_len} | attention(q, k, v, impl='{impl}')", STRIDED)
-        for kind in ("last dim step 2", "keys stored [B, H, D, T]", "values only")
-        for q_len, impl in ((1, "decode"), (8, "sdpa"))
-    ),
-    *(
-        (f"nan in {x} at a padding slot | attention(q, k, v, impl='{impl}', {PAD}", MASKED_NAN)
-        for x, impl in [("k", "decode")]
-        + [("v", impl) for impl in ("tiled", "reference", "sparse", "decode")]
-    ),
-    *(
-        (f"{x} at a masked slot | attention(q, k, v, impl='{impl}', {WINDOW})", MASKED_NAN)
-        for x, impl in [("nan in k", "auto"), ("nan in k", "decode")]
-        + [("inf in v", impl) for impl in ("auto", "tiled", "reference", "sparse", "decode")]
-    ),
-    *(
-        (f"{step} | attention(q, k_new, v_new, cache=<20 tokens>, {args})", REFUSED_MUTATES)
-        for step, args in [
-            ("valid step", f"{QUEST}, impl='tiled'"),
-            ("valid step", f"{QUEST}, impl='sparse'"),
-            ("valid step", f"{QUEST}, impl='sdpa'"),
-            ("valid step", "method='sliding_window:window=5', impl='decode_cpp'"),
-            ("valid step", "method='sliding_window:window=5', impl='sdpa'"),
-            ("valid step", "method='streaming_llm:sinks=2,window=6', impl='decode_cpp'"),
-            ("valid step", "method='streaming_llm:sinks=2,window=6', impl='sdpa'"),
-            ("unknown impl", "impl='fastest'"),
-            ("impl that cannot run", "impl='sdpa', method='sliding_window:window=5'"),
-            ("decode_cpp for a mask", "impl='decode_cpp', method='power'"),
-            ("17 queries on decode", "impl='decode'"),
-        ]
-    ),
-    ("reserve 2**50", "a huge reserve raises the allocator's RuntimeError (cache.py, item 6)"),
-    ("from_string('sliding_window:window=64,window=128')", "duplicate method-string keys (item 2)"),
-    *(
-        (f"{cls}(**{{'causal': {value}}})", "bool fields accept non-bools (issue 12, item 2)")
-        for cls, value in [
-            ("Dense", "'no'"),
-            ("Dense", "1"),
-            ("Dense", "None"),
-            ("SlidingWindow", "'false'"),
-            ("StaticBlocks", "0"),
-        ]
-    ),  # fmt: skip
-    *(
-        (f"D=0 | attention(q, k, v, impl='{impl}')", "D = 0: ZeroDivisionError in call.py (item 6)")
-        for impl in ("auto", "tiled", "reference", "sparse", "decode")
-    ),
-    # found by this sweep outside the files of the errors work; reported with reproducers
-    ("B=0 | attention(q, k, v, impl='auto')", "the C++ decode kernel dies (SIGFPE) with B = 0"),
-    ("nan in q | attention(q, k, v, impl='auto')", "the C++ decode kernel drops a NaN query"),
-    *(
-        (f"StaticBlocks(seed={v})", "StaticBlocks.seed is not validated (torch's RuntimeError)")
-        for v in ("'3'", "2.5", "True")
-    ),
-    ("from_string('per_head_window:windows=4//8')", "an empty tuple element is skipped"),
-]
-
 
 def _param(i, case):
-    reasons = [why for start, why in PENDING if case.name.startswith(start)]
-    marks = [pytest.mark.xfail(strict=False, reason=reasons[0])] if reasons else []
-    return pytest.param(i, marks=marks, id=f"{case.area}-{i}")
+    return pytest.param(i, id=f"{case.area}-{i}")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import torch
 
 from longattn.api import attention
 from longattn.cache import KVCache
-from longattn.testing import assert_attention_close, error_bound, oracle
+from longattn.testing import assert_attention_close
 from longattn.types import AttnOutput, DecodeSelection
 
 OUTCOMES = ("ok", "clear_error", "unclear_error", "silent_wrong", "crash", "state_changed")
@@ -173,32 +173,21 @@ def same_state(a: list, b: list) -> bool:
 
 
 def compare(result: Any, q, k, v, kwargs: dict) -> str | None:
-    """Why ``result`` of ``attention(q, k, v, **kwargs)`` disagrees with the float64 oracle (None: it
-    agrees). Non-finite outputs must sit where the oracle's are."""
+    """Why ``result`` of ``attention(q, k, v, **kwargs)`` disagrees with the float64 oracle within the
+    contract's bound (None: it agrees)."""
     if not isinstance(result, AttnOutput):
         return f"returned {type(result).__name__}, not AttnOutput"
     keys = ("scale", "q_positions", "kv_positions")
     okw = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
     if isinstance(result.state, DecodeSelection):
         okw["selection"] = result.state
-    method = kwargs.get("method")
-    ref = oracle(q, k, v, method, **okw)
-    if result.out.shape != ref.out.shape:
-        return f"shape {tuple(result.out.shape)} != oracle {tuple(ref.out.shape)}"
-    bad_ref, bad_out = ~torch.isfinite(ref.out), ~torch.isfinite(result.out)
-    if not bool(bad_ref.any()):
-        try:
-            assert_attention_close(result, q, k, v, method, **okw)
-        except AssertionError as exc:
-            return str(exc)
-        return None
-    if not torch.equal(bad_ref, bad_out):
-        return f"{int(bad_out.sum())} non-finite outputs where the oracle has {int(bad_ref.sum())}"
-    eager = oracle(q, k, v, method, dtype=q.dtype, **okw)
-    fin = ~bad_ref
-    err = (result.out.double() - ref.out)[fin].abs().max().item() if fin.any() else 0.0
-    bound = error_bound(eager.out[fin], ref.out[fin], q.dtype)
-    return None if err <= bound else f"max|out - ref64| = {err:.3e} exceeds the bound {bound:.3e}"
+    try:
+        assert_attention_close(result, q, k, v, kwargs.get("method"), **okw)
+    except AssertionError as exc:
+        return str(exc)
+    except (ValueError, TypeError) as exc:  # the call accepted what the oracle refuses
+        return f"accepted inputs the oracle refuses: {exc}"
+    return None
 
 
 def attention_check(ctx: dict, result: Any) -> str | None:

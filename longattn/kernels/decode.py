@@ -23,7 +23,7 @@ import torch
 
 from longattn.kernels import extension
 from longattn.kernels.sdpa import flash_with_lse
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, accumulation_dtype
 
 MAX_DECODE_QUERIES = 16
 CPP_DTYPES = (torch.float32, torch.bfloat16)
@@ -77,7 +77,8 @@ def decode_attention(
     group = n_heads // n_kv
     rows = group * q_len
     if kv_len == 0 or q_len == 0:
-        lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=torch.float32, device=q.device)
+        lse_dtype = accumulation_dtype(q.dtype)
+        lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=lse_dtype, device=q.device)
         return AttnOutput(torch.zeros_like(q), lse, None)
     q_fold = q.reshape(batch, n_kv, rows, dim)  # [B, Hkv, G*Tq, D], row = g * Tq + t
     by_position = _hidden_keys(q_pos, kv_pos, group, causal)  # broadcastable to [B, Hkv, G*Tq, T]
@@ -98,7 +99,9 @@ def decode_attention(
             out = out.masked_fill(empty.unsqueeze(-1), 0.0)
             lse = lse.masked_fill(empty, -torch.inf)
     return AttnOutput(
-        out.reshape(batch, n_heads, q_len, dim), lse.reshape(batch, n_heads, q_len).float(), None
+        out.reshape(batch, n_heads, q_len, dim),
+        lse.reshape(batch, n_heads, q_len).to(accumulation_dtype(q.dtype)),
+        None,
     )
 
 

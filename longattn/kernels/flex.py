@@ -15,7 +15,7 @@ import torch
 
 from longattn.kernels.sparse import pad_to_blocks
 from longattn.kernels.tiled import MaskFn
-from longattn.types import AttnOutput, BlockIndex
+from longattn.types import AttnOutput, BlockIndex, accumulation_dtype
 
 RECOMPILE_LIMIT = 512
 _compiled = None
@@ -70,7 +70,7 @@ def flex_block_attention(
         kv_pos = torch.arange(kv_len, device=q.device).view(1, -1)
     if q_pos is None:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).view(1, -1)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulation_dtype(q.dtype)
     if q_len == 0 or kv_len == 0:
         lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=lse_dtype, device=q.device)
         return AttnOutput(torch.zeros_like(q), lse, None)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, accumulation_dtype
 
 MAX_BYTES_ENV = "LONGATTN_REFERENCE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 4 << 30
@@ -59,7 +59,7 @@ def reference_attention(
     if visible is not None:
         visible = visible.expand(batch, n_heads, q_len, kv_len)
         scores = scores.masked_fill(~visible, -torch.inf)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulation_dtype(q.dtype)
     lse = torch.logsumexp(scores.to(lse_dtype), dim=-1)  # [B, H, Tq]
     empty = torch.isneginf(lse)
     probs = torch.softmax(scores, dim=-1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from longattn.kernels.merge import merge_partials
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, accumulation_dtype
 
 
 def flash_with_lse(
@@ -74,7 +74,9 @@ def sdpa_attention(
     """Dense attention of the last Tq positions over Tk >= Tq keys. q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if q_len == 0 or kv_len == 0:
-        lse = torch.full(q.shape[:3], -torch.inf, dtype=torch.float32, device=q.device)
+        lse = torch.full(
+            q.shape[:3], -torch.inf, dtype=accumulation_dtype(q.dtype), device=q.device
+        )
         return AttnOutput(torch.zeros_like(q), lse, None)
     if not causal or q_len == 1:
         return AttnOutput(*flash_with_lse(q, k, v, False, scale), None)

@@ -20,7 +20,7 @@ import torch
 from longattn.kernels.merge import merge_partials
 from longattn.kernels.sdpa import flash_with_lse
 from longattn.kernels.tiled import MaskFn, tile_layout, with_padding
-from longattn.types import AttnOutput, BlockIndex
+from longattn.types import AttnOutput, BlockIndex, accumulation_dtype
 
 # Bytes of float32 scores one step of the partial-block pass may hold.
 PARTIAL_CHUNK_BYTES = 16 << 20
@@ -52,7 +52,7 @@ def sparse_attention(
         check_sparse_call(q, k, v, index, scale, q_pos, kv_pos, mask_fn)
     batch, n_heads, q_len, dim = q.shape
     kv_len = k.shape[2]
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulation_dtype(q.dtype)
     if kv_pos is None:
         kv_pos = torch.arange(kv_len, device=q.device).view(1, -1)
     if q_pos is None:
@@ -382,7 +382,7 @@ class _Slices:
         b_, h_q, n_c, bs, dim = qc.shape
         h_kv, width = k_blocks.shape[1], kb.shape[1]
         g = h_q // h_kv
-        acc = torch.float64 if qc.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(qc.dtype)
         qg = qc.view(b_, h_kv, g, n_c, bs, dim).transpose(2, 3).to(acc)  # [B', Hkv', C, G, bs, D]
         qg = qg.reshape(b_, h_kv, n_c, g * bs, dim)
         kc = k_blocks[:, :, kb.flatten()].view(b_, h_kv, n_c, width * bs, dim).to(acc)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from longattn.types import AttnOutput
+from longattn.types import AttnOutput, accumulation_dtype
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 BoundsFn = Callable[..., "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -99,7 +99,7 @@ def tiled_attention(
     batch, n_heads, q_len, dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=acc_dtype, device=q.device)
     if q_len == 0 or kv_len == 0:
