@@ -452,7 +452,8 @@ def attention(
     first (``kv_positions`` [T_new] or [B, T_new] are their positions, by default each row continues);
     then ``q`` attends over everything the layer holds, at ``q_positions`` (default: the last Tq
     appended positions). A method with a retention rule (``retain``) then evicts what no later query
-    can see. Invalid input raises before the cache is touched.
+    can see. A call that raises (bad input, an implementation that refuses it, any error) leaves
+    the cache bit for bit as it was (``KVCache.checkpoint`` / ``rollback``).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] with ``H % Hkv == 0`` (GQA; K/V are not expanded on fast paths).
     Without positions the queries are the last Tq of the Tk key positions (``Tq <= Tk``). With

@@ -1,5 +1,6 @@
 """A validated attention call (``Call``) and its construction: every check of ``attention()``'s
-arguments happens here, once, before any cache is touched.
+arguments happens here, once, before a cache is appended to (what can still refuse a call after
+the append, the choice of implementation or a kernel, is undone by ``KVCache.rollback``).
 
 ``make_call`` validates a call without a cache; ``make_cache_call`` validates a decode / chunked call
 completely, then appends the new keys to the cache and describes the attention over what it holds;
