@@ -349,9 +349,9 @@ def _checked_causal(call: Call) -> bool:
     b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1)
     h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1)
     q_pos = call.q_pos[:, None, :]  # [Bp, 1, Tq]
-    real = q_pos >= 0
-    for later in (q_pos + 1, torch.maximum(q_pos + 1, call.kv_pos.amax(dim=1).view(-1, 1, 1))):
-        seen = method.mask(b_idx, h_idx, q_pos, later) & real
+    last = call.kv_pos.amax(dim=1).view(-1, 1, 1)  # probes stay among the call's key positions
+    for later in (torch.minimum(q_pos + 1, last), last.expand_as(q_pos)):
+        seen = method.mask(b_idx, h_idx, q_pos, later) & (q_pos >= 0) & (later > q_pos)
         if bool(seen.any()):
             where = seen.nonzero()[0].tolist()
             qp = int(q_pos.expand_as(seen)[tuple(where)])

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from longattn.checkpoint import Checkpoint, restore, take
 from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView
 from longattn.validation import check_finite
@@ -82,18 +83,6 @@ class _Layer:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
-
-
-@dataclass
-class _Checkpoint:
-    """A layer's state before a call (``KVCache.checkpoint``), for ``KVCache.rollback``."""
-
-    layer: int
-    entry: _Layer | None
-    fields: dict[str, Any] | None
-    saved: dict[str, torch.Tensor]
-    state: dict[str, Any]
-    starts: tuple[int, int, int] = (0, 0, 0)
 
 
 class KVCache:
@@ -372,54 +361,14 @@ class KVCache:
         keep = torch.stack([~torch.isin(held[b], pos[b]) for b in range(held.shape[0])])
         self.evict(layer, keep)
 
-    def checkpoint(self, layer: int, t_new: int, refresh: bool = True) -> _Checkpoint:
+    def checkpoint(self, layer: int, t_new: int, refresh: bool = True) -> Checkpoint:
         """What ``rollback`` needs to undo an append of ``t_new`` tokens to ``layer`` and whatever a
-        call then does to the layer: the layer's fields, copies of the slots the append writes and,
-        with ``refresh`` (a select method's call may bring page metadata up to date), of the stale
-        pages. O(t_new + stale pages), not O(cache)."""
-        entry = self._get(layer)
-        state = dict(self.state)
-        if entry is None:
-            return _Checkpoint(layer, None, None, {}, state)
-        lo = int(entry.row_len.min())
-        hi = min(int(entry.row_len.max()) + t_new, entry.capacity)
-        stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
-        p_lo, p_hi = stale_lo // self.page_size, -(-hi // self.page_size)
-        if not refresh:  # an append only marks pages stale; without a refresh nothing else changes
-            p_hi = p_lo
-        saved = {
-            "keys": entry.keys[:, :, lo:hi].clone(),
-            "values": entry.values[:, :, lo:hi].clone(),
-            "pos": entry.pos[:, lo:hi].clone(),
-            "page_bounds": entry.page_bounds[:, :, p_lo:p_hi].clone(),
-            "page_sum": entry.page_sum[:, :, p_lo:p_hi].clone(),
-            "page_count": entry.page_count[:, p_lo:p_hi].clone(),
-        }
-        for name, (_, buf) in entry.projections.items() if refresh else ():
-            saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()
-        fields = dict(vars(entry), row_len=entry.row_len.clone(), next_pos=entry.next_pos.clone())
-        fields["projections"] = dict(entry.projections)
-        return _Checkpoint(layer, entry, fields, saved, state, (lo, stale_lo, p_lo))
+        call then does to it (``longattn.checkpoint.take``)."""
+        return take(self, self._get(layer), layer, t_new, refresh)
 
-    def rollback(self, point: _Checkpoint) -> None:
+    def rollback(self, point: Checkpoint) -> None:
         """Put ``point.layer`` back exactly as it was at ``checkpoint`` (bit for bit)."""
-        self.state = point.state
-        if point.entry is None:
-            self._layers[point.layer] = None
-            return
-        entry = point.entry
-        grown = {n for n in ("keys", "values", "pos") if getattr(entry, n) is not point.fields[n]}
-        vars(entry).update(point.fields)
-        self._layers[point.layer] = entry
-        lo, stale_lo, p_lo = point.starts
-        for name, saved in point.saved.items():
-            if name.startswith("projection:"):
-                buf = entry.projections[name.split(":", 1)[1]][1]
-                buf[:, :, stale_lo : stale_lo + saved.shape[2]].copy_(saved)
-            elif name not in grown:
-                axis = 1 if name in ("pos", "page_count") else 2
-                start = lo if name in ("keys", "values", "pos") else p_lo
-                getattr(entry, name).narrow(axis, start, saved.shape[axis]).copy_(saved)
+        restore(self, point)
 
     def reserve(self, layer: int, capacity: int) -> None:
         """Grow ``layer`` (already holding tokens) to at least ``capacity`` slots now (benchmarks).

@@ -1,0 +1,75 @@
+"""Undo for one cache layer: what a refused ``attention(..., cache=)`` call needs to leave the cache
+bit for bit as it was (``KVCache.checkpoint`` / ``KVCache.rollback``).
+
+A checkpoint keeps the layer's fields (tensor references, counters, flags) and copies of only what a
+call can overwrite in place: the slots the append writes and, when the call may refresh page
+metadata (a select method), the stale pages and projections. A growth or shrink replaces the
+tensors instead of writing them, so restoring the references undoes it. O(new tokens + stale
+pages), not O(cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SLOT_TENSORS = ("keys", "values", "pos")  # written by an append; pos and page_count are [B, n]
+
+
+@dataclass
+class Checkpoint:
+    layer: int
+    entry: Any  # the cache's per-layer storage object, None for a layer still empty
+    fields: dict[str, Any] | None
+    saved: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    starts: tuple[int, int, int] = (0, 0, 0)  # first saved slot, first stale slot, first page
+
+
+def take(cache: Any, entry: Any, layer: int, t_new: int, refresh: bool) -> Checkpoint:
+    """A checkpoint of ``entry`` (``cache``'s storage of ``layer``) before ``t_new`` tokens are
+    appended; ``refresh``: the call may bring page metadata up to date."""
+    state = dict(cache.state)
+    if entry is None:
+        return Checkpoint(layer, None, None, {}, state)
+    lo = int(entry.row_len.min())
+    hi = min(int(entry.row_len.max()) + t_new, entry.capacity)
+    stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
+    p_lo = stale_lo // cache.page_size
+    p_hi = -(-hi // cache.page_size) if refresh else p_lo  # an append alone only marks pages stale
+    saved = {
+        name: getattr(entry, name).narrow(_axis(name), lo, hi - lo).clone() for name in SLOT_TENSORS
+    }
+    for name in ("page_bounds", "page_sum", "page_count"):
+        saved[name] = getattr(entry, name).narrow(_axis(name), p_lo, p_hi - p_lo).clone()
+    for name, (_, buf) in entry.projections.items() if refresh else ():
+        saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()
+    fields = dict(vars(entry), row_len=entry.row_len.clone(), next_pos=entry.next_pos.clone())
+    fields["projections"] = dict(entry.projections)
+    return Checkpoint(layer, entry, fields, saved, state, (lo, stale_lo, p_lo))
+
+
+def restore(cache: Any, point: Checkpoint) -> None:
+    """Put ``point.layer`` of ``cache`` back exactly as it was at ``take``."""
+    cache.state = point.state
+    if point.entry is None:
+        cache._layers[point.layer] = None
+        return
+    entry = point.entry
+    moved = {n for n in SLOT_TENSORS if getattr(entry, n) is not point.fields[n]}
+    vars(entry).update(point.fields)
+    cache._layers[point.layer] = entry
+    lo, stale_lo, p_lo = point.starts
+    for name, saved in point.saved.items():
+        if name.startswith("projection:"):
+            buf = entry.projections[name.split(":", 1)[1]][1]
+            buf[:, :, stale_lo : stale_lo + saved.shape[2]].copy_(saved)
+        elif name not in moved:  # a reallocated tensor was replaced, not written: nothing to copy
+            start = lo if name in SLOT_TENSORS else p_lo
+            getattr(entry, name).narrow(_axis(name), start, saved.shape[_axis(name)]).copy_(saved)
+
+
+def _axis(name: str) -> int:
+    return 1 if name in ("pos", "page_count") else 2
