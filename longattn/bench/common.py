@@ -82,13 +82,46 @@ def git_sha() -> str | None:
         return None
 
 
+# instruction-set extensions that change which kernels win (bf16 above all): recorded with every figure
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, family/model numbers and which of ``CPU_FLAGS`` it has (Linux)."""
+    try:
+        first = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor
+    except OSError:
+        return {"cpu": None, "cpu_model": None, "cpu_flags": None}
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name"),
+        "cpu_model": f"family {fields.get('cpu family')} model {fields.get('model')}",
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
+def cpu_line(info: dict[str, Any] | None = None) -> str:
+    """``"AMD EPYC family 25 model 1 (avx2, fma; no AVX-512, no AMX)"``: the CPU as tables print it."""
+    info = info or cpu_info()
+    flags = info.get("cpu_flags") or []
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    amx = "AMX" if "amx_tile" in flags else "no AMX"
+    name = f"{info.get('cpu')} {info.get('cpu_model')}"
+    return f"{name} ({', '.join(flags)}; {avx512}, {amx})"
+
+
 def environment() -> dict[str, Any]:
-    """Stamp for every JSONL record: versions, threads, machine."""
+    """Stamp for every JSONL record: versions, threads, machine (CPU model and vector extensions)."""
     return {
         "torch": torch.__version__,
         "git_sha": git_sha(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        **cpu_info(),
     }
 
 
