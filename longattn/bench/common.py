@@ -157,3 +157,32 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def impl_that_runs(call, impl: str = "auto") -> str:
+    """The name of the implementation that really computes ``call`` (recorded in every benchmark
+    record), not only the one dispatch picks first: a select method with more queries than a decode
+    step is dense attention by definition, and ``api`` hands it to dense attention's own choice."""
+    from dataclasses import replace
+
+    from longattn.api import choose_impl
+    from longattn.kernels.decode import MAX_DECODE_QUERIES
+    from longattn.methods.dense import Dense
+
+    chosen = choose_impl(call, impl)
+    if call.method.hook == "select" and call.q.shape[2] > MAX_DECODE_QUERIES:
+        return choose_impl(replace(call, method=Dense(), selection=None)).name
+    return chosen.name
+
+
+def cache_step(q, k, v, *, method, cache, layer: int):
+    """One ``attention()`` step through ``cache`` as ``attention()`` runs it (validate and append,
+    choose the implementation, run it, apply retention); ``(result, name of the impl that ran)``."""
+    from longattn.api import choose_impl
+    from longattn.call import apply_retention, make_cache_call
+
+    call = make_cache_call(q, k, v, method, None, None, None, cache, layer)
+    name = impl_that_runs(call)
+    result = choose_impl(call).run(call)
+    apply_retention(call)
+    return result, name
