@@ -22,7 +22,7 @@ from pydoc_data.topics import topics
 import torch
 
 from longattn import hf
-from longattn.bench.common import environment, format_table
+from longattn.bench.common import ImplLog, cpu_line, environment, format_table
 from longattn.eval.models import load
 from longattn.methods import Dense
 
@@ -59,6 +59,15 @@ def decode(model, ids: torch.Tensor, n_new: int, cache) -> tuple[float, list[int
     return time.perf_counter() - start, out
 
 
+def implementations(log: ImplLog) -> str:
+    """What ran longattn's attention in a phase (its decode step includes the prompt's prefill):
+    the implementations ``impl="auto"`` chose, with counts; a call that names no auto choice is
+    ``integrations.hf``'s explicit ``impl="sdpa"`` for dense prefill without a cache."""
+    if not log.chosen:
+        return "sdpa (explicit)"
+    return ", ".join(f"{name} x{count}" for name, count in log.chosen.items())
+
+
 def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int) -> list[dict]:
     from transformers import DynamicCache
 
@@ -69,15 +78,16 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
     with hf.use(model, Dense()):
         prefill(model, warm)
     prefill(model, warm)
+    ran: dict[str, ImplLog] = {phase: ImplLog() for phase in ("prefill", "prefill+cache", "decode")}
     for _ in range(rounds):
         for impl in ("longattn", "sdpa"):
             block = hf.use(model, Dense()) if impl == "longattn" else None
-            with block if block else contextlib.nullcontext():
+            with block if block else contextlib.nullcontext(), ran["prefill"]:
                 t_pre, logits[impl] = prefill(model, long_ids)
             for phase, ids in (("prefill+cache", long_ids), ("decode", prompt_ids)):
                 # a fresh cache per phase: use()'s own, or transformers' DynamicCache for sdpa
                 block = hf.use(model, Dense()) if impl == "longattn" else None
-                with block if block else contextlib.nullcontext() as cache:
+                with block if block else contextlib.nullcontext() as cache, ran[phase]:
                     cache = cache if block else DynamicCache(config=model.config)
                     if phase == "decode":
                         t_dec, greedy[impl] = decode(model, ids, n_new, cache)
@@ -111,6 +121,7 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
                 "runs": times[(phase, "longattn")],
                 "baseline_runs": times[(phase, "sdpa")],
                 "logits_max_diff": max_diff,
+                "impl": implementations(ran[phase]),
                 **env,
             }
         )
@@ -137,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         ("ms", "longattn ms"),
         ("baseline_ms", "sdpa ms"),
         ("ratio", "ratio"),
+        ("impl", "longattn impl"),
     ]
+    print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(format_table(rows, columns))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import pathlib
 import statistics
@@ -186,3 +187,31 @@ def cache_step(q, k, v, *, method, cache, layer: int):
     result = choose_impl(call).run(call)
     apply_retention(call)
     return result, name
+
+
+class ImplLog(logging.Handler):
+    """Collects the implementations ``impl="auto"`` chose while it is attached (``with ImplLog() as
+    seen``), from the library's debug log: for code that calls ``attention()`` out of reach of the
+    benchmark (a model under ``integrations.hf.use``). Explicitly named implementations are not
+    logged: they either run or raise."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.chosen: dict[str, int] = {}
+        self._logger = logging.getLogger("longattn")
+        self._level = logging.NOTSET
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("impl=auto chose") and record.args:
+            name = str(record.args[0])
+            self.chosen[name] = self.chosen.get(name, 0) + 1
+
+    def __enter__(self) -> ImplLog:
+        self._level = self._logger.level
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import torch
 
 from longattn.api import choose_impl, make_call, visible_mask
-from longattn.bench.common import JsonlWriter, environment, format_table, median_ms, peak_extra_mib
+from longattn.bench.common import (
+    JsonlWriter,
+    cpu_line,
+    environment,
+    format_table,
+    impl_that_runs,
+    median_ms,
+    peak_extra_mib,
+)
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.tiled import tiled_attention
 from longattn.method import from_string, registry
@@ -101,7 +109,7 @@ def run_methods_bench(
                 "bench": "methods",
                 "method": call.method.name,
                 "params": call.method.describe(),
-                "impl": impl.name,
+                "impl": impl_that_runs(call),
                 "T": length,
                 "H": n_heads,
                 "D": head_dim,
@@ -112,6 +120,8 @@ def run_methods_bench(
                 "gate": used <= 1,
                 **env,
             }
+            if call.method.hook == "select":  # prefill: dense attention by definition
+                rec["note"] = "select method: prefill is dense by definition (see bench decode)"
             if rec["gate"]:
                 base = baselines[call.method.is_causal]
                 rec["ms"] = median_ms(lambda i=impl, c=call: i.run(c), repeats=repeats)
@@ -121,7 +131,7 @@ def run_methods_bench(
                 rec["peak_extra_mib"] = peak_extra_mib(lambda i=impl, c=call: i.run(c))
             records.append(rec)
             writer.write(rec)
-            log(f"  {spec}: impl={impl.name} gate={'ok' if rec['gate'] else 'FAILED'}")
+            log(f"  {spec}: impl={rec['impl']} gate={'ok' if rec['gate'] else 'FAILED'}")
     return records
 
 
@@ -145,6 +155,7 @@ def tiled_memory_check(length: int = 32768, n_heads: int = 8, head_dim: int = 64
     output_mib = q.numel() * 4 / 2**20
     return {
         "bench": "tiled_memory",
+        "impl": "tiled",  # tiled_attention called directly
         "T": length,
         "H": n_heads,
         "D": head_dim,
@@ -178,7 +189,7 @@ def run_cli(args) -> int:
     length = args.length or 8192
     print(
         f"longattn bench: every registered method, T={length}, H={args.heads}, D={args.dim}, "
-        f"{args.dtype}, {torch.get_num_threads()} threads"
+        f"{args.dtype}, {torch.get_num_threads()} threads\nCPU: {cpu_line()}"
     )
     records = run_methods_bench(
         length,
@@ -200,7 +211,7 @@ def run_cli(args) -> int:
     )
     if args.out:
         with open(args.out, "a") as fh:
-            fh.write(json.dumps(mem) + "\n")
+            fh.write(json.dumps(dict(mem, **environment())) + "\n")
         print(f"\nJSONL: {args.out}")
     failed = [r["params"] for r in records if not r["gate"]]
     if failed:
