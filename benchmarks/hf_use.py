@@ -102,30 +102,30 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
     same_tokens = greedy["longattn"] == greedy["sdpa"]
     if max_diff > 1e-4 or not same_tokens:
         raise SystemExit(f"gate failed: logits max diff {max_diff:.2e}, same tokens {same_tokens}")
-    env = environment()
-    rows = []
-    phases = (("prefill", n_prefill), ("prefill+cache", n_prefill), ("decode", n_new - 1))
-    for phase, tokens in phases:
-        ours = statistics.median(times[(phase, "longattn")])
-        base = statistics.median(times[(phase, "sdpa")])
-        rows.append(
-            {
-                "bench": "hf_use",
-                "phase": phase,
-                "context": n_prompt if phase == "decode" else n_prefill,
-                "tokens": tokens,
-                "ms": ours * 1e3,
-                "baseline": "hf_sdpa",
-                "baseline_ms": base * 1e3,
-                "ratio": ours / base,
-                "runs": times[(phase, "longattn")],
-                "baseline_runs": times[(phase, "sdpa")],
-                "logits_max_diff": max_diff,
-                "impl": implementations(ran[phase]),
-                **env,
-            }
-        )
-    return rows
+    sizes = {"prefill": (n_prefill, n_prefill), "prefill+cache": (n_prefill, n_prefill),
+             "decode": (n_prompt, n_new - 1)}  # fmt: skip
+    return [_row(phase, sizes[phase], times, ran[phase], max_diff) for phase in sizes]
+
+
+def _row(phase: str, sizes: tuple[int, int], times: dict, ran: ImplLog, max_diff: float) -> dict:
+    """One phase's JSONL record: medians of ours and of the baseline from the same rounds."""
+    ours = statistics.median(times[(phase, "longattn")])
+    base = statistics.median(times[(phase, "sdpa")])
+    return {
+        "bench": "hf_use",
+        "phase": phase,
+        "context": sizes[0],
+        "tokens": sizes[1],
+        "ms": ours * 1e3,
+        "baseline": "hf_sdpa",
+        "baseline_ms": base * 1e3,
+        "ratio": ours / base,
+        "runs": times[(phase, "longattn")],
+        "baseline_runs": times[(phase, "sdpa")],
+        "logits_max_diff": max_diff,
+        "impl": implementations(ran),
+        **environment(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
