@@ -274,7 +274,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                 if (r["shape"], r["dtype"], r["kv_len"]) == (shape, dtype, kv_len)
                 and not r["name"].startswith("sdpa")
             ]
-            labels = [r["name"] + (f" {r['budget']}" if r["budget"] else "") for r in sel]
+            labels = [r["name"] + (f" {r['budget']}" if r.get("budget") else "") for r in sel]
             ax.bar(range(len(sel)), [r["vs_best_sdpa"] for r in sel], color="tab:blue")
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="best SDPA")
             ax.set_xticks(range(len(sel)), labels, rotation=75, fontsize=6)
