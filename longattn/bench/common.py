@@ -193,25 +193,32 @@ class ImplLog(logging.Handler):
     """Collects the implementations ``impl="auto"`` chose while it is attached (``with ImplLog() as
     seen``), from the library's debug log: for code that calls ``attention()`` out of reach of the
     benchmark (a model under ``integrations.hf.use``). Explicitly named implementations are not
-    logged: they either run or raise."""
+    logged: they either run or raise. The debug records it turns on stop here; every record the
+    logger would have passed on before is still passed to the parent's handlers."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.chosen: dict[str, int] = {}
         self._logger = logging.getLogger("longattn")
-        self._level = logging.NOTSET
+        self._saved = (logging.NOTSET, True, logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
         if str(record.msg).startswith("impl=auto chose") and record.args:
             name = str(record.args[0])
             self.chosen[name] = self.chosen.get(name, 0) + 1
+        _, propagate, effective = self._saved
+        if propagate and record.levelno >= effective and self._logger.parent is not None:
+            self._logger.parent.handle(record)
 
     def __enter__(self) -> ImplLog:
-        self._level = self._logger.level
-        self._logger.addHandler(self)
-        self._logger.setLevel(logging.DEBUG)
+        logger = self._logger
+        self._saved = (logger.level, logger.propagate, logger.getEffectiveLevel())
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
         return self
 
     def __exit__(self, *exc) -> None:
         self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
