@@ -177,16 +177,13 @@ def impl_that_runs(call, impl: str = "auto") -> str:
 
 
 def cache_step(q, k, v, *, method, cache, layer: int):
-    """One ``attention()`` step through ``cache`` as ``attention()`` runs it (validate and append,
-    choose the implementation, run it, apply retention); ``(result, name of the impl that ran)``."""
-    from longattn.api import choose_impl
-    from longattn.call import apply_retention, make_cache_call
+    """One ``attention()`` step through ``cache``; ``(result, the implementation that ran it)``, as
+    the library's dispatch log names it."""
+    from longattn.api import attention
 
-    call = make_cache_call(q, k, v, method, None, None, None, cache, layer)
-    name = impl_that_runs(call)
-    result = choose_impl(call).run(call)
-    apply_retention(call)
-    return result, name
+    with ImplLog() as seen:
+        result = attention(q, k, v, method=method, cache=cache, layer=layer)
+    return result, ", ".join(seen.chosen)
 
 
 class ImplLog(logging.Handler):

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from longattn import KVCache, attention, from_string
 from longattn.bench.common import (
+    ImplLog,
     JsonlWriter,
-    cache_step,
     cpu_line,
     environment,
     format_table,
@@ -105,8 +105,11 @@ def timed_layers(name: str) -> list[tuple[str, int]]:
 
 def gated_step(step, q: torch.Tensor, cache: KVCache, layer: int, method) -> tuple:
     """Run one real step and check its output against the float64 oracle of ``method`` over what
-    the cache holds then, with the step's own selection; ``(result, impl name, failure or None)``."""
-    result, impl = step()
+    the cache holds then, with the step's own selection; ``(result, the implementation that ran it
+    as the dispatch log names it, failure or None)``."""
+    with ImplLog() as seen:
+        result = step()
+    impl = ", ".join(seen.chosen)
     try:
         assert_attention_close(result, q, cache.keys(layer), cache.values(layer), method)
     except AssertionError as exc:
@@ -143,12 +146,12 @@ def time_row(label, method, layer, q, kv_new, cache, repeats) -> dict:
     k_new, v_new = kv_new
 
     def step():
-        return cache_step(q, k_new, v_new, method=method, cache=cache, layer=layer)
+        return attention(q, k_new, v_new, method=method, cache=cache, layer=layer)
 
     row = {"name": label, "layer": layer}
     result, row["impl"], failure = gated_step(step, q, cache, layer, method)
     if failure is None:
-        row["ms"] = median_ms(lambda: step()[0], repeats=repeats, warmup=2)
+        row["ms"] = median_ms(step, repeats=repeats, warmup=2)
         result, _, failure = gated_step(step, q, cache, layer, method)  # another step, grown cache
     row["gate"] = failure is None
     if failure is not None:

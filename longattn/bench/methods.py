@@ -103,14 +103,15 @@ def run_methods_bench(
     records = []
     for name in registry():
         for spec in BENCH_SPECS.get(name, lambda t, n=name: [n])(length):
-            call = make_call(q, k, v, from_string(spec))
+            method = from_string(spec)  # the call may run another rule (a select prefill: dense)
+            call = make_call(q, k, v, method)
             impl = choose_impl(call)
             res = impl.run(call)
             err, used = gate(call, res.out, rows)
             rec = {
                 "bench": "methods",
-                "method": call.method.name,
-                "params": call.method.describe(),
+                "method": method.name,
+                "params": method.describe(),
                 "impl": impl_that_runs(call),
                 "T": length,
                 "H": n_heads,
@@ -122,7 +123,7 @@ def run_methods_bench(
                 "gate": used <= 1,
                 **env,
             }
-            if call.method.hook == "select":  # a prefill timing would be dense attention's
+            if method.hook == "select":  # a prefill timing would be dense attention's
                 rec["note"] = "dense in prefill by definition: timed by `longattn bench decode`"
             elif rec["gate"]:
                 rec.update(_timing(lambda i=impl, c=call: i.run(c), call, baselines, repeats))
