@@ -61,28 +61,29 @@ def cases(length: int, n_heads: int, block: int = 128):
     yield "streaming_llm 4+1024", from_string("streaming_llm:sinks=4,window=1024")
 
 
-def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
-    call = make_call(q, k, v, method)
-    index = block_index(call)
-    b, h, h_kv, t, _, d = call.shape
-    native_reason = block_sparse.unavailable(q.dtype, q.device, d, call.scale)
+def _kernels(call, index, method):
+    """(ours, the plain-PyTorch sparse kernel, why the C++ kernel cannot run or None): ours is the
+    C++ kernel where it can run, else the PyTorch one (both called directly: what the record says)."""
+    q, k, v = call.q, call.k, call.v
+    reason = block_sparse.unavailable(q.dtype, q.device, q.shape[-1], call.scale)
 
     def native():
         return block_sparse.block_sparse_attention(
-            q,
-            k,
-            v,
-            index,
-            scale=call.scale,
-            mask_fn=method.mask,
-            bounds_fn=method.block_bounds,
-            causal=method.is_causal,
-        )
+            q, k, v, index, scale=call.scale, mask_fn=method.mask,
+            bounds_fn=method.block_bounds, causal=method.is_causal,
+        )  # fmt: skip
 
     def sparse():
         return sparse_attention(q, k, v, index, scale=call.scale, mask_fn=method.mask)
 
-    ours = sparse if native_reason else native
+    return (sparse if reason else native), sparse, reason
+
+
+def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
+    call = make_call(q, k, v, method)
+    index = block_index(call)
+    b, h, h_kv, t, _, d = call.shape
+    ours, sparse, native_reason = _kernels(call, index, method)
     err, used = gate(call, ours().out, rows)
     visited = index.visited * (h if index.kv_blocks.shape[1] == 1 else 1) * b
     n = index.n_q_blocks
