@@ -161,19 +161,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 def impl_that_runs(call, impl: str = "auto") -> str:
-    """The name of the implementation that really computes ``call`` (recorded in every benchmark
-    record), not only the one dispatch picks first: a select method with more queries than a decode
-    step is dense attention by definition, and ``api`` hands it to dense attention's own choice."""
-    from dataclasses import replace
-
+    """The name of the implementation that computes ``call`` (recorded in every benchmark record).
+    A call states the rule it runs (a select method's prefill is a dense call,
+    ``longattn.call.phase_method``), so dispatch's choice is what runs."""
     from longattn.api import choose_impl
-    from longattn.kernels.decode import MAX_DECODE_QUERIES
-    from longattn.methods.dense import Dense
 
-    chosen = choose_impl(call, impl)
-    if call.method.hook == "select" and call.q.shape[2] > MAX_DECODE_QUERIES:
-        return choose_impl(replace(call, method=Dense(), selection=None)).name
-    return chosen.name
+    return choose_impl(call, impl).name
 
 
 def cache_step(q, k, v, *, method, cache, layer: int):
