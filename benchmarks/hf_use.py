@@ -22,7 +22,7 @@ from pydoc_data.topics import topics
 import torch
 
 from longattn import hf
-from longattn.bench.common import environment, format_table
+from longattn.bench.common import ImplLog, cpu_line, environment, format_table
 from longattn.eval.models import load
 from longattn.methods import Dense
 
@@ -59,6 +59,15 @@ def decode(model, ids: torch.Tensor, n_new: int, cache) -> tuple[float, list[int
     return time.perf_counter() - start, out
 
 
+def implementations(log: ImplLog) -> str:
+    """What ran longattn's attention in a phase (its decode step includes the prompt's prefill):
+    the implementations ``impl="auto"`` chose, with counts; a call that names no auto choice is
+    ``integrations.hf``'s explicit ``impl="sdpa"`` for dense prefill without a cache."""
+    if not log.chosen:
+        return "sdpa (explicit)"
+    return ", ".join(f"{name} x{count}" for name, count in log.chosen.items())
+
+
 def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int) -> list[dict]:
     from transformers import DynamicCache
 
@@ -69,15 +78,16 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
     with hf.use(model, Dense()):
         prefill(model, warm)
     prefill(model, warm)
+    ran: dict[str, ImplLog] = {phase: ImplLog() for phase in ("prefill", "prefill+cache", "decode")}
     for _ in range(rounds):
         for impl in ("longattn", "sdpa"):
             block = hf.use(model, Dense()) if impl == "longattn" else None
-            with block if block else contextlib.nullcontext():
+            with block if block else contextlib.nullcontext(), ran["prefill"]:
                 t_pre, logits[impl] = prefill(model, long_ids)
             for phase, ids in (("prefill+cache", long_ids), ("decode", prompt_ids)):
                 # a fresh cache per phase: use()'s own, or transformers' DynamicCache for sdpa
                 block = hf.use(model, Dense()) if impl == "longattn" else None
-                with block if block else contextlib.nullcontext() as cache:
+                with block if block else contextlib.nullcontext() as cache, ran[phase]:
                     cache = cache if block else DynamicCache(config=model.config)
                     if phase == "decode":
                         t_dec, greedy[impl] = decode(model, ids, n_new, cache)
@@ -92,29 +102,30 @@ def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int
     same_tokens = greedy["longattn"] == greedy["sdpa"]
     if max_diff > 1e-4 or not same_tokens:
         raise SystemExit(f"gate failed: logits max diff {max_diff:.2e}, same tokens {same_tokens}")
-    env = environment()
-    rows = []
-    phases = (("prefill", n_prefill), ("prefill+cache", n_prefill), ("decode", n_new - 1))
-    for phase, tokens in phases:
-        ours = statistics.median(times[(phase, "longattn")])
-        base = statistics.median(times[(phase, "sdpa")])
-        rows.append(
-            {
-                "bench": "hf_use",
-                "phase": phase,
-                "context": n_prompt if phase == "decode" else n_prefill,
-                "tokens": tokens,
-                "ms": ours * 1e3,
-                "baseline": "hf_sdpa",
-                "baseline_ms": base * 1e3,
-                "ratio": ours / base,
-                "runs": times[(phase, "longattn")],
-                "baseline_runs": times[(phase, "sdpa")],
-                "logits_max_diff": max_diff,
-                **env,
-            }
-        )
-    return rows
+    sizes = {"prefill": (n_prefill, n_prefill), "prefill+cache": (n_prefill, n_prefill),
+             "decode": (n_prompt, n_new - 1)}  # fmt: skip
+    return [_row(phase, sizes[phase], times, ran[phase], max_diff) for phase in sizes]
+
+
+def _row(phase: str, sizes: tuple[int, int], times: dict, ran: ImplLog, max_diff: float) -> dict:
+    """One phase's JSONL record: medians of ours and of the baseline from the same rounds."""
+    ours = statistics.median(times[(phase, "longattn")])
+    base = statistics.median(times[(phase, "sdpa")])
+    return {
+        "bench": "hf_use",
+        "phase": phase,
+        "context": sizes[0],
+        "tokens": sizes[1],
+        "ms": ours * 1e3,
+        "baseline": "hf_sdpa",
+        "baseline_ms": base * 1e3,
+        "ratio": ours / base,
+        "runs": times[(phase, "longattn")],
+        "baseline_runs": times[(phase, "sdpa")],
+        "logits_max_diff": max_diff,
+        "impl": implementations(ran),
+        **environment(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         ("ms", "longattn ms"),
         ("baseline_ms", "sdpa ms"),
         ("ratio", "ratio"),
+        ("impl", "longattn impl"),
     ]
+    print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(format_table(rows, columns))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import pathlib
 import statistics
@@ -82,13 +83,46 @@ def git_sha() -> str | None:
         return None
 
 
+# instruction-set extensions that change which kernels win (bf16 above all): recorded with every figure
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, family/model numbers and which of ``CPU_FLAGS`` it has (Linux)."""
+    try:
+        first = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor
+    except OSError:
+        return {"cpu": None, "cpu_model": None, "cpu_flags": None}
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name"),
+        "cpu_model": f"family {fields.get('cpu family')} model {fields.get('model')}",
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
+def cpu_line(info: dict[str, Any] | None = None) -> str:
+    """``"AMD EPYC family 25 model 1 (avx2, fma; no AVX-512, no AMX)"``: the CPU as tables print it."""
+    info = info or cpu_info()
+    flags = info.get("cpu_flags") or []
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    amx = "AMX" if "amx_tile" in flags else "no AMX"
+    name = f"{info.get('cpu')} {info.get('cpu_model')}"
+    return f"{name} ({', '.join(flags)}; {avx512}, {amx})"
+
+
 def environment() -> dict[str, Any]:
-    """Stamp for every JSONL record: versions, threads, machine."""
+    """Stamp for every JSONL record: versions, threads, machine (CPU model and vector extensions)."""
     return {
         "torch": torch.__version__,
         "git_sha": git_sha(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        **cpu_info(),
     }
 
 
@@ -124,3 +158,57 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def impl_that_runs(call, impl: str = "auto") -> str:
+    """The name of the implementation that computes ``call`` (recorded in every benchmark record).
+    A call states the rule it runs (a select method's prefill is a dense call,
+    ``longattn.call.phase_method``), so dispatch's choice is what runs."""
+    from longattn.api import choose_impl
+
+    return choose_impl(call, impl).name
+
+
+def cache_step(q, k, v, *, method, cache, layer: int):
+    """One ``attention()`` step through ``cache``; ``(result, the implementation that ran it)``, as
+    the library's dispatch log names it."""
+    from longattn.api import attention
+
+    with ImplLog() as seen:
+        result = attention(q, k, v, method=method, cache=cache, layer=layer)
+    return result, ", ".join(seen.chosen)
+
+
+class ImplLog(logging.Handler):
+    """Collects the implementations ``impl="auto"`` chose while it is attached (``with ImplLog() as
+    seen``), from the library's debug log: for code that calls ``attention()`` out of reach of the
+    benchmark (a model under ``integrations.hf.use``). Explicitly named implementations are not
+    logged: they either run or raise. The debug records it turns on stop here; every record the
+    logger would have passed on before is still passed to the parent's handlers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.chosen: dict[str, int] = {}
+        self._logger = logging.getLogger("longattn")
+        self._saved = (logging.NOTSET, True, logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("impl=auto chose") and record.args:
+            name = str(record.args[0])
+            self.chosen[name] = self.chosen.get(name, 0) + 1
+        _, propagate, effective = self._saved
+        if propagate and record.levelno >= effective and self._logger.parent is not None:
+            self._logger.parent.handle(record)
+
+    def __enter__(self) -> ImplLog:
+        logger = self._logger
+        self._saved = (logger.level, logger.propagate, logger.getEffectiveLevel())
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]

@@ -2,7 +2,9 @@
 
 Per method: the correctness gate (sampled query rows against the float64 oracle, with the bound of
 ``longattn.testing``), the density of visited (query, key) pairs, and the median time of
-``attention(..., impl="auto")`` as a ratio to dense SDPA timed in the same run.
+``attention(..., impl="auto")`` as a ratio to dense SDPA timed in the same run. A decode-time select
+method is gated but not timed here: on a prefill it is dense attention by definition (``longattn
+bench decode`` times it where it acts). ``impl`` is the implementation that ran.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from collections.abc import Callable
 import torch
 
 from longattn.api import choose_impl, make_call, visible_mask
-from longattn.bench.common import JsonlWriter, environment, format_table, median_ms, peak_extra_mib
+from longattn.bench.common import (
+    JsonlWriter,
+    cpu_line,
+    environment,
+    format_table,
+    impl_that_runs,
+    median_ms,
+    peak_extra_mib,
+)
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.tiled import tiled_attention
 from longattn.method import from_string, registry
@@ -93,15 +103,16 @@ def run_methods_bench(
     records = []
     for name in registry():
         for spec in BENCH_SPECS.get(name, lambda t, n=name: [n])(length):
-            call = make_call(q, k, v, from_string(spec))
+            method = from_string(spec)  # the call may run another rule (a select prefill: dense)
+            call = make_call(q, k, v, method)
             impl = choose_impl(call)
             res = impl.run(call)
             err, used = gate(call, res.out, rows)
             rec = {
                 "bench": "methods",
-                "method": call.method.name,
-                "params": call.method.describe(),
-                "impl": impl.name,
+                "method": method.name,
+                "params": method.describe(),
+                "impl": impl_that_runs(call),
                 "T": length,
                 "H": n_heads,
                 "D": head_dim,
@@ -112,17 +123,27 @@ def run_methods_bench(
                 "gate": used <= 1,
                 **env,
             }
-            if rec["gate"]:
-                base = baselines[call.method.is_causal]
-                rec["ms"] = median_ms(lambda i=impl, c=call: i.run(c), repeats=repeats)
-                rec["baseline"] = "sdpa_causal" if call.method.is_causal else "sdpa"
-                rec["baseline_ms"] = base
-                rec["speedup"] = base / rec["ms"]
-                rec["peak_extra_mib"] = peak_extra_mib(lambda i=impl, c=call: i.run(c))
+            if method.hook == "select":  # a prefill timing would be dense attention's
+                rec["note"] = "dense in prefill by definition: timed by `longattn bench decode`"
+            elif rec["gate"]:
+                rec.update(_timing(lambda i=impl, c=call: i.run(c), call, baselines, repeats))
             records.append(rec)
             writer.write(rec)
-            log(f"  {spec}: impl={impl.name} gate={'ok' if rec['gate'] else 'FAILED'}")
+            log(f"  {spec}: impl={rec['impl']} gate={'ok' if rec['gate'] else 'FAILED'}")
     return records
+
+
+def _timing(run: Callable, call, baselines: dict[bool, float], repeats: int) -> dict:
+    """Median time of a gated call, as a ratio to dense SDPA (causal or not, as the method)."""
+    base = baselines[call.method.is_causal]
+    ms = median_ms(run, repeats=repeats)
+    return {
+        "ms": ms,
+        "baseline": "sdpa_causal" if call.method.is_causal else "sdpa",
+        "baseline_ms": base,
+        "speedup": base / ms,
+        "peak_extra_mib": peak_extra_mib(run),
+    }
 
 
 def tiled_memory_check(length: int = 32768, n_heads: int = 8, head_dim: int = 64) -> dict:
@@ -145,6 +166,7 @@ def tiled_memory_check(length: int = 32768, n_heads: int = 8, head_dim: int = 64
     output_mib = q.numel() * 4 / 2**20
     return {
         "bench": "tiled_memory",
+        "impl": "tiled",  # tiled_attention called directly
         "T": length,
         "H": n_heads,
         "D": head_dim,
@@ -166,6 +188,7 @@ METHOD_COLUMNS = [
     ("baseline_ms", "sdpa ms"),
     ("speedup", "speedup"),
     ("peak_extra_mib", "peak MiB"),
+    ("note", "note"),
 ]
 
 
@@ -178,7 +201,7 @@ def run_cli(args) -> int:
     length = args.length or 8192
     print(
         f"longattn bench: every registered method, T={length}, H={args.heads}, D={args.dim}, "
-        f"{args.dtype}, {torch.get_num_threads()} threads"
+        f"{args.dtype}, {torch.get_num_threads()} threads\nCPU: {cpu_line()}"
     )
     records = run_methods_bench(
         length,
@@ -200,7 +223,7 @@ def run_cli(args) -> int:
     )
     if args.out:
         with open(args.out, "a") as fh:
-            fh.write(json.dumps(mem) + "\n")
+            fh.write(json.dumps(dict(mem, **environment())) + "\n")
         print(f"\nJSONL: {args.out}")
     failed = [r["params"] for r in records if not r["gate"]]
     if failed:

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from longattn import KVCache, attention, from_string
-from longattn.bench.common import JsonlWriter, environment, format_table
+from longattn.bench.common import ImplLog, JsonlWriter, cpu_line, environment, format_table
 from longattn.method import Method
 
 
@@ -141,15 +141,17 @@ def run_cli(args: argparse.Namespace) -> int:
         "infllm": from_string(f"infllm:fraction={frac}"),
         "tidal_decode": from_string(f"tidal_decode:fraction={frac}"),
     }
-    records = decode_fidelity(captured, methods, steps=steps)
+    with ImplLog() as ran:
+        records = decode_fidelity(captured, methods, steps=steps)
+    impls = ", ".join(ran.chosen) or None  # what dispatch chose for the decode steps
     writer = JsonlWriter(out)
     env = environment()
     for r in records:
-        writer.write(dict(r, **env, tokens=length, fraction=frac, model="smollm2-135m"))
+        writer.write(dict(r, **env, tokens=length, fraction=frac, model="smollm2-135m", impl=impls))
     summary = summarize(records)
     print(
         f"SmolLM2-135M, {length} tokens of pydoc text, budget = {frac} of the context, "
-        f"last {steps} positions as decode steps"
+        f"last {steps} positions as decode steps; CPU: {cpu_line()}"
     )
     print(
         format_table(

@@ -7,7 +7,7 @@ import math
 import torch
 
 from longattn import attention
-from longattn.method import Method
+from longattn.method import Method, token_budget
 from longattn.methods.dense import Dense
 
 # mass recall is measured on the last queries of the sequence: they see the most keys
@@ -33,26 +33,43 @@ def visible(
     return mask.expand(1, n_heads, len(q_pos), len(kv_pos))[0]
 
 
+# density kinds, as the report labels them
+PAIRS = "pairs"  # fraction of causal (query, key) pairs a static pattern visits, in every phase
+KV_READ = "kv read/decode step"  # fraction of the cache a select method reads per decode step
+KV_KEPT = "kv kept"  # fraction of the cache a budgeted method keeps
+
+
+def selected_tokens(method: Method, length: int) -> int | None:
+    """Tokens a budgeted method reads or keeps at ``length`` (its ``budget`` or ``fraction``)."""
+    budget = getattr(method, "budget", None)
+    if budget is None:
+        return None
+    return min(length, token_budget(int(budget), float(getattr(method, "fraction", 0.0)), length))
+
+
 def density(method: Method, length: int, n_heads: int = 1, rows: int = 512) -> tuple[float, str]:
     """``(value, kind)``: the fraction of causal (query, key) pairs a static pattern visits
-    (``"pairs"``), or for a budgeted method the fraction of the KV cache it keeps (``"kv"``)."""
+    (``PAIRS``); for a select method the fraction of the cache it reads per decode step
+    (``KV_READ``: in prefill it is dense by definition); for another budgeted method the fraction
+    of the cache it keeps (``KV_KEPT``)."""
     if method.hook != "mask":
-        budget = getattr(method, "budget", None)
-        if budget is None:
+        tokens = selected_tokens(method, length)
+        if tokens is None:
             return float("nan"), "unknown"
-        return min(1.0, budget / length), "kv"
+        return tokens / length, KV_READ if method.hook == "select" else KV_KEPT
     kv_pos = torch.arange(length)
     seen = 0
     for start in range(0, length, rows):
         q_pos = torch.arange(start, min(length, start + rows))
         seen += int(visible(method, n_heads, q_pos, kv_pos).sum())
-    return seen / (n_heads * length * (length + 1) / 2), "pairs"
+    return seen / (n_heads * length * (length + 1) / 2), PAIRS
 
 
 def kv_budget(method: Method, length: int) -> int:
     """KV tokens a method needs to hold for the last query (its budget for grouping comparisons)."""
     if method.hook != "mask":
-        return min(length, int(getattr(method, "budget", length)))
+        tokens = selected_tokens(method, length)
+        return length if tokens is None else tokens
     q_pos = torch.tensor([length - 1])
     return int(visible(method, 1, q_pos, torch.arange(length)).sum())
 
@@ -104,19 +121,37 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, head: int, size: int) -> tor
 
 
 def kv_bytes(cache) -> int | None:
-    """Bytes of key/value tensors a cache holds (``nbytes()`` when it has one, else its layers)."""
+    """Bytes of keys and values in the cache's used slots (``nbytes()`` when it has one, else the
+    tensors of its layers, which transformers' dynamic cache sizes to what it holds)."""
     if cache is None:
         return None
     nbytes = getattr(cache, "nbytes", None)
     if callable(nbytes):
         return int(nbytes())
-    if isinstance(nbytes, int):
-        return nbytes
-    total, found = 0, False
+    tensors = _layer_tensors(cache)
+    return sum(t.numel() * t.element_size() for t in tensors) if tensors else None
+
+
+def kv_capacity_bytes(cache) -> int | None:
+    """Bytes of memory the cache's storage really holds: ``KVCache.capacity_nbytes()`` (allocated
+    slots, positions, page metadata, projections) for a longattn cache, else the storages of its
+    layers' key/value tensors."""
+    if cache is None:
+        return None
+    backing = getattr(cache, "kv", cache)
+    capacity = getattr(backing, "capacity_nbytes", None)
+    if callable(capacity):
+        return int(capacity())
+    tensors = _layer_tensors(cache)
+    return sum(t.untyped_storage().nbytes() for t in tensors) if tensors else None
+
+
+def _layer_tensors(cache) -> list[torch.Tensor]:
+    """The key and value tensors of a transformers cache's layers."""
+    found = []
     for layer in getattr(cache, "layers", []) or []:
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-                found = True
-    return total if found else None
+                found.append(tensor)
+    return found

@@ -64,10 +64,11 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, task in zip(axes[0], panels):
         key = "recall_mean" if task == "fidelity" else "score"
+        shown = report.measured_fidelity(records) if task == "fidelity" else records
         for method in methods:
             for length in lengths:
                 rs = [
-                    r for r in records
+                    r for r in shown
                     if r["method"] == method and r["task"] == task and r["length"] == length
                     and not r.get("error") and r.get(key) is not None
                 ]  # fmt: skip
@@ -79,7 +80,7 @@ def accuracy_vs_budget(records: list[dict], path: pathlib.Path) -> None:
         ax.set_title(
             "fidelity: attention mass recall" if task == "fidelity" else f"{task} accuracy"
         )
-        ax.set_xlabel("density (% of causal pairs or KV kept)")
+        ax.set_xlabel("density (% of causal pairs; of KV kept or read per decode step)")
         ax.set_ylabel("mass recall (%)" if task == "fidelity" else "accuracy (%)")
         ax.set_xlim(0, 105)
         ax.set_ylim(-5, 105)
@@ -230,8 +231,9 @@ def attention_maps(records: list[dict], maps_path: pathlib.Path, path: pathlib.P
 
 
 def fidelity_by_layer(records: list[dict], path: pathlib.Path) -> bool:
-    """Per-layer output error and mass recall of each method on captured activations."""
-    rows = [r for r in records if r["task"] == "fidelity" and not r.get("error")]
+    """Per-layer output error and mass recall of each method on captured activations (a select
+    method's over decode steps, where it acts)."""
+    rows = report.measured_fidelity(records)
     if not rows:
         return False
     plt = _plt()
@@ -252,7 +254,11 @@ def fidelity_by_layer(records: list[dict], path: pathlib.Path) -> bool:
     note = f"; error 0: {', '.join(exact)}" if exact else ""
     ax_err.set_title(f"Attention output error vs dense ({longest} tokens{note})", fontsize=10)
     ax_err.set_ylabel("relative L2 error of the layer's output")
-    ax_rec.set_title(f"Dense attention mass kept ({longest} tokens, last 256 queries)")
+    ax_rec.set_title(
+        f"Dense attention mass kept ({longest} tokens; static patterns: last 256 prefill queries, "
+        "select methods: decode steps)",
+        fontsize=9,
+    )
     ax_rec.set_ylabel("mass recall (%)")
     ax_rec.set_ylim(0, 105)
     for ax in (ax_err, ax_rec):

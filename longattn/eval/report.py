@@ -2,9 +2,12 @@
 
 Methods are grouped by KV budget: the number of keys the last query of the longest sequence may see
 (for a static pattern, its visible keys; for a budgeted decode method, its budget). Only methods in
-the same group are a like-for-like comparison. Density is stated with its kind: ``pairs`` = fraction
-of causal (query, key) pairs a static pattern visits in prefill; ``kv`` = fraction of the KV cache a
-budgeted method keeps or reads.
+the same group are a like-for-like comparison. Density is stated with its kind (``metrics.PAIRS``,
+``KV_READ``, ``KV_KEPT``).
+
+A decode-time select method is dense in prefill by definition: its row shows no prefill perplexity
+and no prefill speedup (``n/a``, with the reason in a footnote), and its perplexity over the last
+tokens and its fidelity come from decode steps with the selection on.
 """
 
 from __future__ import annotations
@@ -15,23 +18,64 @@ import pathlib
 import statistics
 from collections import defaultdict
 
-from longattn.eval import tasks
+from longattn.eval import metrics, tasks
 from longattn.eval.runner import BASELINE, CASES_FILE
 from longattn.method import from_string
 
+# what every record of cases.jsonl carries (failed cases too): the report and plots read these
+REQUIRED = {"case": str, "method": str, "task": str, "length": int, "sample": int,
+            "kv_budget": (int, type(None)), "density": (int, float), "density_kind": str}  # fmt: skip
+# fields a task's successful records carry besides those
+TASK_FIELDS = {"needle": {"depth": (int, float)},
+               "fidelity": {"layer_error": list, "mass_recall": list}}  # fmt: skip
+
 
 def load_records(folder: pathlib.Path) -> list[dict]:
-    """The records of ``folder/cases.jsonl`` (a torn last line is skipped)."""
+    """The records of ``folder/cases.jsonl``, each checked for the fields the report reads.
+
+    A last line cut short by an interrupted write (no final newline) is skipped; any other line
+    that is not a JSON object with the ``REQUIRED`` fields is a ``ValueError`` naming the file, the
+    line and the field."""
     path = pathlib.Path(folder) / CASES_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {CASES_FILE} in {folder}: run `longattn eval --out {folder}`")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    content = path.read_text()
+    lines = content.splitlines()
+    if lines and not content.endswith("\n"):
+        lines = lines[:-1]  # a write cut short
+    records = [_parse_record(path, number, line) for number, line in enumerate(lines, 1)]
+    records = [r for r in records if r is not None]
+    if not records:
+        raise ValueError(f"{path} holds no cases: run `longattn eval --out {folder}` (or --resume)")
     return records
+
+
+def _parse_record(path: pathlib.Path, number: int, line: str) -> dict | None:
+    """One line of cases.jsonl as a checked record (None for a blank line)."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}, line {number}: not JSON ({exc.msg}): {line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {number}: expected a JSON object, got {line[:80]!r}")
+    needed = dict(REQUIRED)
+    if not record.get("error"):
+        needed.update(TASK_FIELDS.get(record.get("task"), {}))
+    for name, kind in needed.items():
+        if name not in record:
+            raise ValueError(f"{path}, line {number}: missing field {name!r}")
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            raise ValueError(
+                f"{path}, line {number}: field {name!r} has the wrong type: {record[name]!r}"
+            )
+    if record["method"] != BASELINE:
+        try:
+            from_string(record["method"])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}, line {number}: field 'method': {exc}") from None
+    return record
 
 
 def short_label(method: str) -> str:
@@ -44,13 +88,18 @@ def short_label(method: str) -> str:
     return m.name + (":" + ",".join(changed) if changed else "")
 
 
+# a figure a method has no honest value for in the phase measured (footnote 1 of the report)
+NA = "n/a"
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
 def speedups(records: list[dict]) -> dict[tuple[str, int], float]:
-    """(method, length) -> median over matched cases of baseline prefill time / method prefill time."""
+    """(method, length) -> median over matched cases of baseline prefill time / method prefill time
+    (no entry for a select method, whose prefill is dense by definition)."""
     base = {
         (r["task"], r["length"], r["sample"]): r["prefill_ms"]
         for r in records
@@ -58,6 +107,8 @@ def speedups(records: list[dict]) -> dict[tuple[str, int], float]:
     }
     ratios: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in records:
+        if is_select(r["method"]):  # its prefill is dense attention: no speedup under its name
+            continue
         matched = base.get((r["task"], r["length"], r["sample"]))
         if matched and r.get("prefill_ms"):
             ratios[r["method"], r["length"]].append(matched / r["prefill_ms"])
@@ -76,7 +127,8 @@ def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
     for method in dict.fromkeys(r["method"] for r in records):
         mine = [r for r in ok if r["method"] == method]
         at_long = [r for r in records if r["method"] == method and r["length"] == longest]
-        row = {"method": method, "kv_budget": at_long[0]["kv_budget"] if at_long else None}
+        row = {"method": method, "select": is_select(method)}
+        row["kv_budget"] = at_long[0]["kv_budget"] if at_long else None
         row["density"] = at_long[0]["density"] if at_long else None
         row["density_kind"] = at_long[0]["density_kind"] if at_long else None
         for task in tasks.TASKS:
@@ -86,17 +138,11 @@ def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
                     r.get("score") for r in mine if r["task"] == task and r["length"] == length
                 )
         for length in lengths:
-            row[f"ppl_{length}"] = _mean(r.get("ppl") for r in mine if r["length"] == length)
-            row[f"speedup_{length}"] = speed.get((method, length))
-        long_ok = [r for r in mine if r["length"] == longest]
-        row["fid_error"] = _mean(r.get("error_mean") for r in long_ok)
-        row["fid_recall"] = _mean(r.get("recall_mean") for r in long_ok)
-        row["decode_tok_s"] = _mean(r.get("decode_tok_s") for r in long_ok)
-        kv = _mean(r.get("kv_bytes") for r in long_ok)
-        row["kv_mib"] = kv / 2**20 if kv is not None else None
-        gen_rss = [r.get("peak_rss_mib") for r in long_ok if r["task"] in tasks.TASKS]
-        other_rss = [r.get("peak_rss_mib") for r in long_ok if r["task"] == "ppl"]
-        row["peak_rss_mib"] = max(filter(None, gen_rss or other_rss), default=None)
+            at = [r for r in mine if r["length"] == length]
+            row[f"ppl_{length}"] = NA if row["select"] else _mean(r.get("ppl") for r in at)
+            row[f"ppl_tail_{length}"] = _tail_ppl(at, row["select"])
+            row[f"speedup_{length}"] = NA if row["select"] else speed.get((method, length))
+        row.update(_long_figures([r for r in mine if r["length"] == longest], row["select"]))
         errors = [r["error"] for r in records if r["method"] == method and r.get("error")]
         row["errors"] = len(errors)
         row["first_error"] = errors[0] if errors else None
@@ -105,7 +151,52 @@ def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
     return rows, lengths, task_names
 
 
+def is_select(method: str) -> bool:
+    """A decode-time select method: dense in prefill by definition."""
+    return method != BASELINE and from_string(method).hook == "select"
+
+
+def _tail_ppl(records: list[dict], select: bool) -> float | None:
+    """Mean perplexity over the last tokens; for a select method only a decode measurement counts."""
+    return _mean(
+        r.get("ppl_tail")
+        for r in records
+        if r["task"] == "ppl" and (not select or r.get("ppl_tail_phase") == "decode")
+    )
+
+
+def measured_fidelity(records: list[dict]) -> list[dict]:
+    """The fidelity records that measure their method: for a select method only decode-phase ones
+    (a prefill fidelity, from runs before decode fidelity, is dense attention's)."""
+    return [
+        r
+        for r in records
+        if r["task"] == "fidelity"
+        and not r.get("error")
+        and (not is_select(r["method"]) or r.get("fidelity_phase") == "decode")
+    ]
+
+
+def _long_figures(long_ok: list[dict], select: bool) -> dict:
+    """Fidelity, decode speed and memory of one method's successful cases at the longest length."""
+    fid = measured_fidelity(long_ok)
+    out = {
+        "fid_error": _mean(r.get("error_mean") for r in fid),
+        "fid_recall": _mean(r.get("recall_mean") for r in fid),
+        "decode_tok_s": _mean(r.get("decode_tok_s") for r in long_ok),
+    }
+    for key, name in (("kv_bytes", "kv_mib"), ("kv_capacity_bytes", "kv_capacity_mib")):
+        kv = _mean(r.get(key) for r in long_ok)
+        out[name] = kv / 2**20 if kv is not None else None
+    gen_rss = [r.get("peak_rss_mib") for r in long_ok if r["task"] in tasks.TASKS]
+    other_rss = [r.get("peak_rss_mib") for r in long_ok if r["task"] == "ppl"]
+    out["peak_rss_mib"] = max(filter(None, gen_rss or other_rss), default=None)
+    return out
+
+
 def _fmt(value, kind: str = "") -> str:
+    if value is NA:
+        return "n/a¹"
     if value is None or value != value:  # None or NaN
         return "–"
     if kind == "pct":
@@ -123,21 +214,27 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     longest = lengths[-1] if lengths else 0
     header = ["method", "KV budget (tokens)", f"density @{longest}"]
     header += [f"{t} acc @{n}" for t in gen for n in lengths]
-    header += [f"ppl @{n}" for n in lengths] if "ppl" in task_names else []
+    if "ppl" in task_names:
+        header += [f"ppl (prefill) @{n}" for n in lengths]
+        header += [f"ppl last tokens² @{n}" for n in lengths]
     if "fidelity" in task_names:
-        header += [f"output error @{longest}", f"mass recall @{longest}"]
+        header += [f"output error³ @{longest}", f"mass recall³ @{longest}"]
     header += [f"prefill speedup @{n}" for n in lengths]
-    header += [f"decode tok/s @{longest}", f"KV MiB @{longest}", f"peak RSS MiB @{longest}"]
+    header += [f"decode tok/s @{longest}", f"KV MiB used @{longest}"]
+    header += [f"KV MiB capacity @{longest}", f"peak RSS MiB @{longest}"]
     body = []
     for r in rows:
         cells = [short_label(r["method"]), _fmt(r["kv_budget"])]
         cells.append(f"{_fmt(r['density'], 'pct')} {r['density_kind'] or ''}".strip())
         cells += [_fmt(r[f"acc_{t}_{n}"], "pct") for t in gen for n in lengths]
-        cells += [_fmt(r[f"ppl_{n}"]) for n in lengths] if "ppl" in task_names else []
+        if "ppl" in task_names:
+            cells += [_fmt(r[f"ppl_{n}"]) for n in lengths]
+            cells += [_fmt(r[f"ppl_tail_{n}"]) for n in lengths]
         if "fidelity" in task_names:
             cells += [_fmt(r["fid_error"]), _fmt(r["fid_recall"], "pct")]
         cells += [_fmt(r[f"speedup_{n}"], "x") for n in lengths]
-        cells += [_fmt(r["decode_tok_s"]), _fmt(r["kv_mib"]), _fmt(r["peak_rss_mib"])]
+        cells += [_fmt(r["decode_tok_s"]), _fmt(r["kv_mib"]), _fmt(r["kv_capacity_mib"])]
+        cells.append(_fmt(r["peak_rss_mib"]))
         body.append(cells)
     return header, body
 
@@ -151,25 +248,50 @@ def needle_grid(records: list[dict]) -> dict[str, dict[tuple[float, int], float]
     return {m: {k: sum(v) / len(v) for k, v in g.items()} for m, g in cells.items()}
 
 
-NOTES = [
-    f"`{BASELINE}` is the model's own attention (transformers `sdpa`, its own dynamic cache): the "
-    "baseline every speedup is measured against, in the same run, on the same prompts.",
-    "Accuracy: fraction of the expected answers found in the greedy continuation (passkey, needle, "
-    "multikey: one answer; multivalue, vartrack: all of them). Perplexity: next-token perplexity "
-    "of real text with the method in the prefill.",
-    "Density: `pairs` = fraction of causal (query, key) pairs a static pattern visits; `kv` = "
-    "fraction of the KV cache a budgeted method keeps. KV budget = keys the last query of the "
-    "longest sequence may see; rows are sorted by it, and only rows with the same budget are a "
-    "budget-matched comparison.",
-    "Fidelity (on q/k/v captured from a dense pass over real text): output error = relative L2 "
-    "error of each layer's attention output against dense, averaged over layers; mass recall = "
-    "share of the dense attention mass the pattern keeps, over the last 256 queries.",
-    "Speedup = median over matched prompts of baseline prefill time / method prefill time "
-    "(one timed pass each; CPU timings are noisy, ±5 % or more). Decode tok/s: greedy decode "
-    "after the prefill. KV MiB: key/value bytes held at the end by the cache the run used (for a method, the cache `longattn.integrations.hf.use` yields). Peak RSS: the most "
-    "extra resident memory at the peak of a prefill + decode case (the generation tasks; ppl "
-    "cases, whose full-length logits dominate, only where there is no generation task).",
-]
+def notes(records: list[dict]) -> list[str]:
+    """The report's notes and footnotes, with the decode token and step counts of these records."""
+    tail = sorted({r["ppl_tail_tokens"] for r in records if r.get("ppl_tail_tokens")})
+    steps = sorted({r["fidelity_steps"] for r in records if r.get("fidelity_steps")})
+    return [
+        f"`{BASELINE}` is the model's own attention (transformers `sdpa`, its own dynamic cache): "
+        "the baseline every speedup is measured against, in the same run, on the same prompts.",
+        "Accuracy: fraction of the expected answers found in the greedy continuation (passkey, "
+        "needle, multikey: one answer; multivalue, vartrack: all of them); a select method acts in "
+        "the greedy decode steps only. ppl (prefill): next-token perplexity of real text with the "
+        "method in the prefill.",
+        f"Density: `{metrics.PAIRS}` = fraction of causal (query, key) pairs a static pattern "
+        f"visits (the same in prefill and decode); `{metrics.KV_READ}` = fraction of the KV cache "
+        "a select method reads per decode step in a selecting layer (a layer it keeps dense, such "
+        f"as Quest's first `dense_layers`, reads all of it); `{metrics.KV_KEPT}` = fraction of the "
+        "cache a budgeted method keeps. KV budget = keys the last query of the longest sequence "
+        "may see; rows are sorted by it, and only rows with the same budget are a budget-matched "
+        "comparison.",
+        "¹ n/a: a decode-time select method is dense attention in prefill by definition, so a "
+        "prefill perplexity or prefill speedup under its name would be dense attention's figure; "
+        "it is measured in decode instead (² and ³, decode tok/s).",
+        f"² ppl last tokens: perplexity of the last {_counts(tail)} tokens of each text. A select "
+        "method scores them by teacher-forced decode through the cache (the prefix prefilled, then "
+        "one token per step with its selection on); every other row takes the same tokens from its "
+        "prefill logits, which equal teacher-forced decode for dense attention and static patterns.",
+        "³ Fidelity on q/k/v captured from a dense pass over real text; output error = relative L2 "
+        "error of each layer's attention output against dense, averaged over layers; mass recall = "
+        "share of the dense attention mass attended. A static pattern: every query of the prefill "
+        "(recall over the last 256 queries). A select method: the last "
+        f"{_counts(steps)} positions replayed as decode steps through a cache, every layer in "
+        "order (`longattn.eval.fidelity.decode_fidelity`).",
+        "Speedup = median over matched prompts of baseline prefill time / method prefill time "
+        "(one timed pass each; CPU timings are noisy, ±5 % or more). Decode tok/s: greedy decode "
+        "after the prefill. KV MiB used: key/value bytes in the used slots of the cache the run "
+        "used at the end (for a method, the cache `longattn.integrations.hf.use` yields); KV MiB "
+        "capacity: the bytes its storage really holds (allocated slots, positions, page metadata, "
+        "key projections; for the baseline, its tensors' storage). Peak RSS: the most extra "
+        "resident memory at the peak of a prefill + decode case (the generation tasks; ppl cases, "
+        "whose full-length logits dominate, only where there is no generation task).",
+    ]
+
+
+def _counts(values: list[int]) -> str:
+    return "/".join(str(v) for v in values) if values else "N"
 
 
 def _markdown_table(header: list, body: list) -> str:
@@ -204,7 +326,7 @@ def write_markdown(folder: pathlib.Path, plots: list[str]) -> pathlib.Path:
         f"{lengths}; tasks {task_names}; {config.get('samples', '?')} sample(s) per task; torch "
         f"{info.get('torch', '?')}, git {info.get('git_sha', '?')}, {info.get('threads', '?')} threads.",
         _markdown_table(header, body),
-        "\n".join(f"- {n}" for n in NOTES),
+        "\n".join(f"- {n}" for n in notes(records)),
     ]
     errors = _errors(rows)
     if errors:
@@ -224,7 +346,7 @@ def write_html(folder: pathlib.Path, plots: list[str]) -> pathlib.Path:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body)
-    notes = "".join(f"<li>{esc(n)}</li>" for n in NOTES + _errors(rows))
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes(records) + _errors(rows))
     imgs = "".join(f'<h3>{esc(p)}</h3><img src="{esc(p)}" style="max-width:100%">' for p in plots)
     page = (
         "<!doctype html><meta charset='utf-8'><title>longattn eval report</title>"
@@ -232,7 +354,7 @@ def write_html(folder: pathlib.Path, plots: list[str]) -> pathlib.Path:
         "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
         "td:first-child{text-align:left}</style>"
         f"<h1>longattn eval report</h1><table><tr>{head}</tr>{trs}</table>"
-        f"<ul>{notes}</ul>{imgs}"
+        f"<ul>{items}</ul>{imgs}"
     )
     path = folder / "report.html"
     path.write_text(page)

@@ -2,12 +2,18 @@
 
 Every case runs the model with the method switched in through ``longattn.integrations.hf.use`` and
 is timed against the model's own ``sdpa`` attention (the ``hf_sdpa`` baseline) in the same run.
+
+A decode-time select method (``method.hook == "select"``: Quest, Loki, ...) is dense in prefill by
+definition, so it is measured where it acts: its perplexity by teacher-forced decode through the cache
+(``score_decode``), its fidelity by the library's decode fidelity (``eval.fidelity``); no prefill
+perplexity or prefill output error is recorded under its name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pathlib
 import shutil
 import time
@@ -43,6 +49,10 @@ class EvalConfig:
     new_tokens: int = 12
     corpus: str = "pydoc"
     ppl_samples: int | None = None  # texts per length for ppl; None: ``samples``
+    # tokens scored one at a time through the cache for a select method's perplexity (the last ones
+    # of each text, at most half of it); every other method's ``ppl_tail`` is over the same tokens
+    decode_tokens: int = 256
+    fidelity_steps: int = 8  # decode steps replayed by a select method's fidelity
 
 
 def split_methods(spec: str) -> list[str]:
@@ -77,6 +87,11 @@ def validate(config: EvalConfig) -> list[Method]:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
     if config.samples <= 0:
         raise ValueError(f"--samples must be > 0, got {config.samples}")
+    if config.decode_tokens <= 0 or config.fidelity_steps <= 0:
+        raise ValueError(
+            f"decode_tokens and fidelity_steps must be > 0, got {config.decode_tokens} and "
+            f"{config.fidelity_steps}"
+        )
     if config.corpus not in text.CORPORA:
         raise ValueError(f"unknown corpus {config.corpus!r}; known: {', '.join(text.CORPORA)}")
     if {"ppl", "fidelity"} & set(config.tasks):
@@ -138,6 +153,21 @@ def finished(path: pathlib.Path) -> set[str]:
     return done
 
 
+def drop_torn_lines(path: pathlib.Path) -> None:
+    """Rewrite ``path`` without the lines that are not JSON (a write cut short by an interrupted
+    run), so that a resumed run appends whole lines and the report reads every line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 def default_use(model, method: Method):
     """``longattn.integrations.hf.use`` (looked up when needed, so that a missing one is a clear error)."""
     from longattn.integrations import hf
@@ -176,7 +206,7 @@ def generate(model, context, input_ids: torch.Tensor, new_tokens: int, eos: int 
                 out = model(input_ids=token, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(int(token))
-        timings["kv_bytes"] = metrics.kv_bytes(cache)
+        timings.update(_memory(cache))
     if eos is not None and eos in tokens:
         tokens = tokens[: tokens.index(eos)]
     timings["decode_tok_s"] = (
@@ -185,15 +215,71 @@ def generate(model, context, input_ids: torch.Tensor, new_tokens: int, eos: int 
     return {"tokens": tokens, **timings}
 
 
+def _memory(cache) -> dict:
+    """Used key/value bytes and the bytes the cache's storage really holds."""
+    return {
+        "kv_bytes": metrics.kv_bytes(cache),
+        "kv_capacity_bytes": metrics.kv_capacity_bytes(cache),
+    }
+
+
 @torch.no_grad()
-def score_text(model, context, input_ids: torch.Tensor) -> dict:
-    """Perplexity of ``input_ids`` with the method in the prefill; prefill time and KV bytes."""
+def score_text(model, context, input_ids: torch.Tensor, tail: int) -> dict:
+    """Perplexity of ``input_ids`` with the method in the prefill (``ppl``), and over the last
+    ``tail`` tokens alone (``ppl_tail``); prefill time and KV bytes."""
     timings: dict = {}
     with context as cache:
         with _timer(timings, "prefill_ms"):
             out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        timings["kv_bytes"] = metrics.kv_bytes(out.past_key_values)
-    return {"ppl": metrics.perplexity(out.logits, input_ids), **timings}
+        timings.update(_memory(out.past_key_values))
+    start = input_ids.shape[1] - tail - 1  # logits at start .. T-2 predict the last tail tokens
+    tail_ppl = metrics.perplexity(out.logits[:, start:], input_ids[:, start:])
+    return {"ppl": metrics.perplexity(out.logits, input_ids), "ppl_tail": tail_ppl,
+            "ppl_tail_phase": "prefill", "ppl_tail_tokens": tail, **timings}  # fmt: skip
+
+
+@torch.no_grad()
+def score_decode(model, context, input_ids: torch.Tensor, tail: int) -> dict:
+    """Perplexity of the last ``tail`` tokens by teacher-forced decode through the cache: the prefix
+    is prefilled (dense for a select method), then each token is fed alone with the method's
+    selection on, and the next token's log-probability is scored."""
+    timings: dict = {}
+    prefix = input_ids.shape[1] - tail
+    nll = []
+    with context as cache:
+        with _timer(timings, "prefix_prefill_ms"):
+            out = model(input_ids=input_ids[:, :prefix], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)  # fmt: skip
+        cache = out.past_key_values
+        with _timer(timings, "forced_decode_ms"):
+            for t in range(prefix, input_ids.shape[1]):
+                logp = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts token t
+                nll.append(-logp[input_ids[0, t]].item())
+                if t + 1 < input_ids.shape[1]:
+                    out = model(input_ids=input_ids[:, t : t + 1], past_key_values=cache,
+                                use_cache=True)  # fmt: skip
+        timings.update(_memory(cache))
+    # kept apart from generation's decode tok/s, which the report compares across methods
+    steps_s = timings["forced_decode_ms"] / 1e3
+    timings["forced_tok_s"] = (tail - 1) / steps_s if tail > 1 else None
+    return {"ppl_tail": math.exp(sum(nll) / len(nll)), "ppl_tail_phase": "decode",
+            "ppl_tail_tokens": tail, **timings}  # fmt: skip
+
+
+def is_select(label: str) -> bool:
+    """Whether a case's method selects keys at decode time (dense in prefill by definition)."""
+    return label != BASELINE and from_string(label).hook == "select"
+
+
+def decode_fidelity(method: Method, captured: dict, steps: int) -> dict:
+    """The library's decode fidelity (``eval.fidelity``) in the record shape of ``metrics.fidelity``:
+    per layer, the output error and mass recall over the last ``steps`` positions as decode steps."""
+    from longattn.eval.fidelity import decode_fidelity as replay
+
+    rows = replay(captured, {"m": method}, steps=steps)
+    return {"layer_error": [r["rel_error"] for r in rows],
+            "mass_recall": [r["recall"] for r in rows], "fidelity_phase": "decode",
+            "fidelity_steps": steps}  # fmt: skip
 
 
 @dataclass
@@ -279,7 +365,7 @@ class Session:
 
     def _measure(self, case: Case) -> dict:
         if case.task == "fidelity":
-            result = metrics.fidelity(from_string(case.method), self.captured(case.length))
+            result = self._fidelity(case)
             valid_err = [e for e in result["layer_error"] if e is not None]
             valid_rec = [r for r in result["mass_recall"] if r is not None]
             result["error_mean"] = sum(valid_err) / len(valid_err) if valid_err else None
@@ -287,8 +373,12 @@ class Session:
             return result
         seed = self.config.seed * 100_003 + case.sample
         if case.task == "ppl":
-            ids = tasks.text_window(self.tokenizer, self.config.corpus, case.length, seed)
-            return score_text(self.model, self.context(case.method), torch.tensor([ids]))
+            ids = torch.tensor(
+                [tasks.text_window(self.tokenizer, self.config.corpus, case.length, seed)]
+            )
+            score = score_decode if is_select(case.method) else score_text
+            tail = min(self.config.decode_tokens, case.length // 2)
+            return score(self.model, self.context(case.method), ids, tail)
         sample = tasks.make(case.task, self.tokenizer, case.length, seed, case.depth)
         new = max(self.config.new_tokens, sample.max_new_tokens)
         ids = torch.tensor([sample.input_ids])
@@ -297,6 +387,13 @@ class Session:
         text = self.tokenizer.decode(result.pop("tokens"), skip_special_tokens=True)
         return {**result, "generated": text, "answers": list(sample.answers),
                 "score": tasks.score(text, sample.answers), "new_tokens": new}  # fmt: skip
+
+    def _fidelity(self, case: Case) -> dict:
+        """Decode fidelity for a select method; the prefill pattern's fidelity for any other."""
+        method = from_string(case.method)
+        if is_select(case.method):
+            return decode_fidelity(method, self.captured(case.length), self.config.fidelity_steps)
+        return {**metrics.fidelity(method, self.captured(case.length)), "fidelity_phase": "prefill"}
 
     def save_maps(self, out: pathlib.Path, length: int) -> None:
         """Dense attention maps of the ``MAP_HEADS`` on real text, for the report's overlay plot."""
@@ -342,6 +439,7 @@ def run_eval(
     (config.out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
     session = Session(config, model, tokenizer, use_fn)
     cases = enumerate_cases(config)
+    drop_torn_lines(config.out / CASES_FILE)
     done = finished(config.out / CASES_FILE)
     todo = [c for c in cases if c.key not in done]
     writer = JsonlWriter(config.out / CASES_FILE)
