@@ -46,11 +46,6 @@ class Loki(Method):
     def __post_init__(self) -> None:
         check_budget(type(self).__name__, self.budget, self.fraction)
         check_positive(type(self).__name__, rank=self.rank)
-        if not isinstance(self.calibration, str):
-            raise TypeError(
-                f"{type(self).__name__}.calibration must be a file path string ('' = none), "
-                f"got {self.calibration!r}"
-            )
 
     def select(self, q, view):
         budget = token_budget(self.budget, self.fraction, view.seq_len)
