@@ -265,8 +265,12 @@ class LongattnCache(Cache):
         super().reset()
 
     def nbytes(self) -> int:
-        """Bytes of keys and values the backing ``KVCache`` holds now."""
+        """Bytes of keys and values in the backing ``KVCache``'s used slots."""
         return self.kv.nbytes()
+
+    def capacity_nbytes(self) -> int:
+        """Bytes the backing ``KVCache`` really holds (allocated storage and metadata)."""
+        return self.kv.capacity_nbytes()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("LongattnCache does not support beam search")
