@@ -213,12 +213,6 @@ inline float vhmax(V a) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
-inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
-  out[0] = vsum(a0);
-  out[1] = vsum(a1);
-  out[2] = vsum(a2);
-  out[3] = vsum(a3);
-}
 
 #else
 using Mask = uint16_t;  // bit i: lane i exists
@@ -276,6 +270,9 @@ inline float vhmax(V a) {
   for (int i = 1; i < W; ++i) s = max_x86(s, a.x[i]);
   return s;
 }
+#endif
+
+#if !LA_AVX512  // AVX-512 reduces four vectors at once above
 inline void vsum4(V a0, V a1, V a2, V a3, float* out) {
   out[0] = vsum(a0);
   out[1] = vsum(a1);
