@@ -37,7 +37,14 @@ class Method:
             are computed in float32 (so a float64 copy of fp32/bf16 inputs selects the same keys) and
             ties are broken towards the earlier slot. With more than 16 queries (prefill) a select
             method is dense causal attention.
-        score, feature_map, forward                 eviction, linear, escape hatch.
+        score(view) -> [B, Hkv, T]                 eviction: the importance of each held key per
+            (batch row, KV head), higher = keep; ``view`` is a ``longattn.types.ScoreView``. Score
+            methods derive from ``Evict``, whose fields are the library's budget and schedule: the
+            library protects sinks and the recent window, takes the per-head top-k under the
+            budget policy and frees the rest (``longattn.compress``). A score of +inf keeps a key
+            whatever the budget, -inf evicts it whatever the budget. Attention itself is dense
+            causal attention over what the cache holds.
+        feature_map, forward                        linear, escape hatch.
 
     Optional, not a hook: ``retain(kv_pos, newest) -> bool | None`` for methods that bound memory:
     which cached keys (by position, [B, T]) any query after position ``newest`` [Bp, 1] may still see.
@@ -115,6 +122,72 @@ class Method:
             f"{f.name}={_format_value(getattr(self, f.name))}" for f in dataclasses.fields(self)
         ]
         return (self.name or type(self).__name__) + (":" + ",".join(parts) if parts else "")
+
+
+EVICT_ALLOCATIONS = ("uniform", "pyramid", "ada")
+EVICT_WHEN = ("prefill", "chunk", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evict(Method):
+    """Base of the eviction (``score``) methods: the budget and schedule the library applies to any
+    scorer, so that every scorer composes with every budget policy.
+
+    budget:     fraction of the tokens seen that each layer keeps, in (0, 1] (1 evicts nothing).
+    tokens:     a token count per layer instead (> 0 overrides ``budget``); a budget at or above
+                the tokens held evicts nothing.
+    allocation: how a layer's budget is shared: ``uniform`` (every layer and head alike),
+                ``pyramid`` (PyramidKV: layer budgets decreasing linearly with depth, same total),
+                ``ada`` (AdaKV: per-head budgets from the scores, same layer total).
+    sinks:      the first positions, always kept.
+    recent:     the newest tokens, always kept (they include the tokens being decoded).
+    window:     observation window: how many of the latest queries the library keeps for ``score``.
+    when:       ``prefill``: once, at the first decode step after a prompt (the question is
+                included if it was part of the prompt); ``chunk``: after every prefill call (chunked
+                prefill holds at most budget + one chunk); ``decode``: as ``prefill``, then again
+                every ``every`` decode steps.
+    every:      decode steps between compressions for ``when="decode"``.
+    """
+
+    budget: float = 0.25
+    tokens: int = 0
+    allocation: str = "uniform"
+    sinks: int = 4
+    recent: int = 32
+    window: int = 32
+    when: str = "prefill"
+    every: int = 16
+
+    # what ``score`` reads beyond keys, values and positions: "queries" (the observation window),
+    # "accumulated" (accumulated attention and last hit, maintained by the library at every call)
+    needs: ClassVar[frozenset[str]] = frozenset({"queries"})
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"{name}.budget must be a float, got {self.budget!r}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"{name}.budget must be in (0, 1], got {self.budget}")
+        check_non_negative(name, tokens=self.tokens, sinks=self.sinks, recent=self.recent)
+        check_positive(name, window=self.window, every=self.every)
+        if self.allocation not in EVICT_ALLOCATIONS:
+            raise ValueError(
+                f"{name}.allocation must be one of {EVICT_ALLOCATIONS}, got {self.allocation!r}"
+            )
+        if self.when not in EVICT_WHEN:
+            raise ValueError(f"{name}.when must be one of {EVICT_WHEN}, got {self.when!r}")
+        if self.tokens and self.tokens <= self.sinks + self.recent:
+            raise ValueError(
+                f"{name}.tokens={self.tokens} must exceed sinks + recent "
+                f"({self.sinks} + {self.recent}), which are always kept"
+            )
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+    def score(self, view: Any) -> torch.Tensor:  # type: ignore[override]
+        raise NotImplementedError
 
 
 def register(name: str) -> Callable[[M], M]:

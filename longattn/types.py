@@ -126,6 +126,50 @@ class SelectView:
         return self.keys.shape[2]
 
 
+@dataclass(frozen=True)
+class ScoreView:
+    """What an eviction ``score(view)`` hook may read of one cache layer (all read-only).
+
+    keys, values: [B, Hkv, T, D] stored keys and values (views of the cache, no copy).
+    positions:  [B, Hkv, T] int64 original positions per KV head; -1 marks an empty slot (its score
+                is ignored).
+    queries:    [B, H, w, D] the observation window: the last ``w`` queries this layer attended with
+                (``w <= method.window``; ``w == 0`` when none were kept). Their positions are
+                ``q_pos`` [B, w].
+    scale:      softmax scale of the calls.
+    layer, n_layers: this layer and the cache's layer count.
+    n_seen:     tokens ever appended to the layer (evicted ones included).
+    weights:    ``weights(q [B, H, n, D], q_pos [B, n]) -> [B, H, n, T]`` float32 softmax
+                probabilities of ``q`` over the held keys, causal by position (a query that sees no
+                key gets zeros); computed by the library without materialising more than ``n x T``.
+    accumulated: [B, Hkv, T] float32 attention each held key received from every query since it
+                arrived, summed over the query heads of its KV head (H2O's heavy-hitter statistic),
+                or None unless the method lists ``"accumulated"`` in ``needs``.
+    last_hit:   [B, Hkv, T] int64 position of the latest query under which the key drew at least
+                the mean weight (``1 / keys visible``) in some head of its group (-1: never); None
+                unless ``"accumulated"`` is in ``needs``.
+    calibration: per-layer calibration tensors of the method (name -> [Hkv, ...]), or None.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    queries: torch.Tensor
+    q_pos: torch.Tensor
+    scale: float
+    layer: int
+    n_layers: int
+    n_seen: int
+    weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    accumulated: torch.Tensor | None = None
+    last_hit: torch.Tensor | None = None
+    calibration: dict[str, torch.Tensor] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[2]
+
+
 @dataclass(frozen=True, eq=False)
 class BlockIndex:
     """Which key blocks each query block visits, per (batch, head): the currency of sparse kernels.
