@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from longattn import compress
 from longattn.cache import KVCache
-from longattn.call import Call, apply_retention, make_cache_call, make_call
+from longattn.call import Call, apply_retention, fold_kv_heads, make_cache_call, make_call
 from longattn.kernels import block_sparse
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
@@ -35,7 +36,7 @@ from longattn.kernels.reference import (
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.sparse import block_index_from_mask, sparse_attention
 from longattn.kernels.tiled import tiled_attention, with_padding
-from longattn.method import Method
+from longattn.method import Evict, Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import AttnOutput, BlockIndex, DecodeSelection, accumulation_dtype
 
@@ -80,7 +81,16 @@ def visible_mask(call: Call) -> torch.Tensor:
     if call.method.hook == "select":
         return _selection_mask(call)
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
-    return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :])
+    return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
+
+
+def _kv_pos_by_head(call: Call) -> torch.Tensor:
+    """The call's key positions broadcastable to [B, H, Tq, Tk]: [Bp, 1, 1, Tk], or [B, H, 1, Tk]
+    where each KV head holds its own tokens (repeated over its query heads)."""
+    if call.kv_pos.dim() == 2:
+        return call.kv_pos[:, None, None, :]
+    group = call.q.shape[1] // call.kv_pos.shape[1]
+    return call.kv_pos.repeat_interleave(group, dim=1)[:, :, None, :]
 
 
 def _selection_mask(call: Call) -> torch.Tensor:
@@ -409,8 +419,33 @@ IMPLS: list[Impl] = [
 ]
 
 
+# The implementations that read per-head key positions ([B, Hkv, T], a cache whose KV heads hold
+# different tokens) themselves; the others run such a call folded (``longattn.call.fold_kv_heads``).
+PER_HEAD_IMPLS = ("decode_cpp", "decode", "reference")
+
+
 def impl_names() -> list[str]:
     return [i.name for i in IMPLS]
+
+
+def call_for(call: Call, impl: Impl) -> Call:
+    """``call`` as ``impl`` takes it: folded (each (row, KV head) a batch row) when the KV heads hold
+    different tokens and ``impl`` reads per-row positions only."""
+    if call.kv_pos.dim() != 3 or impl.name in PER_HEAD_IMPLS:
+        return call
+    if "folded" not in call.derived:
+        call.derived["folded"] = fold_kv_heads(call)
+    return call.derived["folded"]
+
+
+def run_call(call: Call, impl: Impl) -> AttnOutput:
+    """Run ``call`` on ``impl`` (folded and unfolded where ``call_for`` says so)."""
+    inner = call_for(call, impl)
+    out = impl.run(inner)
+    if inner is call:
+        return out
+    b, h, _, tq, _, d = call.shape
+    return AttnOutput(out.out.reshape(b, h, tq, d), out.lse.reshape(b, h, tq), out.state)
 
 
 def choose_impl(call: Call, impl: str = "auto") -> Impl:
@@ -418,7 +453,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
     if impl == "auto":
         reasons = []
         for candidate in IMPLS:
-            reason = candidate.can_run(call) or candidate.auto(call)
+            inner = call_for(call, candidate)
+            reason = candidate.can_run(inner) or candidate.auto(inner)
             if reason is None:
                 log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
                 return candidate
@@ -426,7 +462,7 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
         raise ValueError("no implementation can run this call: " + "; ".join(reasons))
     for candidate in IMPLS:
         if candidate.name == impl:
-            reason = candidate.can_run(call)
+            reason = candidate.can_run(call_for(call, candidate))
             if reason is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
             return candidate
@@ -466,17 +502,41 @@ def attention(
     """
     if cache is None:
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
-        return choose_impl(call, impl).run(call)
+        return run_call(call, choose_impl(call, impl))
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    method = from_string(method) if isinstance(method, str) else method
+    evict = method if isinstance(method, Evict) else None
     # A refused call (bad impl, a kernel's refusal, any error) leaves the cache bit-identical.
     t_new = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
-    point = cache.checkpoint(layer, t_new, refresh=not isinstance(method, (Dense, type(None))))
+    q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+    whole = evict is not None and (
+        compress.due_before(evict, cache, layer, q_len) or compress.due_after(evict, q_len)
+    )
+    refresh = not isinstance(method, (Dense, type(None)))
+    point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
+        calibration = None if evict is None else _calibration(evict, cache, layer, k)
+        if evict is not None:
+            compress.before(evict, cache, layer, q_len, calibration)
         call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
-        result = choose_impl(call, impl).run(call)
+        result = run_call(call, choose_impl(call, impl))
         apply_retention(call)
+        if evict is not None:
+            compress.after(evict, call, calibration)
     except BaseException:
         cache.rollback(point)
         raise
     return result
+
+
+def _calibration(method: Evict, cache: KVCache, layer: int, k: torch.Tensor) -> dict | None:
+    """The calibration tensors of an eviction method for ``layer`` (None without a file), checked
+    against the cache's shape, or the keys' while the layer is empty."""
+    if not getattr(method, "calibration", ""):
+        return None
+    from longattn.calibration import load
+
+    cal = load(method.calibration)
+    cal.check(method.name, cache.n_layers, k.shape[1], k.shape[3])
+    return cal.layer(layer)

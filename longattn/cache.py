@@ -1,9 +1,12 @@
 """KVCache: per-layer key/value storage with original positions and page metadata maintained at append.
 
 Layout per layer: keys and values ``[B, Hkv, capacity, D]`` (GQA, never expanded), positions
-``[B, capacity]`` int64 with -1 for empty slots. Capacity grows by doubling (rounded to whole pages), so
-appending one token per step reallocates O(log T) times. Rows may hold different numbers of tokens
-(``row_lengths``); a row's empty tail slots have position -1. Page metadata (per-page key min / max /
+``[B, Hkv, capacity]`` int64 with -1 for empty slots: each (row, KV head) holds its own tokens, so a
+head-wise eviction policy really frees memory (``head_positions``, ``head_lengths``; while every head
+of a row holds the same tokens, ``positions`` and ``row_lengths`` give them per row). Capacity grows
+by doubling (rounded to whole pages), so appending one token per step reallocates O(log T) times;
+after an eviction it follows what is kept (see ``evict``). Rows and heads may hold different numbers
+of tokens; empty tail slots have position -1. Page metadata (per-page key min / max /
 sum / count, and any requested low-dimensional projections of the keys) is updated for the touched pages
 at every append, so selection never rescans all keys.
 
@@ -18,36 +21,21 @@ from typing import Any
 
 import torch
 
+from longattn.cache_pages import metadata_dtype, refresh_pages, refresh_projection
 from longattn.checkpoint import Checkpoint, restore, take
 from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView
-from longattn.validation import check_finite
+from longattn.validation import check_append_kv, check_append_positions
 
 MIN_CAPACITY = 256
-
-
-def metadata_dtype(key_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the page key bounds and low-dimensional keys kept for keys of ``key_dtype``:
-    bfloat16 (half the bytes a selection reads), float64 for a float64 cache."""
-    return torch.float64 if key_dtype == torch.float64 else torch.bfloat16
-
-
-def round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
-    """``x`` in ``dtype``, rounded toward ``toward`` (-inf: a lower bound; +inf: an upper bound)
-    wherever the conversion is inexact, so a rounded page min / max still bounds the page's keys."""
-    y = x.to(dtype)
-    if dtype == x.dtype:
-        return y
-    wrong = y.to(x.dtype) > x if toward < 0 else y.to(x.dtype) < x
-    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, toward)), y)
 
 
 @dataclass
 class _Layer:
     keys: torch.Tensor  # [B, Hkv, cap, D]
     values: torch.Tensor  # [B, Hkv, cap, D]
-    pos: torch.Tensor  # [B, cap] int64, -1 = empty
-    row_len: torch.Tensor  # [B] int64 slots used per row (cpu)
+    pos: torch.Tensor  # [B, Hkv, cap] int64, -1 = empty
+    row_len: torch.Tensor  # [B, Hkv] int64 slots used per row and head (cpu)
     next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
     # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
     # by side so that page bounds stream as one contiguous tensor; bfloat16 rounded outward (min
@@ -55,7 +43,7 @@ class _Layer:
     # float64 for a float64 cache
     page_bounds: torch.Tensor
     page_sum: torch.Tensor  # float32
-    page_count: torch.Tensor  # [B, cap / page] int64
+    page_count: torch.Tensor  # [B, Hkv, cap / page] int64
     projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # slots [lo, hi) whose page metadata and projections are out of date: refreshed when a select
     # hook asks for them, so dense decode never pays for metadata it does not read
@@ -79,6 +67,14 @@ class _Layer:
     # every row holds exactly positions 0..seq_len-1 in slots 0..seq_len-1 (no padding, no eviction):
     # the cache-owned fast path appends and attends without per-call position checks
     dense: bool = True
+    # every KV head of a row holds the same tokens in the same slots
+    uniform: bool = True
+    # evicted at least once: storage grows by an eighth (not by doubling), so a compressed layer's
+    # capacity stays near what it holds
+    bounded: bool = False
+    # per-slot statistics [B, Hkv, cap] kept by eviction policies (accumulated attention, ...),
+    # moved with their tokens by every eviction and resize
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
@@ -137,9 +133,30 @@ class KVCache:
         return entry.values[:, :, : entry.seq_len]
 
     def positions(self, layer: int) -> torch.Tensor:
-        """[B, seq_len] int64 original positions; -1 marks an empty slot."""
+        """[B, seq_len] int64 original positions; -1 marks an empty slot. Only while every KV head of
+        a row holds the same tokens (``is_uniform``); ``head_positions`` always works."""
         entry = self._need(layer)
-        return entry.pos[:, : entry.seq_len]
+        self._need_uniform(layer, entry, "positions")
+        return entry.pos[:, 0, : entry.seq_len]
+
+    def head_positions(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, seq_len] int64 original positions per KV head; -1 marks an empty slot."""
+        entry = self._need(layer)
+        return entry.pos[:, :, : entry.seq_len]
+
+    def is_uniform(self, layer: int) -> bool:
+        """Whether every KV head of each row holds the same tokens in the same slots (nothing was
+        evicted head by head); True for a layer that holds nothing."""
+        entry = self._get(layer)
+        return entry is None or entry.uniform
+
+    @staticmethod
+    def _need_uniform(layer: int, entry: _Layer, what: str) -> None:
+        if not entry.uniform:
+            raise ValueError(
+                f"layer {layer} keeps different tokens per KV head (a head-wise eviction): "
+                f"{what} per row do not exist; use head_positions / head_lengths"
+            )
 
     def seq_len(self, layer: int) -> int:
         """Slots in use (the longest row); 0 for a layer that holds nothing."""
@@ -147,7 +164,13 @@ class KVCache:
         return 0 if entry is None else entry.seq_len
 
     def row_lengths(self, layer: int) -> torch.Tensor:
-        """[B] int64 slots in use per row."""
+        """[B] int64 slots in use per row (while every KV head holds the same tokens)."""
+        entry = self._need(layer)
+        self._need_uniform(layer, entry, "row lengths")
+        return entry.row_len[:, 0].clone()
+
+    def head_lengths(self, layer: int) -> torch.Tensor:
+        """[B, Hkv] int64 slots in use per row and KV head."""
         return self._need(layer).row_len.clone()
 
     def n_seen(self, layer: int) -> int:
@@ -167,7 +190,7 @@ class KVCache:
 
     def has_empty_slots(self, layer: int) -> bool:
         """Whether any slot below ``seq_len`` holds no token (padding or a shorter row)."""
-        return bool((self.positions(layer) < 0).any())
+        return bool((self.head_positions(layer) < 0).any())
 
     # ------------------------------------------------------------------ writing
     def append(
@@ -203,26 +226,29 @@ class KVCache:
         need = int(entry.row_len.max()) + t_new
         if need > entry.capacity:
             self._resize(entry, need)
-        starts = entry.row_len.tolist()
+        starts = entry.row_len.clone()  # [B, Hkv]
+        first = int(starts[0, 0])
+        same = bool((starts == first).all())
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
-            entry.dense = len(set(starts)) == 1 and bool((pos == expect).all())
-        if len(set(starts)) == 1:
-            s = starts[0]
-            entry.keys[:, :, s : s + t_new].copy_(k)
-            entry.values[:, :, s : s + t_new].copy_(v)
-            entry.pos[:, s : s + t_new].copy_(pos)
-        else:
-            for b, s in enumerate(starts):
-                entry.keys[b, :, s : s + t_new].copy_(k[b])
-                entry.values[b, :, s : s + t_new].copy_(v[b])
-                entry.pos[b, s : s + t_new].copy_(pos[b])
+            entry.dense = same and bool((pos == expect).all())
+        head_pos = pos.unsqueeze(1).expand(-1, entry.keys.shape[1], -1)  # [B, Hkv, T_new]
+        if same:
+            entry.keys[:, :, first : first + t_new].copy_(k)
+            entry.values[:, :, first : first + t_new].copy_(v)
+            entry.pos[:, :, first : first + t_new].copy_(head_pos)
+        else:  # each (row, head) continues at its own next slot
+            slots = starts.to(k.device).unsqueeze(-1) + torch.arange(t_new, device=k.device)
+            rows = slots.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, T_new, D]
+            entry.keys.scatter_(2, rows, k)
+            entry.values.scatter_(2, rows, v)
+            entry.pos.scatter_(2, slots, head_pos)
         real_max = torch.where(pos >= 0, pos, -1).amax(dim=1).cpu()
         entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
         entry.row_len += t_new
         entry.n_seen += t_new
         entry.seq_len = int(entry.row_len.max())
-        entry.mark_stale(min(starts), entry.seq_len)
+        entry.mark_stale(int(starts.min()), entry.seq_len)
 
     def _append_dense(self, entry: _Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if not entry.dense:
@@ -232,9 +258,7 @@ class KVCache:
             self._resize(entry, s + t_new)
         entry.keys[:, :, s : s + t_new].copy_(k)
         entry.values[:, :, s : s + t_new].copy_(v)
-        torch.arange(s, s + t_new, out=entry.pos[0, s : s + t_new])
-        if entry.pos.shape[0] > 1:
-            entry.pos[1:, s : s + t_new].copy_(entry.pos[:1, s : s + t_new])
+        entry.pos[:, :, s : s + t_new] = torch.arange(s, s + t_new, device=k.device)
         entry.next_pos += t_new
         entry.row_len += t_new
         entry.n_seen += t_new
@@ -245,32 +269,8 @@ class KVCache:
         """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device) without
         changing anything; returns the layer's storage (None while it is empty)."""
         entry = self._get(layer)
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be [B, Hkv, T, D], got shape {tuple(t.shape)}")
-        if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
-            raise ValueError(
-                f"k and v differ: {tuple(k.shape)} {k.dtype} {k.device} vs "
-                f"{tuple(v.shape)} {v.dtype} {v.device}"
-            )
-        if not k.dtype.is_floating_point:
-            raise TypeError(f"k, v must be floating point, got {k.dtype}")
-        check_finite("k", k)
-        check_finite("v", v)
-        if entry is not None:
-            b, h, _, d = entry.keys.shape
-            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
-                raise ValueError(
-                    f"layer {layer} holds [B={b}, Hkv={h}, D={d}]; cannot append "
-                    f"[B={k.shape[0]}, Hkv={k.shape[1]}, D={k.shape[3]}]"
-                )
-            if k.dtype != entry.keys.dtype or k.device != entry.keys.device:
-                raise TypeError(
-                    f"layer {layer} holds {entry.keys.dtype} on {entry.keys.device}; "
-                    f"cannot append {k.dtype} on {k.device}"
-                )
+        held = None if entry is None else (entry.keys.shape, entry.keys.dtype, entry.keys.device)
+        check_append_kv(layer, k, v, held)
         return entry
 
     def check_append(
@@ -284,62 +284,75 @@ class KVCache:
         ).to(k.device)
         if positions is None:
             return next_pos.view(-1, 1) + torch.arange(t_new, device=k.device)
-        if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point:
-            raise TypeError("positions must be an integer torch.Tensor")
-        if positions.dtype == torch.bool:
-            raise TypeError("positions must be an integer torch.Tensor, not bool")
-        pos = positions.to(device=k.device, dtype=torch.int64)
-        if pos.dim() == 1:
-            pos = pos.view(1, -1)
-        if pos.dim() != 2 or pos.shape[-1] != t_new or pos.shape[0] not in (1, batch):
-            raise ValueError(
-                f"positions must be [{t_new}] or [{batch}, {t_new}], got {tuple(positions.shape)}"
-            )
-        pos = pos.expand(batch, t_new)
-        if pos.numel() and int(pos.min()) < -1:
-            raise ValueError(f"positions must be >= 0 (or -1 for padding), got {int(pos.min())}")
-        # strictly increasing real positions, continuing after what each row already holds
-        running = torch.cummax(torch.cat([next_pos.view(-1, 1) - 1, pos], dim=1), dim=1).values
-        real = pos >= 0
-        if not bool((pos > running[:, :-1])[real].all()):
-            raise ValueError(
-                "positions must be strictly increasing along each row and after the positions "
-                f"the cache already holds (next free position per row: {next_pos.tolist()})"
-            )
-        return pos
+        return check_append_positions(positions, next_pos, batch, t_new)
 
-    def evict(self, layer: int, keep: torch.Tensor) -> None:
-        """Drop every token whose ``keep`` entry is False. keep: bool [B, seq_len].
+    def evict(self, layer: int, keep: torch.Tensor, *, capacity: int | None = None) -> None:
+        """Drop every token whose ``keep`` entry is False.
 
-        Kept tokens move to the front of their row in their original order (positions stay unique and
-        increasing); a row's freed tail becomes empty slots (-1). Empty slots are dropped whatever
-        ``keep`` says. ``n_seen`` is unchanged.
+        keep: bool [B, seq_len] (every KV head alike) or [B, Hkv, seq_len] (per head: the heads of a
+        row may then hold different tokens, see ``head_positions``). Kept tokens move to the front of
+        their (row, head) in their original order (positions stay unique and increasing); the freed
+        tail becomes empty slots (-1). Empty slots are dropped whatever ``keep`` says. ``n_seen`` is
+        unchanged.
+
+        Storage follows what is kept. With ``capacity`` (slots per head, at least what is kept) the
+        layer is resized to exactly that, rounded up to a page, and later appends grow it by an
+        eighth: a bounded method holds its budget plus less than a page. Without it, storage halves
+        once a quarter of it is used (to twice what is kept, not below the initial capacity).
         """
         entry = self._need(layer)
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            raise TypeError("keep must be a bool torch.Tensor [B, seq_len]")
-        expected = (entry.keys.shape[0], entry.seq_len)
-        if tuple(keep.shape) != expected:
-            raise ValueError(f"keep must have shape {list(expected)}, got {list(keep.shape)}")
-        keep = keep.to(entry.pos.device) & (entry.pos[:, : entry.seq_len] >= 0)
-        lengths = keep.sum(dim=1).cpu()
-        for b in range(keep.shape[0]):
-            idx = keep[b].nonzero().flatten()
-            n = idx.numel()
-            entry.keys[b, :, :n] = entry.keys[b, :, idx]
-            entry.values[b, :, :n] = entry.values[b, :, idx]
-            entry.pos[b, :n] = entry.pos[b, idx]
-            entry.pos[b, n:] = -1
+        keep = self._check_keep(layer, entry, keep)
+        if capacity is not None and (
+            isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0
+        ):
+            raise ValueError(f"evict capacity must be an int > 0 slots, got {capacity!r}")
+        keep = keep & (entry.pos[:, :, : entry.seq_len] >= 0)
+        lengths = keep.sum(dim=-1).cpu()  # [B, Hkv]
+        n_max = int(lengths.max()) if lengths.numel() else 0
+        if capacity is not None and capacity < n_max:
+            raise ValueError(f"evict capacity {capacity} is below the {n_max} tokens kept")
+        # kept slots first, in their order: a stable sort of the drop flags
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
+        rows = order.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1])
+        entry.keys[:, :, :n_max] = entry.keys.gather(2, rows)
+        entry.values[:, :, :n_max] = entry.values.gather(2, rows)
+        tail = (
+            torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
+        )
+        entry.pos[:, :, :n_max] = entry.pos.gather(2, order)
+        entry.pos.masked_fill_(tail, -1)
+        for stat in entry.stats.values():
+            stat[:, :, :n_max] = stat.gather(2, order)
+            stat.masked_fill_(tail, 0)
         entry.row_len = lengths.to(torch.int64)
-        entry.seq_len = int(lengths.max()) if lengths.numel() else 0
+        entry.seq_len = n_max
         entry.dense = False
-        # storage follows what is kept: below a quarter of the capacity it halves (to twice the
-        # tokens held, not below the initial capacity), so a bounded method holds bounded memory
-        # and an append right after the eviction does not grow it back
-        target = self._round(max(self.initial_capacity, 2 * entry.seq_len))
-        if 4 * entry.seq_len <= entry.capacity and target < entry.capacity:
-            self._resize(entry, target, exact=True)
+        if entry.uniform and keep.shape[1] > 1:
+            entry.uniform = bool((entry.pos[:, :, :n_max] == entry.pos[:, :1, :n_max]).all())
+        if capacity is not None:
+            entry.bounded = True
+            if self._round(capacity) != entry.capacity:
+                self._resize(entry, capacity, exact=True)
+        else:
+            target = self._round(max(self.initial_capacity, 2 * entry.seq_len))
+            if 4 * entry.seq_len <= entry.capacity and target < entry.capacity:
+                self._resize(entry, target, exact=True)
         entry.mark_stale(0, entry.capacity)
+
+    @staticmethod
+    def _check_keep(layer: int, entry: _Layer, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` as bool [B, Hkv, seq_len] on the cache's device, or a clear error."""
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError("keep must be a bool torch.Tensor [B, seq_len] or [B, Hkv, seq_len]")
+        batch, heads = entry.keys.shape[:2]
+        if tuple(keep.shape) == (batch, entry.seq_len):
+            keep = keep.unsqueeze(1).expand(batch, heads, -1)
+        elif tuple(keep.shape) != (batch, heads, entry.seq_len):
+            raise ValueError(
+                f"keep for layer {layer} must be [B, seq_len] = {[batch, entry.seq_len]} or "
+                f"[B, Hkv, seq_len] = {[batch, heads, entry.seq_len]}, got {list(keep.shape)}"
+            )
+        return keep.to(entry.pos.device)
 
     def drop_positions(self, layer: int, positions: torch.Tensor) -> None:
         """Evict the tokens at original ``positions`` ([n] for every row, or [B, n]).
@@ -361,10 +374,12 @@ class KVCache:
         keep = torch.stack([~torch.isin(held[b], pos[b]) for b in range(held.shape[0])])
         self.evict(layer, keep)
 
-    def checkpoint(self, layer: int, t_new: int, refresh: bool = True) -> Checkpoint:
+    def checkpoint(
+        self, layer: int, t_new: int, refresh: bool = True, whole: bool = False
+    ) -> Checkpoint:
         """What ``rollback`` needs to undo an append of ``t_new`` tokens to ``layer`` and whatever a
-        call then does to it (``longattn.checkpoint.take``)."""
-        return take(self, self._get(layer), layer, t_new, refresh)
+        call then does to it (``longattn.checkpoint.take``; ``whole`` for a call that may evict)."""
+        return take(self, self._get(layer), layer, t_new, refresh, whole)
 
     def rollback(self, point: Checkpoint) -> None:
         """Put ``point.layer`` back exactly as it was at ``checkpoint`` (bit for bit)."""
@@ -440,7 +455,7 @@ class KVCache:
                 *entry.keys.shape[:3], matrix.shape[2], dtype=metadata_dtype(entry.keys.dtype)
             )
             entry.projections[name] = (matrix, buf)
-            self._refresh_projection(entry, matrix, buf, 0, entry.seq_len)
+            refresh_projection(entry, matrix, buf, 0, entry.seq_len)
         return entry.projections[name][1][:, :, : entry.seq_len]
 
     def select_view(
@@ -448,6 +463,7 @@ class KVCache:
     ) -> SelectView:
         """The read-only view a ``select`` hook receives for ``layer``."""
         entry = self._need(layer)
+        self._need_uniform(layer, entry, "a select method's page view")
         self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
         bounds = entry.page_bounds[:, :, :pages]
@@ -462,7 +478,7 @@ class KVCache:
             page_max=entry.page_max[:, :, :pages],
             page_bounds=bounds,
             page_sum=entry.page_sum[:, :, :pages],
-            page_count=entry.page_count[:, :pages],
+            page_count=entry.page_count[:, 0, :pages],
             project=lambda name, matrix: self.projected_keys(layer, name, matrix),
             state=self.state,
             calibration=calibration,
@@ -472,9 +488,28 @@ class KVCache:
         )
 
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full-capacity (keys, values, positions) of ``layer`` for gathering kernels (do not write)."""
+        """Full-capacity keys, values [B, Hkv, cap, D] and positions [B, cap] of ``layer`` (every
+        KV head holding the same tokens) for gathering kernels (do not write)."""
         entry = self._need(layer)
-        return entry.keys, entry.values, entry.pos
+        self._need_uniform(layer, entry, "storage positions")
+        return entry.keys, entry.values, entry.pos[:, 0]
+
+    def stat(self, layer: int, name: str) -> torch.Tensor:
+        """[B, Hkv, seq_len] float32 per-slot statistic ``name`` of ``layer`` (zeros when first
+        asked for), moved with its tokens by every eviction and resize: eviction policies keep
+        accumulated attention here. Write it through ``set_stat``."""
+        entry = self._need(layer)
+        if name not in entry.stats:
+            entry.stats[name] = torch.zeros(entry.pos.shape, device=entry.pos.device)
+        return entry.stats[name][:, :, : entry.seq_len]
+
+    def set_stat(self, layer: int, name: str, value: torch.Tensor) -> None:
+        """Replace statistic ``name`` of ``layer`` by ``value`` [B, Hkv, seq_len] (a new tensor, so
+        that ``rollback`` restores the old one)."""
+        entry = self._need(layer)
+        full = torch.zeros(entry.pos.shape, device=entry.pos.device)
+        full[:, :, : entry.seq_len] = value
+        entry.stats = {**entry.stats, name: full}
 
     # ------------------------------------------------------------------ internals
     def _allocate(self, k: torch.Tensor, t_new: int) -> _Layer:
@@ -486,22 +521,24 @@ class KVCache:
             # zeros, not garbage: a gathered page's unused tail is masked, but 0 * NaN would leak
             keys=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
             values=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
-            pos=torch.full((batch, cap), -1, dtype=torch.int64, device=dev),
-            row_len=torch.zeros(batch, dtype=torch.int64),
+            pos=torch.full((batch, heads, cap), -1, dtype=torch.int64, device=dev),
+            row_len=torch.zeros(batch, heads, dtype=torch.int64),
             next_pos=torch.zeros(batch, dtype=torch.int64),
             page_bounds=torch.zeros(
                 batch, heads, pages, 2 * dim, dtype=metadata_dtype(k.dtype), device=dev
             ),
             page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
-            page_count=torch.zeros(batch, pages, dtype=torch.int64, device=dev),
+            page_count=torch.zeros(batch, heads, pages, dtype=torch.int64, device=dev),
         )
 
     def _round(self, n: int) -> int:
         return -(-n // self.page_size) * self.page_size
 
     def _resize(self, entry: _Layer, need: int, exact: bool = False) -> None:
-        """Reallocate to ``need`` slots (``exact``) or at least double; the used slots are kept."""
-        cap = self._round(need if exact else max(need, 2 * entry.capacity))
+        """Reallocate to ``need`` slots (``exact``), or grow to at least double (by an eighth for a
+        layer an eviction bounded); the used slots are kept."""
+        step = max(self.page_size, entry.capacity // 8) if entry.bounded else entry.capacity
+        cap = self._round(need if exact else max(need, entry.capacity + step))
         used = entry.seq_len
         pages_used = -(-used // self.page_size)
 
@@ -517,10 +554,11 @@ class KVCache:
         pages = cap // self.page_size
         entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
         entry.values = bigger(entry.values, 2, cap, 0.0, used)
-        entry.pos = bigger(entry.pos, 1, cap, -1, used)
+        entry.pos = bigger(entry.pos, 2, cap, -1, used)
         entry.page_bounds = bigger(entry.page_bounds, 2, pages, 0.0, pages_used)
         entry.page_sum = bigger(entry.page_sum, 2, pages, 0.0, pages_used)
-        entry.page_count = bigger(entry.page_count, 1, pages, 0, pages_used)
+        entry.page_count = bigger(entry.page_count, 2, pages, 0, pages_used)
+        entry.stats = {n: bigger(t, 2, cap, 0.0, used) for n, t in entry.stats.items()}
         for name, (matrix, buf) in list(entry.projections.items()):
             entry.projections[name] = (matrix, bigger(buf, 2, cap, 0.0, used))
 
@@ -529,54 +567,4 @@ class KVCache:
         if entry.stale is not None:
             lo, hi = entry.stale
             entry.stale = None
-            self._refresh_pages(entry, lo, hi)
-
-    def _refresh_pages(self, entry: _Layer, lo: int, hi: int) -> None:
-        """Recompute the metadata of the pages overlapping slots [lo, hi)."""
-        ps = self.page_size
-        p0, p1 = lo // ps, min(-(-hi // ps), entry.capacity // ps)
-        if p1 <= p0:
-            return
-        s0, s1 = p0 * ps, p1 * ps
-        if entry.dense and p1 - p0 == 1 and entry.seq_len > s0:  # one decode step's page
-            self._refresh_dense_page(entry, p0, s0, min(s1, entry.seq_len))
-            return
-        batch, heads, _, dim = entry.keys.shape
-        keys = entry.keys[:, :, s0:s1].reshape(batch, heads, p1 - p0, ps, dim)
-        empty = (entry.pos[:, s0:s1] < 0).view(batch, 1, p1 - p0, ps, 1)
-        low = keys.masked_fill(empty, torch.inf).amin(dim=3)
-        high = keys.masked_fill(empty, -torch.inf).amax(dim=3)
-        self._store_bounds(entry, slice(p0, p1), low, high)
-        entry.page_sum[:, :, p0:p1] = keys.float().masked_fill(empty, 0.0).sum(dim=3)
-        entry.page_count[:, p0:p1] = (~empty).view(batch, p1 - p0, ps).sum(dim=2)
-        # an empty page holds zeros (not +-inf) so bounds stay finite; selection masks it by count
-        none = (entry.page_count[:, p0:p1] == 0).view(batch, 1, p1 - p0, 1)
-        entry.page_min[:, :, p0:p1].masked_fill_(none, 0.0)
-        entry.page_max[:, :, p0:p1].masked_fill_(none, 0.0)
-        for matrix, buf in entry.projections.values():
-            self._refresh_projection(entry, matrix, buf, s0, min(s1, entry.seq_len))
-
-    def _refresh_dense_page(self, entry: _Layer, page: int, lo: int, hi: int) -> None:
-        """``_refresh_pages`` for one page of a dense layer: slots [lo, hi) hold tokens in every
-        row, the rest of the page is empty, so slicing replaces masking."""
-        keys = entry.keys[:, :, lo:hi]
-        self._store_bounds(entry, page, keys.amin(dim=2), keys.amax(dim=2))
-        entry.page_sum[:, :, page] = keys.float().sum(dim=2)
-        entry.page_count[:, page] = hi - lo
-        for matrix, buf in entry.projections.values():
-            self._refresh_projection(entry, matrix, buf, lo, hi)
-
-    @staticmethod
-    def _store_bounds(entry: _Layer, pages: int | slice, low: torch.Tensor, high: torch.Tensor):
-        """Store page key min / max, rounded outward to the bounds' dtype."""
-        dtype = entry.page_bounds.dtype
-        entry.page_min[:, :, pages] = round_outward(low, dtype, -torch.inf)
-        entry.page_max[:, :, pages] = round_outward(high, dtype, torch.inf)
-
-    @staticmethod
-    def _refresh_projection(
-        entry: _Layer, matrix: torch.Tensor, buf: torch.Tensor, lo: int, hi: int
-    ) -> None:
-        if hi > lo:
-            # [B, Hkv, n, D] @ [Hkv, D, r] -> [B, Hkv, n, r]
-            buf[:, :, lo:hi] = torch.matmul(entry.keys[:, :, lo:hi].to(matrix.dtype), matrix)
+            refresh_pages(entry, self.page_size, lo, hi)

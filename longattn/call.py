@@ -25,7 +25,9 @@ from longattn.validation import check_finite, check_increasing, check_positions,
 
 @dataclass(frozen=True)
 class Call:
-    """A validated attention call. Positions are [Bp, T] int64 with Bp in {1, B}."""
+    """A validated attention call. Positions are [Bp, T] int64 with Bp in {1, B}; over a cache whose
+    KV heads hold different tokens (``KVCache.is_uniform``) ``kv_pos`` is [B, Hkv, T] (see
+    ``fold_kv_heads``)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -81,7 +83,7 @@ def make_cache_call(
     _check_method_fits_cache(method, cache, k)  # the method as asked, also where prefill is dense
     probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
     cache.append_checked(layer, k, v, new_pos)  # validated above, nothing changed yet
-    kv_pos = cache.positions(layer)
+    kv_pos = cache.positions(layer) if cache.is_uniform(layer) else cache.head_positions(layer)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
     return replace(
         probe,
@@ -145,7 +147,7 @@ def _is_default_layout(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> bool:
     """Whether unpadded positions are exactly ``0..Tk-1`` with the queries as the last ``Tq`` keys, so
     that kernels which ignore positions (SDPA) compute the same attention."""
     q_len, kv_len = q_pos.shape[-1], kv_pos.shape[-1]
-    if kv_len == 0 or q_len > kv_len:
+    if kv_len == 0 or q_len > kv_len or kv_pos.dim() != 2:
         return False
     # real positions strictly increase, so first == 0 and last == Tk - 1 means exactly 0..Tk-1
     if bool((kv_pos[:, 0] != 0).any()) or bool((kv_pos[:, -1] != kv_len - 1).any()):
@@ -178,10 +180,12 @@ def apply_retention(call: Call) -> None:
     if type(call.method).retain is Method.retain:  # keeps everything
         return
     newest = call.q_pos.amax(dim=1, keepdim=True)  # [Bp, 1]
+    if call.kv_pos.dim() == 3:  # each KV head its own positions: [B, Hkv, Tk]
+        newest = newest.unsqueeze(1)
     keep = call.method.retain(call.kv_pos, newest)
     if keep is None:
         return
-    kv_pos = call.kv_pos.expand(call.q.shape[0], -1)  # [B, Tk]
+    kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
     real = kv_pos >= 0
     keep = keep.expand_as(kv_pos) & real
     if bool((real & ~keep).any()):
@@ -237,8 +241,9 @@ def make_call(
 def phase_method(method: Method, q_len: int) -> Method:
     """The rule a call runs: a select method acts at decode time only; with more than
     ``MAX_DECODE_QUERIES`` queries (prefill) it is dense causal attention by definition, and the call
-    is a dense call that every dense implementation may run."""
-    if method.hook == "select" and q_len > MAX_DECODE_QUERIES:
+    is a dense call that every dense implementation may run. A score (eviction) method acts on the
+    cache, not on the attention: its attention is dense causal over what the cache holds."""
+    if method.hook == "score" or (method.hook == "select" and q_len > MAX_DECODE_QUERIES):
         return Dense()
     return method
 
@@ -259,3 +264,47 @@ def _method_and_scale(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     return method, float(scale)
+
+
+@dataclass(frozen=True)
+class _FoldedHeads(Method):
+    """``inner``'s mask on a folded call (``fold_kv_heads``): batch row ``b`` of the fold is KV head
+    ``b % n_kv_heads`` of row ``b // n_kv_heads``, and its head ``h`` is query head
+    ``(b % n_kv_heads) * group + h`` of the original call."""
+
+    inner: Method = field(default_factory=Dense)
+    n_kv_heads: int = 1
+    group: int = 1
+
+    @property
+    def is_causal(self) -> bool:
+        return self.inner.is_causal
+
+    def mask(self, b, h, q_pos, kv_pos):
+        return self.inner.mask(
+            b // self.n_kv_heads, (b % self.n_kv_heads) * self.group + h, q_pos, kv_pos
+        )
+
+
+def fold_kv_heads(call: Call) -> Call:
+    """A call over a cache whose KV heads hold different tokens (``kv_pos`` [B, Hkv, T]) as the same
+    attention with each (row, KV head) a batch row of its own: q [B*Hkv, G, Tq, D] (the KV head's
+    query heads), k, v [B*Hkv, 1, T, D] (views of the cache), kv_pos [B*Hkv, T]. Every kernel that
+    reads per-row positions runs it; its output [B*Hkv, G, Tq, ...] is the original's [B, H, Tq, ...]
+    (``AttnOutput`` reshaped by the caller)."""
+    batch, n_heads, n_kv, q_len, kv_len, dim = call.shape
+    group = n_heads // n_kv
+    method = call.method
+    if not isinstance(method, Dense):  # Dense's mask reads neither row nor head
+        method = _FoldedHeads(method, n_kv, group)
+    return Call(
+        call.q.reshape(batch * n_kv, group, q_len, dim),
+        call.k.reshape(batch * n_kv, 1, kv_len, dim),
+        call.v.reshape(batch * n_kv, 1, kv_len, dim),
+        method,
+        call.scale,
+        call.q_pos.expand(batch, -1).repeat_interleave(n_kv, dim=0),
+        call.kv_pos.reshape(batch * n_kv, kv_len),
+        default_positions=False,
+        has_padding=call.has_padding,
+    )

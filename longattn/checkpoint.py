@@ -5,7 +5,8 @@ A checkpoint keeps the layer's fields (tensor references, counters, flags) and c
 call can overwrite in place: the slots the append writes and, when the call may refresh page
 metadata (a select method), the stale pages and projections. A growth or shrink replaces the
 tensors instead of writing them, so restoring the references undoes it. O(new tokens + stale
-pages), not O(cache).
+pages), not O(cache) -- except for a call that may compress the layer (an eviction method), whose
+checkpoint copies the whole layer (``whole``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-SLOT_TENSORS = ("keys", "values", "pos")  # written by an append; pos and page_count are [B, n]
+SLOT_TENSORS = ("keys", "values", "pos")  # written by an append; all [B, Hkv, slots, ...]
+LAYER_TENSORS = (*SLOT_TENSORS, "page_bounds", "page_sum", "page_count")
 
 
 @dataclass
@@ -28,22 +30,30 @@ class Checkpoint:
     starts: tuple[int, int, int] = (0, 0, 0)  # first saved slot, first stale slot, first page
 
 
-def take(cache: Any, entry: Any, layer: int, t_new: int, refresh: bool) -> Checkpoint:
+def take(
+    cache: Any, entry: Any, layer: int, t_new: int, refresh: bool, whole: bool = False
+) -> Checkpoint:
     """A checkpoint of ``entry`` (``cache``'s storage of ``layer``) before ``t_new`` tokens are
-    appended; ``refresh``: the call may bring page metadata up to date."""
+    appended; ``refresh``: the call may bring page metadata up to date; ``whole``: the call may
+    rewrite any slot (an eviction), so every tensor of the layer is copied."""
     state = dict(cache.state)
     if entry is None:
         return Checkpoint(layer, None, None, {}, state)
+    if whole:
+        fields = {
+            n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in vars(entry).items()
+        }
+        fields["stats"] = {n: t.clone() for n, t in entry.stats.items()}
+        fields["projections"] = {n: (m, b.clone()) for n, (m, b) in entry.projections.items()}
+        return Checkpoint(layer, entry, fields, {}, state)
     lo = int(entry.row_len.min())
     hi = min(int(entry.row_len.max()) + t_new, entry.capacity)
     stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
     p_lo = stale_lo // cache.page_size
     p_hi = -(-hi // cache.page_size) if refresh else p_lo  # an append alone only marks pages stale
-    saved = {
-        name: getattr(entry, name).narrow(_axis(name), lo, hi - lo).clone() for name in SLOT_TENSORS
-    }
+    saved = {name: getattr(entry, name).narrow(2, lo, hi - lo).clone() for name in SLOT_TENSORS}
     for name in ("page_bounds", "page_sum", "page_count"):
-        saved[name] = getattr(entry, name).narrow(_axis(name), p_lo, p_hi - p_lo).clone()
+        saved[name] = getattr(entry, name).narrow(2, p_lo, p_hi - p_lo).clone()
     for name, (_, buf) in entry.projections.items() if refresh else ():
         saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()
     fields = dict(vars(entry), row_len=entry.row_len.clone(), next_pos=entry.next_pos.clone())
@@ -58,7 +68,7 @@ def restore(cache: Any, point: Checkpoint) -> None:
         cache._layers[point.layer] = None
         return
     entry = point.entry
-    moved = {n for n in SLOT_TENSORS if getattr(entry, n) is not point.fields[n]}
+    moved = {n for n in LAYER_TENSORS if getattr(entry, n) is not point.fields[n]}
     vars(entry).update(point.fields)
     cache._layers[point.layer] = entry
     lo, stale_lo, p_lo = point.starts
@@ -68,8 +78,4 @@ def restore(cache: Any, point: Checkpoint) -> None:
             buf[:, :, stale_lo : stale_lo + saved.shape[2]].copy_(saved)
         elif name not in moved:  # a reallocated tensor was replaced, not written: nothing to copy
             start = lo if name in SLOT_TENSORS else p_lo
-            getattr(entry, name).narrow(_axis(name), start, saved.shape[_axis(name)]).copy_(saved)
-
-
-def _axis(name: str) -> int:
-    return 1 if name in ("pos", "page_count") else 2
+            getattr(entry, name).narrow(2, start, saved.shape[2]).copy_(saved)

@@ -89,3 +89,68 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         f"{name} holds a non-finite value ({t[where].item()}) at [b, h, t, d] = {list(where)}; "
         "queries, keys and values must be finite, padding and masked slots included"
     )
+
+
+def check_append_kv(
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    held: tuple[torch.Size, torch.dtype, torch.device] | None,
+) -> None:
+    """Validate the keys and values of an append to cache ``layer`` (types, shapes, dtype, device,
+    finiteness); ``held`` is the layer's (keys shape, dtype, device), None while it is empty."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, Hkv, T, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+        raise ValueError(
+            f"k and v differ: {tuple(k.shape)} {k.dtype} {k.device} vs "
+            f"{tuple(v.shape)} {v.dtype} {v.device}"
+        )
+    if not k.dtype.is_floating_point:
+        raise TypeError(f"k, v must be floating point, got {k.dtype}")
+    check_finite("k", k)
+    check_finite("v", v)
+    if held is not None:
+        (b, h, _, d), dtype, device = held
+        if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
+            raise ValueError(
+                f"layer {layer} holds [B={b}, Hkv={h}, D={d}]; cannot append "
+                f"[B={k.shape[0]}, Hkv={k.shape[1]}, D={k.shape[3]}]"
+            )
+        if k.dtype != dtype or k.device != device:
+            raise TypeError(
+                f"layer {layer} holds {dtype} on {device}; cannot append {k.dtype} on {k.device}"
+            )
+
+
+def check_append_positions(
+    positions: torch.Tensor, next_pos: torch.Tensor, batch: int, t_new: int
+) -> torch.Tensor:
+    """The positions [B, T_new] of an append: ``positions`` [T_new] or [B, T_new] int, -1 for
+    padding, strictly increasing along each row and after ``next_pos`` [B] - 1 (what each row
+    already holds)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point:
+        raise TypeError("positions must be an integer torch.Tensor")
+    if positions.dtype == torch.bool:
+        raise TypeError("positions must be an integer torch.Tensor, not bool")
+    pos = positions.to(device=next_pos.device, dtype=torch.int64)
+    if pos.dim() == 1:
+        pos = pos.view(1, -1)
+    if pos.dim() != 2 or pos.shape[-1] != t_new or pos.shape[0] not in (1, batch):
+        raise ValueError(
+            f"positions must be [{t_new}] or [{batch}, {t_new}], got {tuple(positions.shape)}"
+        )
+    pos = pos.expand(batch, t_new)
+    if pos.numel() and int(pos.min()) < -1:
+        raise ValueError(f"positions must be >= 0 (or -1 for padding), got {int(pos.min())}")
+    running = torch.cummax(torch.cat([next_pos.view(-1, 1) - 1, pos], dim=1), dim=1).values
+    real = pos >= 0
+    if not bool((pos > running[:, :-1])[real].all()):
+        raise ValueError(
+            "positions must be strictly increasing along each row and after the positions "
+            f"the cache already holds (next free position per row: {next_pos.tolist()})"
+        )
+    return pos

@@ -189,7 +189,8 @@ def decode_dense_cpp(
     causal: bool = True,
 ) -> AttnOutput:
     """``decode_attention`` by the C++ kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
-    views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] int64 (-1 = empty slot)."""
+    views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] or [B, Hkv, T] (each KV head
+    its own positions) int64 (-1 = empty slot)."""
     out, lse = extension.load("decode").decode_dense(
         _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), q_pos, kv_pos, scale, causal
     )

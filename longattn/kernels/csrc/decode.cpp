@@ -51,8 +51,8 @@ struct Problem {
   int64_t ksB, ksH, ksT, vsB, vsH, vsT;
   const int64_t* qpos;  // [Bp, Tq]
   int64_t qpsB, qpsT;
-  const int64_t* kpos;  // [Bp, T] (dense) or [B, cap] (selected)
-  int64_t kpsB, kpsT;
+  const int64_t* kpos;  // [Bp, T] or [B, Hkv, T] (dense); [B, cap] or [B, Hkv, cap] (selected)
+  int64_t kpsB, kpsH, kpsT;  // kpsH = 0: every KV head of a row holds the same positions
   const int64_t* index;  // [B, Hi, n] or nullptr (dense over T slots)
   int64_t isB, isH, isN;
   int64_t n;     // entries per stream: T (dense) or index entries
@@ -379,7 +379,7 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
   }
   const T* kbase = P.k + b * P.ksB + kv * P.ksH;
   const T* vbase = P.v + b * P.vsB + kv * P.vsH;
-  const int64_t* pbase = P.kpos + (P.kpsB ? b : 0) * P.kpsB;
+  const int64_t* pbase = P.kpos + b * P.kpsB + kv * P.kpsH;
   const int64_t* ibase = P.index ? P.index + b * P.isB + ih * P.isH : nullptr;
   const int lines = static_cast<int>((P.D * sizeof(T) + 63) / 64);
   const int64_t far = std::max<int64_t>(1, FAR_BYTES / static_cast<int64_t>(P.D * sizeof(T)));
@@ -579,7 +579,8 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.qpsT = q_pos.stride(1);
   P.kpos = kv_pos.data_ptr<int64_t>();
   P.kpsB = kv_pos.size(0) == 1 ? 0 : kv_pos.stride(0);
-  P.kpsT = kv_pos.stride(1);
+  P.kpsH = kv_pos.dim() == 3 ? kv_pos.stride(1) : 0;
+  P.kpsT = kv_pos.stride(kv_pos.dim() - 1);
   P.scale2 = static_cast<float>(scale) * LOG2E;
   P.causal = causal;
   P.unit = 1;
@@ -601,14 +602,18 @@ std::vector<at::Tensor> finish(const at::Tensor& q, const std::function<void(voi
   return {out, lse};
 }
 
-// Dense: q [B, H, Tq, D] over k, v [B, Hkv, T, D]; q_pos [Bp, Tq], kv_pos [Bp, T] int64.
+// Dense: q [B, H, Tq, D] over k, v [B, Hkv, T, D]; q_pos [Bp, Tq], kv_pos [Bp, T] or
+// [B, Hkv, T] int64 (per-head retention: each KV head its own positions).
 std::vector<at::Tensor> decode_dense(const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& q_pos,
                                      const at::Tensor& kv_pos, double scale, bool causal) {
   check_inputs(q, k, v, q_pos);
-  TORCH_CHECK(kv_pos.scalar_type() == at::kLong && kv_pos.dim() == 2 &&
-                  kv_pos.size(1) == k.size(2) && (kv_pos.size(0) == 1 || kv_pos.size(0) == q.size(0)),
-              "decode kernel: kv_pos must be int64 [Bp, T]");
+  const bool per_head = kv_pos.dim() == 3;
+  TORCH_CHECK(kv_pos.scalar_type() == at::kLong && (kv_pos.dim() == 2 || per_head) &&
+                  kv_pos.size(-1) == k.size(2) &&
+                  (kv_pos.size(0) == 1 || kv_pos.size(0) == q.size(0)) &&
+                  (!per_head || (kv_pos.size(0) == q.size(0) && kv_pos.size(1) == k.size(1))),
+              "decode kernel: kv_pos must be int64 [Bp, T] or [B, Hkv, T]");
   return finish(q, [&](void* out, float* lse) {
     dispatch(q, [&](auto zero) {
       using scalar_t = decltype(zero);
@@ -624,16 +629,18 @@ std::vector<at::Tensor> decode_dense(const at::Tensor& q, const at::Tensor& k,
 
 // Selected: q over the entries of index [B, Hi, n] (Hi = Hkv: shared by a KV head's group; Hi = H:
 // one selection per query head) into the layer's full storage keys, values [B, Hkv, cap, D] and
-// positions [B, cap]; entry e names slots [e * unit, (e + 1) * unit); -1 = unused.
+// positions [B, cap] or [B, Hkv, cap]; entry e names slots [e * unit, (e + 1) * unit); -1 = unused.
 std::vector<at::Tensor> decode_selected(const at::Tensor& q, const at::Tensor& keys,
                                         const at::Tensor& values, const at::Tensor& positions,
                                         const at::Tensor& index, int64_t unit,
                                         const at::Tensor& q_pos, double scale, bool causal) {
   check_inputs(q, keys, values, q_pos);
   TORCH_CHECK(unit >= 1 && keys.size(2) % unit == 0, "decode kernel: unit must divide capacity");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 &&
-                  positions.size(0) == q.size(0) && positions.size(1) == keys.size(2),
-              "decode kernel: positions must be int64 [B, cap]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong &&
+                  (positions.dim() == 2 ||
+                   (positions.dim() == 3 && positions.size(1) == keys.size(1))) &&
+                  positions.size(0) == q.size(0) && positions.size(-1) == keys.size(2),
+              "decode kernel: positions must be int64 [B, cap] or [B, Hkv, cap]");
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 3 && index.size(0) == q.size(0),
               "decode kernel: index must be int64 [B, Hi, n]");
   const int64_t Hi = index.size(1);

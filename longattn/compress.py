@@ -1,0 +1,255 @@
+"""Eviction: the library's half of a score method (``longattn.method.Evict``).
+
+A score method says how important each held key is, per (batch row, KV head); this module does the
+rest, the same way for every scorer: it keeps the observation window of queries and the attention
+statistics the scorer reads, decides when to compress (``Evict.when``), turns the method's budget
+into a token count per layer (``allocation``: uniform or PyramidKV) and per head (uniform or AdaKV),
+protects the sinks and the recent window, takes the top-k per head and evicts the rest in the cache,
+head by head, shrinking the storage to what is kept (``KVCache.evict(capacity=...)``).
+
+Per-layer bookkeeping lives in ``cache.state`` (an immutable ``Tracked`` per layer, replaced rather
+than mutated, so that ``KVCache.rollback`` restores it) and in the cache's per-slot statistics
+(``KVCache.stat``), which move with their tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from longattn.cache import KVCache
+from longattn.call import Call
+from longattn.kernels.decode import MAX_DECODE_QUERIES
+from longattn.method import Evict
+from longattn.types import ScoreView, accumulation_dtype
+
+PYRAMID_BETA = 20  # PyramidKV's ratio between the average and the last layer's budget
+ADA_FLOOR = 0.2  # AdaKV's safeguard: each head keeps at least this share of the uniform budget
+WEIGHT_CHUNK = 256  # queries per chunk when attention weights are computed (no T x T matrix)
+
+
+class Tracked(NamedTuple):
+    """What the library keeps of one layer between calls for its eviction method."""
+
+    queries: torch.Tensor  # [B, H, w, D] the latest queries (the observation window)
+    q_pos: torch.Tensor  # [B, w]
+    scale: float
+    pending: bool  # a prompt was appended since the last compression
+    steps: int  # decode steps since the last compression
+
+
+def _key(layer: int) -> tuple[str, int]:
+    return ("evict", layer)
+
+
+def due_before(method: Evict, cache: KVCache, layer: int, q_len: int) -> bool:
+    """Whether a call of ``q_len`` queries compresses ``layer`` before appending (a decode step
+    after a prompt, or the ``every``-th decode step for ``when="decode"``)."""
+    tracked = cache.state.get(_key(layer))
+    if tracked is None or q_len > MAX_DECODE_QUERIES or method.when == "chunk":
+        return False
+    return tracked.pending or (method.when == "decode" and tracked.steps + 1 >= method.every)
+
+
+def due_after(method: Evict, q_len: int) -> bool:
+    """Whether a call of ``q_len`` queries compresses its layer after attending (a prefill chunk
+    for ``when="chunk"``)."""
+    return method.when == "chunk" and q_len > MAX_DECODE_QUERIES
+
+
+def before(method: Evict, cache: KVCache, layer: int, q_len: int, calibration) -> None:
+    """Compress ``layer`` ahead of a decode step when it is due (the step's own tokens are not
+    appended yet, so they cannot be evicted)."""
+    if due_before(method, cache, layer, q_len):
+        compress(method, cache, layer, calibration)
+        tracked = cache.state[_key(layer)]
+        cache.state[_key(layer)] = tracked._replace(pending=False, steps=0)
+
+
+def after(method: Evict, call: Call, calibration) -> None:
+    """Bookkeeping after ``call`` attended over its cache layer: the observation window, the
+    accumulated attention (for scorers that need it), the schedule, and a chunk compression."""
+    cache, layer = call.cache, call.layer
+    assert cache is not None
+    q_len = call.q.shape[2]
+    q_pos = call.q_pos.expand(call.q.shape[0], -1)
+    if "accumulated" in method.needs:
+        _accumulate(cache, layer, call.q, q_pos, call.scale)
+    old = cache.state.get(_key(layer))
+    queries, positions = call.q, q_pos
+    if old is not None and q_len < method.window and old.queries.shape[2]:
+        queries = torch.cat([old.queries, queries], dim=2)
+        positions = torch.cat([old.q_pos, positions], dim=1)
+    prompt = q_len > MAX_DECODE_QUERIES
+    cache.state[_key(layer)] = Tracked(
+        queries[:, :, -method.window :].clone(),
+        positions[:, -method.window :].clone(),
+        call.scale,
+        pending=prompt or (old is not None and old.pending),
+        steps=0 if prompt or old is None else old.steps + 1,
+    )
+    if due_after(method, q_len):
+        compress(method, cache, layer, calibration)
+        cache.state[_key(layer)] = cache.state[_key(layer)]._replace(pending=False)
+
+
+def compress(method: Evict, cache: KVCache, layer: int, calibration=None) -> None:
+    """Score ``layer``'s keys with ``method`` and evict, per head, what its budget does not keep."""
+    tracked = cache.state.get(_key(layer))
+    view = score_view(method, cache, layer, tracked, calibration)
+    scores = method.score(view)
+    positions = view.positions
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(positions.shape):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(
+            f"{method.name}.score must return [B, Hkv, T] = {tuple(positions.shape)}, got {got}"
+        )
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"{method.name}.score returned NaN")
+    keep = choose(method, scores.float(), positions, cache.n_seen(layer), layer, cache.n_layers)
+    kept = int(keep.sum(dim=-1).max())
+    headroom = method.every if method.when == "decode" else 0
+    cache.evict(layer, keep, capacity=max(1, kept + headroom))
+
+
+def score_view(
+    method: Evict, cache: KVCache, layer: int, tracked: Tracked | None, calibration
+) -> ScoreView:
+    """The read-only view ``method.score`` gets of ``layer``."""
+    keys, positions = cache.keys(layer), cache.head_positions(layer)
+    batch, n_kv, _, dim = keys.shape
+    if tracked is None:  # nothing attended yet through the method: an empty window
+        n_heads = n_kv
+        queries = keys.new_zeros(batch, n_heads, 0, dim)
+        q_pos, scale = positions.new_zeros(batch, 0), 1.0 / math.sqrt(dim)
+    else:
+        queries, q_pos, scale = tracked.queries, tracked.q_pos, tracked.scale
+    accumulated = last_hit = None
+    if "accumulated" in method.needs:
+        accumulated = cache.stat(layer, "accumulated")
+        last_hit = cache.stat(layer, "last_hit").to(torch.int64) - 1
+    return ScoreView(
+        keys=keys,
+        values=cache.values(layer),
+        positions=positions,
+        queries=queries,
+        q_pos=q_pos,
+        scale=scale,
+        layer=layer,
+        n_layers=cache.n_layers,
+        n_seen=cache.n_seen(layer),
+        weights=partial(attention_weights, keys=keys, positions=positions, scale=scale),
+        accumulated=accumulated,
+        last_hit=last_hit,
+        calibration=calibration,
+    )
+
+
+def layer_budget(method: Evict, n_seen: int, layer: int, n_layers: int) -> int:
+    """Tokens per KV head ``layer`` keeps: ``tokens``, or ``ceil(budget * n_seen)``, shared out over
+    the layers by ``allocation`` (PyramidKV, arXiv:2406.02069: an arithmetic sequence from layer 0
+    down to ``1 / PYRAMID_BETA`` of the average at the last layer, with the same total)."""
+    if method.tokens:
+        average = method.tokens
+    else:
+        average = max(1, math.ceil(method.budget * n_seen - 1e-9))
+    if method.allocation != "pyramid" or n_layers == 1:
+        return average
+    last = average / PYRAMID_BETA
+    first = 2 * average - last
+    return max(1, round(first - (first - last) * layer / (n_layers - 1)))
+
+
+def choose(
+    method: Evict,
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    n_seen: int,
+    layer: int,
+    n_layers: int,
+) -> torch.Tensor:
+    """bool [B, Hkv, T]: the keys to keep. Sinks and the recent window always; then per head the
+    highest scores (ties to the earlier slot) up to the head's budget; +inf always, -inf never."""
+    held = positions >= 0
+    newest = positions.amax(dim=-1, keepdim=True)  # [B, Hkv, 1]
+    protected = held & ((positions < method.sinks) | (positions > newest - method.recent))
+    scores = scores.masked_fill(~held, -torch.inf).masked_fill(protected, torch.inf)
+    budget = layer_budget(method, n_seen, layer, n_layers)
+    forced = torch.isposinf(scores).sum(dim=-1)  # [B, Hkv]
+    if method.allocation == "ada":
+        per_head = ada_budgets(scores, budget)
+    else:
+        per_head = torch.full_like(forced, budget)
+    per_head = torch.maximum(per_head, forced)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    rank_ok = torch.arange(scores.shape[-1], device=scores.device) < per_head.unsqueeze(-1)
+    keep_sorted = rank_ok & (order.values > -torch.inf)
+    return torch.zeros_like(held).scatter(-1, order.indices, keep_sorted)
+
+
+def ada_budgets(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """[B, Hkv] per-head budgets summing to ``budget * Hkv`` per row (AdaKV, arXiv:2407.11550):
+    each head gets ``ADA_FLOOR`` of the uniform budget, the rest goes to the highest scores of the
+    layer across heads (scores of one scorer are comparable across heads: attention mass)."""
+    batch, n_kv, length = scores.shape
+    floor = min(int(ADA_FLOOR * budget), length)
+    total = min(budget * n_kv, length * n_kv)
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # [B, Hkv, T]
+    rest = ranked[..., floor:].reshape(batch, -1)  # the candidates beyond each head's floor
+    extra = min(total - floor * n_kv, rest.shape[-1])
+    chosen = torch.zeros_like(rest, dtype=torch.bool)
+    if extra > 0:
+        top = torch.topk(rest, extra, dim=-1, sorted=False).indices
+        chosen.scatter_(-1, top, True)
+    return floor + chosen.view(batch, n_kv, -1).sum(dim=-1)
+
+
+def attention_weights(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """[B, H, n, T] softmax probabilities of q [B, H, n, D] at q_pos [B, n] over keys [B, Hkv, T, D]
+    with positions [B, Hkv, T] (-1 empty), causal by position; a query that sees no key gets zeros.
+    float32 (float64 for float64 keys)."""
+    batch, n_heads, n, dim = q.shape
+    n_kv, length = keys.shape[1], keys.shape[2]
+    group = n_heads // n_kv
+    dtype = accumulation_dtype(keys.dtype)
+    rows = q.to(dtype).reshape(batch, n_kv, group * n, dim)  # [B, Hkv, G*n, D], row = g * n + t
+    scores = torch.matmul(rows, keys.to(dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*n, T]
+    qp = q_pos.repeat(1, group).view(batch, 1, group * n, 1)
+    kp = positions.unsqueeze(2)  # [B, Hkv, 1, T]
+    visible = (kp >= 0) & (kp <= qp) & (qp >= 0)
+    probs = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+    return probs.view(batch, n_heads, n, length)
+
+
+def _accumulate(
+    cache: KVCache, layer: int, q: torch.Tensor, q_pos: torch.Tensor, scale: float
+) -> None:
+    """Add this call's attention to each held key's accumulated attention (summed over the query
+    heads of its KV head) and record the latest query under which it drew at least the mean
+    weight; computed WEIGHT_CHUNK queries at a time."""
+    keys, positions = cache.keys(layer), cache.head_positions(layer)
+    batch, n_kv = keys.shape[:2]
+    total = cache.stat(layer, "accumulated").clone()
+    last = cache.stat(layer, "last_hit").clone()  # position + 1 (0: never)
+    for start in range(0, q.shape[2], WEIGHT_CHUNK):
+        qc, pc = q[:, :, start : start + WEIGHT_CHUNK], q_pos[:, start : start + WEIGHT_CHUNK]
+        probs = attention_weights(qc, pc, keys=keys, positions=positions, scale=scale)
+        grouped = probs.view(batch, n_kv, -1, probs.shape[-1])  # [B, Hkv, G*c, T]
+        total += grouped.sum(dim=2).float()
+        seen = (grouped > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+        hit = (grouped > 0) & (grouped * seen >= 1)
+        group = grouped.shape[2] // pc.shape[1]
+        qp = pc.repeat(1, group).view(batch, 1, -1, 1).float() + 1
+        last = torch.maximum(last, torch.where(hit, qp, 0.0).amax(dim=2))
+    cache.set_stat(layer, "accumulated", total)
+    cache.set_stat(layer, "last_hit", last)
