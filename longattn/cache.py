@@ -167,7 +167,7 @@ class KVCache:
         """[B] int64 slots in use per row (while every KV head holds the same tokens)."""
         entry = self._need(layer)
         self._need_uniform(layer, entry, "row lengths")
-        return entry.row_len[:, 0].clone()
+        return entry.row_len[:, 0].clone(memory_format=torch.contiguous_format)
 
     def head_lengths(self, layer: int) -> torch.Tensor:
         """[B, Hkv] int64 slots in use per row and KV head."""

@@ -46,8 +46,10 @@ def must_run(spec: str, impl: str, dtype: torch.dtype, q_len: int, dim: int) -> 
     """Whether ``impl`` must run ``spec`` on a call with these queries, dtype and head dim."""
     method = from_string(spec)
     few = q_len <= MAX_DECODE_QUERIES
-    if method.hook == "select" and not few:
-        method = Dense()  # a select method's prefill is a dense call (longattn.call.phase_method)
+    if method.hook == "score" or (method.hook == "select" and not few):
+        # a select method's prefill and an eviction method's attention are dense calls
+        # (longattn.call.phase_method)
+        method = Dense()
     dense, mask = isinstance(method, Dense), method.hook == "mask"
     return {
         "decode_cpp": few and (dense or method.hook == "select") and dtype in DTYPES and dim <= 256,

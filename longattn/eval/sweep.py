@@ -143,7 +143,7 @@ def run_cli(argv: list[str]) -> CliResult:
 
 def _bits(t: torch.Tensor) -> tuple:
     """A tensor's exact contents (NaN equal to itself): dtype, shape and raw bytes."""
-    flat = t.detach().contiguous().reshape(-1)
+    flat = t.detach().reshape(-1).clone(memory_format=torch.contiguous_format)
     return (t.dtype, tuple(t.shape), flat.view(torch.uint8).tolist() if flat.numel() else [])
 
 
@@ -157,10 +157,11 @@ def snapshot(cache: KVCache) -> list:
             state.append(None)
             continue
         cache._sync(entry)
-        tensors = [cache.keys(layer), cache.values(layer), cache.positions(layer)]
-        tensors += [cache.row_lengths(layer), *cache.storage(layer)]
-        tensors += [entry.page_bounds, entry.page_sum, entry.page_count]
-        counters = (cache.n_seen(layer), cache.seq_len(layer), cache.capacity(layer), entry.dense)
+        tensors = [cache.keys(layer), cache.values(layer), cache.head_positions(layer)]
+        tensors += [cache.head_lengths(layer), entry.keys, entry.values, entry.pos]
+        tensors += [entry.page_bounds, entry.page_sum, entry.page_count, *entry.stats.values()]
+        counters = (cache.n_seen(layer), cache.seq_len(layer), cache.capacity(layer), entry.dense,
+                    entry.uniform, entry.bounded)  # fmt: skip
         state.append((counters, [_bits(t) for t in tensors]))
     return state
 
