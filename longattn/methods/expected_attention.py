@@ -43,10 +43,10 @@ class ExpectedAttention(Evict):
         mean = queries.mean(dim=2).view(batch, n_kv, -1, 1, dim)  # [B, Hkv, G, 1, D]
         logits = view.scale * (keys @ mean.transpose(-1, -2)).squeeze(-1)  # [B, Hkv, G, T]
         if self.covariance and w > 1:
-            centred = queries - mean.view(batch, n_heads, 1, dim)  # [B, H, w, D]
-            cov = centred.transpose(-1, -2) @ centred / w  # [B, H, D, D]
-            spread = keys @ cov.view(batch, n_kv, -1, dim, dim)  # [B, Hkv, G, T, D]
-            logits = logits + view.scale**2 / 2 * (spread * keys).sum(-1)
+            # k^T S k = mean over the window of ((q_i - mu) . k)^2: w x T per head, no D x D
+            centred = (queries - mean.view(batch, n_heads, 1, dim)).view(batch, n_kv, -1, w, dim)
+            spread = (centred @ keys.transpose(-1, -2)).square().mean(dim=-2)  # [B, Hkv, G, T]
+            logits = logits + view.scale**2 / 2 * spread
         empty = (view.positions < 0)[:, :, None]  # [B, Hkv, 1, T]
         probs = torch.softmax(logits.masked_fill(empty, -torch.inf), dim=-1).nan_to_num(0.0)
         score = probs.mean(dim=2)  # [B, Hkv, T]
