@@ -34,7 +34,10 @@ class QFilters(Evict):
 
     ``calibration``: a safetensors file from ``longattn.calibration.calibrate_qfilters`` (required;
     scoring without one is refused). The sign convention, ``-<k, filter>``, is that of kvpress's
-    ``QFilterPress``, which loads the authors' published filters.
+    ``QFilterPress``, which loads the authors' published filters. Checked on SmolLM2-135M (filters
+    from 1,024 tokens of pydoc text, scoring 1,024 others, every third layer): the top quarter of
+    the keys by this score holds 0.81 of the attention mass of the last 64 queries, 0.03 with the
+    sign flipped, 0.24 for random keys.
     Deviation from paper: with GQA one filter per KV head from the queries of its whole group; keys
     and queries are post-RoPE (what the model's attention receives).
     """
