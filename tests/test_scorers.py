@@ -218,6 +218,26 @@ def test_a_head_is_scored_from_its_own_keys_only(name):
 
 
 @pytest.mark.parametrize("name", ORACLES)
+def test_scoring_is_pure_and_rows_are_independent(name):
+    """Scoring twice gives the same scores and changes nothing in the view; changing batch row 1
+    leaves row 0's scores exactly as they were."""
+    method, _ = ORACLES[name]
+    case = _case(seed=5)
+    view = _view(case)
+    inputs = [t.clone() for t in (view.keys, view.values, view.queries, view.accumulated)]
+    first = method.score(view)
+    assert torch.equal(method.score(view), first)
+    for before, now in zip(inputs, (view.keys, view.values, view.queries, view.accumulated)):
+        assert torch.equal(before, now)
+    changed = {k: v.clone() for k, v in case.items()}
+    changed["keys"][1] = changed["keys"][1].flip(-1)
+    changed["queries"][1] *= -1
+    changed["accumulated"][1] += 1
+    changed["last_hit"][1] = N_SEEN + 5
+    assert torch.equal(method.score(_view(changed))[0], first[0])
+
+
+@pytest.mark.parametrize("name", ORACLES)
 def test_empty_slots_are_ignored(name):
     """Whatever an empty slot holds (NaN here), the held keys' scores are unchanged."""
     method, _ = ORACLES[name]

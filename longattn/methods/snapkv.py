@@ -46,7 +46,7 @@ def window_weights(view: Any, name: str, last: int = 0) -> torch.Tensor:
     weights = view.weights(queries, q_pos)  # [B, H, n, T]
     batch, n_heads, n, t = weights.shape
     n_kv = view.keys.shape[1]
-    return weights.to(score_dtype(view.keys)).view(batch, n_kv, n_heads // n_kv, n, t)
+    return weights.to(score_dtype(view.keys)).reshape(batch, n_kv, n_heads // n_kv, n, t)
 
 
 def pool_by_position(
@@ -57,7 +57,8 @@ def pool_by_position(
     if kernel == 1:
         return votes
     empty = positions < 0
-    order = positions.masked_fill(empty, torch.iinfo(torch.int64).max).argsort(dim=-1, stable=True)
+    last = torch.iinfo(positions.dtype).max
+    order = positions.masked_fill(empty, last).argsort(dim=-1, stable=True)  # [B, Hkv, T] slots
     ranked = votes.masked_fill(empty, 0.0).gather(-1, order).flatten(0, 1)  # [B*Hkv, T]
     pad = kernel // 2
     if pooling == "max":
