@@ -251,7 +251,7 @@ def score_view(
         positions = positions[:, None].expand(batch, n_kv, t)
     if q_pos.dim() == 1:
         q_pos = q_pos.expand(batch, -1)
-    n_seen = int(max(int(positions.max()), int(q_pos.max()) if q_pos.numel() else -1)) + 1
+    n_seen = max(int(positions.max()), int(q_pos.max()) if q_pos.numel() else -1) + 1
     return ScoreView(
         keys=keys,
         values=values,
