@@ -1,4 +1,4 @@
-"""Offline calibration artifacts of selection methods (Double Sparsity channels, Loki PCA bases).
+"""Offline calibration artifacts of methods (Double Sparsity channels, Loki PCA bases, Q-Filters).
 
 One ``.safetensors`` file per artifact: the tensors (each ``[n_layers, n_kv_heads, ...]``) plus a JSON
 header under the metadata key ``"longattn"`` naming the method, its parameters, the model and its shape
@@ -135,6 +135,7 @@ def _expected_tensors(method: str, head_dim: int) -> dict[str, tuple[tuple[int, 
     return {
         "loki": {"basis": ((head_dim, 0), False)},
         "double_sparsity": {"channels": ((0,), True)},
+        "qfilters": {"filter": ((head_dim,), False)},
     }.get(method, {})
 
 
@@ -231,4 +232,21 @@ def calibrate_double_sparsity(captured: dict, channels: int, model: str) -> Cali
         dim,
         {"channels": torch.stack(ranked)},
         {"channels": channels},
+    )
+
+
+def calibrate_qfilters(captured: dict, model: str) -> Calibration:
+    """Q-Filters directions from real queries: ``filter`` [L, Hkv, D], unit vectors (the leading
+    right singular vector of each KV head's group of queries, signed against the mean query).
+
+    ``captured``: ``{layer: (q, k, v)}`` from ``longattn.integrations.hf.capture_qkv``."""
+    from longattn.methods.qfilters import filter_direction
+
+    layers = _stack_layers(captured)
+    k0 = captured[0][1]
+    filters = torch.stack(
+        [filter_direction(captured[i][0], captured[i][1].shape[1]) for i in layers]
+    )
+    return Calibration(
+        "qfilters", model, len(layers), k0.shape[1], k0.shape[-1], {"filter": filters}
     )

@@ -11,7 +11,7 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput, DecodeSelection, accumulation_dtype
+from longattn.types import AttnOutput, DecodeSelection, ScoreView, accumulation_dtype
 
 
 def make_qkv(
@@ -205,6 +205,70 @@ def cpu_runs_bf16_brgemm() -> bool:
     return block_sparse.bf16_supported()
 
 
+def reference_weights(
+    keys: torch.Tensor, positions: torch.Tensor, scale: float
+) -> typing.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A ``ScoreView.weights`` by definition: ``(q [B, H, n, D], q_pos [B, n]) -> [B, H, n, T]``
+    softmax of ``scale * q . k`` over the held keys a query may see (position <= its own, slot not
+    empty), zeros for a query that sees nothing. Materialises ``n x T``; float64 for float64
+    inputs, else float32. ``positions`` [B, Hkv, T] (-1 empty)."""
+
+    def weights(q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if torch.float64 in (q.dtype, keys.dtype) else torch.float32
+        batch, n_heads, n, dim = q.shape
+        n_kv = keys.shape[1]
+        rows = q.to(dtype).reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*n, D]
+        logits = (rows @ keys.to(dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*n, T]
+        logits = logits.view(batch, n_kv, -1, n, keys.shape[2])  # [B, Hkv, G, n, T]
+        kp = positions[:, :, None, None, :]
+        visible = (kp >= 0) & (kp <= q_pos[:, None, None, :, None])
+        probs = torch.softmax(logits.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+        return probs.view(batch, n_heads, n, -1)
+
+    return weights
+
+
+def score_view(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    queries: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+    *,
+    layer: int = 0,
+    n_layers: int = 1,
+    accumulated: torch.Tensor | None = None,
+    last_hit: torch.Tensor | None = None,
+    calibration: dict[str, torch.Tensor] | None = None,
+) -> ScoreView:
+    """A ``ScoreView`` built by hand for scorer tests, with ``reference_weights``.
+
+    keys, values [B, Hkv, T, D]; positions [B, T] (shared by the heads) or [B, Hkv, T], -1 empty;
+    queries [B, H, w, D] at q_pos [B, w] (or [w]); ``n_seen`` is the largest position + 1."""
+    batch, n_kv, t, _ = keys.shape
+    if positions.dim() == 2:
+        positions = positions[:, None].expand(batch, n_kv, t)
+    if q_pos.dim() == 1:
+        q_pos = q_pos.expand(batch, -1)
+    n_seen = max(int(positions.max()), int(q_pos.max()) if q_pos.numel() else -1) + 1
+    return ScoreView(
+        keys=keys,
+        values=values,
+        positions=positions,
+        queries=queries,
+        q_pos=q_pos,
+        scale=scale,
+        layer=layer,
+        n_layers=n_layers,
+        n_seen=n_seen,
+        weights=reference_weights(keys, positions, scale),
+        accumulated=accumulated,
+        last_hit=last_hit,
+        calibration=calibration,
+    )
+
+
 # Small-parameter instances that exercise each method's pattern at test lengths (T <= 1000). Every
 # registered method must have an entry: the contract suite fails for a method without one.
 METHOD_EXAMPLES: dict[str, list[str]] = {
@@ -230,5 +294,26 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "static_blocks": [
         "static_blocks:block_size=32,n_blocks=32,density=0.3,seed=1",
         "static_blocks:block_size=64,n_blocks=16,density=0.5,causal=false",
+    ],
+    "snapkv": [
+        "snapkv:budget=0.5,window=8,sinks=2,recent=4",
+        "snapkv:tokens=24,window=4,sinks=1,recent=2,kernel=3,pooling=avg",
+    ],
+    "pyramidkv": ["pyramidkv:budget=0.5,window=8,sinks=2,recent=4"],
+    "adakv": ["adakv:budget=0.25,window=8,sinks=2,recent=4"],
+    "h2o": [
+        "h2o:budget=0.5,sinks=2,recent=4",
+        "h2o:budget=0.25,sinks=0,recent=8,when=decode,every=4",
+    ],
+    "tova": ["tova:budget=0.5,sinks=0,recent=4"],
+    "knorm": ["knorm:budget=0.5,sinks=2,recent=4"],
+    "qfilters": ["qfilters:budget=0.5,sinks=2,recent=4"],
+    "expected_attention": [
+        "expected_attention:budget=0.5,window=8,sinks=2,recent=4",
+        "expected_attention:budget=0.25,window=4,sinks=2,recent=4,vnorm=false,covariance=false",
+    ],
+    "attendre": [
+        "attendre:budget=0.5,sinks=2,recent=4",
+        "attendre:budget=0.25,recent=4,policy=lfu",
     ],
 }

@@ -1,33 +1,51 @@
 """Every shipped method, one file each. Importing this package registers them (in this order)."""
 
+from longattn.methods.adakv import AdaKV
+from longattn.methods.attendre import Attendre
 from longattn.methods.dense import Dense
 from longattn.methods.double_sparsity import DoubleSparsity
+from longattn.methods.expected_attention import ExpectedAttention
+from longattn.methods.h2o import H2O
 from longattn.methods.infllm import InfLLM
+from longattn.methods.knorm import KNorm
 from longattn.methods.loki import Loki
 from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
+from longattn.methods.pyramidkv import PyramidKV
+from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.sliding_window import SlidingWindow
+from longattn.methods.snapkv import SnapKV
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
 from longattn.methods.tidal_decode import TidalDecode
+from longattn.methods.tova import TOVA
 
 __all__ = [
+    "AdaKV",
+    "Attendre",
     "Dense",
     "DoubleSparsity",
+    "ExpectedAttention",
+    "H2O",
     "InfLLM",
+    "KNorm",
     "Loki",
     "Neighborhood2D",
     "OracleTopK",
     "PerHeadWindow",
     "PowerAttention",
+    "PyramidKV",
+    "QFilters",
     "Quest",
     "SlidingWindow",
+    "SnapKV",
     "StaticBlocks",
     "StreamingLLM",
     "Strided",
     "TidalDecode",
+    "TOVA",
 ]
