@@ -262,3 +262,53 @@ def test_capacity_bytes_follow_the_budget():
     assert 251 <= slots < 251 + 16
     kv_bytes = 2 * 1 * 2 * slots * 32 * 4
     assert kv_bytes <= cache.capacity_nbytes() <= kv_bytes * 1.5
+
+
+def _evict_specs():
+    from longattn.method import registry
+    from longattn.testing import METHOD_EXAMPLES
+
+    for name, cls in registry().items():
+        if issubclass(cls, Evict):
+            yield from METHOD_EXAMPLES[name]
+
+
+def _with_calibration(spec, tmp_path, n_kv, dim):
+    """``spec`` with a calibration file for the test's shape where the method needs one."""
+    from longattn.calibration import calibrate_qfilters
+    from longattn.method import from_string
+
+    method = from_string(spec)
+    if not hasattr(method, "calibration"):
+        return method
+    if method.name == "qfilters":
+        g = torch.Generator().manual_seed(3)
+        q = torch.randn(1, 2 * n_kv, 64, dim, generator=g)
+        k = torch.randn(1, n_kv, 64, dim, generator=g)
+        path = calibrate_qfilters({0: (q, k, k)}, "toy").save(tmp_path / "qf.safetensors")
+        return dataclasses.replace(method, calibration=str(path))
+    pytest.skip(f"{method.name} is calibrated on a real model (tests/test_duo_razor.py)")
+
+
+@pytest.mark.parametrize("spec", list(_evict_specs()))
+def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path):
+    """Prompt, compression at the first decode step, decode steps: every registered eviction
+    method through ``attention(cache=)``; each step equals the oracle over the held keys, and each
+    head holds at most its budget (plus the step's tokens and the protected ones)."""
+    q, k, v = _qkv(t=90)
+    method = _with_calibration(spec, tmp_path, n_kv=2, dim=16)
+    cache = KVCache(1, page_size=16)
+    attention(q[:, :, :80], k[:, :, :80], v[:, :, :80], method=method, cache=cache)
+    for t in range(80, 90):
+        step = slice(t, t + 1)
+        out = attention(q[:, :, step], k[:, :, step], v[:, :, step], method=method, cache=cache)
+        held = _held_mask(cache, 0, t + 1)
+        visible = _visible(torch.tensor([t]), held, group=2)
+        check_against_reference(out, q[:, :, step], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                16**-0.5)  # fmt: skip
+    budget = method.tokens or -(-int(method.budget * 80 * 1e6) // 1_000_000)
+    lengths = cache.head_lengths(0)  # [B, Hkv]; AdaKV shares a row's total over its heads
+    per_head = max(budget, method.sinks + method.recent) + 10
+    assert int(lengths.sum(dim=-1).max()) <= 2 * per_head
+    if method.allocation != "ada":
+        assert int(lengths.max()) <= per_head

@@ -141,6 +141,27 @@ def test_the_cache_really_shrinks_under_streaming_llm(model):
 
 
 @torch.no_grad()
+def test_an_eviction_method_compresses_per_head_inside_generate(model):
+    """Nothing evicted (budget 1) is the model's own greedy output; a quarter kept shrinks each
+    full-attention layer's storage to the budget at the first decode step, head by head."""
+    prompt = tokens(1, 64)
+    own = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with hf.use(model, "snapkv:budget=1.0,window=8") as cache:
+        ours = model.generate(prompt, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert torch.equal(ours, own)
+    with hf.use(model, "snapkv:budget=0.25,window=8,sinks=2,recent=4") as cache:
+        model.generate(prompt, max_new_tokens=4, do_sample=False, past_key_values=cache)
+        default = getattr(model.config, "sliding_window", None)
+        windows = [getattr(d.self_attn, "sliding_window", default) for d in model.model.layers]
+        for layer, window in enumerate(windows):
+            if window is not None and window < 64:
+                continue  # a windowed layer keeps its own window
+            lengths = cache.kv.head_lengths(layer)
+            assert int(lengths.max()) <= 16 + 3  # ceil(0.25 * 64) + the decoded tokens
+            assert cache.kv.capacity(layer) <= 32
+
+
+@torch.no_grad()
 def test_generate_equals_the_models_own_greedy_output(model):
     prompt = tokens(1, 12)
     own = model.generate(prompt, max_new_tokens=6, do_sample=False)

@@ -180,7 +180,9 @@ def _layer_method(method: Method, window: int | None, max_q_pos: int) -> Method:
     if window is None or max_q_pos < window:  # every visible key is within the window already
         return method
     own = SlidingWindow(window=int(window))
-    if isinstance(method, Dense) and method.causal:
+    if (isinstance(method, Dense) and method.causal) or method.hook == "score":
+        # an eviction method attends densely: in a windowed layer the window alone is what it
+        # attends, and the window's retention already bounds that layer's memory
         return own
     return Intersection(method, own)
 
