@@ -2,6 +2,7 @@
 
 from longattn.methods.dense import Dense
 from longattn.methods.double_sparsity import DoubleSparsity
+from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.infllm import InfLLM
 from longattn.methods.loki import Loki
 from longattn.methods.neighborhood2d import Neighborhood2D
@@ -9,6 +10,7 @@ from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
 from longattn.methods.quest import Quest
+from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
@@ -18,6 +20,7 @@ from longattn.methods.tidal_decode import TidalDecode
 __all__ = [
     "Dense",
     "DoubleSparsity",
+    "DuoAttention",
     "InfLLM",
     "Loki",
     "Neighborhood2D",
@@ -25,6 +28,7 @@ __all__ = [
     "PerHeadWindow",
     "PowerAttention",
     "Quest",
+    "RazorAttention",
     "SlidingWindow",
     "StaticBlocks",
     "StreamingLLM",
