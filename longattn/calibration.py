@@ -294,7 +294,7 @@ def razor_head_scores(
     start = first + period
     if start >= seq_len:
         raise ValueError(f"sequence of {seq_len} tokens has no repeat after {first} + {period}")
-    queries = q[:, :, start:].double().view(batch, n_kv, -1, dim)  # [B, Hkv, G*n, D]
+    queries = q[:, :, start:].double().reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*n, D]
     scores = (queries @ k.double().transpose(-1, -2)) * scale  # [B, Hkv, G*n, T]
     scores = scores.view(batch, n_heads, seq_len - start, seq_len)  # [B, H, n, T]
     q_pos = torch.arange(start, seq_len)[:, None]

@@ -111,7 +111,8 @@ def test_ranks_and_their_interleaving():
 
 
 def test_echo_and_induction_heads_are_told_apart():
-    """Head 0 looks for the same token (an echo head), head 1 for the token after it (induction)."""
+    """KV head 0's group holds an echo head (it looks for the same token), KV head 1's an induction
+    head (the token after it); each group's other query head is unfocused: the group's maximum."""
     period, repeats, dim = 12, 3, 32
     gen = torch.Generator().manual_seed(0)
     embed = torch.nn.functional.normalize(torch.randn(period, dim, generator=gen), dim=-1)
@@ -119,7 +120,9 @@ def test_echo_and_induction_heads_are_told_apart():
     k = embed[tokens][None, None].expand(1, 2, -1, -1)  # [1, 2, T, D]
     q_echo = 30 * embed[tokens]
     q_induction = 30 * embed[(tokens + 1) % period]
-    q = torch.stack([q_echo, q_induction])[None]  # [1, 2, T, D]
+    flat = torch.zeros_like(q_echo)
+    # [1, 4, T, D]: groups (0, 1), (2, 3); laid out [B, T, H, D] as a model's projections are
+    q = torch.stack([flat, q_echo, q_induction, flat], dim=1)[None].transpose(1, 2)
     echo, induction = razor_head_scores(q, k, period)
     assert echo[0] > 0.3 > echo[1] and induction[1] > 0.3 > induction[0]
 
@@ -216,6 +219,7 @@ def test_a_short_calibration_writes_a_loadable_file_and_resumes(tmp_path):
     assert seen == [1, 2, 3] and straight.shape == (2, 2)
     assert bool(((straight >= 0) & (straight <= 1)).all()) and bool((straight < 1).any())
     assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+    assert model.config._attn_implementation == "sdpa"  # and its own attention back
     # two steps, then a rerun with three continues from the checkpoint: the same gates
     two = GateTraining(steps=2, sinks=SINKS, recent=RECENT, lr=0.1, save_every=1)
     train_gates(model, batch, two, tmp_path / "b.ckpt")
@@ -234,3 +238,14 @@ def test_a_short_calibration_writes_a_loadable_file_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="was made with"):  # other settings: not continued
         train_gates(model, batch, GateTraining(steps=4, sinks=SINKS, recent=RECENT + 1),
                     tmp_path / "b.ckpt")  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["duo_attention", "razor_attention"])
+def test_the_shipped_smollm2_calibrations_fit_the_model(method):
+    from longattn.eval.calibrate import SHIPPED
+
+    if not SHIPPED[method].is_file():
+        pytest.skip(f"{SHIPPED[method].name} is not shipped yet")
+    cal = calibration.load(SHIPPED[method])
+    cal.check(method, 30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads, head dim 64
+    assert cal.model == "smollm2-135m"

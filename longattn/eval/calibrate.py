@@ -19,6 +19,14 @@ import torch
 
 from longattn.eval import tasks
 
+# calibrations of the embedded SmolLM2-135M shipped with the package, made by `longattn calibrate
+# duo|razor` (settings and wall times: data/README.md): method name -> file
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+SHIPPED = {
+    "duo_attention": DATA / "duo_smollm2.safetensors",
+    "razor_attention": DATA / "razor_smollm2.safetensors",
+}
+
 # the paper's passkey alphabet and prompts (shortened passkeys for a small model and short context)
 PASSKEY_WORDS = (
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett",

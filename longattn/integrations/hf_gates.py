@@ -165,30 +165,41 @@ def train_gates(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    original = model.config._attn_implementation
     try:
-        for step in range(start, settings.steps):
-            losses = _step(model, batch(step), gates, optimizer, settings, step)
-            if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
-                _save(pathlib.Path(checkpoint), gates, optimizer, step + 1, identity)
-            if on_step is not None:
-                on_step(step + 1, losses)
+        with gated(model, gates, settings.sinks, settings.recent):  # one registration per run
+            for step in range(start, settings.steps):
+                with attn_implementation(model, original):  # the full-attention reference
+                    target = _reference(model, batch(step), step)
+                losses = _step(model, target, gates, optimizer, settings, step)
+                if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
+                    _save(pathlib.Path(checkpoint), gates, optimizer, step + 1, identity)
+                if on_step is not None:
+                    on_step(step + 1, losses)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return gates.detach().clone()
 
 
-def _step(model, data, gates, optimizer, settings: GateTraining, step: int) -> dict[str, float]:
+@torch.no_grad()
+def _reference(model, data, step: int):
+    """(input_ids, mask, the full-attention model's last hidden states at the masked positions)."""
     input_ids, mask = data
     if mask.shape != input_ids.shape or mask.dtype != torch.bool or not mask.any():
         raise ValueError(f"batch({step}) must give a bool mask shaped like the ids with a True")
-    with torch.no_grad():
-        target = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        target = target[mask].float()
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return input_ids, mask, hidden[mask].float()
+
+
+def _step(
+    model, reference, gates, optimizer, settings: GateTraining, step: int
+) -> dict[str, float]:
+    """One optimiser step of the gates; ``model`` runs the gated attention."""
+    input_ids, mask, target = reference
     for group in optimizer.param_groups:
         group["lr"] = settings.lr_at(step)
-    with gated(model, gates, settings.sinks, settings.recent):
-        distill = distill_loss(model, input_ids, target, mask)
+    distill = distill_loss(model, input_ids, target, mask)
     reg = gates.abs().mean()
     loss = distill + settings.reg * reg
     optimizer.zero_grad(set_to_none=True)
