@@ -97,7 +97,7 @@ def run_duo(
     *,
     sinks: int = 64,
     recent: int = 256,
-    lr: float = 0.02,
+    lr: float = 0.04,
     reg: float = 0.05,
     seed: int = 0,
     progress: bool = True,
@@ -108,7 +108,7 @@ def run_duo(
     from longattn.eval.models import load
     from longattn.integrations.hf_gates import GateTraining, train_gates
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     settings = GateTraining(steps=steps, sinks=sinks, recent=recent, lr=lr, reg=reg)
     model, tokenizer = load(model_name)
     data = PasskeyData(tokenizer, length=length, seed=seed)
@@ -119,6 +119,11 @@ def run_duo(
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     params = {**settings.identity(), "steps": steps, "length": length, "seed": seed}
+    # this call's cost (a resumed run counts only its own part); CPU seconds add up all threads
+    params |= {
+        "wall_s": round(time.perf_counter() - start),
+        "cpu_s": round(time.process_time() - cpu_start),
+    }
     cal = Calibration(
         "duo_attention", model_name, config.num_hidden_layers, config.num_key_value_heads,
         head_dim, {"gates": gates, "rank": rank_heads(gates)}, params,

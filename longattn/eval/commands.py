@@ -184,13 +184,13 @@ def add_calibrate_commands(sub) -> None:
     duo = which.add_parser(
         "duo", help="DuoAttention gates on synthetic passkeys (resumable: rerun to continue)"
     )
-    duo.add_argument("--steps", type=positive_int, default=120, help="optimiser steps (120)")
+    duo.add_argument("--steps", type=positive_int, default=40, help="optimiser steps (40)")
     duo.add_argument(
         "--length", type=positive_int, default=1024, help="longest sample in tokens (1024)"
     )
     duo.add_argument("--sinks", type=int, default=64, help="streaming heads' sink tokens (64)")
     duo.add_argument("--recent", type=positive_int, default=256, help="their recent window (256)")
-    duo.add_argument("--lr", type=float, default=0.02)
+    duo.add_argument("--lr", type=float, default=0.04, help="peak learning rate (0.04)")
     duo.add_argument("--reg", type=float, default=0.05, help="weight of the L1 penalty (0.05)")
     duo.add_argument("--no-progress", dest="progress", action="store_false")
     duo.set_defaults(func=run_calibrate_command)
