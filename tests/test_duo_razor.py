@@ -244,8 +244,6 @@ def test_a_short_calibration_writes_a_loadable_file_and_resumes(tmp_path):
 def test_the_shipped_smollm2_calibrations_fit_the_model(method):
     from longattn.eval.calibrate import SHIPPED
 
-    if not SHIPPED[method].is_file():
-        pytest.skip(f"{SHIPPED[method].name} is not shipped yet")
     cal = calibration.load(SHIPPED[method])
     cal.check(method, 30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads, head dim 64
     assert cal.model == "smollm2-135m"
