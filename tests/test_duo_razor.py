@@ -247,3 +247,32 @@ def test_the_shipped_smollm2_calibrations_fit_the_model(method):
     cal = calibration.load(SHIPPED[method])
     cal.check(method, 30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads, head dim 64
     assert cal.model == "smollm2-135m"
+
+
+def test_passkey_data_is_exact_deterministic_and_masks_the_answers():
+    from test_eval import WordTokenizer  # the word-level tokenizer of the eval tests
+
+    from longattn.eval.calibrate import PasskeyData
+
+    data = PasskeyData(WordTokenizer(vocab=64), length=240, n_keys=2, n_words=3, seed=5)
+    lengths = []
+    for step in range(4):
+        x, mask = data(step)
+        lengths.append(x.shape[1])
+        assert x.shape == mask.shape and mask.dtype == torch.bool
+        tail = int(mask.sum())
+        assert tail > 0 and bool(mask[0, -tail:].all()) and not bool(mask[0, :-tail].any())
+    assert lengths == [120, 160, 200, 240]  # evenly spaced in [length / 2, length]
+    assert torch.equal(data(1)[0], data(1)[0]) and not torch.equal(data(0)[0], data(4)[0][:, :120])
+    with pytest.raises(ValueError, match="too short"):
+        PasskeyData(WordTokenizer(vocab=64), length=80, n_keys=4)(1)
+
+
+def test_calibrate_commands_refuse_bad_input_before_loading_a_model(tmp_path, capsys):
+    from longattn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "duo", "--out", str(tmp_path / "d"), "--steps", "0"])
+    assert exit_info.value.code == 2
+    code = main(["calibrate", "razor", "--model", "no-such-model", "--out", str(tmp_path / "r")])
+    assert code == 2 and "no-such-model" in capsys.readouterr().err
