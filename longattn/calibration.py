@@ -1,4 +1,5 @@
-"""Offline calibration artifacts of methods (Double Sparsity channels, Loki PCA bases, Q-Filters).
+"""Offline calibration artifacts of methods (Double Sparsity channels, Loki PCA bases, Q-Filters
+directions, the retrieval heads of DuoAttention and RazorAttention).
 
 One ``.safetensors`` file per artifact: the tensors (each ``[n_layers, n_kv_heads, ...]``) plus a JSON
 header under the metadata key ``"longattn"`` naming the method, its parameters, the model and its shape
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -124,6 +126,16 @@ class Calibration:
                     f"calibration tensor {name!r} must hold channel indices in [0, {head_dim}), "
                     f"got {t.dtype} in [{t.min().item()}, {t.max().item()}]"
                 )
+        rank = self.tensors.get("rank")
+        if "rank" in _expected_tensors(method, head_dim) and rank is not None:
+            n_heads = self.n_layers * self.n_kv_heads
+            if rank.dtype.is_floating_point or not torch.equal(
+                rank.flatten().sort().values, torch.arange(n_heads, dtype=rank.dtype)
+            ):
+                raise ValueError(
+                    f"calibration tensor 'rank' must order the {n_heads} heads (each of "
+                    f"0..{n_heads - 1} once), got {rank.dtype} {rank.flatten().tolist()[:8]}..."
+                )
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return {name: t[index] for name, t in self.tensors.items()}
@@ -136,6 +148,8 @@ def _expected_tensors(method: str, head_dim: int) -> dict[str, tuple[tuple[int, 
         "loki": {"basis": ((head_dim, 0), False)},
         "double_sparsity": {"channels": ((0,), True)},
         "qfilters": {"filter": ((head_dim,), False)},
+        "duo_attention": {"gates": ((), False), "rank": ((), False)},
+        "razor_attention": {"echo": ((), False), "induction": ((), False), "rank": ((), False)},
     }.get(method, {})
 
 
@@ -249,4 +263,90 @@ def calibrate_qfilters(captured: dict, model: str) -> Calibration:
     )
     return Calibration(
         "qfilters", model, len(layers), k0.shape[1], k0.shape[-1], {"filter": filters}
+    )
+
+
+def rank_heads(scores: torch.Tensor) -> torch.Tensor:
+    """int64 [L, Hkv]: each head's place when all heads of the model are sorted by decreasing
+    ``scores`` [L, Hkv] (ties: earlier layer, then earlier head first); ``rank < n`` selects the
+    ``n`` best heads of the model."""
+    order = torch.argsort(-scores.flatten().double(), stable=True)
+    return _places(order).view(scores.shape)
+
+
+def _places(order: torch.Tensor) -> torch.Tensor:
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank
+
+
+def interleave_ranks(first: torch.Tensor, second: torch.Tensor, share: float) -> torch.Tensor:
+    """int64 [L, Hkv]: one order of all heads taking the best of ``first`` [L, Hkv] for a ``share``
+    of every prefix (rounded up) and the best of ``second`` for the rest, each head once."""
+    orders = [torch.argsort(-t.flatten().double(), stable=True).tolist() for t in (first, second)]
+    taken: set[int] = set()
+    chosen: list[int] = []
+    from_first = 0
+    while len(chosen) < first.numel():
+        pick = 0 if from_first < math.ceil(share * (len(chosen) + 1) - 1e-9) else 1
+        head = next(h for h in orders[pick] if h not in taken)  # each order lists every head
+        from_first += pick == 0
+        taken.add(head)
+        chosen.append(head)
+    return _places(torch.tensor(chosen)).view(first.shape)
+
+
+def razor_head_scores(
+    q: torch.Tensor, k: torch.Tensor, period: int, first: int = 0, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Echo and induction scores [Hkv] of one layer on a sequence repeating every ``period``
+    tokens from position ``first`` (RazorAttention's retrieval-head scores).
+
+    q [B, H, T, D], k [B, Hkv, T, D] (post-RoPE, as the model attends). For each query of the
+    second and later repeats, the causal softmax weight on the key ``period`` back (the same token:
+    echo) and ``period - 1`` back (the token that followed it: induction), averaged over queries
+    and rows; a KV head takes the maximum over its query heads."""
+    batch, n_heads, seq_len, dim = q.shape
+    n_kv = k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    start = first + period
+    if start >= seq_len:
+        raise ValueError(f"sequence of {seq_len} tokens has no repeat after {first} + {period}")
+    queries = q[:, :, start:].double().reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*n, D]
+    scores = (queries @ k.double().transpose(-1, -2)) * scale  # [B, Hkv, G*n, T]
+    scores = scores.view(batch, n_heads, seq_len - start, seq_len)  # [B, H, n, T]
+    q_pos = torch.arange(start, seq_len)[:, None]
+    scores = scores.masked_fill(torch.arange(seq_len)[None, :] > q_pos, -torch.inf)
+    weights = torch.softmax(scores, dim=-1)
+    echo = weights.gather(-1, (q_pos - period).expand(batch, n_heads, -1, 1))
+    induction = weights.gather(-1, (q_pos - period + 1).expand(batch, n_heads, -1, 1))
+    per_head = [t.mean(dim=(0, 2, 3)).view(n_kv, -1).amax(1) for t in (echo, induction)]
+    return per_head[0], per_head[1]
+
+
+ECHO_SHARE = 1 / 15  # the paper protects 1 % echo heads and 14 % induction heads
+
+
+def calibrate_razor_attention(
+    captured: dict, period: int, first: int, model: str, echo_share: float = ECHO_SHARE
+) -> Calibration:
+    """RazorAttention's head scores from ``capture_qkv`` on a repeated random-token sequence:
+    ``echo``, ``induction`` [L, Hkv] float32 and ``rank`` [L, Hkv] (``interleave_ranks``)."""
+    layers = _stack_layers(captured)
+    pairs = [razor_head_scores(captured[i][0], captured[i][1], period, first) for i in layers]
+    echo = torch.stack([p[0] for p in pairs]).float()
+    induction = torch.stack([p[1] for p in pairs]).float()
+    k0 = captured[0][1]
+    tensors = {
+        "echo": echo,
+        "induction": induction,
+        "rank": interleave_ranks(echo, induction, echo_share),
+    }
+    params = {
+        "period": period,
+        "repeats": (k0.shape[2] - first) // period,
+        "echo_share": echo_share,
+    }
+    return Calibration(
+        "razor_attention", model, len(layers), k0.shape[1], k0.shape[-1], tensors, params
     )

@@ -1,4 +1,4 @@
-"""The ``longattn`` command: ``bench``, ``docs``, ``eval``, ``plot`` and ``analyze``."""
+"""The ``longattn`` command: ``bench``, ``docs``, ``eval``, ``plot``, ``analyze`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def _add_eval_commands(sub) -> None:
     )
     commands.add_analyze_arguments(an)
     an.set_defaults(func=commands.run_analyze_command)
+    commands.add_calibrate_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,6 +289,10 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "oracle_topk": ["oracle_topk:budget=24"],
     "loki": ["loki:budget=24,rank=8"],
     "double_sparsity": ["double_sparsity:budget=24,channels=8"],
+    # head-wise methods: an explicit pattern stands in for a calibration file (any model shape);
+    # ``write_head_calibration`` makes a synthetic file of a given shape
+    "duo_attention": ["duo_attention:pattern=1/0,sinks=4,recent=16"],
+    "razor_attention": ["razor_attention:pattern=0/1/0,sinks=2,recent=24"],
     "infllm": ["infllm:budget=64,sinks=4,window=12,block_size=16"],
     "tidal_decode": ["tidal_decode:budget=24"],
     "static_blocks": [
@@ -317,3 +321,29 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "attendre:budget=0.25,recent=4,policy=lfu",
     ],
 }
+
+
+def write_head_calibration(
+    method: str, n_layers: int, n_kv_heads: int, head_dim: int, path, seed: int = 0
+):
+    """A synthetic calibration of DuoAttention (``duo_attention``) or RazorAttention
+    (``razor_attention``) for a model shape: seeded random head scores and their ranks. Returns the
+    path written."""
+    from longattn.calibration import Calibration, interleave_ranks, rank_heads
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n_layers, n_kv_heads)
+    if method == "duo_attention":
+        gates = torch.rand(shape, generator=gen)
+        tensors = {"gates": gates, "rank": rank_heads(gates)}
+    elif method == "razor_attention":
+        echo, induction = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+        tensors = {
+            "echo": echo,
+            "induction": induction,
+            "rank": interleave_ranks(echo, induction, 1 / 15),
+        }
+    else:
+        raise ValueError(f"no synthetic head calibration for method {method!r}")
+    cal = Calibration(method, "synthetic", n_layers, n_kv_heads, head_dim, tensors, {"seed": seed})
+    return cal.save(path)

@@ -175,3 +175,52 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=positive_int, default=64, help="locality window (tokens)")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+
+
+def add_calibrate_commands(sub) -> None:
+    """``longattn calibrate duo|razor``: retrieval-head calibrations on a real model, offline."""
+    cal = sub.add_parser("calibrate", help="calibrate a method on a real model (safetensors file)")
+    which = cal.add_subparsers(dest="calibration", required=True)
+    duo = which.add_parser(
+        "duo", help="DuoAttention gates on synthetic passkeys (resumable: rerun to continue)"
+    )
+    duo.add_argument("--steps", type=positive_int, default=40, help="optimiser steps (40)")
+    duo.add_argument(
+        "--length", type=positive_int, default=1024, help="longest sample in tokens (1024)"
+    )
+    duo.add_argument("--sinks", type=int, default=64, help="streaming heads' sink tokens (64)")
+    duo.add_argument("--recent", type=positive_int, default=256, help="their recent window (256)")
+    duo.add_argument("--lr", type=float, default=0.04, help="peak learning rate (0.04)")
+    duo.add_argument("--reg", type=float, default=0.05, help="weight of the L1 penalty (0.05)")
+    duo.add_argument("--no-progress", dest="progress", action="store_false")
+    duo.set_defaults(func=run_calibrate_command)
+    razor = which.add_parser("razor", help="RazorAttention echo / induction head scores")
+    razor.add_argument(
+        "--length", type=positive_int, default=256, help="random tokens per repeat (256)"
+    )
+    razor.add_argument("--repeats", type=positive_int, default=4, help="repeats (4)")
+    razor.set_defaults(func=run_calibrate_command)
+    for p in (duo, razor):
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
+
+
+def run_calibrate_command(args: argparse.Namespace) -> int:
+    from longattn.eval import calibrate
+
+    out = pathlib.Path(args.out)
+    try:
+        if args.calibration == "duo":
+            path, seconds = calibrate.run_duo(
+                args.model, out, args.steps, args.length, sinks=args.sinks, recent=args.recent,
+                lr=args.lr, reg=args.reg, seed=args.seed, progress=args.progress,
+            )  # fmt: skip
+        else:
+            path, seconds = calibrate.run_razor(
+                args.model, out, args.length, args.repeats, args.seed
+            )
+    except USER_ERRORS as exc:
+        return _fail("calibrate", exc)
+    print(f"wrote {path} in {seconds:.0f} s")
+    return 0

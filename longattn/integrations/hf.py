@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: the only module of longattn that imports transformers.
+"""Hugging Face transformers integration (with ``hf_gates``, the only modules importing transformers).
 
 Everything goes through transformers' documented seams (``AttentionInterface``,
 ``set_attn_implementation``); no module's ``forward`` is ever replaced.

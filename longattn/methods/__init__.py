@@ -4,6 +4,7 @@ from longattn.methods.adakv import AdaKV
 from longattn.methods.attendre import Attendre
 from longattn.methods.dense import Dense
 from longattn.methods.double_sparsity import DoubleSparsity
+from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
 from longattn.methods.h2o import H2O
 from longattn.methods.infllm import InfLLM
@@ -16,6 +17,7 @@ from longattn.methods.power import PowerAttention
 from longattn.methods.pyramidkv import PyramidKV
 from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
+from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
 from longattn.methods.static_blocks import StaticBlocks
@@ -29,6 +31,7 @@ __all__ = [
     "Attendre",
     "Dense",
     "DoubleSparsity",
+    "DuoAttention",
     "ExpectedAttention",
     "H2O",
     "InfLLM",
@@ -41,6 +44,7 @@ __all__ = [
     "PyramidKV",
     "QFilters",
     "Quest",
+    "RazorAttention",
     "SlidingWindow",
     "SnapKV",
     "StaticBlocks",

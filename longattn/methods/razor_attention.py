@@ -1,0 +1,53 @@
+"""RazorAttention: echo and induction (retrieval) heads keep every key, the others a local window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from longattn.method import Evict, register
+from longattn.methods.duo_attention import check_head_fields, head_scores, retrieval_heads
+
+
+@register("razor_attention")
+@dataclass(frozen=True)
+class RazorAttention(Evict):
+    """Retrieval heads (echo and induction heads, found training-free) keep the whole cache; every
+    other head keeps the ``sinks`` first and the ``recent`` newest tokens. Tang et al. 2024,
+    arXiv:2407.15891.
+
+    calibration: a file from ``longattn calibrate razor`` (``longattn.calibration.
+                 calibrate_razor_attention``): per KV head, the echo score (attention of a token to
+                 its previous occurrence) and the induction score (to the token that followed it)
+                 on a repeated random-token sequence, and a rank that interleaves the two lists in
+                 the paper's proportion (1 echo head per 14 induction heads). Required (a ValueError
+                 at the first compression without one).
+    retrieval:   fraction of all KV heads of the model protected (the paper: 15 %), chosen over
+                 every layer at once.
+    pattern:     explicit retrieval flags (1) per KV head, cycled over each layer's heads, in place
+                 of a calibration (tests, ablations).
+    Every key scores +inf or -inf, so ``budget``, ``tokens`` and ``allocation`` do not apply.
+    Defaults: the paper's 4 sink tokens; ``recent=256`` (see below); ``when="chunk"``.
+    Deviation from paper: no compensation token: the paper replaces a non-retrieval head's dropped
+    tokens by one token holding the mean of their keys and values; the cache cannot insert
+    synthetic tokens yet, so the dropped tokens are simply gone. The local window is a fixed
+    ``recent`` count, not the paper's max(4000, N / compression ratio), which exceeds the whole
+    of a small model's 1-4K contexts. A KV head is a retrieval head when any query head of its
+    GQA group scores high (the maximum over the group), since the group shares its cache.
+    """
+
+    calibration: str = ""
+    retrieval: float = 0.15
+    pattern: tuple[int, ...] | None = None
+    sinks: int = 4
+    recent: int = 256
+    when: str = "chunk"
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_head_fields(self)
+
+    def score(self, view):
+        return head_scores(view, retrieval_heads(self, view, "razor"))
