@@ -85,9 +85,13 @@ class RopeFrame:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` in float64, back in ``x``'s dtype. cos, sin [B|1, T, D/2]."""
-    x1, x2 = x.double().chunk(2, dim=-1)  # [B, H, T, D/2] each
-    c, s = cos[:, None], sin[:, None]  # [B|1, 1, T, D/2]
+    """``x * cos + rotate_half(x) * sin``, back in ``x``'s dtype. cos, sin [B|1, T, D/2] float64.
+
+    Computed in float32 at least (float64 for float64 keys): one rotation rounds once, and rotations
+    never compound (the angles are exact differences), so float32 loses nothing that matters."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(work).chunk(2, dim=-1)  # [B, H, T, D/2] each
+    c, s = cos[:, None].to(work), sin[:, None].to(work)  # [B|1, 1, T, D/2]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
