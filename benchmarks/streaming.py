@@ -32,6 +32,7 @@ from longattn import hf
 from longattn.bench.common import cpu_line, environment
 from longattn.eval.models import load
 from longattn.eval.text import corpus
+from longattn.integrations.hf import attn_implementation
 from longattn.methods import StreamingLLM
 
 PAGE = 4096  # bytes of a page as /proc/self/statm counts them (x86-64 Linux)
@@ -125,7 +126,7 @@ def speed(model, ids: torch.Tensor, method: StreamingLLM, n_tokens: int, rounds:
                 model(ids[:, t : t + 1], past_key_values=cache)
             t_stream += time.perf_counter() - start
             start = time.perf_counter()
-            with hf.attn_implementation(model, "sdpa"):  # the model's own attention, no cache
+            with attn_implementation(model, "sdpa"):  # the model's own attention, no cache
                 for t in range(lo, lo + per_round):
                     model(ids[:, t + 1 - window : t + 1], use_cache=False, logits_to_keep=1)
             t_recompute += time.perf_counter() - start

@@ -101,8 +101,9 @@ def place_sinks(kv: KVCache, layer: int, sinks: int, frame: RopeFrame) -> None:
     The first time tokens are evicted the sinks (still at their own positions) are copied; every later
     placement rotates that copy, so a key is rounded once per placement, never cumulatively.
     """
-    held = kv.positions(layer)  # [B, T]
-    if sinks == 0 or held.shape[1] == 0:
+    held = kv.positions(layer)  # [B, T], increasing
+    n_sinks = int((held[0] < sinks).sum())  # sinks a layer's own window evicted are gone
+    if n_sinks == 0:
         return
     evicted = int(held[0, -1]) + 1 - held.shape[1]  # contiguous window after the sinks
     state = kv.state.setdefault(STATE_KEY, {})
@@ -111,6 +112,6 @@ def place_sinks(kv: KVCache, layer: int, sinks: int, frame: RopeFrame) -> None:
         return
     keys = kv.keys(layer)  # [B, Hkv, T, D] view of the storage
     if pristine is None:
-        pristine = keys[:, :, : min(sinks, keys.shape[2])].clone()
-    keys[:, :, : pristine.shape[2]] = frame.shift(pristine, evicted)
+        pristine = keys[:, :, :n_sinks].clone()
+    keys[:, :, :n_sinks] = frame.shift(pristine[:, :, pristine.shape[2] - n_sinks :], evicted)
     state[layer] = (pristine, evicted)
