@@ -7,6 +7,7 @@ Everything goes through transformers' documented seams (``AttentionInterface``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from longattn.api import attention
 from longattn.cache import KVCache
+from longattn.integrations.rope import RopeFrame, place_sinks
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.methods.intersection import Intersection
 from longattn.methods.sliding_window import SlidingWindow
+from longattn.methods.streaming_llm import StreamingLLM
 
 CAPTURE_NAME = "longattn_capture"
 
@@ -150,6 +153,12 @@ def positions_mask(
         default,
         q_offset,
     )
+
+
+def positions_mask_unbounded(*args, config=None, **kwargs) -> TokenPositions:
+    """``positions_mask`` without the ``max_position_embeddings`` limit: StreamingLLM with
+    ``positions="cache"`` keeps every query-key distance below sinks + window + the call's tokens."""
+    return positions_mask(*args, **kwargs)
 
 
 def _architecture(model: torch.nn.Module) -> str:
@@ -281,12 +290,15 @@ class LongattnCache(Cache):
         raise NotImplementedError("LongattnCache cannot be cropped (assisted decoding)")
 
 
-def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
+def make_attention_fn(
+    method: Method, arch: str, cache: LongattnCache, frame: RopeFrame | None = None
+):
     """The ``AttentionInterface`` function that runs ``attention(..., method)`` inside the model.
 
     When the keys are the new tokens of ``cache`` (the model was given it as ``past_key_values``) the
     call goes through the ``KVCache``; otherwise (no cache, or transformers' own) ``key`` and ``value``
-    already hold every visible token.
+    already hold every visible token. With a ``frame`` (StreamingLLM ``positions="cache"``) queries and
+    keys are re-rotated in it (``longattn.integrations.rope``).
     """
 
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -308,6 +320,8 @@ def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
                 f"{arch}: positions for {pos.q.shape[-1]} queries / {pos.kv.shape[-1]} keys, "
                 f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
             )
+        if frame is not None:
+            query, key = _cache_frame(frame, arch, through_cache, pos, query, key, kwargs)
         if not through_cache and pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
@@ -337,9 +351,58 @@ def make_attention_fn(method: Method, arch: str, cache: LongattnCache):
                 # through the cache the new tokens are the queries; else the keys have their own
                 kv_positions=pos.q if through_cache else pos.kv,
             )
+        if frame is not None:
+            place_sinks(cache.kv, layer, method.sinks, frame)
         return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
     return attend
+
+
+def _cache_frame(frame, arch, through_cache, pos, query, key, kwargs):
+    """Queries and new keys re-rotated at their original positions with float64 angles (the sinks are
+    placed after the call): StreamingLLM's ``positions="cache"`` frame."""
+    if not through_cache:
+        raise ValueError(
+            f"{arch}: StreamingLLM positions='cache' needs the use() block's cache: pass it to the "
+            "model as its cache / past_key_values"
+        )
+    model_pos = kwargs.get("position_ids")
+    if model_pos is None or not pos.default and bool((pos.q < 0).any()):
+        raise ValueError(
+            f"{arch}: StreamingLLM positions='cache' needs unpadded rows and the model's "
+            "position_ids in its attention call"
+        )
+    return frame.correct(query, model_pos, pos.q), frame.correct(key, model_pos, pos.q)
+
+
+def _asks_cache_positions(method: Method) -> bool:
+    """Whether ``method`` or a method inside it (a wrapper's fields) has ``positions="cache"``."""
+    if getattr(method, "positions", None) == "cache":
+        return True
+    inner = [getattr(method, f.name) for f in dataclasses.fields(method)]
+    inner += [m for value in inner if isinstance(value, tuple) for m in value]
+    return any(isinstance(m, Method) and _asks_cache_positions(m) for m in inner)
+
+
+def _position_frame(model: torch.nn.Module, method: Method) -> RopeFrame | None:
+    """The rotary frame of StreamingLLM ``positions="cache"`` (None for original positions);
+    ``ValueError`` for that policy on another method or on a RoPE it cannot re-rotate."""
+    if not _asks_cache_positions(method):
+        return None
+    arch = _architecture(model)
+    if not isinstance(method, StreamingLLM):
+        raise ValueError(
+            f"positions='cache' is StreamingLLM's own policy; {method.describe()!r} is not "
+            "StreamingLLM (use StreamingLLM itself, not wrapped or combined)"
+        )
+    rotaries = [m for m in model.modules() if hasattr(m, "inv_freq")]
+    if len(rotaries) != 1:
+        raise ValueError(
+            f"{arch}: positions='cache' needs one rotary embedding, found {len(rotaries)}"
+        )
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return RopeFrame.from_rotary(rotaries[0], head_dim, arch)
 
 
 def _continues(kv: KVCache, layer: int, start: int) -> bool:
@@ -362,7 +425,9 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
 
     Refused with ``ValueError`` naming the architecture: unsupported architectures, attention logit
     soft-capping, learned sink logits, non-causal attention, dropout in training mode, and inputs longer
-    than ``config.max_position_embeddings``.
+    than ``config.max_position_embeddings`` (except under StreamingLLM ``positions="cache"``, whose
+    positions stay inside the cache: it needs unpadded rows, the use() block's cache and a Llama-style
+    RoPE with fixed frequencies, and is refused on other methods).
     """
     if isinstance(method, str):
         method = from_string(method)
@@ -374,10 +439,12 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
             f"method {method.describe()!r} lets queries see later keys; {_architecture(model)} "
             "is a causal decoder"
         )
+    frame = _position_frame(model, method)
     cache = LongattnCache(model.config.num_hidden_layers)
     name = f"longattn_{next(_names)}"
-    AttentionInterface.register(name, make_attention_fn(method, _architecture(model), cache))
-    AttentionMaskInterface.register(name, positions_mask)
+    attend = make_attention_fn(method, _architecture(model), cache, frame)
+    AttentionInterface.register(name, attend)
+    AttentionMaskInterface.register(name, positions_mask_unbounded if frame else positions_mask)
     try:
         with attn_implementation(model, name):
             yield cache

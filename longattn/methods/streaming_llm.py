@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from longattn.method import Method, check_non_negative, check_positive, register
 
+POSITION_POLICIES = ("original", "cache")
+
 
 @register("streaming_llm")
 @dataclass(frozen=True)
@@ -13,16 +15,30 @@ class StreamingLLM(Method):
     """Causal attention to the first ``sinks`` positions and the last ``window`` keys (self included).
     Xiao et al. 2023, arXiv:2309.17453.
 
-    Positions are the tokens' original positions; a cache that evicts to this pattern keeps exactly the
-    keys this mask allows for the newest query.
+    The mask and the retention use the tokens' original positions (unique and increasing); a cache that
+    evicts to this pattern keeps exactly the keys this mask allows for the newest query.
+
+    ``positions`` is the rotary position policy, which a model integration applies (the pattern is
+    the same under both): ``"original"`` rotates keys and queries at the tokens' original positions,
+    so a model stops at its ``max_position_embeddings``; ``"cache"`` rotates them at their slots in
+    the cache, as in the paper (sinks at 0..sinks-1, the window after them, a query at its own slot),
+    so positions stay below ``sinks + window`` plus the tokens of one call and the stream is
+    unbounded. Deviation from paper: fed in chunks, the queries of a chunk take the chunk's slots, so
+    the distance to the sinks grows by up to the chunk length minus one (token by token it is exact).
     """
 
     sinks: int = 4
     window: int = 1024
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         check_non_negative(type(self).__name__, sinks=self.sinks)
         check_positive(type(self).__name__, window=self.window)
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(
+                f"StreamingLLM positions must be one of {', '.join(POSITION_POLICIES)}, "
+                f"got {self.positions!r}"
+            )
 
     @property
     def is_causal(self) -> bool:

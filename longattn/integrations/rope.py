@@ -1,0 +1,117 @@
+"""Rotary frames for StreamingLLM's cache positions (``positions="cache"``), arXiv:2309.17453.
+
+The paper rotates keys and queries at their slots in the cache: sinks at 0..sinks-1, the window after
+them, a query at its own slot. RoPE scores depend only on the difference of two angles, so any frame
+that keeps every query-key distance gives the same attention. The frame used here: every token at its
+original position (the window is contiguous, so its distances are already the slot distances) and
+the sinks at ``s + evicted``, where ``evicted`` is the number of tokens dropped between the sinks and
+the window: a query at original ``p`` sits at slot ``p - evicted`` and sees sink ``s`` at its slot
+distance. Only the sinks move (from a pristine copy, so rotations never accumulate rounding), and the
+angles are float64 (the model's float32 angle at a large position is off by up to
+``p * omega * 2**-24`` rad; it is undone exactly and replaced), so the stream has no position limit.
+Pure torch; ``longattn.integrations.hf`` builds the frame from the model and calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from longattn.cache import KVCache
+
+
+# rope types whose frequencies are fixed (no rescaling with the sequence length) and unscaled cos/sin
+FIXED_ROPE_TYPES = ("default", "linear", "llama3")
+STATE_KEY = "streaming_rope_sinks"
+
+
+@dataclass(frozen=True)
+class RopeFrame:
+    """A model's Llama-style (``rotate_half``) rotary embedding: ``inv_freq`` [D/2] float32, as the
+    model multiplies it by its float32 positions."""
+
+    inv_freq: torch.Tensor
+
+    @classmethod
+    def from_rotary(cls, rotary: torch.nn.Module, head_dim: int, arch: str) -> RopeFrame:
+        """The frame of a transformers rotary embedding module; ``ValueError`` for one it cannot redo."""
+        rope_type = getattr(rotary, "rope_type", None)
+        if not isinstance(rope_type, str) or rope_type not in FIXED_ROPE_TYPES:
+            raise ValueError(
+                f"{arch}: positions='cache' re-rotates RoPE of types {', '.join(FIXED_ROPE_TYPES)}; "
+                f"this model's rope_type is {rope_type!r}"
+            )
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if scaling != 1.0 or not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+            raise ValueError(
+                f"{arch}: positions='cache' needs one unscaled frequency vector per model "
+                f"(attention_scaling={scaling})"
+            )
+        if 2 * inv_freq.numel() != head_dim:
+            raise ValueError(
+                f"{arch}: positions='cache' needs RoPE over the whole head ({head_dim} dims), "
+                f"this model rotates {2 * inv_freq.numel()} (partial rotary)"
+            )
+        return cls(inv_freq.detach().float().clone())
+
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """float64 angles [..., D/2] of integer ``positions``."""
+        return positions.to(torch.float64)[..., None] * self.inv_freq.to(positions.device).double()
+
+    def _model_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """The cos and sin the model applied, bit for bit (its float32 product, cast to ``dtype``)."""
+        angle = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return angle.cos().to(dtype).double(), angle.sin().to(dtype).double()
+
+    def correct(self, x: torch.Tensor, model_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, H, T, D] rotated by the model at ``model_pos`` [1|B, T], re-rotated at ``pos``
+        [B, T] with float64 angles (one rotation by the difference)."""
+        cos_m, sin_m = self._model_cos_sin(model_pos, x.dtype)
+        angle = self._angles(pos)
+        cos_p, sin_p = angle.cos(), angle.sin()
+        # R(pos) M^-1 with M the model's rotation; its rounded cos and sin make M^-1 = M^T / (c² + s²)
+        norm = cos_m.square() + sin_m.square()
+        cos_d, sin_d = cos_p * cos_m + sin_p * sin_m, sin_p * cos_m - cos_p * sin_m
+        return _rotate(x, cos_d / norm, sin_d / norm)
+
+    def shift(self, x: torch.Tensor, by: int) -> torch.Tensor:
+        """``x`` [B, H, T, D] rotated further by ``by`` positions (float64 angles)."""
+        angle = self._angles(torch.tensor([by], device=x.device))  # [1, D/2]
+        return _rotate(x, angle.cos()[None], angle.sin()[None])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``, back in ``x``'s dtype. cos, sin [B|1, T, D/2] float64.
+
+    Computed in float32 at least (float64 for float64 keys): one rotation rounds once, and rotations
+    never compound (the angles are exact differences), so float32 loses nothing that matters."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(work).chunk(2, dim=-1)  # [B, H, T, D/2] each
+    c, s = cos[:, None].to(work), sin[:, None].to(work)  # [B|1, 1, T, D/2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def place_sinks(kv: KVCache, layer: int, sinks: int, frame: RopeFrame) -> None:
+    """Rotate ``layer``'s sink keys to ``s + evicted`` after a call (no padding: every row alike).
+
+    The first time tokens are evicted the sinks (still at their own positions) are copied; every later
+    placement rotates that copy, so a key is rounded once per placement, never cumulatively.
+    """
+    held = kv.positions(layer)  # [B, T], increasing
+    n_sinks = int((held[0] < sinks).sum())  # sinks a layer's own window evicted are gone
+    if n_sinks == 0:
+        return
+    evicted = int(held[0, -1]) + 1 - held.shape[1]  # contiguous window after the sinks
+    state = kv.state.setdefault(STATE_KEY, {})
+    pristine, placed = state.get(layer, (None, 0))
+    if evicted == placed:
+        return
+    keys = kv.keys(layer)  # [B, Hkv, T, D] view of the storage
+    if pristine is None:
+        pristine = keys[:, :, :n_sinks].clone()
+    keys[:, :, :n_sinks] = frame.shift(pristine[:, :, pristine.shape[2] - n_sinks :], evicted)
+    state[layer] = (pristine, evicted)
