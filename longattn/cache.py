@@ -295,10 +295,11 @@ class KVCache:
         tail becomes empty slots (-1). Empty slots are dropped whatever ``keep`` says. ``n_seen`` is
         unchanged.
 
-        Storage follows what is kept. With ``capacity`` (slots per head, at least what is kept) the
-        layer is resized to exactly that, rounded up to a page, and later appends grow it by an
-        eighth: a bounded method holds its budget plus less than a page. Without it, storage halves
-        once a quarter of it is used (to twice what is kept, not below the initial capacity).
+        Storage follows what is kept, and once a layer was evicted later appends grow it by an
+        eighth, not by doubling. With ``capacity`` (slots per head, at least what is kept) the
+        layer is resized to exactly that, rounded up to a page: a bounded method holds its budget
+        plus less than a page. Without it, storage shrinks to what is kept plus an eighth (not
+        below the initial capacity) once it is more than twice that.
         """
         entry = self._need(layer)
         keep = self._check_keep(layer, entry, keep)
@@ -313,9 +314,15 @@ class KVCache:
             raise ValueError(f"evict capacity {capacity} is below the {n_max} tokens kept")
         # kept slots first, in their order: a stable sort of the drop flags
         order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
-        rows = order.unsqueeze(-1).expand(-1, -1, -1, entry.keys.shape[-1])
-        entry.keys[:, :, :n_max] = entry.keys.gather(2, rows)
-        entry.values[:, :, :n_max] = entry.values.gather(2, rows)
+        # whole key / value rows by one index_select over the (row, head, slot) axis of the
+        # contiguous storage (a gather would read an index as large as the keys)
+        batch, heads, cap, dim = entry.keys.shape
+        base = torch.arange(batch * heads, device=order.device).view(batch, heads, 1) * cap
+        flat = (base + order).reshape(-1)
+        for name in ("keys", "values"):
+            store = getattr(entry, name)
+            kept = store.view(-1, dim).index_select(0, flat)
+            store[:, :, :n_max] = kept.view(batch, heads, n_max, dim)
         tail = (
             torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
         )
@@ -329,13 +336,14 @@ class KVCache:
         entry.dense = False
         if entry.uniform and keep.shape[1] > 1:
             entry.uniform = bool((entry.pos[:, :, :n_max] == entry.pos[:, :1, :n_max]).all())
+        entry.bounded = True
         if capacity is not None:
-            entry.bounded = True
             if self._round(capacity) != entry.capacity:
                 self._resize(entry, capacity, exact=True)
         else:
-            target = self._round(max(self.initial_capacity, 2 * entry.seq_len))
-            if 4 * entry.seq_len <= entry.capacity and target < entry.capacity:
+            room = max(self.page_size, entry.seq_len // 8)
+            target = self._round(max(self.initial_capacity, entry.seq_len + room))
+            if entry.capacity > 2 * target:  # hysteresis: no reallocation at every step
                 self._resize(entry, target, exact=True)
         entry.mark_stale(0, entry.capacity)
 
