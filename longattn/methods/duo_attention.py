@@ -63,9 +63,30 @@ def head_scores(view: Any, retrieval: torch.Tensor) -> torch.Tensor:
     return per_head[None, :, None].expand(batch, n_kv, seq_len).contiguous()
 
 
+@dataclass(frozen=True)
+class RetrievalHeads(Evict):
+    """Base of the head-wise methods (DuoAttention, RazorAttention): a KV head is a retrieval head
+    (keeps everything) or a streaming head (keeps ``sinks`` + ``recent``), by a calibration file's
+    head ranks or an explicit ``pattern``; ``budget``, ``tokens`` and ``allocation`` do not apply."""
+
+    calibration: str = ""
+    retrieval: float = 0.5
+    pattern: tuple[int, ...] | None = None
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    command: ClassVar[str] = ""  # the `longattn calibrate` command that makes its files
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_head_fields(self)
+
+    def score(self, view):
+        return head_scores(view, retrieval_heads(self, view, self.command))
+
+
 @register("duo_attention")
 @dataclass(frozen=True)
-class DuoAttention(Evict):
+class DuoAttention(RetrievalHeads):
     """Retrieval heads keep the whole cache, streaming heads keep the ``sinks`` first and the
     ``recent`` newest tokens; the heads are told apart by gates optimised offline on synthetic
     passkey retrieval. Xiao et al. 2024, arXiv:2410.10819.
@@ -98,11 +119,4 @@ class DuoAttention(Evict):
     recent: int = 256
     when: str = "chunk"
 
-    needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_head_fields(self)
-
-    def score(self, view):
-        return head_scores(view, retrieval_heads(self, view, "duo"))
+    command: ClassVar[str] = "duo"

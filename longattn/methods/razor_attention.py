@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from longattn.method import Evict, register
-from longattn.methods.duo_attention import check_head_fields, head_scores, retrieval_heads
+from longattn.method import register
+from longattn.methods.duo_attention import RetrievalHeads
 
 
 @register("razor_attention")
 @dataclass(frozen=True)
-class RazorAttention(Evict):
+class RazorAttention(RetrievalHeads):
     """Retrieval heads (echo and induction heads, found training-free) keep the whole cache; every
     other head keeps the ``sinks`` first and the ``recent`` newest tokens. Tang et al. 2024,
     arXiv:2407.15891.
@@ -43,11 +43,4 @@ class RazorAttention(Evict):
     recent: int = 256
     when: str = "chunk"
 
-    needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_head_fields(self)
-
-    def score(self, view):
-        return head_scores(view, retrieval_heads(self, view, "razor"))
+    command: ClassVar[str] = "razor"
