@@ -70,6 +70,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing results folder")
     p.add_argument("--resume", action="store_true", help="continue a run, redoing no finished case")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--budgets",
+        help="the eviction eval: comma-separated kept fractions, e.g. 0.5,0.25,0.1; every method "
+        "is an eviction method run at each budget from one shared prefill per prompt "
+        "(longattn/eval/evict.py); tasks passkey, needle, ppl",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -116,6 +122,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from longattn.eval.runner import run_eval
 
     start = time.perf_counter()
+    if getattr(args, "budgets", None):
+        return run_evict_command(args)
     try:
         config = config_from_args(args)
         counts = run_eval(config, force=args.force, resume=args.resume, show_progress=args.progress)
@@ -127,6 +135,31 @@ def run_eval_command(args: argparse.Namespace) -> int:
         f"failed, in {time.perf_counter() - start:.0f} s"
     )
     _print_report(path)
+    return 0
+
+
+def run_evict_command(args: argparse.Namespace) -> int:
+    """``longattn eval --budgets ...``: the eviction eval (``longattn.eval.evict``)."""
+    from longattn.eval.evict import run_evict_eval
+
+    start = time.perf_counter()
+
+    def show(record: dict) -> None:
+        if args.progress:
+            outcome = record.get("error") or record.get("score", record.get("ppl"))
+            print(f"{record['case']}: {outcome}", flush=True)
+
+    try:
+        config = config_from_args(args)
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        counts = run_evict_eval(
+            config, budgets, force=args.force, resume=args.resume, progress=show
+        )
+    except USER_ERRORS as exc:
+        return _fail("eval", exc)
+    print(f"{counts['prompts']} prompt(s), {counts['failed']} failed case(s), "
+          f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
+    print((config.out / "report.md").read_text())
     return 0
 
 
