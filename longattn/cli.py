@@ -18,6 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BENCH_SUITES = {
     "methods": "longattn.bench.methods:run_cli",
     "decode": "longattn.bench.decode:run_cli",
+    "evict": "longattn.bench.evict:run_cli",
     "fidelity": "longattn.eval.fidelity:run_cli",
     "kernels": "longattn.bench.kernels:run_cli",
 }
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=positive_int, default=64)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--out", default=None, help="JSONL file to append results to")
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help="evict suite: comma-separated eviction methods (default: every registered one "
+        "without a calibration file, plus streaming_llm)",
+    )
     bench.add_argument(
         "--memory-length",
         type=positive_int,

@@ -258,12 +258,15 @@ class EvictSession:
 
 
 def prompt_cases(session, methods: list[Method], done: set[str]):
-    """Yield (task, length, sample, depth, the methods still to run on that prompt)."""
+    """Yield (task, length, sample, depth, the methods still to run on that prompt), sample by
+    sample over every task and length, so that a run stopped early has every cell alike."""
     config = session.config
-    for length in config.lengths:
-        for task in config.tasks:
-            n = config.ppl_samples or config.samples if task == "ppl" else config.samples
-            for sample in range(n):
+    n_ppl = config.ppl_samples or config.samples
+    for sample in range(max(config.samples, n_ppl)):
+        for length in config.lengths:
+            for task in config.tasks:
+                if sample >= (n_ppl if task == "ppl" else config.samples):
+                    continue
                 depth = config.depths[sample % len(config.depths)] if task == "needle" else None
                 todo = [m for m in methods if f"{_label(m)}|{task}|{length}|{sample}" not in done]
                 if todo:
