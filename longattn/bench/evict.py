@@ -150,13 +150,15 @@ def gate(result, tokens: Tokens, cache: KVCache, seen: torch.Tensor | None = Non
 
 def gated_step(method: Method, tokens: Tokens, cache: KVCache) -> tuple[object, str | None]:
     """One decode step and its gate. A method with a retention rule (StreamingLLM) evicts after
-    attending: its step saw what was held before it, plus the new token."""
+    attending: its step saw what its mask allows of what was held before it, plus the new token."""
     before = cache.head_positions(0).clone()
     result = step(method, tokens, cache)
     seen = None
     if not isinstance(method, Evict) and type(method).retain is not Method.retain:
-        new = torch.full_like(before[..., :1], cache.n_seen(0) - 1)
-        seen = torch.cat([before, new], dim=-1)
+        q_pos = cache.n_seen(0) - 1
+        held = torch.cat([before, torch.full_like(before[..., :1], q_pos)], dim=-1)
+        allowed = method.mask(0, 0, torch.tensor(q_pos), held) & (held >= 0)
+        seen = torch.where(allowed, held, -1)
     return result, gate(result, tokens, cache, seen)
 
 
