@@ -149,13 +149,17 @@ def _resident_kib() -> int:
 
 
 @torch.no_grad()
-def answer(model, method: Method, prefilled: Prefilled, new_tokens: int, base_kib: int) -> dict:
-    """Greedy ``new_tokens`` after the prompt (the first from the prefill's logits); each decode
-    step timed, the first apart (it compresses)."""
+def answer(
+    model, method: Method, prefilled: Prefilled, new_tokens: int, base_kib: int, eos=None
+) -> dict:
+    """Greedy ``new_tokens`` after the prompt (the first from the prefill's logits), stopping after
+    ``eos``; each decode step timed, the first apart (it compresses)."""
     token = prefilled.logits.argmax(-1).view(1, 1)
     tokens, steps = [int(token)], []
     with resumed(model, method, prefilled) as cache:
         for _ in range(new_tokens - 1):
+            if eos is not None and tokens[-1] == eos:
+                break
             start = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             steps.append(time.perf_counter() - start)
@@ -235,7 +239,8 @@ def _run_case(session, method: Method, prefilled: Prefilled, task: str, need: di
             session.model, method, prefilled, need["tail"], base
         )
     else:
-        fn = lambda: answer(session.model, method, prefilled, need["new"], base)  # noqa: E731
+        eos = session.tokenizer.eos_token_id
+        fn = lambda: answer(session.model, method, prefilled, need["new"], base, eos)  # noqa: E731
     peak = peak_extra_mib(lambda: holder.update(fn()))
     record = {"peak_rss_mib": peak, **holder}
     if task != "ppl":
