@@ -264,12 +264,13 @@ class EvictSession:
 
 def prompt_cases(session, methods: list[Method], done: set[str]):
     """Yield (task, length, sample, depth, the methods still to run on that prompt), sample by
-    sample over every task and length, so that a run stopped early has every cell alike."""
+    sample over every task (in the order given) and length, so that a run stopped early has
+    every cell alike, the first tasks first."""
     config = session.config
     n_ppl = config.ppl_samples or config.samples
     for sample in range(max(config.samples, n_ppl)):
-        for length in config.lengths:
-            for task in config.tasks:
+        for task in config.tasks:
+            for length in config.lengths:
                 if sample >= (n_ppl if task == "ppl" else config.samples):
                     continue
                 depth = config.depths[sample % len(config.depths)] if task == "needle" else None
