@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "without a calibration file, plus streaming_llm)",
     )
     bench.add_argument(
+        "--budgets", default=None, help="evict suite: comma-separated kept fractions (0.5,0.25,0.1)"
+    )
+    bench.add_argument(
         "--memory-length",
         type=positive_int,
         default=32768,

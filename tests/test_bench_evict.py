@@ -52,13 +52,15 @@ def test_gate_catches_a_held_slot_that_is_not_its_token():
 
 def test_a_small_run_writes_gated_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(evict, "SHAPES", {"smollm2": (9, 3, 64)})
-    monkeypatch.setattr(evict, "BUDGETS", (0.25,))
     out = tmp_path / "evict.jsonl"
-    args = argparse.Namespace(quick=True, length=512, out=str(out), methods="streaming_llm")
+    args = argparse.Namespace(
+        quick=True, length=512, out=str(out), methods="streaming_llm", budgets="0.25"
+    )
     assert evict.run_cli(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["gate"] for r in rows)  # fp32 and bf16
     row = rows[0]
     assert row["ms"] > 0 and row["dense_ms"] > 0 and row["compress_ms"] > 0
+    assert row["held_dense_ms"] > 0 and row["speedup"] > 0 and row["attention_speedup"] > 0
     assert row["kept_tokens"] == 4 + 124 - 1  # sinks + window, less the next token's slot
     assert row["used_bytes"] < row["dense_used_bytes"]

@@ -7,10 +7,10 @@ keeps the same sinks + window at the same budget), the cache is built through th
 prompt call with the last ``PROMPT_QUERIES`` queries, ``attention(q[:, :, -32:], k, v, method=m,
 cache=c)``, which attends those queries and appends every key. The first decode step scores and
 evicts (``compress ms``: its median over fresh caches); then the median decode step over what is
-held is timed against the median decode step of the full cache (``method="dense"``), each method's
-row right after its own dense timing, so that a slow phase of a shared machine hits both; then a
-dense call over the same held keys (``held dense ms``: the attention alone, without the method's
-per-step bookkeeping). Capacity
+held is timed against the decode step of the full cache (``method="dense"``) and a dense call over
+the same held keys (``held dense ms``: the attention alone, without the method's per-step
+bookkeeping), the three steps in turn within each repeat, so that a slow phase of a shared machine
+hits them alike; ``x full`` is the median over the repeats of the per-repeat ratio. Capacity
 bytes (``KVCache.capacity_nbytes()``) and used bytes (``nbytes()``) are recorded for both, after
 compression (before the slots the timed steps append into are reserved).
 
@@ -38,7 +38,6 @@ from longattn.bench.common import (
     cpu_line,
     environment,
     format_table,
-    median_ms,
 )
 from longattn.bench.decode import SHAPES
 from longattn.method import Evict, Method, registry
@@ -177,9 +176,25 @@ def _compress(method: Method, tokens: Tokens, repeats: int) -> tuple[KVCache, fl
     return cache, statistics.median(times), ", ".join(seen.chosen), failure
 
 
-def _timed(method: Method, tokens: Tokens, cache: KVCache, repeats: int) -> float:
-    cache.reserve(0, cache.capacity(0) + repeats + 4)  # growing in a timed step would time a copy
-    return median_ms(lambda: step(method, tokens, cache), repeats=repeats, warmup=2)
+def interleaved(steps: dict, repeats: int) -> tuple[dict, dict]:
+    """Median ms of each step of ``steps`` (name -> (method, tokens, cache)), timed in turn within
+    each repeat, so that a slow phase of a shared machine hits them alike; and the median over the
+    repeats of each step's ratio to the first one's time in the same repeat."""
+    for method, tokens, cache in steps.values():
+        # growing inside a timed step would time a copy
+        cache.reserve(0, cache.capacity(0) + repeats + 4)
+        step(method, tokens, cache)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, (method, tokens, cache) in steps.items():
+            start = time.perf_counter()
+            step(method, tokens, cache)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    first = next(iter(steps))
+    ratios = {
+        n: statistics.median(a / b for a, b in zip(times[first], t)) for n, t in times.items()
+    }
+    return {n: statistics.median(t) for n, t in times.items()}, ratios
 
 
 def time_row(method: Method, tokens: Tokens, dense: KVCache, repeats: int) -> dict:
@@ -189,18 +204,18 @@ def time_row(method: Method, tokens: Tokens, dense: KVCache, repeats: int) -> di
            "capacity_bytes": cache.capacity_nbytes(), "used_bytes": cache.nbytes(),
            "kept_tokens": float(cache.head_lengths(0).float().mean())}  # fmt: skip
     if failure is None:
-        row["dense_ms"] = _timed(from_string("dense"), tokens, dense, repeats)
-        row["ms"] = _timed(method, tokens, cache, repeats)
-        # attention alone over what is held: a dense call, without the method's bookkeeping
-        row["held_dense_ms"] = _timed(from_string("dense"), tokens, cache, repeats)
+        dense_call = from_string("dense")
+        # the full cache; the method's step; attention alone over what is held (a dense call,
+        # without the method's bookkeeping)
+        ms, ratio = interleaved({"dense_ms": (dense_call, tokens, dense),
+                                 "ms": (method, tokens, cache),
+                                 "held_dense_ms": (dense_call, tokens, cache)}, repeats)  # fmt: skip
+        row.update(ms, speedup=ratio["ms"], attention_speedup=ratio["held_dense_ms"])
         failure = gated_step(method, tokens, cache)[1]
     row["gate"] = failure is None
     if failure is not None:
         row.pop("ms", None)
         row["gate_error"] = failure
-    elif row["ms"] > 0:
-        row["speedup"] = row["dense_ms"] / row["ms"]
-        row["attention_speedup"] = row["dense_ms"] / row["held_dense_ms"]
     return row
 
 
@@ -236,7 +251,9 @@ def bench_config(kv_len, shape, dtype, budgets, methods, repeats, writer) -> lis
 def run_cli(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     lengths = [args.length] if args.length else ([8192] if args.quick else [8192, 32768])
-    repeats = 5 if args.quick else 9
+    repeats = 9 if args.quick else 15
+    budgets = getattr(args, "budgets", None)
+    budgets = tuple(float(b) for b in budgets.split(",") if b) if budgets else BUDGETS
     methods = getattr(args, "methods", None)
     methods = [m for m in methods.split(",") if m] if methods else default_methods()
     out = pathlib.Path(args.out or "results/bench_evict.jsonl")
@@ -246,7 +263,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for shape in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             for kv_len in lengths:
-                rows += bench_config(kv_len, shape, dtype, BUDGETS, methods, repeats, writer)
+                rows += bench_config(kv_len, shape, dtype, budgets, methods, repeats, writer)
     for row in rows:
         for key in ("capacity", "dense_capacity", "used", "dense_used"):
             if row.get(f"{key}_bytes") is not None:
