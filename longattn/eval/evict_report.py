@@ -142,7 +142,9 @@ def write_report(folder: pathlib.Path) -> pathlib.Path:
              "answer; peak RSS: added while the case ran (includes the copy of the full "
              "prefilled cache); held RSS: what the case's cache still adds after decode; first "
              "step: the decode step that compresses. ppl: teacher-forced decode through the "
-             "compressed cache.", ""]  # fmt: skip
+             "compressed cache. The full cache's capacity is about twice its used bytes: its "
+             "storage doubles at the first decode append (amortised growth); a compressed "
+             "layer grows by an eighth.", ""]  # fmt: skip
     for (task, length), rows in sorted(tables.items()):
         parts += [table(task, length, rows), ""]
     aims = targets(tables)
