@@ -132,4 +132,4 @@ def test_report_tables_compare_with_the_dense_row(tmp_path):
     assert snap["vs_dense"] == -50.0 and snap["kv_ratio"] == 0.25 and snap["speed_ratio"] == 2.0
     text = write_report(tmp_path).read_text()
     assert "| snapkv | 0.25 | 2 | 50.0 | -50.0 | 100.0 | 0.250 |" in text
-    assert "snapkv at 25 % -50.0 points (target within 10 at 4K: missed)" in text
+    assert "best at 25 % = snapkv (-50.0 points vs dense, n=2): within 2 points missed" in text
