@@ -35,6 +35,14 @@ def _mean(values):
 
 def summarise(cases: list[dict]) -> dict[tuple[str, int], list[dict]]:
     """(task, length) -> one summary row per method label, dense first, then by name and budget."""
+    # only whole prompts (every method run on it), so that each row compares the same prompts
+    per_prompt: dict[tuple, int] = defaultdict(int)
+    for case in cases:
+        per_prompt[case["task"], case["length"], case["sample"]] += 1
+    most = defaultdict(int)
+    for (task, length, _), n in per_prompt.items():
+        most[task, length] = max(most[task, length], n)
+    cases = [c for c in cases if per_prompt[c["task"], c["length"], c["sample"]] == most[c["task"], c["length"]]]  # fmt: skip
     groups: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
     for case in cases:
         groups[case["task"], case["length"], case["method"]].append(case)
