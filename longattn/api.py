@@ -148,15 +148,33 @@ def _decode_can_run(call: Call) -> str | None:
 
 
 def _decode_cpp_can_run(call: Call) -> str | None:
-    if call.method.hook != "select" and not isinstance(call.method, Dense):
-        return f"the C++ decode kernel runs dense and select methods, not {call.method.name!r}"
+    dense_here = call.method.hook == "mask" and _shows_exactly_causal(call)
+    if call.method.hook != "select" and not isinstance(call.method, Dense) and not dense_here:
+        return (
+            f"the C++ decode kernel runs dense and select methods, and mask methods over a cache "
+            f"whose every held key up to the query is visible; not {call.method.name!r} here"
+        )
     return _decode_can_run(call) or decode_cpp_unavailable(call.q, call.k.dtype)
+
+
+def _shows_exactly_causal(call: Call) -> bool:
+    """Whether a causal mask method, on a few-query call over a cache, shows each query exactly the
+    held keys up to its position (what a retention rule leaves: StreamingLLM's sinks and window
+    after its eviction), so that dense causal attention over the cache is the same attention."""
+    if call.cache is None or not call.method.is_causal or call.q.shape[2] > MAX_DECODE_QUERIES:
+        return False
+    if "causal_here" not in call.derived:
+        causal = with_padding(Dense().mask)(
+            None, None, call.q_pos[:, None, :, None], _kv_pos_by_head(call)
+        )
+        call.derived["causal_here"] = bool((visible_mask(call) == causal).all())
+    return call.derived["causal_here"]
 
 
 def _run_decode_cpp(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call, cpp=True)
-    causal = call.method.causal  # type: ignore[attr-defined] -- Dense, by _decode_cpp_can_run
+    causal = getattr(call.method, "causal", True)  # Dense, or a mask that is causal here
     return decode_dense_cpp(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
                          kv_pos=call.kv_pos, causal=causal)  # fmt: skip
 
@@ -518,7 +536,7 @@ def attention(
     try:
         calibration = None if evict is None else _calibration(evict, cache, layer, k)
         if evict is not None:
-            compress.before(evict, cache, layer, q_len, calibration)
+            compress.before(evict, cache, layer, q_len, t_new, calibration)
         call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
         result = run_call(call, choose_impl(call, impl))
         apply_retention(call)

@@ -425,12 +425,14 @@ class KVCache:
 
     def capacity_nbytes(self) -> int:
         """Bytes of memory the cache holds: every layer's allocated keys, values, positions, page
-        metadata and low-dimensional key projections (``nbytes`` counts used key/value slots only)."""
+        metadata, low-dimensional key projections and per-slot statistics (``nbytes`` counts used
+        key/value slots only)."""
         total = 0
         for entry in self._layers:
             if entry is not None:
                 held = [entry.keys, entry.values, entry.pos, entry.page_bounds, entry.page_sum]
                 held += [entry.page_count] + [buf for _, buf in entry.projections.values()]
+                held += list(entry.stats.values())
                 total += sum(t.numel() * t.element_size() for t in held)
         return total
 
@@ -510,6 +512,13 @@ class KVCache:
         if name not in entry.stats:
             entry.stats[name] = torch.zeros(entry.pos.shape, device=entry.pos.device)
         return entry.stats[name][:, :, : entry.seq_len]
+
+    def clear_stats(self) -> None:
+        """Forget every layer's per-slot statistics (a copy of a cache handed to a method that
+        keeps none)."""
+        for entry in self._layers:
+            if entry is not None:
+                entry.stats = {}
 
     def set_stat(self, layer: int, name: str, value: torch.Tensor) -> None:
         """Replace statistic ``name`` of ``layer`` by ``value`` [B, Hkv, seq_len] (a new tensor, so

@@ -60,11 +60,11 @@ def due_after(method: Evict, q_len: int) -> bool:
     return method.when == "chunk" and q_len > MAX_DECODE_QUERIES
 
 
-def before(method: Evict, cache: KVCache, layer: int, q_len: int, calibration) -> None:
-    """Compress ``layer`` ahead of a decode step when it is due (the step's own tokens are not
-    appended yet, so they cannot be evicted)."""
+def before(method: Evict, cache: KVCache, layer: int, q_len: int, t_new: int, calibration) -> None:
+    """Compress ``layer`` ahead of a decode step when it is due (the step's own ``t_new`` tokens
+    are not appended yet, so they cannot be evicted; the storage keeps room for them)."""
     if due_before(method, cache, layer, q_len):
-        compress(method, cache, layer, calibration)
+        compress(method, cache, layer, calibration, room=t_new)
         tracked = cache.state[_key(layer)]
         cache.state[_key(layer)] = tracked._replace(pending=False, steps=0)
 
@@ -75,15 +75,17 @@ def after(method: Evict, call: Call, calibration) -> None:
     cache, layer = call.cache, call.layer
     assert cache is not None
     q_len = call.q.shape[2]
+    prompt = q_len > MAX_DECODE_QUERIES
+    old = cache.state.get(_key(layer))
+    if not prompt and method.when != "decode" and old is not None and not old.pending:
+        return  # compressed already; nothing scores this layer again until the next prompt
     q_pos = call.q_pos.expand(call.q.shape[0], -1)
     if "accumulated" in method.needs:
         _accumulate(cache, layer, call.q, q_pos, call.scale)
-    old = cache.state.get(_key(layer))
     queries, positions = call.q, q_pos
     if old is not None and q_len < method.window and old.queries.shape[2]:
         queries = torch.cat([old.queries, queries], dim=2)
         positions = torch.cat([old.q_pos, positions], dim=1)
-    prompt = q_len > MAX_DECODE_QUERIES
     cache.state[_key(layer)] = Tracked(
         queries[:, :, -method.window :].clone(),
         positions[:, -method.window :].clone(),
@@ -96,8 +98,10 @@ def after(method: Evict, call: Call, calibration) -> None:
         cache.state[_key(layer)] = cache.state[_key(layer)]._replace(pending=False)
 
 
-def compress(method: Evict, cache: KVCache, layer: int, calibration=None) -> None:
-    """Score ``layer``'s keys with ``method`` and evict, per head, what its budget does not keep."""
+def compress(method: Evict, cache: KVCache, layer: int, calibration=None, room: int = 0) -> None:
+    """Score ``layer``'s keys with ``method`` and evict, per head, what its budget does not keep;
+    the storage is resized to what is kept plus ``room`` slots (the tokens about to be appended)
+    plus ``every`` for ``when="decode"``, in whole pages."""
     tracked = cache.state.get(_key(layer))
     view = score_view(method, cache, layer, tracked, calibration)
     scores = method.score(view)
@@ -111,7 +115,7 @@ def compress(method: Evict, cache: KVCache, layer: int, calibration=None) -> Non
         raise ValueError(f"{method.name}.score returned NaN")
     keep = choose(method, scores.float(), positions, cache.n_seen(layer), layer, cache.n_layers)
     kept = int(keep.sum(dim=-1).max())
-    headroom = method.every if method.when == "decode" else 0
+    headroom = room + (method.every if method.when == "decode" else 0)
     cache.evict(layer, keep, capacity=max(1, kept + headroom))
 
 

@@ -130,6 +130,8 @@ def resumed(model, method: Method, prefilled: Prefilled):
     check_shareable(method, prefilled.window)
     with _use(model, method) as cache:
         cache.kv = copy.deepcopy(prefilled.kv)
+        if not isinstance(method, Evict) or "accumulated" not in method.needs:
+            cache.kv.clear_stats()  # the method keeps none: its capacity holds none
         if isinstance(method, Evict):
             _fit_window(cache.kv, method)
         for layer in cache.layers:
