@@ -299,7 +299,7 @@ class KVCache:
         eighth, not by doubling. With ``capacity`` (slots per head, at least what is kept) the
         layer is resized to exactly that, rounded up to a page: a bounded method holds its budget
         plus less than a page. Without it, storage shrinks to what is kept plus an eighth (not
-        below the initial capacity) once it is more than twice that.
+        below the initial capacity) once it is more than one and a half times that.
         """
         entry = self._need(layer)
         keep = self._check_keep(layer, entry, keep)
@@ -343,7 +343,7 @@ class KVCache:
         else:
             room = max(self.page_size, entry.seq_len // 8)
             target = self._round(max(self.initial_capacity, entry.seq_len + room))
-            if entry.capacity > 2 * target:  # hysteresis: no reallocation at every step
+            if 2 * entry.capacity > 3 * target:  # hysteresis: no reallocation at every step
                 self._resize(entry, target, exact=True)
         entry.mark_stale(0, entry.capacity)
 

@@ -320,3 +320,18 @@ def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path
     assert int(lengths.sum(dim=-1).max()) <= 2 * per_head
     if method.allocation != "ada":
         assert int(lengths.max()) <= per_head
+
+
+def test_streaming_in_chunks_holds_about_the_window_plus_one_chunk():
+    """StreamingLLM fed in chunks: the storage settles near what one call needs (the window plus a
+    chunk), not at the doubled capacity of the prompt's growth."""
+    from longattn.methods import StreamingLLM
+
+    q, k, v = _qkv(batch=1, heads=2, n_kv=1, t=2048, dim=8)
+    method = StreamingLLM(sinks=4, window=256)
+    cache = KVCache(1, page_size=16)
+    for start in range(0, 2048, 128):
+        chunk = slice(start, start + 128)
+        attention(q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], method=method, cache=cache)
+    assert cache.seq_len(0) == 4 + 256 - 1
+    assert cache.capacity(0) <= 4 + 256 + 128 + 32  # the need of one call, to a page or two
