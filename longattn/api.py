@@ -534,27 +534,14 @@ def attention(
     refresh = not isinstance(method, (Dense, type(None)))
     point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
-        calibration = None if evict is None else _calibration(evict, cache, layer, k)
         if evict is not None:
-            compress.before(evict, cache, layer, q_len, t_new, calibration)
+            compress.before(evict, cache, layer, q_len, t_new)
         call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
         result = run_call(call, choose_impl(call, impl))
         apply_retention(call)
         if evict is not None:
-            compress.after(evict, call, calibration)
+            compress.after(evict, call)
     except BaseException:
         cache.rollback(point)
         raise
     return result
-
-
-def _calibration(method: Evict, cache: KVCache, layer: int, k: torch.Tensor) -> dict | None:
-    """The calibration tensors of an eviction method for ``layer`` (None without a file), checked
-    against the cache's shape, or the keys' while the layer is empty."""
-    if not getattr(method, "calibration", ""):
-        return None
-    from longattn.calibration import load
-
-    cal = load(method.calibration)
-    cal.check(method.name, cache.n_layers, k.shape[1], k.shape[3])
-    return cal.layer(layer)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.cache import KVCache
+from longattn.calibration import for_layer
 from longattn.call import Call
 from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Evict
@@ -60,16 +61,16 @@ def due_after(method: Evict, q_len: int) -> bool:
     return method.when == "chunk" and q_len > MAX_DECODE_QUERIES
 
 
-def before(method: Evict, cache: KVCache, layer: int, q_len: int, t_new: int, calibration) -> None:
+def before(method: Evict, cache: KVCache, layer: int, q_len: int, t_new: int) -> None:
     """Compress ``layer`` ahead of a decode step when it is due (the step's own ``t_new`` tokens
     are not appended yet, so they cannot be evicted; the storage keeps room for them)."""
     if due_before(method, cache, layer, q_len):
-        compress(method, cache, layer, calibration, room=t_new)
+        compress(method, cache, layer, room=t_new)
         tracked = cache.state[_key(layer)]
         cache.state[_key(layer)] = tracked._replace(pending=False, steps=0)
 
 
-def after(method: Evict, call: Call, calibration) -> None:
+def after(method: Evict, call: Call) -> None:
     """Bookkeeping after ``call`` attended over its cache layer: the observation window, the
     accumulated attention (for scorers that need it), the schedule, and a chunk compression."""
     cache, layer = call.cache, call.layer
@@ -94,14 +95,17 @@ def after(method: Evict, call: Call, calibration) -> None:
         steps=0 if prompt or old is None else old.steps + 1,
     )
     if due_after(method, q_len):
-        compress(method, cache, layer, calibration)
+        compress(method, cache, layer)
         cache.state[_key(layer)] = cache.state[_key(layer)]._replace(pending=False)
 
 
 def compress(method: Evict, cache: KVCache, layer: int, calibration=None, room: int = 0) -> None:
     """Score ``layer``'s keys with ``method`` and evict, per head, what its budget does not keep;
     the storage is resized to what is kept plus ``room`` slots (the tokens about to be appended)
-    plus ``every`` for ``when="decode"``, in whole pages."""
+    plus ``every`` for ``when="decode"``, in whole pages. ``calibration``: the layer's tensors
+    (default: from the method's file, read only when a compression runs)."""
+    if calibration is None:
+        calibration = for_layer(method, cache, layer)
     tracked = cache.state.get(_key(layer))
     view = score_view(method, cache, layer, tracked, calibration)
     scores = method.score(view)
