@@ -130,8 +130,7 @@ def score_view(
     keys, positions = cache.keys(layer), cache.head_positions(layer)
     batch, n_kv, _, dim = keys.shape
     if tracked is None:  # nothing attended yet through the method: an empty window
-        n_heads = n_kv
-        queries = keys.new_zeros(batch, n_heads, 0, dim)
+        queries = keys.new_zeros(batch, n_kv, 0, dim)
         q_pos, scale = positions.new_zeros(batch, 0), 1.0 / math.sqrt(dim)
     else:
         queries, q_pos, scale = tracked.queries, tracked.q_pos, tracked.scale
@@ -187,25 +186,25 @@ def choose(
     scores = scores.masked_fill(~held, -torch.inf).masked_fill(protected, torch.inf)
     budget = layer_budget(method, n_seen, layer, n_layers)
     forced = torch.isposinf(scores).sum(dim=-1)  # [B, Hkv]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
     if method.allocation == "ada":
-        per_head = ada_budgets(scores, budget)
+        per_head = ada_budgets(order.values, budget)
     else:
         per_head = torch.full_like(forced, budget)
     per_head = torch.maximum(per_head, forced)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)
     rank_ok = torch.arange(scores.shape[-1], device=scores.device) < per_head.unsqueeze(-1)
     keep_sorted = rank_ok & (order.values > -torch.inf)
     return torch.zeros_like(held).scatter(-1, order.indices, keep_sorted)
 
 
-def ada_budgets(scores: torch.Tensor, budget: int) -> torch.Tensor:
+def ada_budgets(ranked: torch.Tensor, budget: int) -> torch.Tensor:
     """[B, Hkv] per-head budgets summing to ``budget * Hkv`` per row (AdaKV, arXiv:2407.11550):
     each head gets ``ADA_FLOOR`` of the uniform budget, the rest goes to the highest scores of the
-    layer across heads (scores of one scorer are comparable across heads: attention mass)."""
-    batch, n_kv, length = scores.shape
+    layer across heads (scores of one scorer are comparable across heads: attention mass).
+    ``ranked``: [B, Hkv, T] each head's scores sorted in decreasing order."""
+    batch, n_kv, length = ranked.shape
     floor = min(int(ADA_FLOOR * budget), length)
     total = min(budget * n_kv, length * n_kv)
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).values  # [B, Hkv, T]
     rest = ranked[..., floor:].reshape(batch, -1)  # the candidates beyond each head's floor
     extra = min(total - floor * n_kv, rest.shape[-1])
     chosen = torch.zeros_like(rest, dtype=torch.bool)
