@@ -148,8 +148,8 @@ def _decode_can_run(call: Call) -> str | None:
 
 
 def _decode_cpp_can_run(call: Call) -> str | None:
-    dense_here = call.method.hook == "mask" and _shows_exactly_causal(call)
-    if call.method.hook != "select" and not isinstance(call.method, Dense) and not dense_here:
+    plain = call.method.hook == "select" or isinstance(call.method, Dense)
+    if not plain and not (call.method.hook == "mask" and _shows_exactly_causal(call)):
         return (
             f"the C++ decode kernel runs dense and select methods, and mask methods over a cache "
             f"whose every held key up to the query is visible; not {call.method.name!r} here"
@@ -531,7 +531,8 @@ def attention(
     whole = evict is not None and (
         compress.due_before(evict, cache, layer, q_len) or compress.due_after(evict, q_len)
     )
-    refresh = not isinstance(method, (Dense, type(None)))
+    # only a select method brings page metadata up to date; dense and score methods attend densely
+    refresh = not isinstance(method, (Dense, Evict, type(None)))
     point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
         if evict is not None:

@@ -215,8 +215,12 @@ def _check_fields_on_init(cls: type) -> None:
     ``Dense(causal="no")`` is refused rather than truthy) before the class's own ``__post_init__``."""
     own = cls.__post_init__  # its own or inherited validation, run after the type checks
 
+    hints_of: dict[type, dict[str, Any]] = {}  # per class: get_type_hints compiles annotations
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = hints_of.get(type(self))
+        if hints is None:
+            hints = hints_of[type(self)] = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(cls.__name__, f.name, hints.get(f.name), getattr(self, f.name))
         own(self)
