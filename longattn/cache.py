@@ -223,12 +223,13 @@ class KVCache:
         if pos is None:
             self._append_dense(entry, k, v)
             return
-        need = int(entry.row_len.max()) + t_new
+        # entry.seq_len is int(row_len.max()); few tensor ops: each costs microseconds at decode
+        need = entry.seq_len + t_new
         if need > entry.capacity:
             self._resize(entry, need)
         starts = entry.row_len.clone()  # [B, Hkv]
-        first = int(starts[0, 0])
-        same = bool((starts == first).all())
+        first = int(starts.min())
+        same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
             entry.dense = same and bool((pos == expect).all())
@@ -238,17 +239,20 @@ class KVCache:
             entry.values[:, :, first : first + t_new].copy_(v)
             entry.pos[:, :, first : first + t_new].copy_(head_pos)
         else:  # each (row, head) continues at its own next slot
+            # index_put_, not scatter_: scatter_ on bf16 storage costs ~0.7 ms a call on CPU
             slots = starts.to(k.device).unsqueeze(-1) + torch.arange(t_new, device=k.device)
-            rows = slots.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])  # [B, Hkv, T_new, D]
-            entry.keys.scatter_(2, rows, k)
-            entry.values.scatter_(2, rows, v)
-            entry.pos.scatter_(2, slots, head_pos)
-        real_max = torch.where(pos >= 0, pos, -1).amax(dim=1).cpu()
+            b_idx = torch.arange(k.shape[0], device=k.device).view(-1, 1, 1)
+            h_idx = torch.arange(k.shape[1], device=k.device).view(1, -1, 1)
+            where = (b_idx, h_idx, slots)  # [B, Hkv, T_new] slots; k, v [B, Hkv, T_new, D]
+            entry.keys.index_put_(where, k)
+            entry.values.index_put_(where, v)
+            entry.pos.index_put_(where, head_pos)
+        real_max = pos.amax(dim=1).cpu()  # padding is -1, below every real position
         entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
         entry.row_len += t_new
         entry.n_seen += t_new
-        entry.seq_len = int(entry.row_len.max())
-        entry.mark_stale(int(starts.min()), entry.seq_len)
+        entry.seq_len = need
+        entry.mark_stale(first, entry.seq_len)
 
     def _append_dense(self, entry: _Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if not entry.dense:

@@ -10,7 +10,7 @@ completely, then appends the new keys to the cache and describes the attention o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,22 +79,30 @@ def make_cache_call(
         q_pos = new_pos[:, t_new - q_len :]
     else:
         q_pos = check_positions(q_positions, q_len, q.shape[0], "q_positions", q.device)
-    method, _ = _method_and_scale(method, scale, q.shape[-1])
+    check_finite("q", q)  # k, v: by check_append; the positions: checked above
+    method, scale = _method_and_scale(method, scale, q.shape[-1])
     _check_method_fits_cache(method, cache, k)  # the method as asked, also where prefill is dense
-    probe = make_call(q, k, v, method, scale, q_pos, new_pos)  # method, scale and limits
+    _check_limit(method, q_pos, new_pos)
     cache.append_checked(layer, k, v, new_pos)  # validated above, nothing changed yet
     kv_pos = cache.positions(layer) if cache.is_uniform(layer) else cache.head_positions(layer)
-    padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
-    return replace(
-        probe,
-        k=cache.keys(layer),
-        v=cache.values(layer),
-        kv_pos=kv_pos,
-        default_positions=not padded and _is_default_layout(q_pos, kv_pos),
-        has_padding=padded,
-        cache=cache,
-        layer=layer,
-    )
+    padded = int(q_pos.min()) < 0 or int(kv_pos.min()) < 0  # both hold at least one position
+    default = not padded and _is_default_layout(q_pos, kv_pos)
+    method = phase_method(method, q_len)
+    return Call(q, cache.keys(layer), cache.values(layer), method, scale, q_pos, kv_pos, default,
+                padded, cache=cache, layer=layer)  # fmt: skip
+
+
+def _check_limit(method: Method, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
+    """Refuse positions at or past the method's ``max_positions`` (padding, -1, is always inside)."""
+    limit = method.max_positions
+    if limit is None:
+        return
+    for name, pos in (("q", q_pos), ("kv", kv_pos)):
+        if pos.numel() and int(pos.max()) >= limit:
+            raise ValueError(
+                f"{name} position {int(pos.max())} is outside method {method.name!r} "
+                f"(positions must be < {limit})"
+            )
 
 
 def _dense_cache_call(
@@ -225,14 +233,7 @@ def make_call(
             raise ValueError(f"q_positions are needed when Tq={q_len} > Tk={kv_len}")
     else:
         q_pos = check_positions(q_positions, q_len, batch, "q_positions", device)
-    limit = method.max_positions
-    if limit is not None:
-        for name, pos in (("q", q_pos), ("kv", kv_pos)):
-            if pos.numel() and int(pos.max()) >= limit:  # padding (-1) is always inside
-                raise ValueError(
-                    f"{name} position {int(pos.max())} is outside method {method.name!r} "
-                    f"(positions must be < {limit})"
-                )
+    _check_limit(method, q_pos, kv_pos)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
     method = phase_method(method, q_len)
     return Call(q, k, v, method, scale, q_pos, kv_pos, default, padded)

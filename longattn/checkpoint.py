@@ -47,12 +47,12 @@ def take(
         fields["projections"] = {n: (m, b.clone()) for n, (m, b) in entry.projections.items()}
         return Checkpoint(layer, entry, fields, {}, state)
     lo = int(entry.row_len.min())
-    hi = min(int(entry.row_len.max()) + t_new, entry.capacity)
+    hi = min(entry.seq_len + t_new, entry.capacity)  # seq_len: the longest row's length
     stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
     p_lo = stale_lo // cache.page_size
     p_hi = -(-hi // cache.page_size) if refresh else p_lo  # an append alone only marks pages stale
     saved = {name: getattr(entry, name).narrow(2, lo, hi - lo).clone() for name in SLOT_TENSORS}
-    for name in ("page_bounds", "page_sum", "page_count"):
+    for name in ("page_bounds", "page_sum", "page_count") if p_hi > p_lo else ():
         saved[name] = getattr(entry, name).narrow(2, p_lo, p_hi - p_lo).clone()
     for name, (_, buf) in entry.projections.items() if refresh else ():
         saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()

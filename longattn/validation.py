@@ -6,6 +6,8 @@ or any cache is touched.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -82,7 +84,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
         return
     low, high = torch.aminmax(t)
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+    if math.isfinite(low.item()) and math.isfinite(high.item()):
         return
     where = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
     raise ValueError(
