@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from longattn import compress
+from longattn import compress, prefill
 from longattn.cache import KVCache
 from longattn.call import Call, apply_retention, fold_kv_heads, make_cache_call, make_call
 from longattn.kernels import block_sparse
@@ -60,8 +60,23 @@ def _mask_hook(call: Call) -> str | None:
     return None
 
 
+def _block_rule(call: Call) -> str | None:
+    """Whether the call's rule is one the block-sparse kernels run: a mask, or a plan's index."""
+    if call.method.hook not in ("mask", "plan"):
+        return (
+            f"method {call.method.name!r} states its rule with {call.method.hook!r}, not 'mask' "
+            "or 'plan'"
+        )
+    return None
+
+
+def _element_mask(call: Call):
+    """The element rule of the index's partial blocks: the mask, or causal for a plan."""
+    return Dense().mask if call.method.hook == "plan" else call.method.mask
+
+
 def _reference_can_run(call: Call) -> str | None:
-    if call.method.hook not in ("mask", "select"):
+    if call.method.hook not in ("mask", "select", "plan"):
         return f"method {call.method.name!r} states its rule with {call.method.hook!r}"
     b, h, _, tq, tk, _ = call.shape
     need, cap = score_bytes(b, h, tq, tk, call.q.dtype), max_score_bytes()
@@ -80,6 +95,11 @@ def visible_mask(call: Call) -> torch.Tensor:
     h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1, 1)
     if call.method.hook == "select":
         return _selection_mask(call)
+    if call.method.hook == "plan":  # the planned blocks, causal within them
+        causal = with_padding(Dense().mask)(
+            None, None, call.q_pos[:, None, :, None], _kv_pos_by_head(call)
+        )
+        return block_index(call).to_dense() & causal
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
 
@@ -149,34 +169,47 @@ def _decode_can_run(call: Call) -> str | None:
 
 def _decode_cpp_can_run(call: Call) -> str | None:
     plain = call.method.hook == "select" or isinstance(call.method, Dense)
-    if not plain and not (call.method.hook == "mask" and _shows_exactly_causal(call)):
+    if not plain and not (call.method.hook == "mask" and _causal_positions(call) is not None):
         return (
-            f"the C++ decode kernel runs dense and select methods, and mask methods over a cache "
-            f"whose every held key up to the query is visible; not {call.method.name!r} here"
+            f"the C++ decode kernel runs dense and select methods, and a mask method over a cache "
+            f"for one query (or whose every held key up to the queries is visible); not "
+            f"{call.method.name!r} here"
         )
     return _decode_can_run(call) or decode_cpp_unavailable(call.q, call.k.dtype)
 
 
-def _shows_exactly_causal(call: Call) -> bool:
-    """Whether a causal mask method, on a few-query call over a cache, shows each query exactly the
-    held keys up to its position (what a retention rule leaves: StreamingLLM's sinks and window
-    after its eviction), so that dense causal attention over the cache is the same attention."""
+def _causal_positions(call: Call) -> torch.Tensor | None:
+    """Key positions under which causal attention over the cache is a causal mask method's
+    attention on a few-query call, or None: the call's own where the mask shows each query
+    exactly the held keys up to it (StreamingLLM's sinks and window after its eviction); for one
+    query whose mask is the same for the query heads of each KV head, [B, Hkv, Tk] with every key
+    it hides marked empty (-1; e.g. the keys a retention rule drops but has not evicted yet)."""
     if call.cache is None or not call.method.is_causal or call.q.shape[2] > MAX_DECODE_QUERIES:
-        return False
-    if "causal_here" not in call.derived:
-        causal = with_padding(Dense().mask)(
-            None, None, call.q_pos[:, None, :, None], _kv_pos_by_head(call)
-        )
-        call.derived["causal_here"] = bool((visible_mask(call) == causal).all())
-    return call.derived["causal_here"]
+        return None
+    if "causal_positions" not in call.derived:
+        visible = visible_mask(call)
+        kv_pos = _kv_pos_by_head(call)
+        causal = with_padding(Dense().mask)(None, None, call.q_pos[:, None, :, None], kv_pos)
+        found = None
+        if bool((visible == causal).all()):
+            found = call.kv_pos
+        elif call.q.shape[2] == 1:
+            b, h, n_kv, _, tk, _ = call.shape
+            grouped = visible.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)
+            if bool((grouped == grouped[:, :, :1]).all()):
+                held = kv_pos.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)[:, :, 0]
+                found = torch.where(grouped[:, :, 0], held, -1)  # [B, Hkv, Tk]
+        call.derived["causal_positions"] = found
+    return call.derived["causal_positions"]
 
 
 def _run_decode_cpp(call: Call) -> AttnOutput:
     if call.method.hook == "select":
         return _run_select(call, cpp=True)
+    kv_pos = call.kv_pos if isinstance(call.method, Dense) else _causal_positions(call)
     causal = getattr(call.method, "causal", True)  # Dense, or a mask that is causal here
     return decode_dense_cpp(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
-                         kv_pos=call.kv_pos, causal=causal)  # fmt: skip
+                         kv_pos=kv_pos, causal=causal)  # fmt: skip
 
 
 def _run_decode(call: Call) -> AttnOutput:
@@ -292,6 +325,9 @@ def block_index(call: Call) -> BlockIndex:
     """The ``BlockIndex`` of a mask method on this call's positions (analytic, from block_bounds);
     built once per call."""
     index = call.derived.get("block_index")
+    if index is None and call.method.hook == "plan":
+        index = prefill.plan_index(call)
+        call.derived["block_index"] = index
     if index is None:
         index = block_index_from_mask(
             call.method.mask,
@@ -306,10 +342,10 @@ def block_index(call: Call) -> BlockIndex:
 
 
 def _block_can_run(call: Call) -> str | None:
-    reason = _mask_hook(call)
+    reason = _block_rule(call)
     if reason:
         return reason
-    if type(call.method).block_bounds is Method.block_bounds:
+    if call.method.hook == "mask" and type(call.method).block_bounds is Method.block_bounds:
         _, _, _, tq, tk, _ = call.shape
         if tq * tk > 1 << 24:
             return (
@@ -346,7 +382,7 @@ def _empty(call: Call) -> AttnOutput | None:
 def _block_kwargs(call: Call) -> dict:
     """What the block-sparse kernels share: scale, positions, the element mask, and no second
     check of the index (``block_index`` built it for this call)."""
-    kv_pos, mask_fn = call.kv_pos, call.method.mask
+    kv_pos, mask_fn = call.kv_pos, _element_mask(call)
     return dict(scale=call.scale, q_pos=call.q_pos, kv_pos=kv_pos, mask_fn=mask_fn, validate=False)
 
 
@@ -396,7 +432,10 @@ def _run_sparse_cpp(call: Call) -> AttnOutput:
     if empty is not None:
         return empty
     args, kw = (call.q, call.k, call.v, block_index(call)), _block_kwargs(call)
-    bounds, causal = call.method.block_bounds, _checked_causal(call)
+    if call.method.hook == "plan":  # causal within the planned blocks
+        bounds, causal = Dense().block_bounds, True
+    else:
+        bounds, causal = call.method.block_bounds, _checked_causal(call)
     return block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
 
 
@@ -460,6 +499,8 @@ def run_call(call: Call, impl: Impl) -> AttnOutput:
     """Run ``call`` on ``impl`` (folded and unfolded where ``call_for`` says so)."""
     inner = call_for(call, impl)
     out = impl.run(inner)
+    if inner.method.hook == "plan":  # the index it ran, for the reference and the caller
+        out = AttnOutput(out.out, out.lse, block_index(inner))
     if inner is call:
         return out
     b, h, _, tq, _, d = call.shape

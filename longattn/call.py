@@ -9,6 +9,7 @@ completely, then appends the new keys to the cache and describes the attention o
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,11 @@ from longattn.cache import KVCache
 from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
+from longattn.prefill import dense_reason
 from longattn.types import DecodeSelection
 from longattn.validation import check_finite, check_increasing, check_positions, check_tensors
+
+log = logging.getLogger("longattn")
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def make_cache_call(
     kv_pos = cache.positions(layer) if cache.is_uniform(layer) else cache.head_positions(layer)
     padded = int(q_pos.min()) < 0 or int(kv_pos.min()) < 0  # both hold at least one position
     default = not padded and _is_default_layout(q_pos, kv_pos)
-    method = phase_method(method, q_len)
+    method = phase_method(method, q_len, kv_pos.shape[-1])
     return Call(q, cache.keys(layer), cache.values(layer), method, scale, q_pos, kv_pos, default,
                 padded, cache=cache, layer=layer)  # fmt: skip
 
@@ -127,8 +131,8 @@ def _dense_cache_call(
         )
     method, scale = _method_and_scale(method, scale, q.shape[-1])
     _check_method_fits_cache(method, cache, k)
-    method = phase_method(method, q_len)
     end = cache.seq_len(layer) + t_new
+    method = phase_method(method, q_len, end)
     limit = method.max_positions
     if limit is not None and end > limit:
         raise ValueError(
@@ -183,7 +187,10 @@ def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) ->
 
 
 def apply_retention(call: Call) -> None:
-    """Evict what the method's retention rule says no later query can see."""
+    """Evict what the method's retention rule says no later query can see, once a (row, KV head)
+    holds a page of such dead keys (``Method.retains_exactly``: at every call): compacting a layer
+    costs a copy of what it holds, so a one-token step does it once per page of steps, and the
+    method's mask hides the dead keys until then (a bounded layer holds less than a page more)."""
     assert call.cache is not None
     if type(call.method).retain is Method.retain:  # keeps everything
         return
@@ -196,7 +203,8 @@ def apply_retention(call: Call) -> None:
     kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
     real = kv_pos >= 0
     keep = keep.expand_as(kv_pos) & real
-    if bool((real & ~keep).any()):
+    dead = int((real & ~keep).sum(dim=-1).max()) if real.numel() else 0
+    if dead >= (1 if call.method.retains_exactly else call.cache.page_size):
         call.cache.evict(call.layer, keep)
 
 
@@ -235,17 +243,24 @@ def make_call(
         q_pos = check_positions(q_positions, q_len, batch, "q_positions", device)
     _check_limit(method, q_pos, kv_pos)
     padded = bool((q_pos < 0).any()) or bool((kv_pos < 0).any())
-    method = phase_method(method, q_len)
+    method = phase_method(method, q_len, kv_len)
     return Call(q, k, v, method, scale, q_pos, kv_pos, default, padded)
 
 
-def phase_method(method: Method, q_len: int) -> Method:
+def phase_method(method: Method, q_len: int, kv_len: int) -> Method:
     """The rule a call runs: a select method acts at decode time only; with more than
     ``MAX_DECODE_QUERIES`` queries (prefill) it is dense causal attention by definition, and the call
     is a dense call that every dense implementation may run. A score (eviction) method acts on the
-    cache, not on the attention: its attention is dense causal over what the cache holds."""
+    cache, not on the attention: its attention is dense causal over what the cache holds. A plan
+    method acts in prefill: with few queries, or where ``longattn.prefill.dense_reason`` says so
+    (short calls), it is dense causal attention (logged at debug level)."""
     if method.hook == "score" or (method.hook == "select" and q_len > MAX_DECODE_QUERIES):
         return Dense()
+    if method.hook == "plan":
+        reason = "decode" if q_len <= MAX_DECODE_QUERIES else dense_reason(method, q_len, kv_len)
+        if reason is not None:
+            log.debug("%s runs dense causal attention: %s", method.name, reason)
+            return Dense()
     return method
 
 

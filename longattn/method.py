@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-HOOKS = ("mask", "select", "score", "feature_map", "forward")
+HOOKS = ("mask", "select", "score", "plan", "feature_map", "forward")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -44,6 +44,12 @@ class Method:
             budget policy and frees the rest (``longattn.compress``). A score of +inf keeps a key
             whatever the budget, -inf evicts it whatever the budget. Attention itself is dense
             causal attention over what the cache holds.
+        plan(view) -> bool [B, H, nq, nk]          prefill-time dynamic sparsity: the key blocks each
+            query block visits, estimated from the call's own queries and keys (``view`` is a
+            ``longattn.types.PrefillView``). Plan methods derive from ``SparsePrefill``, whose fields
+            are the library's block size, forced blocks and dense fallback (``longattn.prefill``);
+            attention is causal attention restricted to the chosen blocks. With few queries
+            (decode) a plan method is dense causal attention.
         feature_map, forward                        linear, escape hatch.
 
     Optional, not a hook: ``retain(kv_pos, newest) -> bool | None`` for methods that bound memory:
@@ -67,6 +73,9 @@ class Method:
     def score(self, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def plan(self, view: Any) -> torch.Tensor:
+        raise NotImplementedError
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -76,6 +85,14 @@ class Method:
     def retain(self, kv_pos: torch.Tensor, newest: torch.Tensor) -> torch.Tensor | None:
         """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
         return None
+
+    @property
+    def retains_exactly(self) -> bool:
+        """Whether a cache must hold exactly what ``retain`` keeps after every call (a model
+        integration reads the held slots, e.g. StreamingLLM's cache positions). Otherwise the
+        library evicts the keys ``retain`` drops once they fill a page of a (row, KV head), and the
+        mask hides them until then."""
+        return False
 
     def block_bounds(
         self,
@@ -109,12 +126,12 @@ class Method:
     @property
     def is_causal(self) -> bool:
         """Whether the method never lets a query see a later key; kernels use it to skip key ranges
-        and diagonal masks. A select method is causal by construction (kernels apply causality to
-        its selection). A mask method is taken as non-causal unless it declares ``is_causal``: an
+        and diagonal masks. A select or plan method is causal by construction (kernels apply
+        causality to its selection). A mask method is taken as non-causal unless it declares ``is_causal``: an
         omission costs speed, never correctness. A declaration is checked against ``mask`` by the
         test suite for every registered method, and on each call's positions by the dispatcher
         before a kernel relies on it (``longattn.api``)."""
-        return self.hook == "select"
+        return self.hook in ("select", "plan")
 
     def describe(self) -> str:
         """``name:field=value,...`` string that ``from_string`` parses back to an equal method."""
@@ -187,6 +204,45 @@ class Evict(Method):
         return True
 
     def score(self, view: Any) -> torch.Tensor:  # type: ignore[override]
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePrefill(Method):
+    """Base of the dynamic sparse prefill (``plan``) methods: what the library applies to any
+    estimator (``longattn.prefill``).
+
+    block_size:  the index block (query and key blocks), in tokens.
+    budget:      the estimator's budget, in (0, 1]: the fraction of each query block's causal key
+                 blocks (top-k methods) or of its estimated attention mass (top-p methods); 1 plans
+                 dense causal attention.
+    sink_blocks: the first key blocks, always visited.
+    local_blocks: each query block's nearest causal key blocks (its diagonal first), always visited,
+                 so every query sees itself.
+    dense_below: calls over fewer keys are dense causal attention (SDPA), logged with the reason; so
+                 is a call of under one query block or two key blocks.
+    """
+
+    block_size: int = 64
+    budget: float = 0.2
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    dense_below: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"{name}.budget must be a float, got {self.budget!r}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"{name}.budget must be in (0, 1], got {self.budget}")
+        check_positive(name, block_size=self.block_size, local_blocks=self.local_blocks)
+        check_non_negative(name, sink_blocks=self.sink_blocks, dense_below=self.dense_below)
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+    def plan(self, view: Any) -> torch.Tensor:  # type: ignore[override]
         raise NotImplementedError
 
 

@@ -11,7 +11,7 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput, DecodeSelection, ScoreView, accumulation_dtype
+from longattn.types import AttnOutput, BlockIndex, DecodeSelection, ScoreView, accumulation_dtype
 
 
 def make_qkv(
@@ -193,6 +193,8 @@ def assert_attention_close(
     call = make_call(*(t.to(torch.float64) for t in (q, k, v)), method, **call_kwargs)
     if selection is not None:
         call = dataclasses.replace(call, selection=selection)
+    if isinstance(result, AttnOutput) and isinstance(result.state, BlockIndex):
+        call.derived["block_index"] = result.state  # a plan's blocks, as the result ran them
     return check_against_reference(result, q, k, v, visible_mask(call), call.scale)
 
 
@@ -319,6 +321,15 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "attendre": [
         "attendre:budget=0.5,sinks=2,recent=4",
         "attendre:budget=0.25,recent=4,policy=lfu",
+    ],
+    "block_topk": [
+        "block_topk:block_size=16,budget=0.3",
+        "block_topk:block_size=32,budget=0.5,sink_blocks=0,local_blocks=2",
+    ],
+    "block_topp": ["block_topp:block_size=16,budget=0.8"],
+    "block_oracle": [
+        "block_oracle:block_size=16,budget=0.25",
+        "block_oracle:block_size=16,budget=0.9,mode=topp",
     ],
 }
 

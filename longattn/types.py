@@ -170,6 +170,38 @@ class ScoreView:
         return self.keys.shape[2]
 
 
+@dataclass(frozen=True)
+class PrefillView:
+    """What a prefill ``plan(view)`` hook may read of one call (all read-only).
+
+    q [B, H, Tq, D], k [B, Hkv, Tk, D]: the call's queries and keys (a cache's views in chunked
+    prefill); q_pos [Bp, Tq], kv_pos [Bp, Tk] int64 positions (-1 padding); scale: softmax scale.
+    block_size: the index block; nq = ceil(Tq / block_size), nk = ceil(Tk / block_size).
+    causal [nq, nk] bool: blocks holding a causal pair (the only ones a plan can visit);
+    causal_full [nq, nk]: blocks whose every pair is visible.
+    layer: the cache layer (0 without a cache).
+    The estimators, computed by the library once per call, float32, without materialising Tq x Tk
+    for long prompts:
+    pooled_logits() -> [B, H, nq, nk]: ``scale * mean(q) . mean(k)`` per block pair, -inf off causal.
+    last_weights(n) -> [B, H, n, Tk]: softmax weights of the last ``n`` queries (causal).
+    block_mass() -> [B, H, nq, nk]: exact attention mass per key block, averaged over each query
+    block's queries (the oracle; O(Tq x Tk) work).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    q_pos: torch.Tensor
+    kv_pos: torch.Tensor
+    scale: float
+    block_size: int
+    causal: torch.Tensor
+    causal_full: torch.Tensor
+    layer: int
+    pooled_logits: Callable[[], torch.Tensor]
+    last_weights: Callable[[int], torch.Tensor]
+    block_mass: Callable[[], torch.Tensor]
+
+
 @dataclass(frozen=True, eq=False)
 class BlockIndex:
     """Which key blocks each query block visits, per (batch, head): the currency of sparse kernels.

@@ -62,5 +62,6 @@ def test_a_small_run_writes_gated_rows(tmp_path, monkeypatch):
     row = rows[0]
     assert row["ms"] > 0 and row["dense_ms"] > 0 and row["compress_ms"] > 0
     assert row["held_dense_ms"] > 0 and row["speedup"] > 0 and row["attention_speedup"] > 0
-    assert row["kept_tokens"] == 4 + 124 - 1  # sinks + window, less the next token's slot
+    # sinks + window less the next token's slot, plus fewer than a page of dead keys not yet evicted
+    assert 4 + 124 - 1 <= row["kept_tokens"] < 4 + 124 - 1 + 16
     assert row["used_bytes"] < row["dense_used_bytes"]

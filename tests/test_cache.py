@@ -195,8 +195,31 @@ def test_eviction_equals_masking(method):
             kv_positions=torch.arange(lo + 5),
         )
         torch.testing.assert_close(res.out, full.out)
-        kept = method.retain(torch.arange(lo + 5), torch.tensor([[lo + 4]]))[0]
-        assert cache.positions(0)[0].tolist() == torch.arange(lo + 5)[kept].tolist()
+        kept = torch.arange(lo + 5)[
+            method.retain(torch.arange(lo + 5), torch.tensor([[lo + 4]]))[0]
+        ]
+        held = cache.positions(0)[0]
+        dead = held[~torch.isin(held, kept)]  # dropped by retain, evicted once they fill a page
+        assert torch.isin(kept, held).all() and len(dead) < cache.page_size
+        assert held.tolist() == sorted(held.tolist()) and int(held.max()) == lo + 4
+
+
+def test_retention_evicts_a_page_of_dead_keys_at_once():
+    """A one-token stream under StreamingLLM: the layer compacts once every ``page_size`` steps,
+    holding what it retains plus fewer than a page of dead keys; ``positions="cache"`` (whose
+    sinks are re-rotated by the count evicted) compacts at every step."""
+    q, k, v = make_qkv(1, 2, 2, 80, 80, 8, seed=2)
+    # retained after a call: 4 sinks + the 15 keys the next query sees besides its own
+    for positions, most in (("original", 4 + 15 + 15), ("cache", 4 + 15)):
+        method = methods.StreamingLLM(sinks=4, window=16, positions=positions)
+        cache = KVCache(1, page_size=16)
+        held = []
+        for t in range(80):
+            attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], method=method,
+                      cache=cache)  # fmt: skip
+            held.append(cache.seq_len(0))
+        assert max(held) == most
+        assert min(held[40:]) == 4 + 15  # right after a compaction
 
 
 def test_reset():

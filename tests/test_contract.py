@@ -18,6 +18,7 @@ from longattn import attention, from_string
 from longattn.api import choose_impl, impl_names, make_call
 from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.methods import Dense
+from longattn.prefill import dense_reason
 from longattn.testing import (
     METHOD_EXAMPLES,
     assert_attention_close,
@@ -42,7 +43,7 @@ WIDE = [
 
 
 @functools.cache
-def must_run(spec: str, impl: str, dtype: torch.dtype, q_len: int, dim: int) -> bool:
+def must_run(spec: str, impl: str, dtype: torch.dtype, q_len: int, dim: int, kv_len: int) -> bool:
     """Whether ``impl`` must run ``spec`` on a call with these queries, dtype and head dim."""
     method = from_string(spec)
     few = q_len <= MAX_DECODE_QUERIES
@@ -50,21 +51,23 @@ def must_run(spec: str, impl: str, dtype: torch.dtype, q_len: int, dim: int) -> 
         # a select method's prefill and an eviction method's attention are dense calls
         # (longattn.call.phase_method)
         method = Dense()
-    dense, mask = isinstance(method, Dense), method.hook == "mask"
+    if method.hook == "plan" and (few or dense_reason(method, q_len, kv_len)):
+        method = Dense()  # a plan acts in prefill, on calls of a few blocks at least
+    dense, mask = isinstance(method, Dense), method.hook in ("mask", "plan")
     return {
         "decode_cpp": few and (dense or method.hook == "select") and dtype in DTYPES and dim <= 256,
         "decode": few and method.hook in ("mask", "select"),
         "sdpa": dense,
         "sparse_cpp": mask and (dtype != torch.bfloat16 or cpu_runs_bf16_brgemm()),
         "sparse": mask,
-        "tiled": mask,
+        "tiled": mask and method.hook == "mask",
         "reference": True,
     }[impl]
 
 
 def _cases(shapes):
     for spec, impl, dtype, shape in itertools.product(SPECS, GRID_IMPLS, DTYPES, shapes):
-        if must_run(spec, impl, dtype, shape[0], shape[4]):
+        if must_run(spec, impl, dtype, shape[0], shape[4], shape[1]):
             yield pytest.param(spec, impl, dtype, shape, id=f"{spec}-{impl}-{dtype}-{shape}")
 
 
@@ -96,7 +99,7 @@ def test_the_must_run_table_is_exact(spec):
             runs = True
         except ValueError:
             runs = False
-        assert runs == must_run(spec, impl, dtype, q_len, dim), (impl, dtype, q_len, dim)
+        assert runs == must_run(spec, impl, dtype, q_len, dim, kv_len), (impl, dtype, q_len, dim)
 
 
 @pytest.mark.parametrize("spec, impl, dtype, shape", list(_cases(SHAPES)))

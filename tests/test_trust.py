@@ -285,7 +285,7 @@ def test_a_bounded_method_holds_bounded_memory():
     after_prefill = cache.capacity_nbytes()
     for t in range(200):
         attention(q[:, :, :1], k[:, :, t : t + 1], v[:, :, t : t + 1], method=method, cache=cache)
-    assert cache.seq_len(0) <= 4 + 64
+    assert cache.seq_len(0) < 4 + 64 - 1 + cache.page_size  # + dead keys not yet compacted
     assert cache.capacity(0) == 256  # the initial capacity: 4096 slots were given back
     assert cache.capacity_nbytes() == after_prefill
     assert cache.nbytes() < cache.capacity_nbytes()

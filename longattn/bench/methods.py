@@ -9,6 +9,7 @@ bench decode`` times it where it acts). ``impl`` is the implementation that ran.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from longattn.bench.common import (
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.tiled import tiled_attention
 from longattn.method import from_string, registry
+from longattn.prefill import visible_rows
 from longattn.testing import make_qkv, reference_bound
 
 # Benchmark parameters per registered method, as functions of the sequence length. A method missing
@@ -46,11 +48,17 @@ BENCH_SPECS: dict[str, Callable[[int], list[str]]] = {
 }
 
 
-def density(call, chunk: int = 256) -> float:
-    """Fraction of (query, key) pairs the method lets attend, over all heads (exact, chunked)."""
+def density(call, chunk: int = 256, index=None) -> float:
+    """Fraction of (query, key) pairs the method lets attend, over all heads (exact, chunked); a
+    plan method's from the ``index`` it ran."""
     visible = 0
     b, h, _, tq, tk, _ = call.shape
     for q0 in range(0, tq, chunk):
+        if index is not None:
+            rows = torch.arange(q0, min(q0 + chunk, tq))
+            m = visible_rows(index, rows, call.q_pos, call.kv_pos)
+            visible += int(m.expand(b, h, m.shape[2], tk).sum())
+            continue
         part = make_call(
             call.q[:, :, q0 : q0 + chunk],
             call.k,
@@ -65,14 +73,20 @@ def density(call, chunk: int = 256) -> float:
     return visible / (b * h * tq * tk)
 
 
-def gate(call, out: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
+def gate(call, out: torch.Tensor, rows: torch.Tensor, index=None) -> tuple[float, float]:
     """(max error, share of the bound used) of ``out`` on the sampled query ``rows`` against the
     float64 oracle; the bound is ``longattn.testing.reference_bound``, element by element, so the
-    gate passes when the share is <= 1."""
+    gate passes when the share is <= 1. A plan method's oracle attends the blocks of the ``index``
+    the call ran (a plan of the sampled rows alone would be another plan)."""
     q_rows = call.q[:, :, rows]
-    kwargs = {"q_positions": call.q_pos[:, rows], "kv_positions": call.kv_pos, "scale": call.scale}
-    call64 = make_call(*(t.double() for t in (q_rows, call.k, call.v)), call.method, **kwargs)
-    bound = reference_bound(q_rows, call.k, call.v, visible_mask(call64), call.scale)
+    if index is not None:
+        visible = visible_rows(index, rows, call.q_pos, call.kv_pos)
+    else:
+        kwargs = {"q_positions": call.q_pos[:, rows], "kv_positions": call.kv_pos,
+                  "scale": call.scale}  # fmt: skip
+        call64 = make_call(*(t.double() for t in (q_rows, call.k, call.v)), call.method, **kwargs)
+        visible = visible_mask(call64)
+    bound = reference_bound(q_rows, call.k, call.v, visible, call.scale)
     diff = (out[:, :, rows].double() - bound.ref.out).abs()
     used = torch.where(diff == 0, 0.0, diff / bound.out).nan_to_num(torch.inf)
     return diff.max().item(), used.max().item()
@@ -107,7 +121,8 @@ def run_methods_bench(
             call = make_call(q, k, v, method)
             impl = choose_impl(call)
             res = impl.run(call)
-            err, used = gate(call, res.out, rows)
+            index = call.derived.get("block_index") if call.method.hook == "plan" else None
+            err, used = gate(call, res.out, rows, index)
             rec = {
                 "bench": "methods",
                 "method": method.name,
@@ -117,7 +132,7 @@ def run_methods_bench(
                 "H": n_heads,
                 "D": head_dim,
                 "dtype": str(dtype).replace("torch.", ""),
-                "density": density(call),
+                "density": density(call, index=index),
                 "error": err,
                 "bound_used": used,
                 "gate": used <= 1,
@@ -126,7 +141,13 @@ def run_methods_bench(
             if method.hook == "select":  # a prefill timing would be dense attention's
                 rec["note"] = "dense in prefill by definition: timed by `longattn bench decode`"
             elif rec["gate"]:
-                rec.update(_timing(lambda i=impl, c=call: i.run(c), call, baselines, repeats))
+                # a plan's estimate is part of its cost: each timed run plans anew (a fresh call)
+                fresh = call.method.hook == "plan"
+
+                def run(i=impl, c=call, f=fresh):
+                    return i.run(dataclasses.replace(c) if f else c)
+
+                rec.update(_timing(run, call, baselines, repeats))
             records.append(rec)
             writer.write(rec)
             log(f"  {spec}: impl={rec['impl']} gate={'ok' if rec['gate'] else 'FAILED'}")

@@ -2,6 +2,9 @@
 
 from longattn.methods.adakv import AdaKV
 from longattn.methods.attendre import Attendre
+from longattn.methods.block_oracle import BlockOracle
+from longattn.methods.block_topk import BlockTopK
+from longattn.methods.block_topp import BlockTopP
 from longattn.methods.dense import Dense
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
@@ -29,6 +32,9 @@ from longattn.methods.tova import TOVA
 __all__ = [
     "AdaKV",
     "Attendre",
+    "BlockOracle",
+    "BlockTopK",
+    "BlockTopP",
     "Dense",
     "DoubleSparsity",
     "DuoAttention",

@@ -1,0 +1,53 @@
+"""Block top-k prefill: each query block visits the key blocks of highest mean-pooled q.k.
+
+Also the home of the block choices the other plan methods share (``top_k_blocks``,
+``top_p_blocks``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from longattn.method import SparsePrefill, register
+
+
+def top_k_blocks(scores: torch.Tensor, causal: torch.Tensor, fraction: float) -> torch.Tensor:
+    """bool like ``scores`` [B, H, nq, nk]: per query block, the ``ceil(fraction * its causal
+    blocks)`` highest-scoring causal key blocks (ties towards the earlier block)."""
+    per_row = torch.ceil(causal.sum(-1).double() * fraction).long().clamp(min=1)  # [nq]
+    scores = scores.masked_fill(~causal, -math.inf)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < per_row.unsqueeze(-1)
+    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    chosen.scatter_(-1, order, rank_kept.expand_as(order))
+    return chosen & causal
+
+
+def top_p_blocks(mass: torch.Tensor, causal: torch.Tensor, fraction: float) -> torch.Tensor:
+    """bool like ``mass`` [B, H, nq, nk] (non-negative, any scale): per query block, the fewest
+    highest-mass causal key blocks whose mass reaches ``fraction`` of the row's causal mass (the
+    block that crosses it included; ties towards the earlier block)."""
+    mass = mass.masked_fill(~causal, 0.0)
+    total = mass.sum(-1, keepdim=True)
+    ranked, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    before = ranked.cumsum(-1) - ranked  # mass of the blocks ranked ahead
+    keep_ranked = before < fraction * total
+    keep_ranked[..., 0] = True  # at least the best block, also for a row of zero mass
+    chosen = torch.zeros_like(keep_ranked)
+    chosen.scatter_(-1, order, keep_ranked)
+    return chosen & causal
+
+
+@register("block_topk")
+@dataclass(frozen=True)
+class BlockTopK(SparsePrefill):
+    """Per query block and head, the ``budget`` fraction of its causal key blocks with the highest
+    ``mean(q) . mean(k)`` (pooled over each block), plus the library's sink and local blocks.
+    The block-pooled estimate of block-sparse prefill (MInference's block-sparse pattern, Jiang et
+    al. 2024, arXiv:2407.02490, without its per-head pattern search)."""
+
+    def plan(self, view) -> torch.Tensor:
+        return top_k_blocks(view.pooled_logits(), view.causal, self.budget)

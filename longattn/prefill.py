@@ -1,0 +1,217 @@
+"""Dynamic sparse prefill: the library side of the ``plan`` hook (``SparsePrefill`` methods).
+
+A plan method estimates, from the call's own queries and keys, which key blocks each query block
+needs, and returns that choice as a block layout. The library owns everything else, so that every
+estimator gets the same guarantees and the same kernels:
+
+- the estimators a plan reads (``PrefillView``): mean-pooled block logits, the attention of the last
+  queries, the exact block attention mass (the oracle), computed here in float32 without
+  materialising ``T x T`` for long prompts;
+- the rules that make a choice safe: only blocks holding a causal pair, always the first
+  ``sink_blocks`` key blocks and each query block's ``local_blocks`` nearest causal blocks (so
+  every query sees itself), the element mask (causal, padding) on every block that is not fully
+  visible;
+- the ``BlockIndex`` the block-sparse kernels run (``sparse_cpp``, ``sparse``, ``flex``) and the
+  reference reads (``BlockIndex.to_dense``), built once per call and returned in
+  ``AttnOutput.state``;
+- the phase: a plan acts in prefill; with few queries (decode) or below the method's
+  ``dense_below`` keys the call is dense causal attention (logged at debug level with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from longattn.kernels.tiled import tile_layout
+from longattn.method import SparsePrefill
+from longattn.methods.dense import Dense
+from longattn.types import BlockIndex, PrefillView
+
+log = logging.getLogger("longattn")
+
+# Queries whose exact attention ``block_mass`` computes at once (rows x keys floats per chunk).
+MASS_CHUNK_ELEMENTS = 1 << 24
+
+
+def dense_reason(method: SparsePrefill, q_len: int, kv_len: int) -> str | None:
+    """Why a plan method's call on ``q_len`` queries over ``kv_len`` keys is dense attention, or
+    None when it plans."""
+    if kv_len < method.dense_below:
+        return f"{kv_len} keys < dense_below={method.dense_below}"
+    if q_len < method.block_size or kv_len < 2 * method.block_size:
+        return (
+            f"{q_len} queries over {kv_len} keys: under one query block or two key blocks of "
+            f"{method.block_size}"
+        )
+    return None
+
+
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, h, T, D] -> [B, h, ceil(T / block), D] float32 means over each block's rows (the last
+    block over the rows it has)."""
+    batch, heads, t, dim = x.shape
+    n = -(-t // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
+    sums = padded.view(batch, heads, n, block, dim).sum(dim=3)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = t - (n - 1) * block
+    return sums / counts.view(1, 1, n, 1)
+
+
+def causal_layout(
+    q_pos: torch.Tensor, kv_pos: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) bool [nq, nk]: blocks holding a causal pair, and blocks whose every pair is a
+    visible causal pair (real positions, no padding)."""
+    found = tile_layout(Dense().block_bounds, 1, q_pos, kv_pos, block, block)
+    assert found is not None  # Dense answers its bounds
+    return found[0][0], found[1][0]
+
+
+class _Estimators:
+    """The estimators of one call, each computed once on first use."""
+
+    def __init__(self, q, k, q_pos, kv_pos, scale, block, causal_any):
+        self.q, self.k, self.q_pos, self.kv_pos = q, k, q_pos, kv_pos
+        self.scale, self.block, self.causal_any = scale, block, causal_any
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def _grouped_k(self, k: torch.Tensor) -> torch.Tensor:
+        return k.repeat_interleave(self.q.shape[1] // k.shape[1], dim=1)  # [B, H, n, D]
+
+    def pooled_logits(self) -> torch.Tensor:
+        """[B, H, nq, nk] float32 ``scale * mean(q) . mean(k)`` per block pair; -inf where the
+        pair holds no causal pair."""
+        if "pooled" not in self.cache:
+            qp = _pool(self.q, self.block)  # [B, H, nq, D]
+            kp = self._grouped_k(_pool(self.k, self.block))  # [B, H, nk, D]
+            logits = (qp @ kp.transpose(-1, -2)) * self.scale
+            self.cache["pooled"] = logits.masked_fill(~self.causal_any, -math.inf)
+        return self.cache["pooled"]
+
+    def last_weights(self, n: int) -> torch.Tensor:
+        """[B, H, n, Tk] float32 softmax weights of the last ``n`` queries over the keys (causal by
+        position, padding excluded; a query that sees nothing gets zeros)."""
+        n = min(n, self.q.shape[2])
+        q = self.q[:, :, -n:].float()
+        logits = (q @ self._grouped_k(self.k.float()).transpose(-1, -2)) * self.scale
+        qp = self.q_pos[:, -n:][:, None, :, None]
+        kp = self.kv_pos[:, None, None, :]
+        visible = (kp >= 0) & (qp >= 0) & (kp <= qp)
+        return torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+
+    def block_mass(self) -> torch.Tensor:
+        """[B, H, nq, nk] float32 exact attention mass: each query's softmax weights summed over
+        each key block, averaged over the block's queries (the oracle every estimator is compared
+        with). Queries in chunks of at most ``MASS_CHUNK_ELEMENTS`` scores."""
+        if "mass" in self.cache:
+            return self.cache["mass"]
+        batch, heads, t_q, _ = self.q.shape
+        t_k, block = self.k.shape[2], self.block
+        n_k = -(-t_k // block)
+        k = self._grouped_k(self.k.float())
+        kp = self.kv_pos[:, None, None, :]
+        rows = max(block, (MASS_CHUNK_ELEMENTS // max(1, batch * heads * t_k)) // block * block)
+        parts = []
+        for lo in range(0, t_q, rows):
+            q = self.q[:, :, lo : lo + rows].float()
+            logits = (q @ k.transpose(-1, -2)) * self.scale
+            qp = self.q_pos[:, lo : lo + rows][:, None, :, None]
+            visible = (kp >= 0) & (qp >= 0) & (kp <= qp)
+            w = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+            w = torch.nn.functional.pad(w, (0, n_k * block - t_k))
+            per_key_block = w.view(batch, heads, w.shape[2], n_k, block).sum(-1)
+            parts.append(_pool(per_key_block, block))  # [B, H, rows / block, nk]
+        self.cache["mass"] = torch.cat(parts, dim=2)
+        return self.cache["mass"]
+
+
+def make_view(call) -> PrefillView:
+    """The ``PrefillView`` of a plan call (``longattn.call.Call``)."""
+    method = call.method
+    block = method.block_size
+    causal_any, causal_all = causal_layout(call.q_pos, call.kv_pos, block)
+    est = _Estimators(call.q, call.k, call.q_pos, call.kv_pos, call.scale, block, causal_any)
+    return PrefillView(
+        q=call.q,
+        k=call.k,
+        q_pos=call.q_pos,
+        kv_pos=call.kv_pos,
+        scale=call.scale,
+        block_size=block,
+        causal=causal_any,
+        causal_full=causal_all,
+        layer=call.layer,
+        pooled_logits=est.pooled_logits,
+        last_weights=est.last_weights,
+        block_mass=est.block_mass,
+    )
+
+
+def forced_blocks(view: PrefillView, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """bool [nq, nk]: the first ``sink_blocks`` key blocks and each query block's ``local_blocks``
+    nearest causal key blocks (its diagonal first), within the causal blocks."""
+    causal = view.causal
+    n_k = causal.shape[1]
+    sinks = torch.arange(n_k, device=causal.device) < sink_blocks
+    # rank causal blocks from the newest: the diagonal block is rank 0
+    from_newest = causal.flip(-1).cumsum(-1).flip(-1)  # [nq, nk] causal blocks at or after
+    local = causal & (from_newest <= local_blocks)
+    return causal & (sinks.view(1, -1) | local)
+
+
+def check_layout(method: SparsePrefill, layout, view: PrefillView) -> torch.Tensor:
+    """The plan hook's result as bool [Bi, Hi, nq, nk], or a clear error naming what is wrong."""
+    name = type(method).__name__
+    if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool:
+        raise TypeError(
+            f"{name}.plan must return a bool tensor [B, H, nq, nk], got "
+            f"{getattr(layout, 'dtype', type(layout).__name__)}"
+        )
+    batch, heads = view.q.shape[:2]
+    shape = tuple(view.causal.shape)
+    if (
+        layout.dim() != 4
+        or tuple(layout.shape[2:]) != shape
+        or layout.shape[0] not in (1, batch)
+        or layout.shape[1] not in (1, heads)
+    ):
+        raise ValueError(
+            f"{name}.plan must return [1 or {batch}, 1 or {heads}, {shape[0]}, {shape[1]}], got "
+            f"{list(layout.shape)}"
+        )
+    return layout
+
+
+def plan_index(call) -> BlockIndex:
+    """The ``BlockIndex`` of a plan call: the method's choice restricted to causal blocks, with the
+    forced sink and local blocks, every block not fully visible marked for the element mask."""
+    method = call.method
+    view = make_view(call)
+    chosen = check_layout(method, method.plan(view), view)
+    chosen = (chosen | forced_blocks(view, method.sink_blocks, method.local_blocks)) & view.causal
+    partial = chosen & ~view.causal_full
+    call.derived["plan_view"] = view
+    return BlockIndex.from_block_mask(
+        chosen, method.block_size, partial=partial, q_len=call.q.shape[2], kv_len=call.k.shape[2]
+    )
+
+
+def density(index: BlockIndex, causal_any: torch.Tensor) -> float:
+    """Visited blocks over the blocks holding a causal pair (averaged over rows and heads)."""
+    per_row = index.counts.float().sum(-1)  # [Bi, Hi]
+    return float((per_row / causal_any.sum().clamp(min=1)).mean())
+
+
+def visible_rows(index: BlockIndex, rows: torch.Tensor, q_pos, kv_pos) -> torch.Tensor:
+    """bool [Bi, Hi, len(rows), Tk]: what the query ``rows`` (indices into the call's queries) see
+    under a plan's ``index``: its blocks, causal within them (padding excluded). For gates on
+    sampled rows without ``T x T``."""
+    visited = index.layout()[0][:, :, rows // index.block_size]  # [Bi, Hi, R, nk]
+    blocks = visited.repeat_interleave(index.block_size, dim=-1)[..., : index.kv_len]
+    qp = q_pos[:, rows][:, None, :, None]
+    kp = kv_pos[:, None, None, :]
+    return blocks & (kp >= 0) & (qp >= 0) & (kp <= qp)
