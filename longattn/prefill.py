@@ -135,6 +135,7 @@ def make_view(call) -> PrefillView:
     block = method.block_size
     causal_any, causal_all = causal_layout(call.q_pos, call.kv_pos, block)
     est = _Estimators(call.q, call.k, call.q_pos, call.kv_pos, call.scale, block, causal_any)
+    forced = forced_blocks(causal_any, method.sink_blocks, method.local_blocks)
     return PrefillView(
         q=call.q,
         k=call.k,
@@ -144,6 +145,7 @@ def make_view(call) -> PrefillView:
         block_size=block,
         causal=causal_any,
         causal_full=causal_all,
+        forced=forced,
         layer=call.layer,
         pooled_logits=est.pooled_logits,
         last_weights=est.last_weights,
@@ -151,10 +153,9 @@ def make_view(call) -> PrefillView:
     )
 
 
-def forced_blocks(view: PrefillView, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+def forced_blocks(causal: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
     """bool [nq, nk]: the first ``sink_blocks`` key blocks and each query block's ``local_blocks``
-    nearest causal key blocks (its diagonal first), within the causal blocks."""
-    causal = view.causal
+    nearest causal key blocks (its diagonal first), within the ``causal`` blocks [nq, nk]."""
     n_k = causal.shape[1]
     sinks = torch.arange(n_k, device=causal.device) < sink_blocks
     # rank causal blocks from the newest: the diagonal block is rank 0
@@ -192,7 +193,7 @@ def plan_index(call) -> BlockIndex:
     method = call.method
     view = make_view(call)
     chosen = check_layout(method, method.plan(view), view)
-    chosen = (chosen | forced_blocks(view, method.sink_blocks, method.local_blocks)) & view.causal
+    chosen = (chosen | view.forced) & view.causal
     partial = chosen & ~view.causal_full
     call.derived["plan_view"] = view
     return BlockIndex.from_block_mask(

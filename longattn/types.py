@@ -179,6 +179,8 @@ class PrefillView:
     block_size: the index block; nq = ceil(Tq / block_size), nk = ceil(Tk / block_size).
     causal [nq, nk] bool: blocks holding a causal pair (the only ones a plan can visit);
     causal_full [nq, nk]: blocks whose every pair is visible.
+    forced [nq, nk]: the blocks the library adds whatever the plan (the method's sink and local
+    blocks); a budget counts them (``longattn.methods.block_topk.top_k_blocks``).
     layer: the cache layer (0 without a cache).
     The estimators, computed by the library once per call, float32, without materialising Tq x Tk
     for long prompts:
@@ -196,6 +198,7 @@ class PrefillView:
     block_size: int
     causal: torch.Tensor
     causal_full: torch.Tensor
+    forced: torch.Tensor
     layer: int
     pooled_logits: Callable[[], torch.Tensor]
     last_weights: Callable[[int], torch.Tensor]

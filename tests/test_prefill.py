@@ -64,6 +64,10 @@ def test_top_k_keeps_the_fraction_of_causal_blocks_per_row():
     assert not (chosen & ~causal).any()
     best = scores.masked_fill(~causal, -math.inf).argmax(-1)
     assert chosen.gather(-1, best.unsqueeze(-1)).all()
+    forced = torch.zeros(4, 8, dtype=torch.bool)
+    forced[:, 0] = True  # a sink block: counted in the budget, kept whatever its score
+    with_sink = top_k_blocks(scores.masked_fill(forced, -1e9), causal, 0.5, forced)
+    assert with_sink[..., 0].all() and torch.equal(with_sink.sum(-1), chosen.sum(-1))
 
 
 def test_top_p_reaches_the_mass_with_the_fewest_blocks():
@@ -76,15 +80,16 @@ def test_top_p_reaches_the_mass_with_the_fewest_blocks():
 
 def test_the_oracle_keeps_the_blocks_of_most_attention():
     """Every query points along ``u`` and the keys of block 2 are ``3 u``: they draw nearly all the
-    attention of every later query, and the oracle's one chosen block is block 2."""
+    attention of every later query, and the oracle chooses it first."""
     gen = torch.Generator().manual_seed(4)
     u = torch.randn(16, generator=gen)
     q = u + 0.1 * torch.randn(1, 1, 128, 16, generator=gen)
     k = 0.1 * torch.randn(1, 1, 128, 16, generator=gen)
     k[:, :, 32:48] = 3 * u
-    out = attention(q, k, k, method="block_oracle:block_size=16,budget=0.1,sink_blocks=0")
+    out = attention(q, k, k, method="block_oracle:block_size=16,budget=0.3,sink_blocks=0")
     visited = _visited(out.state)[0, 0]
-    assert visited[3:, 2].all() and visited[3:].sum(-1).tolist() == [2] * 5  # + the diagonal
+    # query blocks 3..5 keep ceil(0.3 x 4..6) = 2 blocks: the diagonal (forced) and block 2
+    assert visited[3:, 2].all() and visited[3:6].sum(-1).tolist() == [2, 2, 2]
 
 
 def test_short_calls_and_decode_are_dense(caplog):

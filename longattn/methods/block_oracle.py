@@ -17,7 +17,7 @@ ORACLE_MODES = ("topk", "topp")
 class BlockOracle(SparsePrefill):
     """Per query block and head, the key blocks of highest *exact* attention mass (each query's
     softmax weights summed per key block, averaged over the query block): ``mode="topk"`` keeps the
-    ``budget`` fraction of causal blocks, ``"topp"`` the fewest blocks reaching ``budget`` of the
+    ``budget`` fraction of causal blocks (the library's sink and local blocks among them), ``"topp"`` the fewest blocks reaching ``budget`` of the
     mass. The ceiling every estimator is compared with at its density; it computes full attention
     to choose (O(T^2) work, chunked), so it is a measure, not a speedup."""
 
@@ -31,5 +31,5 @@ class BlockOracle(SparsePrefill):
     def plan(self, view) -> torch.Tensor:
         mass = view.block_mass()
         if self.mode == "topk":
-            return top_k_blocks(mass, view.causal, self.budget)
+            return top_k_blocks(mass, view.causal, self.budget, view.forced)
         return top_p_blocks(mass, view.causal, self.budget)

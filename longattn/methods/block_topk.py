@@ -14,11 +14,20 @@ import torch
 from longattn.method import SparsePrefill, register
 
 
-def top_k_blocks(scores: torch.Tensor, causal: torch.Tensor, fraction: float) -> torch.Tensor:
-    """bool like ``scores`` [B, H, nq, nk]: per query block, the ``ceil(fraction * its causal
-    blocks)`` highest-scoring causal key blocks (ties towards the earlier block)."""
+def top_k_blocks(
+    scores: torch.Tensor,
+    causal: torch.Tensor,
+    fraction: float,
+    forced: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """bool like ``scores`` [B, H, nq, nk]: per query block, ``ceil(fraction * its causal
+    blocks)`` causal key blocks: the ``forced`` ones [nq, nk] (the library's sinks and local
+    blocks, counted in the budget) first, then the highest-scoring (ties towards the earlier
+    block)."""
     per_row = torch.ceil(causal.sum(-1).double() * fraction).long().clamp(min=1)  # [nq]
     scores = scores.masked_fill(~causal, -math.inf)
+    if forced is not None:
+        scores = scores.masked_fill(forced & causal, math.inf)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank_kept = torch.arange(scores.shape[-1], device=scores.device) < per_row.unsqueeze(-1)
     chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -44,10 +53,11 @@ def top_p_blocks(mass: torch.Tensor, causal: torch.Tensor, fraction: float) -> t
 @register("block_topk")
 @dataclass(frozen=True)
 class BlockTopK(SparsePrefill):
-    """Per query block and head, the ``budget`` fraction of its causal key blocks with the highest
-    ``mean(q) . mean(k)`` (pooled over each block), plus the library's sink and local blocks.
+    """Per query block and head, the ``budget`` fraction of its causal key blocks: the library's
+    sink and local blocks, then those with the highest ``mean(q) . mean(k)`` (pooled over each
+    block).
     The block-pooled estimate of block-sparse prefill (MInference's block-sparse pattern, Jiang et
     al. 2024, arXiv:2407.02490, without its per-head pattern search)."""
 
     def plan(self, view) -> torch.Tensor:
-        return top_k_blocks(view.pooled_logits(), view.causal, self.budget)
+        return top_k_blocks(view.pooled_logits(), view.causal, self.budget, view.forced)
