@@ -313,7 +313,8 @@ def run_cli(args) -> int:
         grid["cases"] = args.cases.split(",")
     out = args.out or "results/bench_kernels.jsonl"
     print(
-        f"longattn bench kernels ({'quick' if args.quick else 'full'}), "
+        f"longattn bench kernels ({'quick' if args.quick else 'full'}"
+        f"{', efficiency' if getattr(args, 'efficiency', False) else ''}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}\nCPU: {cpu_line()}"
     )
     records = run_kernels_bench(grid, 3, not args.no_flex, out)
