@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="kernels suite: the bf16 efficiency grid (8K and 32K, random 25%% and 10%%, 8 heads "
+        "d=64 and 32/8 heads d=128; --quick: 8K only) and its of-ideal table",
+    )
+    bench.add_argument(
         "--dtypes", default=None, help="kernels suite: comma-separated dtypes (default both)"
     )
     bench.add_argument(

@@ -199,9 +199,9 @@ def assert_attention_close(
 
 
 def cpu_runs_bf16_brgemm() -> bool:
-    """Whether the C++ block-sparse kernel's bfloat16 path runs on this CPU (oneDNN's bf16 brgemm,
-    probed by ``longattn.kernels.block_sparse.bf16_supported``): the tests require that path
-    exactly where this holds."""
+    """Whether the C++ block-sparse kernel runs bfloat16 here: on every CPU it builds on (oneDNN's
+    bf16 brgemm where it runs, else its float32 micro-kernel on widened tiles:
+    ``longattn.kernels.block_sparse.bf16_path``); the tests require it exactly where this holds."""
     from longattn.kernels import block_sparse
 
     return block_sparse.bf16_supported()

@@ -1,8 +1,8 @@
 """The C++ block-sparse kernel (impl="sparse_cpp") against the float64 oracle.
 
 Skipped only when no C++ compiler exists; with one, a build failure fails these tests. bfloat16
-must run wherever this CPU can (``block_sparse.bf16_supported()``); where it cannot, every
-bfloat16 case checks that the call refuses with the reason instead.
+runs on every CPU (``block_sparse.bf16_path()``: oneDNN's bf16 brgemm where it runs, else the
+float32 micro-kernel on widened tiles) and is held to the same derived bound as float32.
 """
 
 import shutil
@@ -27,12 +27,8 @@ def _causal(b, h, qp, kp):
 
 
 def _runs(dtype, fn):
-    """``fn()`` where this CPU runs ``dtype``; where it cannot (bfloat16 without oneDNN's bf16
-    brgemm) the call must refuse naming bfloat16, and None is returned."""
-    if dtype == torch.bfloat16 and not block_sparse.bf16_supported():
-        with pytest.raises(ValueError, match="bfloat16"):
-            fn()
-        return None
+    """``fn()``: every dtype of DTYPES runs on every CPU the extension builds on."""
+    assert dtype != torch.bfloat16 or block_sparse.bf16_supported()
     return fn()
 
 
@@ -171,15 +167,25 @@ def test_auto_chooses_native_for_block_sparse_masks():
     assert choose_impl(call, "auto").name == "sparse_cpp"
 
 
+def test_bf16_odd_shapes_refused_by_brgemm_run_on_the_float32_path():
+    """Odd head dims / block sizes: refused (VNNI pairs) where bf16 runs on brgemm, within the
+    oracle's bound where it runs on the float32 micro-kernel."""
+    brgemm = block_sparse.bf16_path() == "brgemm"
+    for (d, t), method, match in (
+        ((63, 64), from_string("sliding_window:window=16"), "even head dim"),
+        ((16, 66), methods.StaticBlocks(n_blocks=2, block_size=33), "block size"),
+    ):
+        q, k, v = make_qkv(1, 2, 2, t, t, d, dtype=torch.bfloat16)
+        call = make_call(q, k, v, method)
+        if brgemm:
+            with pytest.raises(ValueError, match=match):
+                choose_impl(call, "sparse_cpp")
+        else:
+            got = attention(q, k, v, method=method, impl="sparse_cpp")
+            assert_attention_close(got, q, k, v, method)
+
+
 def test_unsupported_calls_say_why():
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 63, dtype=torch.bfloat16)
-    call = make_call(q, k, v, from_string("sliding_window:window=16"))
-    with pytest.raises(ValueError, match="even head dim"):
-        choose_impl(call, "sparse_cpp")
-    q, k, v = make_qkv(1, 2, 2, 66, 66, 16, dtype=torch.bfloat16)
-    call = make_call(q, k, v, methods.StaticBlocks(n_blocks=2, block_size=33))
-    with pytest.raises(ValueError, match="block size"):
-        choose_impl(call, "sparse_cpp")
     assert "float16" in block_sparse.unavailable(torch.float16, torch.device("cpu"), 64)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
     call = make_call(q, k, v, from_string("sliding_window:window=16"), scale=-0.5)
@@ -247,16 +253,16 @@ def test_odd_block_size_float32():
     assert_attention_close(attention(q, k, v, method=method, impl="sparse_cpp"), q, k, v, method)
 
 
-def test_bf16_support_is_stated_and_follows_the_cpu():
-    """bfloat16 runs where oneDNN's bf16 brgemm does (AMX); elsewhere the refusal names the dtype
-    and the CPU, and ``bf16_supported`` agrees with ``unavailable``."""
+def test_bf16_runs_everywhere_and_its_path_follows_the_cpu():
+    """bfloat16 runs on every CPU; on brgemm where oneDNN's bf16 micro-kernel runs (AMX), else on
+    the float32 one, and the path agrees with brgemm's own probe."""
     cpu = torch.device("cpu")
-    reason = block_sparse.unavailable(torch.bfloat16, cpu, 64)
-    assert block_sparse.bf16_supported() == (reason is None)
+    assert block_sparse.unavailable(torch.bfloat16, cpu, 64) is None
+    assert block_sparse.bf16_supported()
+    refusal = block_sparse._brgemm_refusal("bfloat16")
+    assert block_sparse.bf16_path() == ("float32" if refusal else "brgemm")
     if "amx_bf16" in extension.cpu_id().split():
-        assert block_sparse.bf16_supported(), reason
-    if reason is not None:
-        assert "bfloat16" in reason and block_sparse._cpu_name() in reason
+        assert block_sparse.bf16_path() == "brgemm", refusal
     assert block_sparse.unavailable(torch.float32, cpu, 64) is None  # float32 runs on every CPU
 
 
@@ -294,6 +300,14 @@ _Q, _K, _V = make_qkv(2, 4, 2, 64, 64, 16, seed=21)
         ({}, {"q_pos": torch.arange(64).view(1, 1, 64)}, ValueError, "q_pos must have shape"),
         ({}, {"q_pos": torch.arange(64.0)}, TypeError, "q_pos must be an integer tensor"),
         ({}, {"kv_pos": list(range(64))}, TypeError, "kv_pos must be a torch.Tensor"),
+        ({}, {"skip_below": -1.0}, ValueError, r"skip_below must be >= 0.*-1.0"),
+        ({}, {"skip_below": "4"}, TypeError, "skip_below must be a number or None, got str"),
+        (
+            {"q": _Q.double(), "k": _K.double(), "v": _V.double()},
+            {"skip_below": 4.0},
+            ValueError,
+            "skip_below runs in float32 / bfloat16",
+        ),
     ],
 )
 def test_bad_inputs_are_named_before_the_kernel_reads_them(change, kw, error, match):
@@ -330,5 +344,67 @@ def test_the_compiled_kernel_checks_position_shapes_itself():
     with pytest.raises(RuntimeError, match="positions"):
         extension.load(block_sparse.NAME).forward(
             args["q"], args["k"], args["v"], index.kv_blocks, index.counts, kinds, masks,
-            0, 0, short, torch.arange(64).view(1, -1), 16, 0.25,
+            0, 0, short, torch.arange(64).view(1, -1), 16, 0.25, float("inf"), False,
         )  # fmt: skip
+
+
+def _skip_case(dtype):
+    """Keys whose blocks alternate between aligned with every query (high scores) and opposed
+    (scores ~16 below): a causal layout over 8 blocks of 32, partial diagonals, GQA."""
+    gen = torch.Generator().manual_seed(31)
+    n, bs, t, d = 8, 32, 256, 64
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0) * 8
+    q = torch.randn(1, 4, t, d, generator=gen) + u
+    sign = torch.tensor([1.0 if b % 3 == 0 else -1.0 for b in range(n)]).repeat_interleave(bs)
+    k = torch.randn(1, 2, t, d, generator=gen) + sign.view(1, 1, t, 1) * u
+    v = torch.randn(1, 2, t, d, generator=gen)
+    layout = torch.ones(n, n, dtype=torch.bool).tril()
+    index = BlockIndex.from_block_mask(layout, bs, partial=torch.eye(n, dtype=torch.bool))
+    return q.to(dtype), k.to(dtype), v.to(dtype), index, d**-0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_skip_below_off_or_large_changes_nothing(dtype):
+    q, k, v, index, scale = _skip_case(dtype)
+    off = block_sparse_attention_on(q, k, v, index, scale, _causal)
+    _check(off, q, k, v, index.to_dense(_causal), scale)
+    for lam in (None, 1e4, float("inf")):
+        got = block_sparse_attention_on(q, k, v, index, scale, _causal, skip_below=lam)
+        assert torch.equal(got.out, off.out) and torch.equal(got.lse, off.lse), lam
+
+
+def _skip_bound(q, k, v, visible, scale, lam):
+    """Per row and coordinate: sum of p_i |v_i| over the visible keys whose scaled score is below
+    the row's maximum minus λ (the only keys the rule can drop), in float64."""
+    group = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(group, 1)
+    v64 = v.double().repeat_interleave(group, 1)
+    s = (q.double() @ k64.transpose(-1, -2)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.softmax(s, -1)
+    small = visible & (s < m - lam)
+    return (p * small) @ v64.abs(), int(small.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_skip_below_stays_within_its_bound(dtype):
+    """λ = 10: the opposed blocks are dropped (the output changes), lse is unchanged, and the
+    change is within the sum of the droppable weights times |v| (<= n exp(-λ) max|v|)."""
+    q, k, v, index, scale = _skip_case(dtype)
+    lam = 10.0
+    off = block_sparse_attention_on(q, k, v, index, scale, _causal)
+    got = block_sparse_attention_on(q, k, v, index, scale, _causal, skip_below=lam)
+    assert torch.equal(got.lse, off.lse)
+    visible = index.to_dense(_causal).view(1, 1, 256, 256)
+    bound, n_small = _skip_bound(q, k, v, visible, scale, lam)
+    assert n_small > 0
+    diff = (got.out.double() - off.out.double()).abs()
+    if dtype == torch.float32:
+        assert (diff > 0).any()  # something was dropped
+        slack = 1e-6 * off.out.double().abs() + 1e-30
+    else:  # both outputs are rounded to bfloat16 once: one ulp of either
+        slack = 2.0**-7 * off.out.double().abs()
+    assert (diff <= bound * (1 + 1e-3) + slack).all(), float((diff - bound - slack).max())
+    counts = visible.sum(-1, keepdim=True).double()
+    assert (bound <= counts * torch.exp(torch.tensor(-lam)) * v.double().abs().max()).all()

@@ -7,6 +7,11 @@ StreamingLLM(4, 1024)): the correctness gate on sampled query rows first, then m
 time apart). Every kernel timed is gated the same way (sampled rows against the float64 oracle);
 no timing is reported for a red gate. Speedups, the fraction of the ideal speedup (causal blocks / visited blocks), GFLOP/s
 of the visited blocks, peak extra memory. JSONL, a table, and a PNG of speedup vs density.
+
+``--efficiency``: the bfloat16 grid of the kernel's target (8K and 32K, random 25 % and 10 % causal
+block layouts, 8 heads d=64 and 32 q / 8 kv heads d=128) and its table: the fraction of the ideal
+speedup (dense bf16 SDPA time x density) reached, next to the CPU and the bf16 path it ran
+(``block_sparse.bf16_path()``: oneDNN bf16 brgemm, or the float32 micro-kernel on widened tiles).
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ FULL = {
     "heads": [(8, 8), (32, 8)],
     "dims": [64, 128],
 }
+EFFICIENCY = {
+    "lengths": [8192, 32768],
+    "dtypes": ["bfloat16"],
+    "shapes": [(8, 8, 64), (32, 8, 128)],  # (H, Hkv, D)
+    "cases": ["random 25%", "random 10%"],
+}
+TARGET_OF_IDEAL = 0.85  # the bf16 kernel's target fraction of the ideal speedup
 DENSITIES = (0.05, 0.10, 0.25)
 
 
@@ -103,6 +115,8 @@ def run_case(label, method, q, k, v, base_ms, repeats, with_flex, rows) -> dict:
     }
     if native_reason:
         rec["decode_cpp_unavailable"] = native_reason
+    elif q.dtype == torch.bfloat16:
+        rec["bf16_path"] = block_sparse.bf16_path()
     if not rec["gate"]:
         return rec
     rec["ms"] = median_ms(ours, repeats=repeats)
@@ -152,33 +166,66 @@ def time_flex(call, index, rows: torch.Tensor, repeats: int) -> dict:
     return rec
 
 
+def _shapes(grid) -> list[tuple[int, int, int]]:
+    """(H, Hkv, D) of the grid: its "shapes", else every heads x dims pair."""
+    if grid.get("shapes"):
+        return [tuple(s) for s in grid["shapes"]]
+    return [(h, h_kv, d) for h, h_kv in grid["heads"] for d in grid["dims"]]
+
+
 def run_kernels_bench(grid, repeats, with_flex, out_path, log=print) -> list[dict]:
     writer, env, records = JsonlWriter(out_path), environment(), []
     for dtype_name in grid["dtypes"]:
         for length in grid["lengths"]:
-            for n_heads, n_kv in grid["heads"]:
-                for dim in grid["dims"]:
-                    dtype = getattr(torch, dtype_name)
-                    q, k, v = make_qkv(1, n_heads, n_kv, length, length, dim, dtype=dtype)
-                    rows = torch.randperm(length, generator=torch.Generator().manual_seed(0))[:64]
-                    rows = rows.sort().values
-                    scale = dim**-0.5
-                    base = median_ms(
-                        lambda q=q, k=k, v=v, s=scale: sdpa_attention(
-                            q, k, v, causal=True, scale=s
-                        ),
-                        warmup=1,
-                        repeats=repeats,
-                    )
-                    for label, method in cases(length, n_heads):
-                        if grid.get("cases") and not any(c in label for c in grid["cases"]):
-                            continue
-                        rec = run_case(label, method, q, k, v, base, repeats, with_flex, rows)
-                        rec.update(env)
-                        records.append(rec)
-                        writer.write(rec)
-                        log(format_table([rec], COLUMNS).splitlines()[-1])
+            for n_heads, n_kv, dim in _shapes(grid):
+                dtype = getattr(torch, dtype_name)
+                q, k, v = make_qkv(1, n_heads, n_kv, length, length, dim, dtype=dtype)
+                rows = torch.randperm(length, generator=torch.Generator().manual_seed(0))[:64]
+                rows = rows.sort().values
+                scale = dim**-0.5
+                base = median_ms(
+                    lambda q=q, k=k, v=v, s=scale: sdpa_attention(q, k, v, causal=True, scale=s),
+                    warmup=1,
+                    repeats=repeats,
+                )
+                for label, method in cases(length, n_heads):
+                    if grid.get("cases") and not any(c in label for c in grid["cases"]):
+                        continue
+                    rec = run_case(label, method, q, k, v, base, repeats, with_flex, rows)
+                    rec.update(env)
+                    records.append(rec)
+                    writer.write(rec)
+                    log(format_table([rec], COLUMNS).splitlines()[-1])
     return records
+
+
+EFFICIENCY_COLUMNS = [
+    ("case", "case"),
+    ("T", "T"),
+    ("H", "H"),
+    ("Hkv", "Hkv"),
+    ("D", "D"),
+    ("density", "density"),
+    ("impl", "impl"),
+    ("bf16_path", "bf16 path"),
+    ("ms", "ms"),
+    ("sdpa_ms", "bf16 sdpa ms"),
+    ("speedup", "vs sdpa"),
+    ("ideal", "1/dens"),
+    ("of_ideal", "of ideal"),
+    ("target_met", f">= {TARGET_OF_IDEAL}"),
+]
+
+
+def efficiency_table(records: list[dict]) -> str | None:
+    """The bfloat16 random-layout rows: fraction of the ideal speedup against bf16 SDPA, and
+    whether it meets the target (None when the run has no such row)."""
+    rows = [
+        {**r, "target_met": r["of_ideal"] >= TARGET_OF_IDEAL}
+        for r in records
+        if r["dtype"] == "bfloat16" and r["case"].startswith("random") and "of_ideal" in r
+    ]
+    return format_table(rows, EFFICIENCY_COLUMNS) if rows else None
 
 
 COLUMNS = [
@@ -256,6 +303,8 @@ def plot(records: list[dict], path: str) -> str | None:
 
 def run_cli(args) -> int:
     grid = dict(QUICK if args.quick else FULL)
+    if getattr(args, "efficiency", False):
+        grid = dict(EFFICIENCY, lengths=[8192] if args.quick else EFFICIENCY["lengths"])
     if args.length:
         grid["lengths"] = [args.length]
     if getattr(args, "dtypes", None):
@@ -264,11 +313,18 @@ def run_cli(args) -> int:
         grid["cases"] = args.cases.split(",")
     out = args.out or "results/bench_kernels.jsonl"
     print(
-        f"longattn bench kernels ({'quick' if args.quick else 'full'}), "
+        f"longattn bench kernels ({'quick' if args.quick else 'full'}"
+        f"{', efficiency' if getattr(args, 'efficiency', False) else ''}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}\nCPU: {cpu_line()}"
     )
     records = run_kernels_bench(grid, 3, not args.no_flex, out)
     print(format_table(records, COLUMNS))
+    table = efficiency_table(records)
+    if table:
+        print(
+            f"\nbfloat16 block-sparse vs bfloat16 causal SDPA (ideal = SDPA time x density), "
+            f"{torch.get_num_threads()} threads, CPU: {cpu_line()}\n{table}"
+        )
     png = plot(records, out.rsplit(".", 1)[0] + ".png")
     print(f"JSONL: {out}" + (f"\nplot: {png}" if png else ""))
     red = [r for r in records if not r["gate"] or r.get("flex_gate") is False]

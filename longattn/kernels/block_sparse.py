@@ -3,10 +3,29 @@
 FlashAttention's block-sparse variant (Dao et al. 2022, arXiv:2205.14135) on CPU: per (batch, head,
 query block) work item and per visited key block, S = Q Kᵀ by oneDNN's brgemm micro-kernel, the
 element mask only where the block needs one, a vectorised online softmax, P V by a second GEMM;
-the items are balanced over the threads by decreasing block count. float32, bfloat16 (GEMMs in bf16
-with fp32 accumulation, 2x the fp32 rate on the CPUs that run it; ``bf16_supported()`` says whether
-this one does) and float64 (plain loops, for exact tests). GQA: query
-head h reads KV head ``h // (H / Hkv)``; K/V are never expanded.
+the items are balanced over the threads by decreasing block count. float32, bfloat16 and float64
+(plain loops, for exact tests). GQA: query head h reads KV head ``h // (H / Hkv)``; K/V are never
+expanded.
+
+bfloat16 takes one of two paths, chosen once per process for the CPU found (``bf16_path()``):
+  * "brgemm": GEMMs in bf16 with fp32 accumulation on VNNI-packed K and V, where oneDNN's bf16
+    micro-kernel runs (AVX512-BF16 / AMX);
+  * "float32": elsewhere (e.g. AVX2 only): K and V are widened to float32 once per call into the
+    packed workspace, each Q tile when its work item starts, and the float32 micro-kernel runs;
+    the output is rounded to bfloat16. On such CPUs bf16 SDPA runs at its fp32 rate too (measured
+    on an AVX2 AMD Zen 3), so the float32 kernel is the fair match; results are at least as
+    accurate as the bf16 path (products of bf16 values are exact in float32).
+
+``skip_below=λ`` (off by default) is SpargeAttn's online-softmax-aware filter (Zhang et al. 2025,
+arXiv:2502.18137): in a visited key block, the P·V product of a query row is dropped when the
+block's row maximum of the scaled scores is below the row's running maximum minus λ, so each of
+its weights is below exp(-λ) of the largest weight seen (and of the final one); the block's
+GEMM is skipped when every row of the tile drops it. The dropped weights stay in the softmax
+denominator, so ``lse`` is unchanged (bitwise) and the output only loses their share:
+``|out - exact| <= n_dropped · exp(-λ) · max|v|`` per row and coordinate, n_dropped being the
+number of keys of the row's dropped blocks (at most its visible keys), up to rounding.
+Deviation from paper: SpargeAttn's threshold acts per GPU warp of rows; here per row (the GEMM is
+skipped per tile of ``block_size`` rows), and the weights it drops stay in the denominator.
 
 This is its own implementation (``impl="sparse_cpp"`` in the API), not the engine of ``sparse``: the
 plain-PyTorch gather + SDPA path stays runnable and testable by name, and ``auto`` reaches it only
@@ -22,8 +41,8 @@ Element masks cost no Python per block. Once per call the partial blocks are cla
 Blocks holding padding (position -1) always take the byte mask, so padding queries get zeros and
 ``lse = -inf`` like every fully masked row.
 
-Memory: the output, lse, the masks of the partial pairs, and K transposed per block (bf16: K and V
-in VNNI pairs), O(T). That packed copy lives in a workspace kept between calls (a fresh multi-MB
+Memory: the output, lse, the masks of the partial pairs, and K transposed per block (bf16 brgemm: K
+and V in VNNI pairs; bf16 float32 path: K transposed and V, widened), O(T). That packed copy lives in a workspace kept between calls (a fresh multi-MB
 buffer page-faults on every call); ``release_workspace()`` frees it.
 """
 
@@ -55,15 +74,17 @@ def unavailable(
         return f"the C++ block-sparse kernel runs on CPU only, not {device.type}"
     if dtype not in DTYPES:
         return f"the C++ block-sparse kernel runs float32, bfloat16 and float64, not {dtype}"
-    if dtype == torch.bfloat16 and (head_dim % 2 or block_size % 2):
-        return (
-            f"the C++ bfloat16 kernel needs an even head dim and block size (VNNI pairs), got "
-            f"{head_dim} and {block_size}"
-        )
     reason = extension.unavailable(NAME)
     if reason or dtype == torch.float64:
         return reason
     dtype_name = str(dtype).replace("torch.", "")
+    if dtype == torch.bfloat16:
+        if bf16_path() == "brgemm" and (head_dim % 2 or block_size % 2):
+            return (
+                f"the C++ bfloat16 kernel (bf16 brgemm on this CPU) needs an even head dim and "
+                f"block size (VNNI pairs), got {head_dim} and {block_size}"
+            )
+        return None
     refusal = _brgemm_refusal(dtype_name)
     if refusal:
         return (
@@ -74,14 +95,16 @@ def unavailable(
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU runs the kernel in bfloat16 (False also when the extension cannot be built).
+    """Whether the kernel runs bfloat16 here: wherever the extension builds (``bf16_path()``)."""
+    return extension.unavailable(NAME) is None
 
-    The bf16 GEMMs are oneDNN brgemm on VNNI-packed operands, which torch 2.13 runs only where
-    oneDNN's bf16 micro-kernel does (its refusal names AMX; seen on an AVX2-only AMD Zen 3). Where
-    it refuses, ``unavailable(torch.bfloat16, ...)`` gives that refusal as the reason. The probe
-    runs brgemm itself rather than reading CPU flags, so it follows torch's own rule.
-    """
-    return extension.unavailable(NAME) is None and not _brgemm_refusal("bfloat16")
+
+def bf16_path() -> str:
+    """How bfloat16 runs on this CPU: "brgemm" (oneDNN's bf16 micro-kernel on VNNI-packed tiles)
+    or "float32" (tiles widened once, the float32 micro-kernel; where oneDNN refuses bf16, e.g. on
+    AVX2 only: its refusal names AMX). The probe runs brgemm itself rather than reading CPU flags,
+    so it follows torch's own rule. Raises RuntimeError when the extension cannot be built."""
+    return "float32" if _brgemm_refusal("bfloat16") else "brgemm"
 
 
 def _brgemm_refusal(dtype_name: str) -> str:
@@ -115,6 +138,7 @@ def block_sparse_attention(
     bounds_fn: BoundsFn | None = None,
     causal: bool = False,
     validate: bool = True,
+    skip_below: float | None = None,
 ) -> AttnOutput:
     """Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D] restricted to ``index``.
 
@@ -126,6 +150,8 @@ def block_sparse_attention(
     Shapes, dtypes and positions are always checked (``TypeError`` / ``ValueError`` naming it);
     ``validate=False`` skips only the index contents check (block ids in range and increasing, one
     pass over the index) for trusted hot loops.
+    ``skip_below=λ`` (float32 / bfloat16, λ >= 0; None: off) drops the P·V products whose weights
+    are all below exp(-λ) of the running maximum (module docstring: rule and error bound).
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 for float64 input))``.
     """
     _check_qkv(q, k, v, index)
@@ -134,6 +160,7 @@ def block_sparse_attention(
     reason = unavailable(q.dtype, q.device, dim, scale, index.block_size)
     if reason:
         raise ValueError(reason)
+    skip = _skip_threshold(skip_below, q.dtype)
     _check_index_shape(index, batch, n_heads, q_len, kv_len)
     if validate:
         index.validate(batch, n_heads, q_len, kv_len)
@@ -165,8 +192,23 @@ def block_sparse_attention(
         kv_pos,
         bs,
         float(scale),
+        skip,
+        q.dtype == torch.bfloat16 and bf16_path() == "float32",
     )
     return AttnOutput(out, lse, None)
+
+
+def _skip_threshold(skip_below, dtype: torch.dtype) -> float:
+    """λ as the kernel reads it (inf: off), after checking it."""
+    if skip_below is None:
+        return float("inf")
+    if isinstance(skip_below, bool) or not isinstance(skip_below, (int, float)):
+        raise TypeError(f"skip_below must be a number or None, got {type(skip_below).__name__}")
+    if not skip_below >= 0:
+        raise ValueError(f"skip_below must be >= 0 (a log-weight margin), got {skip_below}")
+    if dtype == torch.float64:
+        raise ValueError("skip_below runs in float32 / bfloat16; float64 is the exact path")
+    return float(skip_below)
 
 
 def _check_qkv(q, k, v, index) -> None:

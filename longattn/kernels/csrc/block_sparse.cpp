@@ -43,6 +43,8 @@ struct Problem {
   const int64_t* kv_pos;     // [Bp, Tk]
   int64_t qpos_sb, kvpos_sb;  // Tq / Tk when Bp > 1, else 0
   double scale;
+  bool skip;          // drop P V of (row, block) pairs below the running max minus skip_below
+  float skip_below;   // lambda (scaled-score units), read only when skip
 };
 
 struct Item {
@@ -178,39 +180,82 @@ void finalize(const Problem& p, const acc_t* acc, const acc_t* m_run, const acc_
 // the per-row softmax bookkeeping is paid once per chunk rather than once per block.
 constexpr int64_t CHUNK = 4;
 
-template <typename scalar_t>
-void run_fast(const Problem& p, const scalar_t* q, const scalar_t* kt, const scalar_t* v,
-              scalar_t* out, float* lse) {
+// The thread-local buffers of one worker.
+struct Tiles {
+  std::vector<float> s, acc, stats, qf;
+  std::vector<at::BFloat16> pb;
+};
+
+// q tile (rows x D) as the GEMM's type: itself, or widened to float into `qf` (bf16 inputs on a
+// CPU whose brgemm has no bf16 micro-kernel).
+template <typename scalar_t, typename io_t>
+inline const scalar_t* q_tile(const io_t* qp, int64_t n, std::vector<float>& qf) {
+  if constexpr (std::is_same_v<scalar_t, io_t>) {
+    return qp;
+  } else {
+    float* d = qf.data();
+    int64_t i = 0;
+    for (; i + W <= n; i += W) vstore(d + i, vload(qp + i));
+    for (; i < n; ++i) d[i] = static_cast<float>(qp[i]);
+    return d;
+  }
+}
+
+// Row maxima per block of one chunk row (masking in place), or of the whole row when no block
+// needs a mask and no per-block maximum is asked for (`bmax` null).
+inline float chunk_row_max(const Problem& p, const SlotInfo* si, int64_t n_blk, float* sr,
+                           int64_t b, int64_t qrow, int64_t mb, int64_t mh, int64_t r,
+                           bool any_mask, float* bmax) {
+  const int64_t bs = p.bs;
+  if (!any_mask && !bmax) return segment_max(sr, n_blk * bs, n_blk * bs, nullptr);
+  float mx = NEG_INF;
+  for (int64_t j = 0; j < n_blk; ++j) {
+    const float m = segment_max(sr + j * bs, row_limit(p, si[j], b, qrow), bs,
+                                row_mask(p, si[j], mb, mh, r));
+    if (bmax) bmax[j] = m;
+    mx = std::max(mx, m);
+  }
+  return mx;
+}
+
+template <typename scalar_t, typename io_t>
+void run_fast(const Problem& p, const io_t* q, const scalar_t* kt, const scalar_t* v, io_t* out,
+              float* lse) {
   constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
   const int64_t bs = p.bs, D = p.D, group = p.H / p.Hkv, ldw = CHUNK * bs;
   const float scale = static_cast<float>(p.scale);
   const auto items = make_items(p);
   run_items(items, [&]() {
-    auto S = std::make_shared<std::vector<float>>(bs * ldw);
-    auto P = std::make_shared<std::vector<scalar_t>>(bf16 ? bs * ldw : 0);
-    auto acc = std::make_shared<std::vector<float>>(bs * D);
-    auto stats = std::make_shared<std::vector<float>>(2 * bs);
-    return [&, S, P, acc, stats](const Item& it) {
+    auto t = std::make_shared<Tiles>();
+    t->s.resize(bs * ldw);
+    t->pb.resize(bf16 ? bs * ldw : 0);
+    t->acc.resize(bs * D);
+    t->stats.resize(2 * bs);
+    t->qf.resize(std::is_same_v<scalar_t, io_t> ? 0 : bs * D);
+    return [&, t](const Item& it) {
       const int64_t b = it.b, h = it.h, qb = it.qb, hkv = h / group;
       const int64_t rows = std::min(bs, p.Tq - qb * bs);
       const int64_t row = ((p.Bi > 1 ? b : 0) * p.Hi + (p.Hi > 1 ? h : 0)) * p.nq + qb;
-      const scalar_t* qp = q + ((b * p.H + h) * p.Tq + qb * bs) * D;
-      float* s = S->data();
-      scalar_t* pb = P->data();
-      float* a = acc->data();
-      float* m_run = stats->data();  // scaled running maxima
+      const scalar_t* qp = q_tile<scalar_t>(q + ((b * p.H + h) * p.Tq + qb * bs) * D, rows * D, t->qf);
+      float* s = t->s.data();
+      scalar_t* pb = reinterpret_cast<scalar_t*>(t->pb.data());
+      float* a = t->acc.data();
+      float* m_run = t->stats.data();  // scaled running maxima
       float* l_run = m_run + bs;
       std::fill(a, a + rows * D, 0.0f);
       std::fill(m_run, m_run + rows, NEG_INF);
       std::fill(l_run, l_run + rows, 0.0f);
       const int64_t mb = p.mask_sb ? b : 0, mh = p.mask_sh ? h : 0;
       SlotInfo si[CHUNK];
+      float bmax[CHUNK];
+      int64_t dropped[CHUNK];  // rows whose P V of block j is skipped (skip_below)
       for (int64_t first = 0; first < it.cost; first += CHUNK) {
         const int64_t n_blk = std::min(CHUNK, it.cost - first);
         bool any_mask = false;
         for (int64_t j = 0; j < n_blk; ++j) {
           si[j] = slot_info(p, row, first + j);
           any_mask |= si[j].kind != -1 || si[j].ncols < bs;
+          dropped[j] = 0;
           const scalar_t* kblk = kt + ((b * p.Hkv + hkv) * p.nkb + si[j].kb) * bs * D;
           // S[:, j*bs : (j+1)*bs] = Q K_j^T (K^T [D, bs]; bf16: VNNI [D/2, bs, 2])
           at::native::cpublas::brgemm(rows, bs, D, D, bs, ldw, false, qp, kblk, s + j * bs, bf16);
@@ -218,14 +263,8 @@ void run_fast(const Problem& p, const scalar_t* q, const scalar_t* kt, const sca
         const int64_t width = n_blk * bs;
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s + r * ldw;
-          float mx = NEG_INF;
-          if (any_mask) {
-            for (int64_t j = 0; j < n_blk; ++j)
-              mx = std::max(mx, segment_max(sr + j * bs, row_limit(p, si[j], b, qb * bs + r), bs,
-                                            row_mask(p, si[j], mb, mh, r)));
-          } else {
-            mx = segment_max(sr, width, width, nullptr);
-          }
+          const float mx = chunk_row_max(p, si, n_blk, sr, b, qb * bs + r, mb, mh, r, any_mask,
+                                         p.skip ? bmax : nullptr);
           const float m_new = std::max(m_run[r], mx * scale);
           if (m_new == NEG_INF) {  // nothing visible yet in this row
             if constexpr (bf16) std::fill(pb + r * ldw, pb + r * ldw + width, scalar_t(0.0f));
@@ -235,10 +274,19 @@ void run_fast(const Problem& p, const scalar_t* q, const scalar_t* kt, const sca
           const float sum = exp_row<scalar_t>(sr, pb + r * ldw, width, scale, m_new);
           const float alpha = (m_run[r] == NEG_INF) ? 0.0f : std::exp(m_run[r] - m_new);
           if (alpha != 1.0f) scale_row(a + r * D, D, alpha);
-          l_run[r] = l_run[r] * alpha + sum;
+          l_run[r] = l_run[r] * alpha + sum;  // skipped weights stay in the sum: lse is exact
           m_run[r] = m_new;
+          if (!p.skip) continue;
+          for (int64_t j = 0; j < n_blk; ++j) {
+            if (!(bmax[j] * scale < m_new - p.skip_below)) continue;
+            if constexpr (bf16) std::fill(pb + r * ldw + j * bs, pb + r * ldw + (j + 1) * bs,
+                                          scalar_t(0.0f));
+            else std::fill(sr + j * bs, sr + (j + 1) * bs, 0.0f);
+            ++dropped[j];
+          }
         }
         for (int64_t j = 0; j < n_blk; ++j) {
+          if (dropped[j] == rows) continue;  // every row of the tile skips this block's P V
           if constexpr (bf16) {
             const scalar_t* vblk = v + ((b * p.Hkv + hkv) * p.nkb + si[j].kb) * bs * D;  // VNNI
             at::native::cpublas::brgemm(rows, D, bs, ldw, D, D, true, pb + j * bs, vblk, a, true);
@@ -249,8 +297,8 @@ void run_fast(const Problem& p, const scalar_t* q, const scalar_t* kt, const sca
           }
         }
       }
-      finalize<scalar_t, float>(p, a, m_run, l_run, rows, out + ((b * p.H + h) * p.Tq + qb * bs) * D,
-                                lse + (b * p.H + h) * p.Tq + qb * bs);
+      finalize<io_t, float>(p, a, m_run, l_run, rows, out + ((b * p.H + h) * p.Tq + qb * bs) * D,
+                            lse + (b * p.H + h) * p.Tq + qb * bs);
     };
   });
   at::native::cpublas::brgemm_release(bf16);
@@ -344,6 +392,28 @@ void pack_kv(const scalar_t* k, const scalar_t* v, scalar_t* kt, scalar_t* vp, i
   });
 }
 
+// bfloat16 K, V on a CPU whose brgemm has no bf16 micro-kernel: K^T per block widened to float
+// [B, Hkv, nkb, D, bs] (as the float32 path packs it) and V widened to float [B, Hkv, Tk, D], once
+// per call, so every visited tile runs the float32 micro-kernel without converting again (a
+// block is visited by up to H / Hkv heads and many query blocks).
+void pack_kv_upcast(const at::BFloat16* k, const at::BFloat16* v, float* kt, float* vf, int64_t BH,
+                    int64_t Tk, int64_t D, int64_t bs, int64_t nkb) {
+  at::parallel_for(0, BH * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / nkb, kb = i % nkb;
+      const int64_t n = std::min(bs, Tk - kb * bs);
+      const at::BFloat16* ks = k + (bh * Tk + kb * bs) * D;
+      float* kd = kt + i * bs * D;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t c = 0; c < bs; ++c) kd[d * bs + c] = c < n ? float(ks[c * D + d]) : 0.0f;
+      const int64_t off = (bh * Tk + kb * bs) * D, len = n * D;
+      int64_t j = 0;
+      for (; j + W <= len; j += W) vstore(vf + off + j, vload(v + off + j));
+      for (; j < len; ++j) vf[off + j] = float(v[off + j]);
+    }
+  });
+}
+
 // The packed K (and V) of the last call, kept for the next one: a fresh multi-MB buffer per call
 // page-faults on first touch (~20 ms for 64 MiB here); a reused one does not. Calls are serialised
 // by the mutex (the GIL is held anyway).
@@ -366,7 +436,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& kv_blocks, const at::Tensor& counts,
                                 const at::Tensor& kinds, const at::Tensor& masks, int64_t mask_sb,
                                 int64_t mask_sh, const at::Tensor& q_pos, const at::Tensor& kv_pos,
-                                int64_t block_size, double scale) {
+                                int64_t block_size, double scale, double skip_below,
+                                bool bf16_upcast) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type());
   TORCH_CHECK(kv_blocks.is_contiguous() && counts.is_contiguous() && kinds.is_contiguous() &&
@@ -414,9 +485,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   p.qpos_sb = q_pos.size(0) > 1 ? p.Tq : 0;
   p.kvpos_sb = kv_pos.size(0) > 1 ? p.Tk : 0;
   p.scale = scale;
+  p.skip = std::isfinite(skip_below);
+  p.skip_below = static_cast<float>(skip_below);
   auto out = at::empty_like(q);
   const auto st = q.scalar_type();
   if (st == at::kDouble) {
+    TORCH_CHECK(!p.skip, "block_sparse: skip_below runs in float32 / bfloat16 only");
     auto lse = at::empty({p.B, p.H, p.Tq}, q.options());
     run_double(p, q.data_ptr<double>(), k.data_ptr<double>(), v.data_ptr<double>(),
                out.data_ptr<double>(), lse.data_ptr<double>());
@@ -428,15 +502,22 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   if (st == at::kFloat) {
     float* kt = workspace_ptr<float>(padded);
     pack_kv<float>(k.data_ptr<float>(), nullptr, kt, nullptr, BH, p.Tk, p.D, p.bs, p.nkb);
-    run_fast<float>(p, q.data_ptr<float>(), kt, v.data_ptr<float>(), out.data_ptr<float>(),
+    run_fast<float, float>(p, q.data_ptr<float>(), kt, v.data_ptr<float>(), out.data_ptr<float>(),
                     lse.data_ptr<float>());
   } else if (st == at::kBFloat16) {
-    TORCH_CHECK(p.D % 2 == 0 && p.bs % 2 == 0, "bfloat16 needs an even head dim and block size");
     using bf = at::BFloat16;
+    if (bf16_upcast) {
+      float* kt = workspace_ptr<float>(2 * padded);
+      float* vf = kt + padded;
+      pack_kv_upcast(k.data_ptr<bf>(), v.data_ptr<bf>(), kt, vf, BH, p.Tk, p.D, p.bs, p.nkb);
+      run_fast<float, bf>(p, q.data_ptr<bf>(), kt, vf, out.data_ptr<bf>(), lse.data_ptr<float>());
+      return {out, lse};
+    }
+    TORCH_CHECK(p.D % 2 == 0 && p.bs % 2 == 0, "bfloat16 needs an even head dim and block size");
     bf* kt = workspace_ptr<bf>(2 * padded);
     bf* vp = kt + padded;
     pack_kv<bf>(k.data_ptr<bf>(), v.data_ptr<bf>(), kt, vp, BH, p.Tk, p.D, p.bs, p.nkb);
-    run_fast<bf>(p, q.data_ptr<bf>(), kt, vp, out.data_ptr<bf>(), lse.data_ptr<float>());
+    run_fast<bf, bf>(p, q.data_ptr<bf>(), kt, vp, out.data_ptr<bf>(), lse.data_ptr<float>());
   } else {
     TORCH_CHECK(false, "block_sparse: unsupported dtype ", st);
   }
