@@ -331,6 +331,14 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "block_oracle:block_size=16,budget=0.25",
         "block_oracle:block_size=16,budget=0.9,mode=topp",
     ],
+    "sparge": [
+        "sparge:block_size=16,budget=0.7,theta=-1",
+        "sparge:block_size=16,budget=0.9",
+    ],
+    "anchor_attention": [
+        "anchor_attention:block_size=16,theta=1",
+        "anchor_attention:block_size=16,theta=3,budget=0.5,sink_blocks=0",
+    ],
 }
 
 

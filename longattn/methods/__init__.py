@@ -1,6 +1,7 @@
 """Every shipped method, one file each. Importing this package registers them (in this order)."""
 
 from longattn.methods.adakv import AdaKV
+from longattn.methods.anchor_attention import AnchorAttention
 from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
@@ -23,6 +24,7 @@ from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
+from longattn.methods.sparge import Sparge
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
@@ -31,6 +33,7 @@ from longattn.methods.tova import TOVA
 
 __all__ = [
     "AdaKV",
+    "AnchorAttention",
     "Attendre",
     "BlockOracle",
     "BlockTopK",
@@ -53,6 +56,7 @@ __all__ = [
     "RazorAttention",
     "SlidingWindow",
     "SnapKV",
+    "Sparge",
     "StaticBlocks",
     "StreamingLLM",
     "Strided",

@@ -1,0 +1,138 @@
+"""The estimator plan methods (sparge, anchor_attention, ...): what each rule chooses on inputs
+where the answer is known, parameters refused, and the reference agreeing on odd shapes."""
+
+import math
+
+import pytest
+import torch
+
+from longattn import attention, from_string, methods
+from longattn.call import make_call
+from longattn.methods.sparge import block_self_similarity
+from longattn.prefill import make_view
+from longattn.testing import assert_attention_close, make_qkv
+
+BS = 16  # 128 tokens -> 8 blocks in the constructed cases
+D = 8
+SCALE = 1 / math.sqrt(D)
+
+ESTIMATOR_SPECS = [
+    "sparge:block_size=16,budget=0.7,theta=-1",
+    "sparge:block_size=16,budget=0.9",
+    "anchor_attention:block_size=16,theta=1",
+    "anchor_attention:block_size=16,theta=3,budget=0.5,sink_blocks=0",
+]
+
+
+def _plan(method, q, k) -> torch.Tensor:
+    """The method's raw plan (before the library adds sinks and local blocks), [nq, nk] of the
+    first batch row and head."""
+    view = make_view(make_call(q, k, k, method))
+    chosen = method.plan(view)
+    assert chosen.dtype == torch.bool and chosen.shape[-2:] == view.causal.shape
+    return chosen[0, 0]
+
+
+def _blocks(row: torch.Tensor) -> list[int]:
+    return row.nonzero().flatten().tolist()
+
+
+def _unit(i: int) -> torch.Tensor:
+    return torch.eye(D)[i]
+
+
+def _tokens(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """One vector per block of BS tokens -> [1, 1, len * BS, D]."""
+    return torch.stack(vectors).repeat_interleave(BS, 0).view(1, 1, -1, D)
+
+
+def _noise(seed: int) -> torch.Tensor:
+    return torch.randn(BS, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_self_similarity_is_the_mean_pairwise_cosine():
+    x = torch.randn(1, 1, 20, 5, generator=torch.Generator().manual_seed(0))
+    sim = block_self_similarity(x, 8)
+    for b, lo in enumerate(range(0, 20, 8)):
+        unit = torch.nn.functional.normalize(x[0, 0, lo : lo + 8], dim=-1)
+        torch.testing.assert_close(sim[0, 0, b], (unit @ unit.T).mean())
+    same = torch.ones(1, 1, 8, 5)
+    assert torch.allclose(block_self_similarity(same, 8), torch.ones(1))
+
+
+def test_sparge_keeps_the_predicted_mass():
+    q = _tokens([_unit(0)] * 8)
+    keys = [_unit(1)] * 8
+    keys[5] = _unit(0) * 10  # pooled logit 10 / sqrt(8): 0.8 of row 7's predicted mass
+    plan = _plan(methods.Sparge(block_size=BS, budget=0.5, theta=-1), q, _tokens(keys))
+    assert _blocks(plan[7]) == [5]
+    assert _blocks(plan[3]) == [0, 1]  # a flat row: the first half, ties towards earlier blocks
+
+
+def test_sparge_visits_all_of_an_unreliable_block():
+    q = _tokens([_unit(0)] * 8)
+    keys = _tokens([_unit(1)] * 8)
+    keys[0, 0, 2 * BS : 3 * BS] = _noise(1)  # key block 2 is not self-similar
+    q[0, 0, 6 * BS : 7 * BS] = _noise(2)  # neither is query block 6
+    keys[0, 0, 5 * BS : 6 * BS] = _unit(0) * 10
+    plan = _plan(methods.Sparge(block_size=BS, budget=0.5, theta=0.5), q, keys)
+    assert _blocks(plan[7]) == [2, 5]  # the column of the unreliable key block
+    assert _blocks(plan[6]) == list(range(7))  # the whole causal row of the unreliable query block
+    assert _blocks(plan[1]) == [0]
+
+
+def _anchor_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries along e0; the sink block scores 4, one key of block 5 scores 4, all else -1."""
+    q = _tokens([_unit(0)] * 8)
+    keys = _tokens([-_unit(0) / SCALE] * 8)
+    keys[0, 0, :BS] = 4 * _unit(0) / SCALE
+    keys[0, 0, 5 * BS + 3] = 4 * _unit(0) / SCALE
+    return q, keys
+
+
+def test_anchor_keeps_the_stripes_near_the_anchor():
+    q, k = _anchor_case()
+    plan = _plan(methods.AnchorAttention(block_size=BS, theta=1.0), q, k)
+    assert _blocks(plan[7]) == [0, 5]  # a single strong key (stripe) keeps its block
+    assert _blocks(plan[5]) == [0, 5]
+    assert _blocks(plan[4]) == [0]
+    wide = _plan(methods.AnchorAttention(block_size=BS, theta=6.0), q, k)
+    assert _blocks(wide[7]) == list(range(8))
+
+
+def test_anchor_budget_caps_the_count():
+    q, k = _anchor_case()
+    plan = _plan(methods.AnchorAttention(block_size=BS, theta=6.0, budget=0.25), q, k)
+    assert _blocks(plan[7]) == [0, 5]  # the two best margins of 8 causal blocks
+
+
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("sparge:theta=1.5", ValueError),
+        ("sparge:budget=0", ValueError),
+        ("anchor_attention:theta=-1", ValueError),
+        ("anchor_attention:theta=inf", ValueError),
+    ],
+)
+def test_bad_parameters_are_refused(spec, error):
+    with pytest.raises(error):
+        from_string(spec)
+
+
+def test_non_numeric_thresholds_are_refused():
+    with pytest.raises(TypeError):
+        methods.Sparge(theta=True)
+    with pytest.raises(TypeError):
+        methods.AnchorAttention(theta="5")
+
+
+@pytest.mark.parametrize("spec", ESTIMATOR_SPECS)
+@pytest.mark.parametrize("shape", [(2, 6, 2, 75, 75), (1, 4, 4, 50, 130)])
+def test_runs_on_odd_lengths_and_gqa(spec, shape):
+    batch, heads, n_kv, t_q, t_k = shape
+    q, k, v = make_qkv(batch, heads, n_kv, t_q, t_k, 16, seed=3)
+    out = attention(q, k, v, method=spec)
+    assert_attention_close(out, q, k, v, from_string(spec))
+    again = attention(q, k, v, method=spec, impl="reference")
+    assert torch.equal(again.state.layout()[0], out.state.layout()[0])  # deterministic plan
