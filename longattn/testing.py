@@ -339,6 +339,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "anchor_attention:block_size=16,theta=1",
         "anchor_attention:block_size=16,theta=3,budget=0.5,sink_blocks=0",
     ],
+    "hip": ["hip:block_size=16,budget=0.25", "hip:block_size=16,budget=0.5,local_blocks=2"],
+    "proxy_attn": [
+        "proxy_attn:block_size=16,budget=0.5,samples=4",
+        "proxy_attn:block_size=16,budget=0.8,proxy_heads=2,sink_blocks=0",
+    ],
 }
 
 

@@ -21,6 +21,9 @@ ESTIMATOR_SPECS = [
     "sparge:block_size=16,budget=0.9",
     "anchor_attention:block_size=16,theta=1",
     "anchor_attention:block_size=16,theta=3,budget=0.5,sink_blocks=0",
+    "hip:block_size=16,budget=0.25",
+    "proxy_attn:block_size=16,budget=0.5,samples=4",
+    "proxy_attn:block_size=16,budget=0.8,proxy_heads=2,sink_blocks=0",
 ]
 
 
@@ -106,6 +109,53 @@ def test_anchor_budget_caps_the_count():
     assert _blocks(plan[7]) == [0, 5]  # the two best margins of 8 causal blocks
 
 
+def _hill() -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries along e0; key block b scores -|b - 5| (every key of a block alike)."""
+    q = _tokens([_unit(0)] * 8)
+    keys = _tokens([-abs(b - 5) * _unit(0) / SCALE for b in range(8)])
+    return q, keys
+
+
+def test_hip_descends_to_the_best_blocks():
+    q, k = _hill()
+    one = _plan(methods.HiP(block_size=BS, budget=0.125), q, k)  # k = 1 of 8 causal blocks
+    assert _blocks(one[7]) == [5]
+    assert _blocks(one[3]) == [3]  # 4 causal blocks: the best of them
+    two = _plan(methods.HiP(block_size=BS, budget=0.25), q, k)
+    assert _blocks(two[7]) == [4, 5]  # 4 and 6 tie: the earlier
+
+
+def test_hip_keeps_exactly_its_budget():
+    q, k, _ = make_qkv(2, 4, 2, 200, 200, 16, seed=5)
+    method = methods.HiP(block_size=BS, budget=0.3)
+    view = make_view(make_call(q, k, k, method))
+    chosen = method.plan(view)
+    expected = torch.ceil(view.causal.sum(-1).double() * 0.3).long()
+    assert torch.equal(chosen.sum(-1), expected.expand(2, 4, -1))
+    dense = methods.HiP(block_size=BS, budget=1.0).plan(view)
+    assert torch.equal(dense, view.causal.expand_as(dense))
+
+
+def test_proxy_budgets_follow_each_heads_sparsity():
+    """Two heads on one key head: head 0 looks only at block 5, head 1 looks everywhere."""
+    keys = _tokens([_unit(1)] * 8)
+    keys[0, 0, 5 * BS : 6 * BS] = _unit(0)
+    q = torch.zeros(1, 2, 8 * BS, D)
+    q[0, 0] = 40 * _unit(0)
+    method = methods.ProxyAttn(block_size=BS, budget=0.9)
+    view = make_view(make_call(q, keys, keys, method))
+    chosen = method.plan(view)[0]  # [H, nq, nk]
+    assert _blocks(chosen[0, 7]) == [5]  # one block holds head 0's attention
+    assert chosen[1, 7].sum() >= 7  # head 1 needs nearly all of its 8 blocks
+    assert chosen[1, 7, 5]  # ranked by the shared proxy: block 5 first
+
+
+def test_proxy_heads_must_divide_the_heads():
+    q, k, v = make_qkv(1, 6, 2, 64, 64, 16, seed=1)
+    with pytest.raises(ValueError, match="proxy_heads=4"):
+        attention(q, k, v, method="proxy_attn:block_size=16,proxy_heads=4")
+
+
 @pytest.mark.parametrize(
     "spec, error",
     [
@@ -113,6 +163,9 @@ def test_anchor_budget_caps_the_count():
         ("sparge:budget=0", ValueError),
         ("anchor_attention:theta=-1", ValueError),
         ("anchor_attention:theta=inf", ValueError),
+        ("hip:budget=1.5", ValueError),
+        ("proxy_attn:proxy_heads=0", ValueError),
+        ("proxy_attn:samples=0", ValueError),
     ],
 )
 def test_bad_parameters_are_refused(spec, error):

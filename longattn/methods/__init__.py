@@ -11,6 +11,7 @@ from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
 from longattn.methods.h2o import H2O
+from longattn.methods.hip import HiP
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.loki import Loki
@@ -18,6 +19,7 @@ from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
+from longattn.methods.proxy_attn import ProxyAttn
 from longattn.methods.pyramidkv import PyramidKV
 from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
@@ -43,6 +45,7 @@ __all__ = [
     "DuoAttention",
     "ExpectedAttention",
     "H2O",
+    "HiP",
     "InfLLM",
     "KNorm",
     "Loki",
@@ -50,6 +53,7 @@ __all__ = [
     "OracleTopK",
     "PerHeadWindow",
     "PowerAttention",
+    "ProxyAttn",
     "PyramidKV",
     "QFilters",
     "Quest",
