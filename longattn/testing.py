@@ -344,6 +344,14 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "proxy_attn:block_size=16,budget=0.5,samples=4",
         "proxy_attn:block_size=16,budget=0.8,proxy_heads=2,sink_blocks=0",
     ],
+    "sale": [
+        "sale:block_size=16,threshold=0.5",
+        "sale:block_size=16,bits=4,threshold=0.2,budget=0.5",
+    ],
+    "dhsa": [
+        "dhsa:block_size=16,chunk_size=16,budget=0.3",
+        "dhsa:block_size=16,chunk_size=8,budget=0.5,sink_blocks=0",
+    ],
 }
 
 

@@ -8,6 +8,9 @@ import torch
 
 from longattn import attention, from_string, methods
 from longattn.call import make_call
+from longattn.methods.anchor_attention import anchor_logits
+from longattn.methods.dhsa import chunk_ids, chunk_representations
+from longattn.methods.sale import quantise_blocks
 from longattn.methods.sparge import block_self_similarity
 from longattn.prefill import make_view
 from longattn.testing import assert_attention_close, make_qkv
@@ -24,6 +27,10 @@ ESTIMATOR_SPECS = [
     "hip:block_size=16,budget=0.25",
     "proxy_attn:block_size=16,budget=0.5,samples=4",
     "proxy_attn:block_size=16,budget=0.8,proxy_heads=2,sink_blocks=0",
+    "sale:block_size=16,threshold=0.5",
+    "sale:block_size=16,bits=4,threshold=0.2,budget=0.5",
+    "dhsa:block_size=16,chunk_size=16,budget=0.3",
+    "dhsa:block_size=16,chunk_size=8,budget=0.5,sink_blocks=0",
 ]
 
 
@@ -156,6 +163,70 @@ def test_proxy_heads_must_divide_the_heads():
         attention(q, k, v, method="proxy_attn:block_size=16,proxy_heads=4")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_blocks_are_within_half_a_step(bits):
+    x = torch.randn(2, 3, 37, 8, generator=torch.Generator().manual_seed(4)) * 3
+    ints, scale = quantise_blocks(x, 16, bits)
+    top = 2 ** (bits - 1) - 1
+    assert ints.abs().max() <= top and torch.equal(ints, ints.round())
+    back = (ints * scale[..., None, None]).flatten(2, 3)[:, :, :37]
+    assert ((back - x).abs() <= scale.repeat_interleave(16, -1)[..., :37, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_sale_margins_are_exact_on_the_integer_grid(bits):
+    """Inputs already on the quantisation grid (each block's largest magnitude the top code, so
+    the scale is 1): the low-precision scores are exact, and the margins equal brute force."""
+    top = 2 ** (bits - 1) - 1
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randint(-top, top + 1, (1, 2, 72, D), generator=gen).float()
+    k = torch.randint(-top, top + 1, (1, 1, 72, D), generator=gen).float()
+    q[..., ::BS, 0] = top
+    k[..., ::BS, 0] = top
+    method = methods.SALE(block_size=BS, bits=bits)
+    view = make_view(make_call(q, k, k, method))
+    logits = (q @ k.transpose(-1, -2)) * view.scale  # [1, 2, 72, 72]
+    anchor = anchor_logits(view)[..., :72]
+    rel = (logits - anchor.unsqueeze(-1)).masked_fill(~torch.ones(72, 72).tril().bool(), -math.inf)
+    rel = torch.nn.functional.pad(rel, (0, 8, 0, 8), value=-math.inf)  # to 5 x 5 blocks
+    expected = rel.view(1, 2, 5, BS, 5, BS).amax(dim=(3, 5))
+    torch.testing.assert_close(method.margins(view), expected)
+
+
+def test_sale_keeps_blocks_whose_relative_score_reaches_the_threshold():
+    q, k = _anchor_case()
+    plan = _plan(methods.SALE(block_size=BS, threshold=math.exp(-1)), q, k)
+    assert _blocks(plan[7]) == [0, 5]
+    plan4 = _plan(methods.SALE(block_size=BS, bits=4, threshold=math.exp(-1)), q, k)
+    assert _blocks(plan4[7]) == [0, 5]
+
+
+def test_dhsa_cuts_where_the_keys_change():
+    lengths = [5, 20, 11, 28]
+    k = torch.cat([_unit(i).expand(n, D) for i, n in enumerate(lengths)]).view(1, 1, -1, D)
+    ids = chunk_ids(k, 4)[0, 0]
+    expected = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    assert torch.equal(ids, expected)
+
+
+def test_dhsa_chunks_are_length_normalised():
+    x = torch.ones(1, 1, 10, 2)
+    ids = torch.tensor([0] * 4 + [1] * 6).view(1, 1, -1)
+    reps = chunk_representations(x, ids, 3)[0, 0]
+    torch.testing.assert_close(reps[:, 0], torch.tensor([2.0, math.sqrt(6), 0.0]))
+
+
+def test_dhsa_keeps_the_block_of_the_matching_chunk():
+    """Keys along e1 except one 10-key run along e0 inside block 5; queries along e0."""
+    q = _tokens([_unit(0)] * 8)
+    k = _tokens([_unit(1)] * 8)
+    k[0, 0, 5 * BS + 3 : 5 * BS + 13] = _unit(0)
+    # 3 chunks: before the run, the run, after it
+    plan = _plan(methods.DHSA(block_size=BS, chunk_size=43, budget=0.125), q, k)
+    assert _blocks(plan[7]) == [5]
+    assert _blocks(plan[2]) == [0]  # before the run: ties go to the earliest block
+
+
 @pytest.mark.parametrize(
     "spec, error",
     [
@@ -166,6 +237,10 @@ def test_proxy_heads_must_divide_the_heads():
         ("hip:budget=1.5", ValueError),
         ("proxy_attn:proxy_heads=0", ValueError),
         ("proxy_attn:samples=0", ValueError),
+        ("sale:bits=2", ValueError),
+        ("sale:threshold=0", ValueError),
+        ("sale:threshold=1.5", ValueError),
+        ("dhsa:chunk_size=0", ValueError),
     ],
 )
 def test_bad_parameters_are_refused(spec, error):

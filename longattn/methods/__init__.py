@@ -7,6 +7,7 @@ from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
 from longattn.methods.block_topp import BlockTopP
 from longattn.methods.dense import Dense
+from longattn.methods.dhsa import DHSA
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
@@ -24,6 +25,7 @@ from longattn.methods.pyramidkv import PyramidKV
 from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
+from longattn.methods.sale import SALE
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
 from longattn.methods.sparge import Sparge
@@ -40,6 +42,7 @@ __all__ = [
     "BlockOracle",
     "BlockTopK",
     "BlockTopP",
+    "DHSA",
     "Dense",
     "DoubleSparsity",
     "DuoAttention",
@@ -58,6 +61,7 @@ __all__ = [
     "QFilters",
     "Quest",
     "RazorAttention",
+    "SALE",
     "SlidingWindow",
     "SnapKV",
     "Sparge",
