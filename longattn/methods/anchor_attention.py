@@ -25,7 +25,7 @@ def gather_keys(k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     kv_head = torch.arange(heads, device=k.device) // (heads // n_kv)  # [H]
     base = (torch.arange(batch, device=k.device).view(-1, 1) * n_kv + kv_head.view(1, -1)) * t_k
     flat = idx + base.view(batch, heads, *([1] * (idx.dim() - 2)))
-    return k.reshape(-1, dim).float()[flat.reshape(-1)].view(*idx.shape, dim)
+    return k.reshape(-1, dim)[flat.reshape(-1)].float().view(*idx.shape, dim)
 
 
 def query_blocks(view) -> tuple[torch.Tensor, torch.Tensor]:

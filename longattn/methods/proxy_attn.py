@@ -50,7 +50,7 @@ def proxy_heads(q: torch.Tensor, k: torch.Tensor, n_proxy: int):
 @register("proxy_attn")
 @dataclass(frozen=True)
 class ProxyAttn(SparsePrefill):
-    """ProxyAttn (Wang et al. 2025, arXiv:2509.24745): heads attend to largely the same tokens and
+    """ProxyAttn (arXiv:2509.24745, 2025): heads attend to largely the same tokens and
     differ mostly in how sparse they are. So ``proxy_heads`` pooled heads (the query heads averaged
     in consecutive groups, with their key heads) score every key block at token level: the softmax
     weights of ``samples`` queries per query block (its last ones) summed per key block. Each head
