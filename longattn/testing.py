@@ -331,6 +331,27 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "block_oracle:block_size=16,budget=0.25",
         "block_oracle:block_size=16,budget=0.9,mode=topp",
     ],
+    "sparge": [
+        "sparge:block_size=16,budget=0.7,theta=-1",
+        "sparge:block_size=16,budget=0.9",
+    ],
+    "anchor_attention": [
+        "anchor_attention:block_size=16,theta=1",
+        "anchor_attention:block_size=16,theta=3,budget=0.5,sink_blocks=0",
+    ],
+    "hip": ["hip:block_size=16,budget=0.25", "hip:block_size=16,budget=0.5,local_blocks=2"],
+    "proxy_attn": [
+        "proxy_attn:block_size=16,budget=0.5,samples=4",
+        "proxy_attn:block_size=16,budget=0.8,proxy_heads=2,sink_blocks=0",
+    ],
+    "sale": [
+        "sale:block_size=16,threshold=0.5",
+        "sale:block_size=16,bits=4,threshold=0.2,budget=0.5",
+    ],
+    "dhsa": [
+        "dhsa:block_size=16,chunk_size=16,budget=0.3",
+        "dhsa:block_size=16,chunk_size=8,budget=0.5,sink_blocks=0",
+    ],
 }
 
 

@@ -1,15 +1,18 @@
 """Every shipped method, one file each. Importing this package registers them (in this order)."""
 
 from longattn.methods.adakv import AdaKV
+from longattn.methods.anchor_attention import AnchorAttention
 from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
 from longattn.methods.block_topp import BlockTopP
 from longattn.methods.dense import Dense
+from longattn.methods.dhsa import DHSA
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
 from longattn.methods.h2o import H2O
+from longattn.methods.hip import HiP
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.loki import Loki
@@ -17,12 +20,15 @@ from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
 from longattn.methods.power import PowerAttention
+from longattn.methods.proxy_attn import ProxyAttn
 from longattn.methods.pyramidkv import PyramidKV
 from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
+from longattn.methods.sale import SALE
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
+from longattn.methods.sparge import Sparge
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
@@ -31,15 +37,18 @@ from longattn.methods.tova import TOVA
 
 __all__ = [
     "AdaKV",
+    "AnchorAttention",
     "Attendre",
     "BlockOracle",
     "BlockTopK",
     "BlockTopP",
+    "DHSA",
     "Dense",
     "DoubleSparsity",
     "DuoAttention",
     "ExpectedAttention",
     "H2O",
+    "HiP",
     "InfLLM",
     "KNorm",
     "Loki",
@@ -47,12 +56,15 @@ __all__ = [
     "OracleTopK",
     "PerHeadWindow",
     "PowerAttention",
+    "ProxyAttn",
     "PyramidKV",
     "QFilters",
     "Quest",
     "RazorAttention",
+    "SALE",
     "SlidingWindow",
     "SnapKV",
+    "Sparge",
     "StaticBlocks",
     "StreamingLLM",
     "Strided",
