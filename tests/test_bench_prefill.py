@@ -108,3 +108,27 @@ def test_model_mode_writes_gated_rows(tmp_path, tiny_llama):
 def test_cli_refuses_bad_lengths(capsys):
     assert main(["bench", "prefill", "--lengths", "8192,x"]) == 2
     assert "--lengths" in capsys.readouterr().err
+
+
+def test_eval_runs_a_plan_method_in_prefill_and_reports_its_realised_density(tmp_path):
+    from longattn.eval import metrics, report, runner
+    from tests.test_eval import _config, _tiny_loader
+
+    plan = "block_topk:block_size=16,budget=0.3"
+    assert metrics.density(from_string(plan), 128)[1] == metrics.PLANNED
+    assert metrics.kv_budget(from_string(plan), 128) == 128
+    out = tmp_path / "e"
+    config = _config(out, methods=[plan], tasks=["needle", "fidelity"], lengths=[128],
+                     samples=1, depths=[0.5], new_tokens=2)  # fmt: skip
+    runner.run_eval(config, loader=_tiny_loader(), show_progress=False)
+    label = from_string(plan).describe()
+    records = [r for r in report.load_records(out) if r["method"] == label]
+    assert records and all(not r.get("error") for r in records)
+    for rec in records:
+        assert rec["density_kind"] == metrics.PLANNED and 0 < rec["density"] < 1
+        assert rec["plan_ms"] > 0
+    fidelity = next(r for r in records if r["task"] == "fidelity")
+    assert all(0 < x <= 1 + 1e-6 for x in fidelity["mass_recall"])
+    rows, _, _ = report.summarise(report.load_records(out))
+    header, body = report.table(rows, [128], ["needle", "fidelity"])
+    assert any(h.startswith("plan estimate ms") for h in header)
