@@ -41,6 +41,12 @@ def _bench_problem(args: argparse.Namespace) -> str | None:
         bad = [x for x in args.lengths.split(",") if not x.strip().isdigit() or int(x) <= 0]
         if bad:
             return f"--lengths: not positive integers: {bad}"
+    if args.shapes is not None:
+        from longattn.bench.prefill import SHAPES
+
+        bad = [s for s in args.shapes.split(",") if s.strip() not in SHAPES]
+        if bad:
+            return f"--shapes: unknown {bad}; known: {', '.join(SHAPES)}"
     return None
 
 
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--lengths", default=None, help="prefill suite: comma-separated prompt lengths"
+    )
+    bench.add_argument(
+        "--shapes",
+        default=None,
+        help="prefill suite: comma-separated head shapes of the synthetic mode (default "
+        "32/8/d128,8/8/d64)",
     )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")

@@ -108,6 +108,8 @@ def test_model_mode_writes_gated_rows(tmp_path, tiny_llama):
 def test_cli_refuses_bad_lengths(capsys):
     assert main(["bench", "prefill", "--lengths", "8192,x"]) == 2
     assert "--lengths" in capsys.readouterr().err
+    assert main(["bench", "prefill", "--shapes", "8/8/d64,4/4/d32"]) == 2
+    assert "4/4/d32" in capsys.readouterr().err
 
 
 def test_eval_runs_a_plan_method_in_prefill_and_reports_its_realised_density(tmp_path):
