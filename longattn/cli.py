@@ -21,6 +21,7 @@ BENCH_SUITES = {
     "evict": "longattn.bench.evict:run_cli",
     "fidelity": "longattn.eval.fidelity:run_cli",
     "kernels": "longattn.bench.kernels:run_cli",
+    "prefill": "longattn.bench.prefill:run_cli",
 }
 
 
@@ -36,6 +37,16 @@ def _bench_problem(args: argparse.Namespace) -> str | None:
             return f"--dtypes: unknown dtype(s) {bad}; known: {', '.join(sorted(DTYPES))}"
     if args.suite == "kernels" and args.length is not None and args.length % KERNELS_BLOCK:
         return f"bench kernels --length must be a multiple of {KERNELS_BLOCK}, got {args.length}"
+    if args.lengths is not None:
+        bad = [x for x in args.lengths.split(",") if not x.strip().isdigit() or int(x) <= 0]
+        if bad:
+            return f"--lengths: not positive integers: {bad}"
+    if args.shapes is not None:
+        from longattn.bench.prefill import SHAPES
+
+        bad = [s for s in args.shapes.split(",") if s.strip() not in SHAPES]
+        if bad:
+            return f"--shapes: unknown {bad}; known: {', '.join(SHAPES)}"
     return None
 
 
@@ -86,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=None,
         help="evict suite: comma-separated eviction methods (default: every registered one "
-        "without a calibration file, plus streaming_llm)",
+        "without a calibration file, plus streaming_llm); prefill suite: plan methods (default: "
+        "every registered one, plus block_topk at --budgets)",
     )
     bench.add_argument(
-        "--budgets", default=None, help="evict suite: comma-separated kept fractions (0.5,0.25,0.1)"
+        "--budgets",
+        default=None,
+        help="evict suite: comma-separated kept fractions (0.5,0.25,0.1); prefill suite: "
+        "block_topk budgets (0.1,0.2)",
     )
     bench.add_argument(
         "--memory-length",
@@ -111,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--cases",
         default=None,
         help="kernels suite: comma-separated case labels to run (substring match, e.g. '10%%,window')",
+    )
+    bench.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="prefill suite: random inputs at 32K/64K (the default without --model)",
+    )
+    bench.add_argument(
+        "--model", default=None, help="prefill suite: a real model by name (smollm2-135m)"
+    )
+    bench.add_argument(
+        "--lengths", default=None, help="prefill suite: comma-separated prompt lengths"
+    )
+    bench.add_argument(
+        "--shapes",
+        default=None,
+        help="prefill suite: comma-separated head shapes of the synthetic mode (default "
+        "32/8/d128,8/8/d64)",
     )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")

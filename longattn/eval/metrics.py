@@ -37,6 +37,7 @@ def visible(
 PAIRS = "pairs"  # fraction of causal (query, key) pairs a static pattern visits, in every phase
 KV_READ = "kv read/decode step"  # fraction of the cache a select method reads per decode step
 KV_KEPT = "kv kept"  # fraction of the cache a budgeted method keeps
+PLANNED = "blocks planned"  # realised fraction of causal blocks a plan method visits in prefill
 
 
 def selected_tokens(method: Method, length: int) -> int | None:
@@ -51,7 +52,10 @@ def density(method: Method, length: int, n_heads: int = 1, rows: int = 512) -> t
     """``(value, kind)``: the fraction of causal (query, key) pairs a static pattern visits
     (``PAIRS``); for a select method the fraction of the cache it reads per decode step
     (``KV_READ``: in prefill it is dense by definition); for another budgeted method the fraction
-    of the cache it keeps (``KV_KEPT``)."""
+    of the cache it keeps (``KV_KEPT``). A plan method's density depends on its input: NaN here
+    (``plan_facts`` measures it on real text)."""
+    if method.hook == "plan":
+        return float("nan"), PLANNED
     if method.hook != "mask":
         tokens = selected_tokens(method, length)
         if tokens is None:
@@ -67,6 +71,8 @@ def density(method: Method, length: int, n_heads: int = 1, rows: int = 512) -> t
 
 def kv_budget(method: Method, length: int) -> int:
     """KV tokens a method needs to hold for the last query (its budget for grouping comparisons)."""
+    if method.hook == "plan":  # prefill sparsity: every key is kept
+        return length
     if method.hook != "mask":
         tokens = selected_tokens(method, length)
         return length if tokens is None else tokens
@@ -101,6 +107,9 @@ def fidelity(
             errors.append(float((out - ref).norm() / ref.norm()))
         except (ValueError, NotImplementedError):
             errors.append(None)
+        if method.hook == "plan":
+            recall.append(plan_recall(method, q, k, v))
+            continue
         if method.hook != "mask":
             recall.append(None)
             continue
@@ -110,6 +119,45 @@ def fidelity(
         seen = visible(method, q.shape[1], torch.arange(t - n_q, t), torch.arange(t))
         recall.append(float((p * seen).sum(-1).mean()))
     return {"layer_error": errors, "mass_recall": recall}
+
+
+def plan_facts(
+    method: Method, captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    """(realised density, estimation ms) of a plan method on captured q/k: the fraction of causal
+    blocks it plans (``longattn.prefill.density``) averaged over layers, and the time of
+    ``longattn.prefill.plan_index`` (estimate + index) summed over layers."""
+    import time
+
+    from longattn import prefill
+    from longattn.api import make_call
+
+    densities, spent = [], 0.0
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        call = make_call(q, k, v, method)
+        start = time.perf_counter()
+        if prefill.dense_reason(method, q.shape[2], k.shape[2]) is not None:
+            densities.append(1.0)  # the library runs it dense
+            continue
+        index = prefill.plan_index(call)
+        spent += time.perf_counter() - start
+        densities.append(prefill.density(index, call.derived["plan_view"].causal))
+    return sum(densities) / max(1, len(densities)), spent * 1e3
+
+
+def plan_recall(method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+    """A plan method's share of the exact attention mass (``PrefillView.block_mass``) in the blocks
+    it plans, averaged over heads and query blocks."""
+    from longattn import prefill
+    from longattn.api import make_call
+
+    if prefill.dense_reason(method, q.shape[2], k.shape[2]) is not None:
+        return 1.0
+    call = make_call(q, k, v, method)
+    chosen = prefill.plan_index(call).layout()[0]  # [Bi, Hi, nq, nk]
+    mass = call.derived["plan_view"].block_mass()  # [B, H, nq, nk]
+    return float(((mass * chosen).sum(-1) / mass.sum(-1).clamp(min=1e-30)).mean())
 
 
 def attention_map(q: torch.Tensor, k: torch.Tensor, head: int, size: int) -> torch.Tensor:

@@ -131,6 +131,7 @@ def summarise(records: list[dict]) -> tuple[list[dict], list[int], list[str]]:
         row["kv_budget"] = at_long[0]["kv_budget"] if at_long else None
         row["density"] = at_long[0]["density"] if at_long else None
         row["density_kind"] = at_long[0]["density_kind"] if at_long else None
+        row["plan_ms"] = at_long[0].get("plan_ms") if at_long else None
         for task in tasks.TASKS:
             row[f"acc_{task}"] = _mean(r.get("score") for r in mine if r["task"] == task)
             for length in lengths:
@@ -213,6 +214,9 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     gen = [t for t in task_names if t in tasks.TASKS]
     longest = lengths[-1] if lengths else 0
     header = ["method", "KV budget (tokens)", f"density @{longest}"]
+    planned = any(r.get("plan_ms") is not None for r in rows)
+    if planned:
+        header.append(f"plan estimate ms⁴ @{longest}")
     header += [f"{t} acc @{n}" for t in gen for n in lengths]
     if "ppl" in task_names:
         header += [f"ppl (prefill) @{n}" for n in lengths]
@@ -226,6 +230,8 @@ def table(rows: list[dict], lengths: list[int], task_names: list[str]) -> tuple[
     for r in rows:
         cells = [short_label(r["method"]), _fmt(r["kv_budget"])]
         cells.append(f"{_fmt(r['density'], 'pct')} {r['density_kind'] or ''}".strip())
+        if planned:
+            cells.append(_fmt(r.get("plan_ms")))
         cells += [_fmt(r[f"acc_{t}_{n}"], "pct") for t in gen for n in lengths]
         if "ppl" in task_names:
             cells += [_fmt(r[f"ppl_{n}"]) for n in lengths]
@@ -263,7 +269,9 @@ def notes(records: list[dict]) -> list[str]:
         f"visits (the same in prefill and decode); `{metrics.KV_READ}` = fraction of the KV cache "
         "a select method reads per decode step in a selecting layer (a layer it keeps dense, such "
         f"as Quest's first `dense_layers`, reads all of it); `{metrics.KV_KEPT}` = fraction of the "
-        "cache a budgeted method keeps. KV budget = keys the last query of the longest sequence "
+        f"cache a budgeted method keeps; `{metrics.PLANNED}` = fraction of the causal key blocks a "
+        "dynamic sparse prefill (plan) method visits, realised on the corpus text at that length "
+        "(q/k captured from a dense pass), averaged over layers and heads. KV budget = keys the last query of the longest sequence "
         "may see; rows are sorted by it, and only rows with the same budget are a budget-matched "
         "comparison.",
         "¹ n/a: a decode-time select method is dense attention in prefill by definition, so a "
@@ -276,7 +284,8 @@ def notes(records: list[dict]) -> list[str]:
         "³ Fidelity on q/k/v captured from a dense pass over real text; output error = relative L2 "
         "error of each layer's attention output against dense, averaged over layers; mass recall = "
         "share of the dense attention mass attended. A static pattern: every query of the prefill "
-        "(recall over the last 256 queries). A select method: the last "
+        "(recall over the last 256 queries). A plan method: its planned blocks' share of the exact "
+        "block mass (`PrefillView.block_mass`), over every query block. A select method: the last "
         f"{_counts(steps)} positions replayed as decode steps through a cache, every layer in "
         "order (`longattn.eval.fidelity.decode_fidelity`).",
         "Speedup = median over matched prompts of baseline prefill time / method prefill time "
@@ -287,6 +296,9 @@ def notes(records: list[dict]) -> list[str]:
         "key projections; for the baseline, its tensors' storage). Peak RSS: the most extra "
         "resident memory at the peak of a prefill + decode case (the generation tasks; ppl cases, "
         "whose full-length logits dominate, only where there is no generation task).",
+        "⁴ plan estimate ms: a plan method's `longattn.prefill.plan_index` (its estimate and the "
+        "block index) summed over layers, on the same captured q/k as its density; part of its "
+        "prefill time.",
     ]
 
 

@@ -320,6 +320,7 @@ class Session:
         self.env = environment()
         self._captured: dict[int, dict] = {}
         self._density: dict[tuple[str, int], tuple[float, str, int]] = {}
+        self._plan_ms: dict[tuple[str, int], float] = {}
 
     def method_facts(self, label: str, length: int) -> tuple[float, str, int]:
         """(density, its kind, KV budget in tokens) of a method at ``length``, memoised."""
@@ -329,6 +330,10 @@ class Session:
             else:
                 method = from_string(label)
                 value, kind = metrics.density(method, length, self.n_heads)
+                if method.hook == "plan":  # input-dependent: realised on the corpus text
+                    value, self._plan_ms[label, length] = metrics.plan_facts(
+                        method, self.captured(length)
+                    )
                 self._density[label, length] = (value, kind, metrics.kv_budget(method, length))
         return self._density[label, length]
 
@@ -354,6 +359,8 @@ class Session:
             "sample": case.sample, "depth": case.depth, "density": density,
             "density_kind": kind, "kv_budget": budget, "model": self.config.model,
         }  # fmt: skip
+        if (case.method, case.length) in self._plan_ms:
+            record["plan_ms"] = self._plan_ms[case.method, case.length]
         try:
             holder: dict = {}
             record["peak_rss_mib"] = peak_extra_mib(lambda: holder.update(self._measure(case)))
