@@ -11,7 +11,14 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput, BlockIndex, DecodeSelection, ScoreView, accumulation_dtype
+from longattn.types import (
+    AttnOutput,
+    BlockIndex,
+    DecodeSelection,
+    PrefillPlan,
+    ScoreView,
+    accumulation_dtype,
+)
 
 
 def make_qkv(
@@ -195,6 +202,9 @@ def assert_attention_close(
         call = dataclasses.replace(call, selection=selection)
     if isinstance(result, AttnOutput) and isinstance(result.state, BlockIndex):
         call.derived["block_index"] = result.state  # a plan's blocks, as the result ran them
+    if isinstance(result, AttnOutput) and isinstance(result.state, PrefillPlan):
+        call.derived["block_index"] = result.state.blocks  # and its columns, as they ran
+        call.derived["plan_columns"] = result.state.columns
     return check_against_reference(result, q, k, v, visible_mask(call), call.scale)
 
 
