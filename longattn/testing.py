@@ -341,6 +341,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "block_oracle:block_size=16,budget=0.25",
         "block_oracle:block_size=16,budget=0.9,mode=topp",
     ],
+    "minference": [
+        "minference:block_size=16,budget=0.1,vertical=0.1,last_q=16",
+        "minference:block_size=16,pattern=block,budget=0.3",
+        "minference:block_size=16,pattern=ashape,budget=0.2,sink_blocks=0",
+    ],
 }
 
 

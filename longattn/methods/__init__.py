@@ -13,6 +13,7 @@ from longattn.methods.h2o import H2O
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.loki import Loki
+from longattn.methods.minference import MInference
 from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
@@ -43,6 +44,7 @@ __all__ = [
     "InfLLM",
     "KNorm",
     "Loki",
+    "MInference",
     "Neighborhood2D",
     "OracleTopK",
     "PerHeadWindow",

@@ -1,0 +1,172 @@
+"""MInference 1.0: per-head A-shape, vertical-slash or block-sparse prefill. Jiang et al. 2024,
+arXiv:2407.02490.
+
+Also the home of the vertical-slash choice (``vertical_slash``) that FlexPrefill shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from longattn.method import SparsePrefill, register
+from longattn.methods.block_topk import top_k_blocks
+from longattn.types import PrefillPlan
+
+PATTERNS = ("ashape", "vs", "block")  # a calibration's ``pattern`` tensor holds these indices
+SINK_TOKENS = 4  # key columns every vertical-slash head keeps (the attention sinks)
+
+
+def top_count(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """int64 [..., max(counts)]: per row of ``scores`` [..., n], the indices of its ``counts``
+    [...] highest scores (ties towards the lower index), -1 past each row's count."""
+    width = max(1, min(scores.shape[-1], int(counts.max())))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :width]
+    used = torch.arange(width, device=scores.device) < counts.unsqueeze(-1)
+    return torch.where(used, order, -1)
+
+
+def slash_blocks(view, offsets: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, nq, nk]: the key blocks the diagonals ``offsets`` [B, H, n] (q_pos - kv_pos, -1
+    unused) cross in each query block: block (i, j) holds offsets from min q_pos(i) - max
+    kv_pos(j) to max q_pos(i) - min kv_pos(j)."""
+    block = view.block_size
+
+    def bounds(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [Bp, T] -> [Bp, n]
+        n = -(-pos.shape[1] // block)
+        padded = torch.nn.functional.pad(pos, (0, n * block - pos.shape[1]), value=-1)
+        padded = padded.view(pos.shape[0], n, block)
+        real = padded >= 0
+        big = torch.iinfo(torch.int64).max // 4
+        low = torch.where(real, padded, big).amin(-1)
+        return low, torch.where(real, padded, -big).amax(-1)
+
+    q_lo, q_hi = bounds(view.q_pos)
+    k_lo, k_hi = bounds(view.kv_pos)
+    size = int(max(int(view.q_pos.max()), 0)) + 1
+    hit = torch.zeros(*offsets.shape[:2], size + 1, dtype=torch.int64, device=offsets.device)
+    hit.scatter_(-1, torch.where(offsets < 0, size, offsets), 1)
+    cum = torch.nn.functional.pad(hit[..., :size].cumsum(-1), (1, 0))  # [B, H, size + 1]
+    lo = (q_lo[:, :, None] - k_hi[:, None, :]).clamp(0, size)  # [Bp, nq, nk]
+    hi = (q_hi[:, :, None] - k_lo[:, None, :] + 1).clamp(0, size)
+    flat = lambda x: x.flatten(1).unsqueeze(1).expand(cum.shape[0], cum.shape[1], -1)  # noqa: E731
+    found = torch.gather(cum, -1, flat(hi)) - torch.gather(cum, -1, flat(lo))
+    return (found > 0).view(*cum.shape[:2], *lo.shape[1:]) & view.causal
+
+
+def vertical_slash(
+    view, vertical: torch.Tensor, slash: torch.Tensor, last_q: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's vertical-slash choice from the attention of the last ``last_q`` queries:
+    (blocks bool [B, H, nq, nk] crossed by the chosen diagonals, columns int64 [B, H, nq, n]).
+
+    vertical, slash: [H] float fractions of the keys: per head, ``ceil(vertical * Tk)`` key columns
+    (at least the ``SINK_TOKENS`` first, always kept) and ``ceil(slash * Tk)`` diagonals (the main
+    diagonal always kept) of the highest summed weight."""
+    weights = view.last_weights(last_q)  # [B, H, n, Tk]
+    batch, heads, n, kv_len = weights.shape
+    columns = weights.sum(2)  # [B, H, Tk]
+    columns[..., :SINK_TOKENS] = math.inf
+    q_pos = view.q_pos[:, -n:]  # [Bp, n]
+    offset = q_pos[:, :, None] - view.kv_pos[:, None, :]  # [Bp, n, Tk]
+    size = int(max(int(view.q_pos.max()), 0)) + 1
+    valid = (offset >= 0) & (view.kv_pos[:, None, :] >= 0)
+    index = offset.clamp(0, size - 1).expand(batch, n, kv_len).flatten(1)
+    index = index.unsqueeze(1).expand(batch, heads, -1)
+    diagonals = torch.zeros(batch, heads, size, device=weights.device)
+    diagonals.scatter_add_(-1, index, (weights * valid.unsqueeze(1)).flatten(2))
+    diagonals[..., 0] = math.inf
+    n_cols = torch.ceil(vertical.double() * kv_len).long().clamp(SINK_TOKENS, kv_len)
+    n_diag = torch.ceil(slash.double() * kv_len).long().clamp(1, size)
+    cols = top_count(columns, n_cols.view(1, heads).expand(batch, heads))  # [B, H, nv]
+    offsets = top_count(diagonals, n_diag.view(1, heads).expand(batch, heads))
+    n_q = view.causal.shape[0]
+    return slash_blocks(view, offsets), cols.unsqueeze(2).expand(-1, -1, n_q, -1)
+
+
+def a_shape(view, budget: float) -> torch.Tensor:
+    """bool [1, 1, nq, nk]: the first key block and each query block's ``ceil(budget * nk)``
+    nearest causal key blocks (StreamingLLM's sink + window, in blocks)."""
+    causal = view.causal
+    local = math.ceil(budget * causal.shape[1])
+    from_newest = causal.flip(-1).cumsum(-1).flip(-1)
+    sinks = torch.arange(causal.shape[1], device=causal.device) == 0
+    return (causal & (sinks | (from_newest <= local)))[None, None]
+
+
+@register("minference")
+@dataclass(frozen=True)
+class MInference(SparsePrefill):
+    """MInference's per-head dynamic sparse prefill (Jiang et al. 2024, arXiv:2407.02490): each
+    head runs A-shape (sink + local blocks), vertical-slash (key columns and diagonals of most
+    attention from the last ``last_q`` queries: the diagonals as the key blocks they cross, the
+    columns as token columns merged by log-sum-exp) or block-sparse (top-k blocks by pooled q.k).
+
+    pattern:     the pattern of every head (ashape | vs | block), without a calibration.
+    budget:      ashape: window in key blocks, as a fraction of them; vs: diagonals, as a fraction
+                 of the keys; block: the fraction of causal key blocks.
+    vertical:    vs: key columns, as a fraction of the keys.
+    last_q:      queries whose attention estimates the vertical and slash lines.
+    calibration: a file from ``longattn calibrate minference`` (or a model name with a shipped
+                 one): per layer and head the pattern, budget and vertical fraction, overriding
+                 the three fields above.
+    Deviation from paper: budgets are fractions of the prompt, not token counts; the slash lines
+    run as whole key blocks (a superset of the diagonals), as the paper's kernel does.
+    """
+
+    pattern: str = "vs"
+    vertical: float = 0.05
+    last_q: int = 64
+    calibration: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"{name}.pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if not 0.0 <= self.vertical <= 1.0:
+            raise ValueError(f"{name}.vertical must be in [0, 1], got {self.vertical}")
+        if self.last_q <= 0:
+            raise ValueError(f"{name}.last_q must be > 0, got {self.last_q}")
+
+    def head_config(self, view) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pattern index, budget, vertical) per query head, each [H]."""
+        heads = view.q.shape[1]
+        if view.calibration is None:
+            pattern = torch.full((heads,), PATTERNS.index(self.pattern))
+            budget = torch.full((heads,), self.budget, dtype=torch.float64)
+            return pattern, budget, torch.full((heads,), self.vertical, dtype=torch.float64)
+        cal = view.calibration
+        parts = [cal.get(key) for key in ("pattern", "budget", "vertical")]
+        if any(p is None or p.numel() != heads for p in parts):
+            got = {k: None if p is None else tuple(p.shape) for k, p in zip(cal, parts)}
+            raise ValueError(
+                f"MInference calibration needs pattern, budget, vertical [{heads}]: {got}"
+            )
+        pattern, budget, vertical = (p.flatten() for p in parts)
+        if int(pattern.min()) < 0 or int(pattern.max()) >= len(PATTERNS):
+            raise ValueError(f"MInference calibration patterns must index {PATTERNS}")
+        if not bool(((budget > 0) & (budget <= 1)).all()):
+            raise ValueError(f"MInference calibration budgets must be in (0, 1], got {budget}")
+        return pattern.long(), budget.double(), vertical.double()
+
+    def plan(self, view) -> PrefillPlan:
+        pattern, budget, vertical = self.head_config(view)
+        batch, heads = view.q.shape[:2]
+        blocks = torch.zeros(batch, heads, *view.causal.shape, dtype=torch.bool)
+        columns = torch.full((batch, heads, view.causal.shape[0], 1), -1, dtype=torch.int64)
+        vs = pattern == PATTERNS.index("vs")
+        if bool(vs.any()):
+            vs_blocks, vs_cols = vertical_slash(view, vertical, budget, self.last_q)
+            blocks[:, vs] = vs_blocks[:, vs]
+            columns = torch.where(vs.view(1, -1, 1, 1), vs_cols, -1)
+        for head in range(heads):
+            share = float(budget[head])
+            if pattern[head] == PATTERNS.index("ashape"):
+                blocks[:, head] = a_shape(view, share)[:, 0]
+            elif pattern[head] == PATTERNS.index("block"):
+                scores = view.pooled_logits()[:, head : head + 1]
+                blocks[:, head] = top_k_blocks(scores, view.causal, share)[:, 0]
+        return PrefillPlan(blocks, columns)
