@@ -136,3 +136,133 @@ def test_bad_plan_columns_are_refused(which, error):
     call = make_call(q, k, v, _BadColumns(block_size=16, columns=which))
     with pytest.raises(error, match="PrefillPlan.columns"):
         choose_impl(call, "sparse").run(call)
+
+
+def _tiny_model():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+SEARCH = dict(model="tiny", length=160, block_size=16, last_q=16, target=0.5)
+
+
+def test_pattern_search_runs_saves_resumes_and_loads(tmp_path, monkeypatch):
+    from longattn.eval import pattern_search as ps
+
+    model, out = _tiny_model(), tmp_path / "mi.safetensors"
+    ids = torch.randint(3, 64, (1, 160), generator=torch.Generator().manual_seed(1))
+    settings = ps.SearchSettings(**SEARCH)
+    searched = []
+    real = ps.search_layer
+
+    def counting(q, k, v, s, layer):
+        searched.append(layer)
+        if layer == 1 and len(searched) == 2:
+            raise KeyboardInterrupt  # stopped after layer 0's checkpoint
+        return real(q, k, v, s, layer)
+
+    monkeypatch.setattr(ps, "search_layer", counting)
+    with pytest.raises(KeyboardInterrupt):
+        ps.search(model, ids, settings, out)
+    assert not out.exists() and out.with_name(out.name + ".checkpoint").exists()
+    cal = ps.search(model, ids, settings, out)  # resumes: layer 1 only
+    assert searched == [0, 1, 1] and out.exists()
+    assert not out.with_name(out.name + ".checkpoint").exists()
+    assert cal.tensors["pattern"].shape == (2, 2, 2)
+    assert bool((cal.tensors["density"] <= settings.target + 1e-6).all())
+    # loaded by path, runs, and the reference agrees with what ran
+    q, k, v = _qkv(t=160, heads=4, kv_heads=2)
+    q, k, v = (x[..., :16].contiguous() for x in (q, k, v))
+    method = MInference(block_size=16, calibration=str(out))
+    result = longattn.attention(q, k, v, method=method, layer=1)
+    assert_attention_close(result, q, k, v, method)
+
+
+def test_pattern_search_picks_the_best_recall_within_the_target():
+    from longattn.eval import pattern_search as ps
+
+    q, k, v = _qkv(t=160, heads=4, kv_heads=2)
+    settings = ps.SearchSettings(**SEARCH)
+    chosen = ps.search_layer(q[:1], k[:1], v[:1], settings, 0)
+    grid = ps.candidates(settings)
+    view = longattn.prefill.make_view(longattn.call.make_call(q[:1], k[:1], v[:1], grid[0]))
+    for head in range(4):
+        best, found = float(chosen["recall"][head]), []
+        for method in grid:
+            visible = ps._visible(view, method)[0, head]
+            density = float(visible.sum()) / (160 * 161 / 2)
+            if density <= settings.target:
+                found.append(float(_recall(q[:1], k[:1], visible, head)))
+        assert best == pytest.approx(max(found), abs=1e-5)  # the best that fits, measured exactly
+
+
+def _recall(q, k, visible, head):
+    logits = (q[0, head] @ k[0, head // 2].T) / 8.0
+    causal = torch.ones(160, 160, dtype=torch.bool).tril()
+    weights = torch.softmax(logits.masked_fill(~causal, -torch.inf), -1)
+    return (weights * visible).sum() / 160
+
+
+def _write_calibration(path, n_layers=2, n_kv=2, group=2, head_dim=64, **over):
+    from longattn.calibration import Calibration
+
+    shape = (n_layers, n_kv, group)
+    tensors = {
+        "pattern": torch.ones(shape, dtype=torch.int64),
+        "budget": torch.full(shape, 0.1, dtype=torch.float64),
+        "vertical": torch.full(shape, 0.1, dtype=torch.float64),
+    }
+    tensors.update(over)
+    Calibration("minference", "tiny", n_layers, n_kv, head_dim, tensors).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "write, layer, match",
+    [
+        (dict(head_dim=32), 0, "head dim"),  # another model's shape
+        (dict(n_kv=1), 0, "kv heads"),
+        ({}, 2, "layer 2"),  # fewer layers than the call's layer
+        (dict(group=1, n_kv=2), 0, "pattern, budget, vertical"),
+        (dict(pattern=torch.full((2, 2, 2), 7)), 0, "patterns must index"),
+        (dict(budget=torch.zeros(2, 2, 2, dtype=torch.float64)), 0, r"\(0, 1\]"),
+    ],
+)
+def test_a_calibration_for_another_model_or_shape_is_refused(tmp_path, write, layer, match):
+    path = _write_calibration(tmp_path / "c.safetensors", **write)
+    method = MInference(block_size=16, calibration=path)
+    q, k, v = _qkv(t=64)
+    with pytest.raises(ValueError, match=match):
+        if layer:  # a call's layer comes from its cache (hf.use): ask the library directly
+            longattn.prefill.plan_calibration(method, 2, 64, layer)
+        longattn.attention(q, k, v, method=method)
+
+
+def test_the_shipped_smollm2_patterns_load_by_model_name():
+    method = MInference(calibration="smollm2-135m")
+    layer = longattn.prefill.plan_calibration(method, 3, 64, 29)
+    assert layer["pattern"].shape == (3, 3)
+    with pytest.raises(ValueError, match="kv heads"):
+        longattn.prefill.plan_calibration(method, 2, 64, 0)  # another model's shape
+
+
+def test_the_cli_parses_calibrate_minference():
+    from longattn.cli import build_parser
+    from longattn.eval.pattern_search import SearchSettings
+
+    argv = ["calibrate", "minference", "--out", "x.safetensors", "--target", "0.1"]
+    args = build_parser().parse_args(argv)
+    assert (args.calibration, args.target, args.length, args.block_size) == (
+        "minference",
+        0.1,
+        2048,
+        64,
+    )
+    with pytest.raises(ValueError, match="target density"):
+        SearchSettings(target=0.0)

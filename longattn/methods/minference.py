@@ -16,6 +16,7 @@ from longattn.methods.block_topk import top_k_blocks
 from longattn.types import PrefillPlan
 
 PATTERNS = ("ashape", "vs", "block")  # a calibration's ``pattern`` tensor holds these indices
+KEYS = ("pattern", "budget", "vertical")  # what a calibration holds per layer and head
 SINK_TOKENS = 4  # key columns every vertical-slash head keeps (the attention sinks)
 
 
@@ -56,19 +57,11 @@ def slash_blocks(view, offsets: torch.Tensor) -> torch.Tensor:
     return (found > 0).view(*cum.shape[:2], *lo.shape[1:]) & view.causal
 
 
-def vertical_slash(
-    view, vertical: torch.Tensor, slash: torch.Tensor, last_q: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MInference's vertical-slash choice from the attention of the last ``last_q`` queries:
-    (blocks bool [B, H, nq, nk] crossed by the chosen diagonals, columns int64 [B, H, nq, n]).
-
-    vertical, slash: [H] float fractions of the keys: per head, ``ceil(vertical * Tk)`` key columns
-    (at least the ``SINK_TOKENS`` first, always kept) and ``ceil(slash * Tk)`` diagonals (the main
-    diagonal always kept) of the highest summed weight."""
+def line_scores(view, last_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of the last ``last_q`` queries summed per key column [B, H, Tk] and per
+    diagonal [B, H, max q_pos + 1] (offset q_pos - kv_pos)."""
     weights = view.last_weights(last_q)  # [B, H, n, Tk]
     batch, heads, n, kv_len = weights.shape
-    columns = weights.sum(2)  # [B, H, Tk]
-    columns[..., :SINK_TOKENS] = math.inf
     q_pos = view.q_pos[:, -n:]  # [Bp, n]
     offset = q_pos[:, :, None] - view.kv_pos[:, None, :]  # [Bp, n, Tk]
     size = int(max(int(view.q_pos.max()), 0)) + 1
@@ -77,13 +70,35 @@ def vertical_slash(
     index = index.unsqueeze(1).expand(batch, heads, -1)
     diagonals = torch.zeros(batch, heads, size, device=weights.device)
     diagonals.scatter_add_(-1, index, (weights * valid.unsqueeze(1)).flatten(2))
+    return weights.sum(2), diagonals
+
+
+def vs_choice(
+    view, columns: torch.Tensor, diagonals: torch.Tensor, n_cols: torch.Tensor, n_diag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks bool [B, H, nq, nk] the chosen diagonals cross, columns int64 [B, H, nq, n]): per
+    head the ``n_cols`` [B, H] best ``columns`` (the first ``SINK_TOKENS`` always among them) and
+    the ``n_diag`` [B, H] best ``diagonals`` (the main diagonal always among them)."""
+    columns, diagonals = columns.clone(), diagonals.clone()
+    columns[..., :SINK_TOKENS] = math.inf
     diagonals[..., 0] = math.inf
-    n_cols = torch.ceil(vertical.double() * kv_len).long().clamp(SINK_TOKENS, kv_len)
-    n_diag = torch.ceil(slash.double() * kv_len).long().clamp(1, size)
-    cols = top_count(columns, n_cols.view(1, heads).expand(batch, heads))  # [B, H, nv]
-    offsets = top_count(diagonals, n_diag.view(1, heads).expand(batch, heads))
+    n_cols = n_cols.clamp(min(SINK_TOKENS, columns.shape[-1]), columns.shape[-1])
+    cols = top_count(columns, n_cols)  # [B, H, nv]
+    offsets = top_count(diagonals, n_diag.clamp(1, diagonals.shape[-1]))
     n_q = view.causal.shape[0]
     return slash_blocks(view, offsets), cols.unsqueeze(2).expand(-1, -1, n_q, -1)
+
+
+def vertical_slash(
+    view, vertical: torch.Tensor, slash: torch.Tensor, last_q: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MInference's vertical-slash choice from the attention of the last ``last_q`` queries
+    (``vs_choice``): per head ``ceil(vertical * Tk)`` key columns and ``ceil(slash * Tk)``
+    diagonals; vertical, slash: [H] fractions of the keys."""
+    columns, diagonals = line_scores(view, last_q)
+    batch, heads, kv_len = columns.shape
+    count = lambda share: torch.ceil(share.double() * kv_len).long().expand(batch, heads)  # noqa: E731
+    return vs_choice(view, columns, diagonals, count(vertical), count(slash))
 
 
 def a_shape(view, budget: float) -> torch.Tensor:
@@ -139,9 +154,9 @@ class MInference(SparsePrefill):
             budget = torch.full((heads,), self.budget, dtype=torch.float64)
             return pattern, budget, torch.full((heads,), self.vertical, dtype=torch.float64)
         cal = view.calibration
-        parts = [cal.get(key) for key in ("pattern", "budget", "vertical")]
+        parts = [cal.get(key) for key in KEYS]
         if any(p is None or p.numel() != heads for p in parts):
-            got = {k: None if p is None else tuple(p.shape) for k, p in zip(cal, parts)}
+            got = {k: None if p is None else tuple(p.shape) for k, p in zip(KEYS, parts)}
             raise ValueError(
                 f"MInference calibration needs pattern, budget, vertical [{heads}]: {got}"
             )
