@@ -346,6 +346,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "minference:block_size=16,pattern=block,budget=0.3",
         "minference:block_size=16,pattern=ashape,budget=0.2,sink_blocks=0",
     ],
+    "flexprefill": [
+        "flexprefill:block_size=16,gamma=0.9,tau=0.1",
+        "flexprefill:block_size=16,gamma=0.5,tau=1.0",
+        "flexprefill:block_size=16,gamma=0.7,tau=0.0",
+    ],
 }
 
 

@@ -1,6 +1,7 @@
 """MInference (vertical-slash token columns on the block-sparse kernels, per-head patterns, the
 offline pattern search) and FlexPrefill."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +11,9 @@ import longattn
 from longattn.api import choose_impl
 from longattn.call import make_call
 from longattn.kernels.vertical import column_attention
-from longattn.methods import BlockTopK, MInference
+from longattn.methods import BlockTopK, FlexPrefill, MInference
+from longattn.methods.block_topk import top_p_blocks
+from longattn.methods.flexprefill import cumulative_count, js_divergence
 from longattn.testing import assert_attention_close, cpu_runs_bf16_brgemm
 from longattn.types import BlockIndex, PrefillPlan
 
@@ -266,3 +269,51 @@ def test_the_cli_parses_calibrate_minference():
     )
     with pytest.raises(ValueError, match="target density"):
         SearchSettings(target=0.0)
+
+
+FLEX_CASES = [(torch.float32, "sparse"), (torch.float32, "sparse_cpp"), (torch.bfloat16, "sparse")]
+
+
+@pytest.mark.parametrize("dtype, impl", FLEX_CASES)
+@pytest.mark.parametrize("tau", [0.0, 0.3, 10.0])
+def test_flexprefill_runs_its_choice_and_the_reference_agrees(dtype, impl, tau):
+    q, k, v = _qkv(dtype)
+    method = FlexPrefill(block_size=16, gamma=0.6, tau=tau)
+    result = longattn.attention(q, k, v, method=method, impl=impl)
+    assert_attention_close(result, q, k, v, method)
+
+
+def test_flexprefill_tau_switches_between_query_aware_and_vertical_slash():
+    q, k, v = _qkv()
+    aware = longattn.attention(q, k, v, method=FlexPrefill(block_size=16, gamma=0.6, tau=10.0))
+    assert isinstance(aware.state, BlockIndex)  # every head trusts the pooled estimate
+    view = longattn.prefill.make_view(longattn.call.make_call(q, k, v, FlexPrefill(block_size=16)))
+    estimate = torch.softmax(view.pooled_logits(), -1).nan_to_num(0.0)
+    expected = top_p_blocks(estimate, view.causal, 0.6)
+    expected = expected | longattn.prefill.forced_blocks(view, 1, 1)
+    assert torch.equal(aware.state.layout()[0], expected & view.causal)
+    slash = longattn.attention(q, k, v, method=FlexPrefill(block_size=16, gamma=0.6, tau=0.0))
+    assert isinstance(slash.state, PrefillPlan)  # every head runs vertical-slash, with columns
+
+
+def test_flexprefill_gamma_one_query_aware_is_dense():
+    q, k, v = _qkv(torch.float64, t=150)
+    method = FlexPrefill(block_size=16, gamma=1.0, tau=10.0)
+    result = longattn.attention(q, k, v, method=method, impl="sparse")
+    torch.testing.assert_close(result.out, _dense(q, k, v))
+
+
+def test_flexprefill_helpers():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(js_divergence(p, q), torch.tensor([0.0, math.log(2)]))
+    scores = torch.tensor([[0.1, 0.6, 0.3], [0.0, 0.0, 0.0]])
+    assert cumulative_count(scores, 0.6).tolist() == [1, 1]
+    assert cumulative_count(scores, 0.61).tolist() == [2, 1]
+    assert cumulative_count(scores, 1.0).tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(gamma=0.0), dict(gamma=1.1), dict(tau=-0.1)])
+def test_bad_flexprefill_configs_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        FlexPrefill(**kwargs)

@@ -9,6 +9,7 @@ from longattn.methods.dense import Dense
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
+from longattn.methods.flexprefill import FlexPrefill
 from longattn.methods.h2o import H2O
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
@@ -40,6 +41,7 @@ __all__ = [
     "DoubleSparsity",
     "DuoAttention",
     "ExpectedAttention",
+    "FlexPrefill",
     "H2O",
     "InfLLM",
     "KNorm",
