@@ -442,7 +442,10 @@ def _run_sparse_cpp(call: Call) -> AttnOutput:
 
 
 def _flex_can_run(call: Call) -> str | None:
-    return _block_can_run(call) or flex_available(call.q.device)
+    reason = _block_can_run(call) or flex_available(call.q.device)
+    if reason is None and call.method.hook == "plan" and call.q.device.type == "cpu":
+        reason = prefill.columns_need_lse(call, block_index(call))  # CPU Flex returns no lse
+    return reason
 
 
 def _flex_auto(call: Call) -> str | None:

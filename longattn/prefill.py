@@ -328,6 +328,14 @@ def with_columns(call, index: BlockIndex, blocks: AttnOutput) -> AttnOutput:
     return vertical.with_columns(blocks, *args)
 
 
+def columns_need_lse(call, index: BlockIndex) -> str | None:
+    """Why a block kernel without a log-sum-exp cannot run this plan call (its token columns must
+    be merged by it), or None. ``index``: the call's, built first so the columns are known."""
+    if call.derived.get("plan_columns") is None:
+        return None
+    return "the plan has token columns, merged by log-sum-exp, which this kernel does not return"
+
+
 def plan_state(call, index: BlockIndex) -> BlockIndex | PrefillPlan:
     """What a plan call ran, for ``AttnOutput.state``: its ``BlockIndex``, with its columns where
     it has some (``PrefillPlan``)."""
