@@ -229,7 +229,7 @@ def check_layout(method: SparsePrefill, layout, view: PrefillView) -> torch.Tens
 
 
 def check_columns(method: SparsePrefill, columns, view: PrefillView) -> torch.Tensor:
-    """A ``PrefillPlan``'s columns as int64 [Bi, Hi, nq, n], or a clear error naming what is wrong."""
+    """A ``PrefillPlan``'s columns as int64 [Bi, Hi, nq, n], or an error naming what is wrong."""
     name = type(method).__name__
     if not isinstance(columns, torch.Tensor) or columns.dtype != torch.int64:
         raise TypeError(

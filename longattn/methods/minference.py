@@ -97,8 +97,9 @@ def vertical_slash(
     diagonals; vertical, slash: [H] fractions of the keys."""
     columns, diagonals = line_scores(view, last_q)
     batch, heads, kv_len = columns.shape
-    count = lambda share: torch.ceil(share.double() * kv_len).long().expand(batch, heads)  # noqa: E731
-    return vs_choice(view, columns, diagonals, count(vertical), count(slash))
+    n_cols = torch.ceil(vertical.double() * kv_len).long().expand(batch, heads)
+    n_diag = torch.ceil(slash.double() * kv_len).long().expand(batch, heads)
+    return vs_choice(view, columns, diagonals, n_cols, n_diag)
 
 
 def a_shape(view, budget: float) -> torch.Tensor:
@@ -150,9 +151,12 @@ class MInference(SparsePrefill):
         """(pattern index, budget, vertical) per query head, each [H]."""
         heads = view.q.shape[1]
         if view.calibration is None:
-            pattern = torch.full((heads,), PATTERNS.index(self.pattern))
-            budget = torch.full((heads,), self.budget, dtype=torch.float64)
-            return pattern, budget, torch.full((heads,), self.vertical, dtype=torch.float64)
+
+            def full(value, dtype):
+                return torch.full((heads,), value, dtype=dtype, device=view.q.device)
+
+            pattern = full(PATTERNS.index(self.pattern), torch.int64)
+            return pattern, full(self.budget, torch.float64), full(self.vertical, torch.float64)
         cal = view.calibration
         parts = [cal.get(key) for key in KEYS]
         if any(p is None or p.numel() != heads for p in parts):
@@ -160,7 +164,7 @@ class MInference(SparsePrefill):
             raise ValueError(
                 f"MInference calibration needs pattern, budget, vertical [{heads}]: {got}"
             )
-        pattern, budget, vertical = (p.flatten() for p in parts)
+        pattern, budget, vertical = (p.flatten().to(view.q.device) for p in parts)
         if int(pattern.min()) < 0 or int(pattern.max()) >= len(PATTERNS):
             raise ValueError(f"MInference calibration patterns must index {PATTERNS}")
         if not bool(((budget > 0) & (budget <= 1)).all()):
@@ -170,8 +174,9 @@ class MInference(SparsePrefill):
     def plan(self, view) -> PrefillPlan:
         pattern, budget, vertical = self.head_config(view)
         batch, heads = view.q.shape[:2]
-        blocks = torch.zeros(batch, heads, *view.causal.shape, dtype=torch.bool)
-        columns = torch.full((batch, heads, view.causal.shape[0], 1), -1, dtype=torch.int64)
+        device = view.q.device
+        blocks = torch.zeros(batch, heads, *view.causal.shape, dtype=torch.bool, device=device)
+        columns = torch.full((batch, heads, view.causal.shape[0], 1), -1, device=device)
         vs = pattern == PATTERNS.index("vs")
         if bool(vs.any()):
             vs_blocks, vs_cols = vertical_slash(view, vertical, budget, self.last_q)
