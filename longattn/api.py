@@ -565,8 +565,9 @@ def attention(
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq], state)``, lse float32 (float64 for
     float64 inputs); a query that sees no key gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
     """
-    if cache is None:
+    if cache is None:  # ``layer`` still names a calibrated plan method's layer
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
+        call = replace(call, layer=layer) if layer else call
         return run_call(call, choose_impl(call, impl))
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")

@@ -242,9 +242,7 @@ def test_a_calibration_for_another_model_or_shape_is_refused(tmp_path, write, la
     method = MInference(block_size=16, calibration=path)
     q, k, v = _qkv(t=64)
     with pytest.raises(ValueError, match=match):
-        if layer:  # a call's layer comes from its cache (hf.use): ask the library directly
-            longattn.prefill.plan_calibration(method, 2, 64, layer)
-        longattn.attention(q, k, v, method=method)
+        longattn.attention(q, k, v, method=method, layer=layer)
 
 
 def test_the_shipped_smollm2_patterns_load_by_model_name():
