@@ -99,7 +99,7 @@ def visible_mask(call: Call) -> torch.Tensor:
         causal = with_padding(Dense().mask)(
             None, None, call.q_pos[:, None, :, None], _kv_pos_by_head(call)
         )
-        return block_index(call).to_dense() & causal
+        return prefill.plan_visible(call, block_index(call)) & causal
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
 
@@ -390,7 +390,8 @@ def _run_sparse(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    return sparse_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
+    out = sparse_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
+    return prefill.with_columns(call, block_index(call), out)
 
 
 def _sparse_cpp_can_run(call: Call) -> str | None:
@@ -436,11 +437,15 @@ def _run_sparse_cpp(call: Call) -> AttnOutput:
         bounds, causal = Dense().block_bounds, True
     else:
         bounds, causal = call.method.block_bounds, _checked_causal(call)
-    return block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
+    out = block_sparse.block_sparse_attention(*args, bounds_fn=bounds, causal=causal, **kw)
+    return prefill.with_columns(call, block_index(call), out)
 
 
 def _flex_can_run(call: Call) -> str | None:
-    return _block_can_run(call) or flex_available(call.q.device)
+    reason = _block_can_run(call) or flex_available(call.q.device)
+    if reason is None and call.method.hook == "plan" and call.q.device.type == "cpu":
+        reason = prefill.columns_need_lse(call, block_index(call))  # CPU Flex returns no lse
+    return reason
 
 
 def _flex_auto(call: Call) -> str | None:
@@ -456,7 +461,8 @@ def _run_flex(call: Call) -> AttnOutput:
     empty = _empty(call)
     if empty is not None:
         return empty
-    return flex_block_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
+    out = flex_block_attention(call.q, call.k, call.v, block_index(call), **_block_kwargs(call))
+    return prefill.with_columns(call, block_index(call), out)
 
 
 # The order impl="auto" walks: the C++ decode kernel for few queries (dense or a selection), the
@@ -500,7 +506,7 @@ def run_call(call: Call, impl: Impl) -> AttnOutput:
     inner = call_for(call, impl)
     out = impl.run(inner)
     if inner.method.hook == "plan":  # the index it ran, for the reference and the caller
-        out = AttnOutput(out.out, out.lse, block_index(inner))
+        out = AttnOutput(out.out, out.lse, prefill.plan_state(inner, block_index(inner)))
     if inner is call:
         return out
     b, h, _, tq, _, d = call.shape
@@ -559,8 +565,9 @@ def attention(
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq], state)``, lse float32 (float64 for
     float64 inputs); a query that sees no key gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
     """
-    if cache is None:
+    if cache is None:  # ``layer`` still names a calibrated plan method's layer
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
+        call = replace(call, layer=layer) if layer else call
         return run_call(call, choose_impl(call, impl))
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")

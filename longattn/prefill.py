@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
 
 import torch
 
+from longattn import calibration
+from longattn.kernels import vertical
 from longattn.kernels.tiled import tile_layout
 from longattn.method import SparsePrefill
 from longattn.methods.dense import Dense
-from longattn.types import BlockIndex, PrefillView
+from longattn.types import AttnOutput, BlockIndex, PrefillPlan, PrefillView
 
 log = logging.getLogger("longattn")
 
@@ -150,7 +153,46 @@ def make_view(call) -> PrefillView:
         pooled_logits=est.pooled_logits,
         last_weights=est.last_weights,
         block_mass=est.block_mass,
+        calibration=plan_calibration(method, call.k.shape[1], call.k.shape[3], call.layer),
     )
+
+
+# Calibrations shipped with the package, by (method, model name): ``calibration="smollm2-135m"``.
+SHIPPED_PLANS = {
+    ("minference", "smollm2-135m"): "eval/data/minference_smollm2.safetensors",
+}
+
+
+def calibration_path(method: SparsePrefill) -> pathlib.Path | None:
+    """The file a plan method's ``calibration`` field names (a path, or a model name with a
+    shipped file), or None when it names none."""
+    name = getattr(method, "calibration", "")
+    if not name:
+        return None
+    shipped = SHIPPED_PLANS.get((method.name, name))
+    if shipped is not None:
+        return pathlib.Path(__file__).parent / shipped
+    return pathlib.Path(name)
+
+
+def plan_calibration(
+    method: SparsePrefill, n_kv_heads: int, head_dim: int, layer: int
+) -> dict[str, torch.Tensor] | None:
+    """The method's calibration tensors for ``layer``, checked against the call's shape (another
+    method, model shape or too few layers: ValueError), or None without a calibration."""
+    path = calibration_path(method)
+    if path is None:
+        return None
+    cal = calibration.load(path)
+    if cal.method != method.name:
+        raise ValueError(f"calibration {path} is for method {cal.method!r}, not {method.name!r}")
+    if (cal.n_kv_heads, cal.head_dim) != (n_kv_heads, head_dim) or layer >= cal.n_layers:
+        raise ValueError(
+            f"calibration {path} for model {cal.model!r} has (layers, kv heads, head dim) = "
+            f"{(cal.n_layers, cal.n_kv_heads, cal.head_dim)}, but the call is layer {layer} with "
+            f"{n_kv_heads} kv heads of dim {head_dim}"
+        )
+    return cal.layer(layer)
 
 
 def forced_blocks(causal: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
@@ -187,18 +229,119 @@ def check_layout(method: SparsePrefill, layout, view: PrefillView) -> torch.Tens
     return layout
 
 
+def check_columns(method: SparsePrefill, columns, view: PrefillView) -> torch.Tensor:
+    """A ``PrefillPlan``'s columns as int64 [Bi, Hi, nq, n], or an error naming what is wrong."""
+    name = type(method).__name__
+    if not isinstance(columns, torch.Tensor) or columns.dtype != torch.int64:
+        raise TypeError(
+            f"{name}.plan's PrefillPlan.columns must be an int64 tensor [B, H, nq, n], got "
+            f"{getattr(columns, 'dtype', type(columns).__name__)}"
+        )
+    batch, heads = view.q.shape[:2]
+    n_q, kv_len = view.causal.shape[0], view.k.shape[2]
+    if (
+        columns.dim() != 4
+        or columns.shape[0] not in (1, batch)
+        or columns.shape[1] not in (1, heads)
+        or columns.shape[2] != n_q
+    ):
+        raise ValueError(
+            f"{name}.plan's PrefillPlan.columns must be [1 or {batch}, 1 or {heads}, {n_q}, n], "
+            f"got {list(columns.shape)}"
+        )
+    if columns.numel() and (int(columns.min()) < -1 or int(columns.max()) >= kv_len):
+        raise ValueError(
+            f"{name}.plan's PrefillPlan.columns must be key slots in [0, {kv_len}) or -1, got "
+            f"{int(columns.min())}..{int(columns.max())}"
+        )
+    return columns
+
+
+def tidy_columns(columns: torch.Tensor, visited: torch.Tensor, block: int) -> torch.Tensor | None:
+    """int64 [Bi, Hi, nq, n'] the columns no visited block covers, each once, ascending, -1 after
+    the used slots, trimmed to the widest row; None when none is left. ``visited`` bool
+    [Bv, Hv, nq, nk] the final block layout."""
+    shape = torch.broadcast_shapes(columns.shape[:2], visited.shape[:2])
+    cols = columns.expand(*shape, *columns.shape[2:])
+    covered = torch.gather(
+        visited.expand(*shape, *visited.shape[2:]), -1, cols.clamp(min=0) // block
+    )
+    unused = torch.iinfo(torch.int64).max
+    cols = torch.where((cols < 0) | covered, unused, cols).sort(dim=-1).values
+    repeat = torch.zeros_like(cols, dtype=torch.bool)
+    repeat[..., 1:] = cols[..., 1:] == cols[..., :-1]
+    cols = torch.where(repeat | (cols == unused), unused, cols).sort(dim=-1).values
+    width = int((cols != unused).sum(-1).max()) if cols.numel() else 0
+    if width == 0:
+        return None
+    cols = cols[..., :width]
+    return torch.where(cols == unused, -1, cols)
+
+
 def plan_index(call) -> BlockIndex:
     """The ``BlockIndex`` of a plan call: the method's choice restricted to causal blocks, with the
-    forced sink and local blocks, every block not fully visible marked for the element mask."""
+    forced sink and local blocks, every block not fully visible marked for the element mask. A
+    ``PrefillPlan``'s columns, less those a visited block covers, go to
+    ``call.derived["plan_columns"]`` (None without columns)."""
     method = call.method
     view = make_view(call)
-    chosen = check_layout(method, method.plan(view), view)
+    result = method.plan(view)
+    columns = None
+    if isinstance(result, PrefillPlan):
+        result, columns = result.blocks, check_columns(method, result.columns, view)
+    chosen = check_layout(method, result, view)
     chosen = (chosen | view.forced) & view.causal
     partial = chosen & ~view.causal_full
     call.derived["plan_view"] = view
+    if columns is not None:
+        columns = tidy_columns(columns, chosen, method.block_size)
+    call.derived["plan_columns"] = columns
     return BlockIndex.from_block_mask(
         chosen, method.block_size, partial=partial, q_len=call.q.shape[2], kv_len=call.k.shape[2]
     )
+
+
+def columns_dense(columns: torch.Tensor, block: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """bool [Bi, Hi, q_len, kv_len]: the keys ``columns`` [Bi, Hi, nq, n] name for each query
+    (before the causal mask; for the reference)."""
+    bi, hi, n_q, _ = columns.shape
+    dense = torch.zeros(bi, hi, n_q, kv_len + 1, dtype=torch.bool, device=columns.device)
+    dense.scatter_(-1, torch.where(columns < 0, kv_len, columns), True)
+    return dense[..., :kv_len].repeat_interleave(block, dim=2)[:, :, :q_len]
+
+
+def plan_visible(call, index: BlockIndex) -> torch.Tensor:
+    """bool [Bi, Hi, Tq, Tk]: the plan's blocks and token columns (before the causal mask)."""
+    visible = index.to_dense()
+    columns = call.derived.get("plan_columns")
+    if columns is not None:
+        visible = visible | columns_dense(columns, index.block_size, index.q_len, index.kv_len)
+    return visible
+
+
+def with_columns(call, index: BlockIndex, blocks: AttnOutput) -> AttnOutput:
+    """A block pass's result ``blocks``, merged with the plan's token columns where it has some
+    (``longattn.kernels.vertical``)."""
+    columns = call.derived.get("plan_columns") if call.method.hook == "plan" else None
+    if columns is None:
+        return blocks
+    args = (call.q, call.k, call.v, columns, index.block_size, call.scale, call.q_pos, call.kv_pos)
+    return vertical.with_columns(blocks, *args)
+
+
+def columns_need_lse(call, index: BlockIndex) -> str | None:
+    """Why a block kernel without a log-sum-exp cannot run this plan call (its token columns must
+    be merged by it), or None. ``index``: the call's, built first so the columns are known."""
+    if call.derived.get("plan_columns") is None:
+        return None
+    return "the plan has token columns, merged by log-sum-exp, which this kernel does not return"
+
+
+def plan_state(call, index: BlockIndex) -> BlockIndex | PrefillPlan:
+    """What a plan call ran, for ``AttnOutput.state``: its ``BlockIndex``, with its columns where
+    it has some (``PrefillPlan``)."""
+    columns = call.derived.get("plan_columns")
+    return index if columns is None else PrefillPlan(index, columns)
 
 
 def density(index: BlockIndex, causal_any: torch.Tensor) -> float:

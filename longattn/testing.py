@@ -11,7 +11,14 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
-from longattn.types import AttnOutput, BlockIndex, DecodeSelection, ScoreView, accumulation_dtype
+from longattn.types import (
+    AttnOutput,
+    BlockIndex,
+    DecodeSelection,
+    PrefillPlan,
+    ScoreView,
+    accumulation_dtype,
+)
 
 
 def make_qkv(
@@ -195,6 +202,9 @@ def assert_attention_close(
         call = dataclasses.replace(call, selection=selection)
     if isinstance(result, AttnOutput) and isinstance(result.state, BlockIndex):
         call.derived["block_index"] = result.state  # a plan's blocks, as the result ran them
+    if isinstance(result, AttnOutput) and isinstance(result.state, PrefillPlan):
+        call.derived["block_index"] = result.state.blocks  # and its columns, as they ran
+        call.derived["plan_columns"] = result.state.columns
     return check_against_reference(result, q, k, v, visible_mask(call), call.scale)
 
 
@@ -351,6 +361,16 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "dhsa": [
         "dhsa:block_size=16,chunk_size=16,budget=0.3",
         "dhsa:block_size=16,chunk_size=8,budget=0.5,sink_blocks=0",
+    ],
+    "minference": [
+        "minference:block_size=16,budget=0.1,vertical=0.1,last_q=16",
+        "minference:block_size=16,pattern=block,budget=0.3",
+        "minference:block_size=16,pattern=ashape,budget=0.2,sink_blocks=0",
+    ],
+    "flexprefill": [
+        "flexprefill:block_size=16,gamma=0.9,tau=0.1",
+        "flexprefill:block_size=16,gamma=0.5,tau=1.0",
+        "flexprefill:block_size=16,gamma=0.7,tau=0.0",
     ],
 }
 

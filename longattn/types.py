@@ -188,6 +188,8 @@ class PrefillView:
     last_weights(n) -> [B, H, n, Tk]: softmax weights of the last ``n`` queries (causal).
     block_mass() -> [B, H, nq, nk]: exact attention mass per key block, averaged over each query
     block's queries (the oracle; O(Tq x Tk) work).
+    calibration: the method's per-layer calibration tensors for ``layer`` (name -> [Hkv, ...]),
+    loaded and checked against the call's shape by the library, or None.
     """
 
     q: torch.Tensor
@@ -203,6 +205,21 @@ class PrefillView:
     pooled_logits: Callable[[], torch.Tensor]
     last_weights: Callable[[int], torch.Tensor]
     block_mass: Callable[[], torch.Tensor]
+    calibration: dict[str, torch.Tensor] | None = None
+
+
+class PrefillPlan(NamedTuple):
+    """A ``plan`` hook's choice with token columns (vertical lines), beside its key blocks.
+
+    blocks:  bool [Bi, Hi, nq, nk], the key blocks each query block visits (as a plain layout); in
+             ``AttnOutput.state`` the ``BlockIndex`` that ran.
+    columns: int64 [Bi, Hi, nq, n_cols] key slots each query block also attends (causal within
+             them), -1 unused. The library drops slots that a visited block already covers, so no
+             key counts twice, and attends the rest in a second pass merged by log-sum-exp.
+    """
+
+    blocks: Any
+    columns: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)

@@ -211,7 +211,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_calibrate_commands(sub) -> None:
-    """``longattn calibrate duo|razor``: retrieval-head calibrations on a real model, offline."""
+    """``longattn calibrate duo|razor|minference``: calibrations on a real model, offline."""
     cal = sub.add_parser("calibrate", help="calibrate a method on a real model (safetensors file)")
     which = cal.add_subparsers(dest="calibration", required=True)
     duo = which.add_parser(
@@ -233,7 +233,17 @@ def add_calibrate_commands(sub) -> None:
     )
     razor.add_argument("--repeats", type=positive_int, default=4, help="repeats (4)")
     razor.set_defaults(func=run_calibrate_command)
-    for p in (duo, razor):
+    mi = which.add_parser(
+        "minference", help="MInference per-head pattern search (resumable: rerun to continue)"
+    )
+    mi.add_argument("--length", type=positive_int, default=2048, help="calibration tokens (2048)")
+    mi.add_argument("--corpus", default="pydoc", help="pydoc, licenses or kjv (pydoc)")
+    mi.add_argument("--target", type=float, default=0.2, help="target density per head (0.2)")
+    mi.add_argument("--block-size", type=positive_int, default=64, help="index block (64)")
+    mi.add_argument("--last-q", type=positive_int, default=64, help="estimating queries (64)")
+    mi.add_argument("--no-progress", dest="progress", action="store_false")
+    mi.set_defaults(func=run_calibrate_command)
+    for p in (duo, razor, mi):
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
@@ -249,6 +259,14 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
                 args.model, out, args.steps, args.length, sinks=args.sinks, recent=args.recent,
                 lr=args.lr, reg=args.reg, seed=args.seed, progress=args.progress,
             )  # fmt: skip
+        elif args.calibration == "minference":
+            from longattn.eval.pattern_search import SearchSettings, run_minference
+
+            settings = SearchSettings(
+                model=args.model, corpus=args.corpus, length=args.length, target=args.target,
+                block_size=args.block_size, last_q=args.last_q,
+            )  # fmt: skip
+            path, seconds = run_minference(settings, out, progress=args.progress)
         else:
             path, seconds = calibrate.run_razor(
                 args.model, out, args.length, args.repeats, args.seed

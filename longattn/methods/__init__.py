@@ -11,11 +11,13 @@ from longattn.methods.dhsa import DHSA
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
+from longattn.methods.flexprefill import FlexPrefill
 from longattn.methods.h2o import H2O
 from longattn.methods.hip import HiP
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.loki import Loki
+from longattn.methods.minference import MInference
 from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
@@ -47,11 +49,13 @@ __all__ = [
     "DoubleSparsity",
     "DuoAttention",
     "ExpectedAttention",
+    "FlexPrefill",
     "H2O",
     "HiP",
     "InfLLM",
     "KNorm",
     "Loki",
+    "MInference",
     "Neighborhood2D",
     "OracleTopK",
     "PerHeadWindow",
