@@ -208,7 +208,7 @@ def assert_attention_close(
     return check_against_reference(result, q, k, v, visible_mask(call), call.scale)
 
 
-def cpu_runs_bf16_brgemm() -> bool:
+def sparse_cpp_runs_bf16() -> bool:
     """Whether the C++ block-sparse kernel runs bfloat16 here: on every CPU it builds on (oneDNN's
     bf16 brgemm where it runs, else its float32 micro-kernel on widened tiles:
     ``longattn.kernels.block_sparse.bf16_path``); the tests require it exactly where this holds."""

@@ -14,7 +14,7 @@ from longattn.kernels.vertical import column_attention
 from longattn.methods import BlockTopK, FlexPrefill, MInference
 from longattn.methods.block_topk import top_p_blocks
 from longattn.methods.flexprefill import cumulative_count, js_divergence
-from longattn.testing import assert_attention_close, cpu_runs_bf16_brgemm
+from longattn.testing import assert_attention_close, sparse_cpp_runs_bf16
 from longattn.types import BlockIndex, PrefillPlan
 
 
@@ -27,7 +27,7 @@ def _qkv(dtype=torch.float32, t=200, heads=4, kv_heads=2, seed=0):
 VS = MInference(block_size=16, budget=0.1, vertical=0.1, last_q=16)
 CASES = [(torch.float64, "sparse"), (torch.float32, "sparse"), (torch.float32, "sparse_cpp")]
 CASES += [(torch.bfloat16, "sparse")]
-CASES += [(torch.bfloat16, "sparse_cpp")] if cpu_runs_bf16_brgemm() else []
+CASES += [(torch.bfloat16, "sparse_cpp")] if sparse_cpp_runs_bf16() else []
 
 
 @pytest.mark.parametrize("dtype, impl", CASES)

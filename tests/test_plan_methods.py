@@ -222,9 +222,10 @@ def test_dhsa_keeps_the_block_of_the_matching_chunk():
     k = _tokens([_unit(1)] * 8)
     k[0, 0, 5 * BS + 3 : 5 * BS + 13] = _unit(0)
     # 3 chunks: before the run, the run, after it
-    plan = _plan(methods.DHSA(block_size=BS, chunk_size=43, budget=0.125), q, k)
-    assert _blocks(plan[7]) == [5]
-    assert _blocks(plan[2]) == [0]  # before the run: ties go to the earliest block
+    # the budget counts the diagonal (local) block: ceil(0.25 x causal blocks) per query block
+    plan = _plan(methods.DHSA(block_size=BS, chunk_size=43, budget=0.25, sink_blocks=0), q, k)
+    assert _blocks(plan[7]) == [5, 7]
+    assert _blocks(plan[4]) == [0, 4]  # before the run: ties go to the earliest block
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from longattn.method import Method
 from longattn.testing import (
     METHOD_EXAMPLES,
     assert_attention_close,
-    cpu_runs_bf16_brgemm,
+    sparse_cpp_runs_bf16,
     make_qkv,
 )
 
@@ -52,7 +52,7 @@ def test_strided_inputs_give_the_oracles_answer(impl, dtype):
                 continue  # this impl does not take this call shape (the contract suite says which)
             assert_attention_close(result, q_part, k, v)
             ran += 1
-    cpu_refuses = impl == "sparse_cpp" and dtype == torch.bfloat16 and not cpu_runs_bf16_brgemm()
+    cpu_refuses = impl == "sparse_cpp" and dtype == torch.bfloat16 and not sparse_cpp_runs_bf16()
     assert ran > 0 or cpu_refuses
 
 

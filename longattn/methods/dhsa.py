@@ -101,7 +101,7 @@ class DHSA(SparsePrefill):
             k_first.unsqueeze(-2).expand(-1, -1, rows.shape[-1], -1),
             k_last.unsqueeze(-2).expand(-1, -1, rows.shape[-1], -1),
         )  # [B, H, nq, nk]
-        return top_k_blocks(scores, view.causal, self.budget)
+        return top_k_blocks(scores, view.causal, self.budget, view.forced)
 
     @staticmethod
     def _block_ends(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

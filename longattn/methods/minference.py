@@ -188,5 +188,5 @@ class MInference(SparsePrefill):
                 blocks[:, head] = a_shape(view, share)[:, 0]
             elif pattern[head] == PATTERNS.index("block"):
                 scores = view.pooled_logits()[:, head : head + 1]
-                blocks[:, head] = top_k_blocks(scores, view.causal, share)[:, 0]
+                blocks[:, head] = top_k_blocks(scores, view.causal, share, view.forced)[:, 0]
         return PrefillPlan(blocks, columns)
