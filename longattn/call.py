@@ -20,7 +20,7 @@ from longattn.cache import KVCache
 from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
-from longattn.prefill import dense_reason
+from longattn.prefill import calibration_path, dense_reason
 from longattn.types import DecodeSelection
 from longattn.validation import check_finite, check_increasing, check_positions, check_tensors
 
@@ -183,7 +183,9 @@ def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) ->
     if getattr(method, "calibration", ""):
         from longattn.calibration import load
 
-        load(method.calibration).check(method.name, cache.n_layers, k.shape[1], k.shape[3])
+        # a plan method may name its file by model name (a shipped calibration)
+        path = calibration_path(method) if method.hook == "plan" else method.calibration
+        load(path).check(method.name, cache.n_layers, k.shape[1], k.shape[3])
 
 
 def apply_retention(call: Call) -> None:

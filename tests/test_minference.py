@@ -315,3 +315,14 @@ def test_flexprefill_helpers():
 def test_bad_flexprefill_configs_are_refused(kwargs):
     with pytest.raises(ValueError):
         FlexPrefill(**kwargs)
+
+
+def test_a_cache_call_checks_the_calibration_against_the_cache(tmp_path):
+    path = _write_calibration(tmp_path / "c.safetensors", n_layers=3)
+    q, k, v = _qkv(t=64)
+    cache = longattn.KVCache(2)  # a model of 2 layers: the 3-layer config is another model
+    with pytest.raises(ValueError, match="shape"):
+        longattn.attention(q, k, v, method=MInference(block_size=16, calibration=path), cache=cache)
+    shipped = MInference(block_size=16, calibration="smollm2-135m")  # by model name: 30 layers
+    with pytest.raises(ValueError, match="shape"):
+        longattn.attention(q, k, v, method=shipped, cache=longattn.KVCache(2))
