@@ -181,10 +181,7 @@ class Evict(Method):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise TypeError(f"{name}.budget must be a float, got {self.budget!r}")
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"{name}.budget must be in (0, 1], got {self.budget}")
+        check_fraction(name, budget=self.budget)
         check_non_negative(name, tokens=self.tokens, sinks=self.sinks, recent=self.recent)
         check_positive(name, window=self.window, every=self.every)
         if self.allocation not in EVICT_ALLOCATIONS:
@@ -231,10 +228,7 @@ class SparsePrefill(Method):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise TypeError(f"{name}.budget must be a float, got {self.budget!r}")
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"{name}.budget must be in (0, 1], got {self.budget}")
+        check_fraction(name, budget=self.budget)
         check_positive(name, block_size=self.block_size, local_blocks=self.local_blocks)
         check_non_negative(name, sink_blocks=self.sink_blocks, dense_below=self.dense_below)
 
@@ -383,6 +377,15 @@ def _format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return "/".join(str(v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_fraction(cls_name: str, **values: float) -> None:
+    """TypeError unless each value is a real number (not a bool); ValueError unless in (0, 1]."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{cls_name}.{key} must be a float, got {value!r}")
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{cls_name}.{key} must be in (0, 1], got {value}")
 
 
 def check_positive(cls_name: str, **values: int) -> None:

@@ -15,8 +15,8 @@ from longattn.method import Method
 from longattn.testing import (
     METHOD_EXAMPLES,
     assert_attention_close,
-    sparse_cpp_runs_bf16,
     make_qkv,
+    sparse_cpp_runs_bf16,
 )
 
 SPECS = [s for specs in METHOD_EXAMPLES.values() for s in specs]

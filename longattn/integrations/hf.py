@@ -326,7 +326,8 @@ def make_attention_fn(
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
             impl = "sdpa" if isinstance(layer_method, Dense) else "auto"
-            res = attention(query, key, value, method=layer_method, scale=scaling, impl=impl)
+            res = attention(query, key, value, method=layer_method, layer=layer, scale=scaling,
+                            impl=impl)  # fmt: skip
         elif through_cache and pos.default and _continues(cache.kv, layer, pos.q_start):
             # the new tokens continue a layer holding 0..n-1 in every row: default positions
             res = attention(
