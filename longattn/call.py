@@ -190,9 +190,9 @@ def _check_method_fits_cache(method: Method, cache: KVCache, k: torch.Tensor) ->
 
 def apply_retention(call: Call) -> None:
     """Evict what the method's retention rule says no later query can see, once a (row, KV head)
-    holds a page of such dead keys (``Method.retains_exactly``: at every call): compacting a layer
-    costs a copy of what it holds, so a one-token step does it once per page of steps, and the
-    method's mask hides the dead keys until then (a bounded layer holds less than a page more)."""
+    holds a page of such dead keys: compacting a layer costs a copy of what it holds, so a one-token
+    step does it once per page of steps, and the method's mask hides the dead keys until then (a
+    bounded layer holds less than a page more)."""
     assert call.cache is not None
     if type(call.method).retain is Method.retain:  # keeps everything
         return
@@ -206,7 +206,7 @@ def apply_retention(call: Call) -> None:
     real = kv_pos >= 0
     keep = keep.expand_as(kv_pos) & real
     dead = int((real & ~keep).sum(dim=-1).max()) if real.numel() else 0
-    if dead >= (1 if call.method.retains_exactly else call.cache.page_size):
+    if dead >= call.cache.page_size:
         call.cache.evict(call.layer, keep)
 
 

@@ -86,14 +86,6 @@ class Method:
         """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
         return None
 
-    @property
-    def retains_exactly(self) -> bool:
-        """Whether a cache must hold exactly what ``retain`` keeps after every call (a model
-        integration reads the held slots, e.g. StreamingLLM's cache positions). Otherwise the
-        library evicts the keys ``retain`` drops once they fill a page of a (row, KV head), and the
-        mask hides them until then."""
-        return False
-
     def block_bounds(
         self,
         h: torch.Tensor,

@@ -130,7 +130,8 @@ def test_sinks_are_placed_from_a_pristine_copy_in_every_layer():
         for layer in range(model.config.num_hidden_layers):
             pristine, evicted = placed[layer]
             assert evicted == 30 - (SINKS + WINDOW - 1)
-            assert cache.kv.seq_len(layer) == SINKS + WINDOW - 1
+            # what the next query sees, plus fewer than a page of dropped keys not compacted yet
+            assert SINKS + WINDOW - 1 <= cache.kv.seq_len(layer) < SINKS + WINDOW - 1 + 16
             keys = cache.kv.keys(layer)[:, :, :SINKS]
             inv_freq = model.model.rotary_emb.inv_freq
             expected = rotate(pristine, torch.full((SINKS,), evicted), inv_freq)
@@ -161,7 +162,8 @@ def test_feeding_and_generating_past_max_position_embeddings():
             ids[:, : limit - 4], max_new_tokens=12, do_sample=False, past_key_values=cache
         )
         assert out.shape[1] == limit + 8
-        assert all(cache.kv.seq_len(i) <= SINKS + WINDOW - 1 for i in range(2))
+        page = cache.kv.page_size  # dropped keys are compacted a page at a time
+        assert all(cache.kv.seq_len(i) < SINKS + WINDOW - 1 + page for i in range(2))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         streamed(model, ids, StreamingLLM(sinks=SINKS, window=WINDOW), chunk=8)
 

@@ -353,7 +353,7 @@ def make_attention_fn(
                 kv_positions=pos.q if through_cache else pos.kv,
             )
         if frame is not None:
-            place_sinks(cache.kv, layer, method.sinks, frame)
+            place_sinks(cache.kv, layer, method.sinks, method.window, frame)
         return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
     return attend

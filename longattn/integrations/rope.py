@@ -95,17 +95,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
-def place_sinks(kv: KVCache, layer: int, sinks: int, frame: RopeFrame) -> None:
+def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFrame) -> None:
     """Rotate ``layer``'s sink keys to ``s + evicted`` after a call (no padding: every row alike).
 
+    ``evicted`` counts the tokens between the sinks and the window the next query sees, also those
+    the library has not compacted away yet (it evicts a page of them at once; the mask hides them).
     The first time tokens are evicted the sinks (still at their own positions) are copied; every later
     placement rotates that copy, so a key is rounded once per placement, never cumulatively.
     """
-    held = kv.positions(layer)  # [B, T], increasing
-    n_sinks = int((held[0] < sinks).sum())  # sinks a layer's own window evicted are gone
+    held = kv.positions(layer)[0]  # [T], increasing
+    n_sinks = int((held < sinks).sum())  # sinks a layer's own window evicted are gone
     if n_sinks == 0:
         return
-    evicted = int(held[0, -1]) + 1 - held.shape[1]  # contiguous window after the sinks
+    newest = int(held[-1])
+    seen_next = int(((held >= sinks) & (held > newest + 1 - window)).sum())  # its window, no sink
+    evicted = newest + 1 - n_sinks - seen_next
     state = kv.state.setdefault(STATE_KEY, {})
     pristine, placed = state.get(layer, (None, 0))
     if evicted == placed:

@@ -44,10 +44,6 @@ class StreamingLLM(Method):
     def is_causal(self) -> bool:
         return True
 
-    @property
-    def retains_exactly(self) -> bool:
-        return self.positions == "cache"  # the sinks are re-rotated by the tokens evicted so far
-
     def mask(self, b, h, q_pos, kv_pos):
         return (kv_pos <= q_pos) & ((kv_pos < self.sinks) | (q_pos - kv_pos < self.window))
 
