@@ -85,6 +85,16 @@ class _Estimators:
     def _grouped_k(self, k: torch.Tensor) -> torch.Tensor:
         return k.repeat_interleave(self.q.shape[1] // k.shape[1], dim=1)  # [B, H, n, D]
 
+    def _logits(self, q: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, Tk] float32 ``scale * q . k`` for queries q [B, H, n, D], each KV head's
+        query heads folded into one product (the keys are not expanded over the group)."""
+        if "k32" not in self.cache:
+            self.cache["k32"] = self.k.float()  # once per call (a no-op for float32 keys)
+        k = self.cache["k32"]  # [B, Hkv, Tk, D]
+        batch, heads, n, dim = q.shape
+        rows = q.float().reshape(batch, k.shape[1], -1, dim)  # [B, Hkv, G * n, D]
+        return (rows @ k.transpose(-1, -2)).view(batch, heads, n, -1) * self.scale
+
     def pooled_logits(self) -> torch.Tensor:
         """[B, H, nq, nk] float32 ``scale * mean(q) . mean(k)`` per block pair; -inf where the
         pair holds no causal pair."""
@@ -99,8 +109,7 @@ class _Estimators:
         """[B, H, n, Tk] float32 softmax weights of the last ``n`` queries over the keys (causal by
         position, padding excluded; a query that sees nothing gets zeros)."""
         n = min(n, self.q.shape[2])
-        q = self.q[:, :, -n:].float()
-        logits = (q @ self._grouped_k(self.k.float()).transpose(-1, -2)) * self.scale
+        logits = self._logits(self.q[:, :, -n:])
         qp = self.q_pos[:, -n:][:, None, :, None]
         kp = self.kv_pos[:, None, None, :]
         visible = (kp >= 0) & (qp >= 0) & (kp <= qp)
@@ -115,13 +124,11 @@ class _Estimators:
         batch, heads, t_q, _ = self.q.shape
         t_k, block = self.k.shape[2], self.block
         n_k = -(-t_k // block)
-        k = self._grouped_k(self.k.float())
         kp = self.kv_pos[:, None, None, :]
         rows = max(block, (MASS_CHUNK_ELEMENTS // max(1, batch * heads * t_k)) // block * block)
         parts = []
         for lo in range(0, t_q, rows):
-            q = self.q[:, :, lo : lo + rows].float()
-            logits = (q @ k.transpose(-1, -2)) * self.scale
+            logits = self._logits(self.q[:, :, lo : lo + rows])
             qp = self.q_pos[:, lo : lo + rows][:, None, :, None]
             visible = (kp >= 0) & (qp >= 0) & (kp <= qp)
             w = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
