@@ -96,12 +96,15 @@ def visible_mask(call: Call) -> torch.Tensor:
     if call.method.hook == "select":
         return _selection_mask(call)
     if call.method.hook == "plan":  # the planned blocks, causal within them
-        causal = with_padding(Dense().mask)(
-            None, None, call.q_pos[:, None, :, None], _kv_pos_by_head(call)
-        )
-        return prefill.plan_visible(call, block_index(call)) & causal
+        return prefill.plan_visible(call, block_index(call)) & _causal_mask(call)
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
+
+
+def _causal_mask(call: Call) -> torch.Tensor:
+    """Causal visibility on the call's positions (never padding), broadcastable to [B, H, Tq, Tk]."""
+    kv_pos = _kv_pos_by_head(call)
+    return with_padding(Dense().mask)(None, None, call.q_pos[:, None, :, None], kv_pos)
 
 
 def _kv_pos_by_head(call: Call) -> torch.Tensor:
@@ -188,16 +191,15 @@ def _causal_positions(call: Call) -> torch.Tensor | None:
         return None
     if "causal_positions" not in call.derived:
         visible = visible_mask(call)
-        kv_pos = _kv_pos_by_head(call)
-        causal = with_padding(Dense().mask)(None, None, call.q_pos[:, None, :, None], kv_pos)
         found = None
-        if bool((visible == causal).all()):
+        if bool((visible == _causal_mask(call)).all()):
             found = call.kv_pos
         elif call.q.shape[2] == 1:
             b, h, n_kv, _, tk, _ = call.shape
             grouped = visible.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)
             if bool((grouped == grouped[:, :, :1]).all()):
-                held = kv_pos.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)[:, :, 0]
+                held = call.kv_pos  # [Bp, Tk] or [B, Hkv, Tk]
+                held = held if held.dim() == 3 else held[:, None].expand(b, n_kv, tk)
                 found = torch.where(grouped[:, :, 0], held, -1)  # [B, Hkv, Tk]
         call.derived["causal_positions"] = found
     return call.derived["causal_positions"]
