@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from longattn.method import Method, register
+from longattn.method import Method, check_positive, register
 from longattn.methods.latte import call_scale, layer_tensor, seeded_normal
 
 QUERIES = ("fixed", "call")
@@ -74,12 +74,16 @@ class Aaren(Method):
     ``query="call"``: each position uses the call's own query, which is exact causal softmax
     attention evaluated with the same combine over the past (``CallState``: all past keys and
     values, as a dense cache holds them; the recurrence is O(1) only for a fixed query).
+    ``scan_block``: the fixed query's scan runs over blocks of this many keys, linked by the
+    state, so its memory is O(block) per head whatever the length.
     """
 
     query: str = "fixed"
     seed: int = 0
+    scan_block: int = 4096
 
     def __post_init__(self) -> None:
+        check_positive("Aaren", scan_block=self.scan_block)
         if self.query not in QUERIES:
             raise ValueError(f"Aaren.query must be one of {QUERIES}, got {self.query!r}")
 
@@ -103,20 +107,24 @@ class Aaren(Method):
         n_kv, length = k.shape[1], k.shape[2]
         fixed = self.fixed_query(view, n_heads, dim, acc).view(n_kv, -1, dim)  # [Hkv, G, D]
         scores = call_scale(view, dim) * torch.einsum("bktd,kgd->bkgt", k, fixed)  # [B,Hkv,G,T]
-        leaves = ScanState(
-            scores, torch.ones_like(scores), vv.unsqueeze(2).expand(-1, -1, fixed.shape[1], -1, -1)
-        )
-        prefix = prefix_scan(leaves, dim=3)
+        group = fixed.shape[1]
+        if state is not None:  # [B, H, ...] -> [B, Hkv, G, ...]
+            state = ScanState(*(t.reshape(batch, n_kv, group, *t.shape[2:]) for t in state))
+        outs = []
+        for lo in range(0, length, self.scan_block):  # bounded memory; the state links blocks
+            hi = min(lo + self.scan_block, length)
+            part = scores[..., lo:hi]
+            values = vv[:, :, None, lo:hi].expand(-1, -1, group, -1, -1)  # [B, Hkv, G, n, Dv]
+            prefix = prefix_scan(ScanState(part, torch.ones_like(part), values), dim=3)
+            if state is not None:
+                prefix = combine(ScanState(state.m[..., None], state.u[..., None],
+                                           state.w[..., None, :]), prefix)  # fmt: skip
+            outs.append(prefix.w / prefix.u[..., None])
+            state = ScanState(prefix.m[..., -1], prefix.u[..., -1], prefix.w[..., -1, :])
+        out = torch.cat(outs, 3) if outs else vv.new_zeros(batch, n_kv, group, 0, vv.shape[-1])
         if state is not None:
-            past = ScanState(
-                *(t.reshape(batch, n_kv, -1, *t.shape[2:]).unsqueeze(3) for t in state)
-            )
-            prefix = combine(past, prefix)
-        out = (prefix.w / prefix.u[..., None]).reshape(batch, n_heads, length, -1)
-        if length:
-            last = ScanState(prefix.m[..., -1], prefix.u[..., -1], prefix.w[..., -1, :])
-            state = ScanState(*(t.reshape(batch, n_heads, *t.shape[3:]) for t in last))
-        return out.to(v.dtype), state
+            state = ScanState(*(t.reshape(batch, n_heads, *t.shape[3:]) for t in state))
+        return out.reshape(batch, n_heads, length, -1).to(v.dtype), state
 
     def _forward_call(self, q, k, v, state, view, out_dtype, block=256):
         """Each query block combines the partial softmax of every past key block with its own."""

@@ -135,21 +135,34 @@ class Latte(Method):
         return out.reshape(batch, n_heads, q_len, -1)
 
 
+# Inside a chunk the weights exp(a_s - M_t) (M_t: query t's running max) factor as
+# exp(a_s - M) exp(M - M_t) with M the chunk's max, two matrix products instead of a C x C x L
+# tensor, while M - M_t stays below this: exp(64) does not overflow and what exp(a_s - M)
+# loses to underflow is below 1e-17 of the normaliser (which is >= 1) in float32.
+FACTOR_SPREAD = 64.0
+
+
 def _latte_chunk(q_probs, logits, v, state):
     """One chunk: q_probs [B, Hkv, G, C, L], logits [B, Hkv, C, L], v [B, Hkv, C, Dv]."""
-    size = logits.shape[2]
     running = torch.maximum(state.m.unsqueeze(2), torch.cummax(logits, dim=2).values)  # [B,Hkv,C,L]
-    causal = torch.ones(size, size, dtype=torch.bool).tril()[..., None]  # [t, s, 1]
-    # weights relative to each query's own running max: no exponential overflows or underflows to
-    # a zero normaliser, whatever the spread of the logits inside the chunk
-    diff = logits.unsqueeze(2) - running.unsqueeze(3)  # [B, Hkv, t, s, L]
-    within = torch.exp(diff.masked_fill(~causal, -torch.inf))
     carry = torch.exp(state.m.unsqueeze(2) - running)  # [B, Hkv, C, L]; 0 at the start (m = -inf)
-    z = carry * state.z.unsqueeze(2) + within.sum(dim=3)  # [B, Hkv, C, L]
-    coef = q_probs / z.unsqueeze(2)  # [B, Hkv, G, C, L]
+    top = running[:, :, -1:]  # [B, Hkv, 1, L]: the chunk's max
+    if float((top - running).max()) < FACTOR_SPREAD:
+        lift, within = torch.exp(top - running), torch.exp(logits - top)  # [B, Hkv, C, L]
+        z = carry * state.z.unsqueeze(2) + lift * within.cumsum(dim=2)
+        coef = q_probs / z.unsqueeze(2)  # [B, Hkv, G, C, L]
+        weights = ((coef * lift.unsqueeze(2)) @ within.unsqueeze(2).transpose(-1, -2)).tril()
+        last = within  # the newest query's weights: its running max is the chunk's
+    else:  # a wide spread: each query's weights relative to its own running max
+        size = logits.shape[2]
+        causal = torch.ones(size, size, dtype=torch.bool).tril()[..., None]  # [t, s, 1]
+        diff = logits.unsqueeze(2) - running.unsqueeze(3)  # [B, Hkv, t, s, L]
+        full = torch.exp(diff.masked_fill(~causal, -torch.inf))
+        z = carry * state.z.unsqueeze(2) + full.sum(dim=3)  # [B, Hkv, C, L]
+        coef = q_probs / z.unsqueeze(2)
+        weights = torch.einsum("bkgtl,bktsl->bkgts", coef, full)
+        last = full[:, :, -1]  # [B, Hkv, s, L]
     out = (coef * carry.unsqueeze(2)) @ state.u.unsqueeze(2)  # [B, Hkv, G, C, Dv]
-    weights = torch.einsum("bkgtl,bktsl->bkgts", coef, within)
     out = out + weights @ v.unsqueeze(2)
-    last = within[:, :, -1]  # [B, Hkv, s, L]: the newest query's weights
     u = carry[:, :, -1, :, None] * state.u + torch.einsum("bksl,bksd->bkld", last, v)
     return out, LatteState(running[:, :, -1], z[:, :, -1], u)

@@ -68,14 +68,15 @@ class Mega(Method):
         return True
 
     def ema_params(self, view: Any, n_kv: int, channels: int, prefix: str) -> EMAParams:
-        """Float64 EMA parameters [Hkv, channels, h] (``prefix`` "" for keys, "v_" for values)."""
+        """Float64 EMA parameters [Hkv, channels, h], or [1, channels, h] when seeded (shared by
+        the heads); ``prefix`` "" for keys, "v_" for values."""
         shape = (n_kv, channels, self.n_dims)
         found = [layer_tensor(view, prefix + n, "Mega", shape) for n in EMAParams._fields]
         if all(t is not None for t in found):
             return EMAParams(*(t.to(torch.float64) for t in found))
         seed = self.seed + (1 if prefix else 0)
         raw = seeded_normal((2, channels, self.n_dims), seed, torch.float64)
-        alpha, delta = torch.sigmoid(raw).expand(n_kv, 2, channels, self.n_dims).unbind(1)
+        alpha, delta = torch.sigmoid(raw)[:, None].unbind(0)  # shared by the heads: [1, C, h]
         return EMAParams(alpha, delta, torch.ones_like(alpha), delta / self.n_dims)
 
     def gate_vector(self, view: Any, n_heads: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -89,7 +90,9 @@ class Mega(Method):
         q, k, vv = (t.to(acc) for t in (q, k, v))
         batch, n_heads, length, dim = q.shape
         n_kv, dim_v = k.shape[1], vv.shape[-1]
-        pk, pv = self.ema_params(view, n_kv, dim, ""), self.ema_params(view, n_kv, dim_v, "v_")
+        n = min(self.chunk_size, length)
+        pk = ema_tables(self.ema_params(view, n_kv, dim, ""), n, acc)
+        pv = ema_tables(self.ema_params(view, n_kv, dim_v, "v_"), n, acc)
         if state is None:
             state = MegaState(0, k.new_zeros(batch, n_kv, dim, self.n_dims),
                               k.new_zeros(batch, n_kv, dim_v, self.n_dims),
@@ -151,22 +154,38 @@ class Mega(Method):
         return out
 
 
-def _ema_segment(x, h0, params: EMAParams):
-    """The EMA of x [B, Hkv, n, C] from state h0 [B, Hkv, C, h]: the n x n Toeplitz kernel and
-    the state's decay, their coefficients in float64 (powers of the decay; tiny tensors) and
-    cast to x's dtype. Returns the smoothed x and the state after the last token."""
-    n = x.shape[2]
+class EMATables(NamedTuple):
+    """The EMA over a piece of up to n tokens ([Hkv, C, ...], cast to the call's dtype): the
+    Toeplitz kernel [Hkv, C, n, n] (``K[t - s] = sum_j eta alpha beta decay^(t - s)``), the
+    state's contribution ``eta decay^(t + 1)`` [Hkv, C, h, n], the write into the state
+    ``alpha beta decay^(n - 1 - s)`` [Hkv, C, h, n] and the powers ``decay^m`` [Hkv, C, h, n + 1]."""
+
+    toeplitz: torch.Tensor
+    carry: torch.Tensor
+    write: torch.Tensor
+    powers: torch.Tensor
+
+
+def ema_tables(params: EMAParams, n: int, dtype: torch.dtype) -> EMATables:
+    """The coefficients once per call, in float64 (tiny tensors) and rounded once to ``dtype``."""
     alpha, delta, beta, eta = params  # [Hkv, C, h]
-    decay = 1 - alpha * delta
-    powers = decay.unsqueeze(-1) ** torch.arange(n + 1, dtype=torch.float64)  # [Hkv, C, h, n+1]
+    powers = (1 - alpha * delta).unsqueeze(-1) ** torch.arange(n + 1, dtype=torch.float64)
     lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # t - s
     kernel = ((eta * alpha * beta).unsqueeze(-1) * powers[..., :n]).sum(2)  # [Hkv, C, n]: K[tau]
     toeplitz = kernel[..., lag.clamp(min=0)] * (lag >= 0)  # [Hkv, C, t, s]
-    carry = eta.unsqueeze(-1) * powers[..., 1:]  # [Hkv, C, h, t]: eta decay^(t+1)
+    carry = eta.unsqueeze(-1) * powers[..., 1:]  # [Hkv, C, h, t]
     write = (alpha * beta).unsqueeze(-1) * powers[..., :n].flip(-1)  # [Hkv, C, h, s]
-    toeplitz, carry, write, last = (t.to(x.dtype) for t in (toeplitz, carry, write, powers[..., n]))
+    return EMATables(*(t.to(dtype) for t in (toeplitz, carry, write, powers)))
+
+
+def _ema_segment(x, h0, tables: EMATables):
+    """The EMA of a piece x [B, Hkv, n, C] (n <= the tables' length) from the state h0
+    [B, Hkv, C, h]. Returns the smoothed x and the state after its last token."""
+    n = x.shape[2]
+    toeplitz = tables.toeplitz[..., :n, :n]  # depends on t - s only: the top-left block
+    carry, write = tables.carry[..., :n], tables.write[..., -n:]  # decay^(n - 1 - s)
     y = torch.einsum("kcts,bksc->bktc", toeplitz, x) + torch.einsum("kcjt,bkcj->bktc", carry, h0)
-    h = torch.einsum("kcjs,bksc->bkcj", write, x) + last * h0
+    h = torch.einsum("kcjs,bksc->bkcj", write, x) + tables.powers[..., n] * h0
     return y, h
 
 

@@ -7,6 +7,7 @@ Also the home of the chunkwise causal linear attention the ``forward`` methods s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,15 @@ def causal_linear(
     return out, kv
 
 
+class SSEState(NamedTuple):
+    """The linear-attention state after every key seen (the layout of the engine's
+    ``LinearState``): ``kv`` [B, Hkv, D, Dv] the sum of write_s v_s^T and ``k_sum`` [B, Hkv, D]
+    the sum of the writes (the normaliser)."""
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+
+
 @register("sse")
 @dataclass(frozen=True)
 class SSE(Method):
@@ -51,7 +61,7 @@ class SSE(Method):
     ``scale**0.5 k_s`` restricted to its ``top_k`` largest features (the others write nothing);
     a query reads every row with ``softmax(scale**0.5 q_t)``; ``out_t = sum_s w_ts v_s / sum_s
     w_ts`` with ``w_ts = read_t . write_s`` over s <= t (and the carried state). The state per
-    KV head is the D x Dv matrix plus the D-row normaliser. Ties among features go to the lower
+    KV head is the D x Dv matrix plus the D-row normaliser (``SSEState``). Ties among features go to the lower
     index (``torch.topk`` on the raw keys, so every dtype selects the same rows).
     Deviation from paper: no state expansion into routed partitions, no decay gate and no
     learned projections (they belong to a trained model); rows are selected from the call's
@@ -84,12 +94,17 @@ class SSE(Method):
         batch, n_heads, length, dim = q.shape
         n_kv = k.shape[1]
         reads, writes = self.features(q, k, view)
+        # the normaliser rides along as a last value column of ones: one pass for both
         ones = vv.new_ones(*vv.shape[:-1], 1)
         values = torch.cat([vv, ones], dim=-1).unsqueeze(2)  # [B, Hkv, 1, T, Dv + 1]
         rows = reads.reshape(batch, n_kv, -1, length, dim)  # [B, Hkv, G, T, D]
-        out, kv = causal_linear(rows, writes.unsqueeze(2), values, state, self.chunk_size)
-        out = out[..., :-1] / out[..., -1:]  # the normaliser is > 0: reads and writes are
-        return out.reshape(batch, n_heads, length, -1).to(v.dtype), kv  # positive somewhere
+        kv = (
+            None if state is None else torch.cat([state.kv, state.k_sum[..., None]], -1)[:, :, None]
+        )
+        out, kv = causal_linear(rows, writes.unsqueeze(2), values, kv, self.chunk_size)
+        out = out[..., :-1] / out[..., -1:]  # > 0: reads and writes are positive somewhere
+        state = SSEState(kv[:, :, 0, :, :-1], kv[:, :, 0, :, -1])
+        return out.reshape(batch, n_heads, length, -1).to(v.dtype), state
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: the T x T weights ``read_t . write_s`` materialised."""
