@@ -309,13 +309,15 @@ def test_forward_within_bound_of_reference(method, dtype, shape):
     _check(out, ref, bound)
 
 
+@pytest.mark.parametrize(
+    "splits", [[1, 2, 9, 16, 33, 49], list(range(30, 50))], ids=["ragged", "decode"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", CAUSAL, ids=_id)
-def test_chained_calls_equal_one_pass(method, dtype):
-    """The state carried across calls (splits of 1 token, inside and across chunks) gives one
-    pass's outputs, within the same bound."""
+def test_chained_calls_equal_one_pass(method, dtype, splits):
+    """The state carried across calls (splits of 1 token, inside and across chunks; a prefill
+    then one token per call) gives one pass's outputs, within the same bound."""
     q, k, v = make_qkv(2, 8, 2, 50, head_dim=16, dtype=dtype, seed=5)
-    splits = [1, 2, 9, 16, 33, 49]
     chained = _run(method, q, k, v, splits)
     ref, bound = BOUNDS[type(method)](method, q, k, v, n_calls=len(splits) + 1)
     _check(chained, ref, bound)
@@ -469,3 +471,21 @@ def test_soft_pseudo_inverse_converges_on_a_well_conditioned_kernel():
     torch.testing.assert_close(
         newton_schulz_pinv(a, 30), torch.linalg.pinv(a), rtol=1e-9, atol=1e-9
     )
+
+
+def _states(method, length=20):
+    q, k, v = make_qkv(2, 4, 2, length, head_dim=16, seed=1)
+    return (q, k, v), method.forward(q, k, v, None)[1]
+
+
+@pytest.mark.parametrize("method", CAUSAL, ids=_id)
+def test_resuming_from_a_wrong_state_is_refused(method):
+    """A state of another batch size or dtype, or another method's, is a clear error."""
+    (q, k, v), state = _states(method)
+    with pytest.raises(ValueError, match="state .* is"):
+        method.forward(q[:1], k[:1], v[:1], state)  # the state holds 2 batch rows
+    with pytest.raises(ValueError, match="state .* is"):
+        method.forward(q.double(), k.double(), v.double(), state)  # a float32 state
+    other = Latte() if not isinstance(method, Latte) else Aaren()
+    with pytest.raises(ValueError, match="cannot resume from"):
+        method.forward(q, k, v, _states(other)[1])

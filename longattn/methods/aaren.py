@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale, layer_tensor, seeded_normal
+from longattn.methods.latte import call_scale, check_state, layer_tensor, seeded_normal
 
 QUERIES = ("fixed", "call")
 
@@ -41,10 +41,16 @@ def prefix_scan(leaves: ScanState, dim: int) -> ScanState:
     m, u, w = leaves
     length, step = m.shape[dim], 1
     while step < length:
-        head = ScanState(m.narrow(dim, 0, length - step), u.narrow(dim, 0, length - step),
-                         w.narrow(dim, 0, length - step))  # fmt: skip
-        tail = ScanState(m.narrow(dim, step, length - step), u.narrow(dim, step, length - step),
-                         w.narrow(dim, step, length - step))  # fmt: skip
+        head = ScanState(
+            m.narrow(dim, 0, length - step),
+            u.narrow(dim, 0, length - step),
+            w.narrow(dim, 0, length - step),
+        )
+        tail = ScanState(
+            m.narrow(dim, step, length - step),
+            u.narrow(dim, step, length - step),
+            w.narrow(dim, step, length - step),
+        )
         merged = combine(head, tail)
         m = torch.cat([m.narrow(dim, 0, step), merged.m], dim)
         u = torch.cat([u.narrow(dim, 0, step), merged.u], dim)
@@ -107,8 +113,10 @@ class Aaren(Method):
         n_kv, length = k.shape[1], k.shape[2]
         fixed = self.fixed_query(view, n_heads, dim, acc).view(n_kv, -1, dim)  # [Hkv, G, D]
         scores = call_scale(view, dim) * torch.einsum("bktd,kgd->bkgt", k, fixed)  # [B,Hkv,G,T]
-        group = fixed.shape[1]
+        group, dim_v = fixed.shape[1], vv.shape[-1]
         if state is not None:  # [B, H, ...] -> [B, Hkv, G, ...]
+            heads = (batch, n_heads)
+            check_state("Aaren", state, ScanState, acc, m=heads, u=heads, w=(*heads, dim_v))
             state = ScanState(*(t.reshape(batch, n_kv, group, *t.shape[2:]) for t in state))
         outs = []
         for lo in range(0, length, self.scan_block):  # bounded memory; the state links blocks
@@ -117,8 +125,9 @@ class Aaren(Method):
             values = vv[:, :, None, lo:hi].expand(-1, -1, group, -1, -1)  # [B, Hkv, G, n, Dv]
             prefix = prefix_scan(ScanState(part, torch.ones_like(part), values), dim=3)
             if state is not None:
-                prefix = combine(ScanState(state.m[..., None], state.u[..., None],
-                                           state.w[..., None, :]), prefix)  # fmt: skip
+                prefix = combine(
+                    ScanState(state.m[..., None], state.u[..., None], state.w[..., None, :]), prefix
+                )
             outs.append(prefix.w / prefix.u[..., None])
             state = ScanState(prefix.m[..., -1], prefix.u[..., -1], prefix.w[..., -1, :])
         out = torch.cat(outs, 3) if outs else vv.new_zeros(batch, n_kv, group, 0, vv.shape[-1])
@@ -131,7 +140,11 @@ class Aaren(Method):
         batch, n_heads, q_len, dim = q.shape
         n_kv = k.shape[1]
         if state is not None:
-            k, v = torch.cat([state.k.to(k.dtype), k], 2), torch.cat([state.v.to(v.dtype), v], 2)
+            kv_shape = (batch, n_kv, None)
+            check_state(
+                "Aaren", state, CallState, k.dtype, k=(*kv_shape, dim), v=(*kv_shape, v.shape[-1])
+            )
+            k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
         offset, scale = k.shape[2] - q_len, call_scale(view, dim)
         rows = q.reshape(batch, n_kv, -1, q_len, dim)  # [B, Hkv, G, T, D]
         outs = []

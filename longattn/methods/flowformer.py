@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.method import Method, register
+from longattn.methods.latte import check_state
 from longattn.methods.sse import causal_linear
 
 CLAMP = 10.0  # the conserved outgoing flow is clamped to [-CLAMP, CLAMP] before its exp
@@ -83,6 +84,20 @@ class Flowformer(Method):
         vv = v.to(acc).unsqueeze(2)
         if state is None:
             state = _empty_state(fq, vv.shape[-1])
+        else:
+            per_head = (batch, n_kv, n_heads // n_kv, dim)
+            check_state(
+                "Flowformer",
+                state,
+                FlowState,
+                acc,
+                keys=(batch, n_kv, 1, dim),
+                queries=per_head,
+                keys_out=per_head,
+                queries_in=per_head,
+                competition=per_head[:3],
+                kv=(*per_head, vv.shape[-1]),
+            )
         n = state.seen + torch.arange(1, length + 1, dtype=acc)  # [T]
         eps = self.eps
         keys = state.keys.unsqueeze(3) + fk.cumsum(3)  # [B, Hkv, 1, T, D]
@@ -96,13 +111,20 @@ class Flowformer(Method):
         exp_source = torch.exp(source)
         competition = state.competition.unsqueeze(3) + exp_source.cumsum(3)
         weight = exp_source / competition * n  # c_s
-        out, kv = causal_linear(fq / (n * incoming)[..., None], fk, vv * weight[..., None],
-                                state.kv, self.chunk_size)  # fmt: skip
+        out, kv = causal_linear(
+            fq / (n * incoming)[..., None], fk, vv * weight[..., None], state.kv, self.chunk_size
+        )
         out = out * torch.sigmoid(sink)[..., None]
         if length:
-            state = FlowState(state.seen + length, keys[..., -1, :], queries[..., -1, :],
-                              keys_out[..., -1, :], queries_in[..., -1, :],
-                              competition[..., -1], kv)  # fmt: skip
+            state = FlowState(
+                state.seen + length,
+                keys[..., -1, :],
+                queries[..., -1, :],
+                keys_out[..., -1, :],
+                queries_in[..., -1, :],
+                competition[..., -1],
+                kv,
+            )
         return out.reshape(batch, n_heads, length, -1).to(v.dtype), state
 
     def flows(self, q: torch.Tensor, k: torch.Tensor) -> Flows:
@@ -146,5 +168,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _empty_state(fq: torch.Tensor, dim_v: int) -> FlowState:
     batch, n_kv, group, _, dim = fq.shape
     per_head = fq.new_zeros(batch, n_kv, group, dim)
-    return FlowState(0, fq.new_zeros(batch, n_kv, 1, dim), per_head, per_head, per_head,
-                     fq.new_zeros(batch, n_kv, group), fq.new_zeros(batch, n_kv, group, dim, dim_v))  # fmt: skip
+    return FlowState(
+        0,
+        fq.new_zeros(batch, n_kv, 1, dim),
+        per_head,
+        per_head,
+        per_head,
+        fq.new_zeros(batch, n_kv, group),
+        fq.new_zeros(batch, n_kv, group, dim, dim_v),
+    )

@@ -44,6 +44,25 @@ def layer_tensor(
     return found
 
 
+def check_state(cls_name: str, state: Any, kind: type, dtype: torch.dtype, **shapes: tuple) -> None:
+    """ValueError unless ``state`` (to resume from) is a ``kind`` whose tensors have the given
+    shapes (None: any size) and ``dtype`` (the accumulation dtype of this call)."""
+    if not isinstance(state, kind):
+        raise ValueError(
+            f"{cls_name}: cannot resume from a {type(state).__name__}, expected {kind.__name__}"
+        )
+    for name, want in shapes.items():
+        found = getattr(state, name)
+        ok = found.dim() == len(want) and all(
+            w is None or w == f for w, f in zip(want, found.shape)
+        )
+        if not ok or found.dtype != dtype:
+            raise ValueError(
+                f"{cls_name}: state {name} is {tuple(found.shape)} {found.dtype}, this call "
+                f"needs {tuple('*' if w is None else w for w in want)} {dtype}"
+            )
+
+
 class LatteState(NamedTuple):
     """Per (batch row, KV head) and latent: the running max of the key-latent logits ``m``
     [B, Hkv, L], the running sum of their exponentials ``z`` [B, Hkv, L] and of the exponentials
@@ -105,8 +124,11 @@ class Latte(Method):
         q, k, vv = (t.to(acc) for t in (q, k, v))
         batch, n_kv, _, dim_v = vv.shape
         q_probs, key_logits = self._logits(q, k, view)
-        if state is None:
-            n_lat = key_logits.shape[-1]
+        n_lat = key_logits.shape[-1]
+        if state is not None:
+            dims = (batch, n_kv, n_lat)
+            check_state("Latte", state, LatteState, acc, m=dims, z=dims, u=(*dims, dim_v))
+        else:
             m = torch.full((batch, n_kv, n_lat), -torch.inf, dtype=acc)
             state = LatteState(
                 m, torch.zeros_like(m), torch.zeros(batch, n_kv, n_lat, dim_v, dtype=acc)

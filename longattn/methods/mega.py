@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale, layer_tensor, seeded_normal
+from longattn.methods.latte import call_scale, check_state, layer_tensor, seeded_normal
 
 
 class EMAParams(NamedTuple):
@@ -94,9 +94,26 @@ class Mega(Method):
         pk = ema_tables(self.ema_params(view, n_kv, dim, ""), n, acc)
         pv = ema_tables(self.ema_params(view, n_kv, dim_v, "v_"), n, acc)
         if state is None:
-            state = MegaState(0, k.new_zeros(batch, n_kv, dim, self.n_dims),
-                              k.new_zeros(batch, n_kv, dim_v, self.n_dims),
-                              k.new_zeros(batch, n_kv, 0, dim), k.new_zeros(batch, n_kv, 0, dim_v))  # fmt: skip
+            state = MegaState(
+                0,
+                k.new_zeros(batch, n_kv, dim, self.n_dims),
+                k.new_zeros(batch, n_kv, dim_v, self.n_dims),
+                k.new_zeros(batch, n_kv, 0, dim),
+                k.new_zeros(batch, n_kv, 0, dim_v),
+            )
+        else:
+            check_state("Mega", state, MegaState, acc)  # the type first: it has .seen
+            tail = (batch, n_kv, state.seen % self.chunk_size)
+            check_state(
+                "Mega",
+                state,
+                MegaState,
+                acc,
+                h_k=(batch, n_kv, dim, self.n_dims),
+                h_v=(batch, n_kv, dim_v, self.n_dims),
+                k_tail=(*tail, dim),
+                v_tail=(*tail, dim_v),
+            )
         outs, pos = [], 0
         while pos < length:  # one piece per chunk touched, so a chunk's keys are all present
             end = min(length, pos + self.chunk_size - state.seen % self.chunk_size)
@@ -106,8 +123,13 @@ class Mega(Method):
             outs.append(self._attend(q[:, :, pos:end], keys, values, view))
             seen = state.seen + end - pos
             full = seen % self.chunk_size == 0
-            state = MegaState(seen, h_k, h_v, keys[:, :, :0] if full else keys,
-                              values[:, :, :0] if full else values)  # fmt: skip
+            state = MegaState(
+                seen,
+                h_k,
+                h_v,
+                keys[:, :, :0] if full else keys,
+                values[:, :, :0] if full else values,
+            )
             pos = end
         out = torch.cat(outs, 2) if outs else q.new_zeros(batch, n_heads, 0, dim_v)
         return out.to(v.dtype), state
@@ -158,7 +180,8 @@ class EMATables(NamedTuple):
     """The EMA over a piece of up to n tokens ([Hkv, C, ...], cast to the call's dtype): the
     Toeplitz kernel [Hkv, C, n, n] (``K[t - s] = sum_j eta alpha beta decay^(t - s)``), the
     state's contribution ``eta decay^(t + 1)`` [Hkv, C, h, n], the write into the state
-    ``alpha beta decay^(n - 1 - s)`` [Hkv, C, h, n] and the powers ``decay^m`` [Hkv, C, h, n + 1]."""
+    ``alpha beta decay^(n - 1 - s)`` [Hkv, C, h, n] and the powers ``decay^m``
+    [Hkv, C, h, n + 1]."""
 
     toeplitz: torch.Tensor
     carry: torch.Tensor

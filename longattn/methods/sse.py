@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale
+from longattn.methods.latte import call_scale, check_state
 
 
 def causal_linear(
@@ -61,8 +61,9 @@ class SSE(Method):
     ``scale**0.5 k_s`` restricted to its ``top_k`` largest features (the others write nothing);
     a query reads every row with ``softmax(scale**0.5 q_t)``; ``out_t = sum_s w_ts v_s / sum_s
     w_ts`` with ``w_ts = read_t . write_s`` over s <= t (and the carried state). The state per
-    KV head is the D x Dv matrix plus the D-row normaliser (``SSEState``). Ties among features go to the lower
-    index (``torch.topk`` on the raw keys, so every dtype selects the same rows).
+    KV head is the D x Dv matrix plus the D-row normaliser (``SSEState``). The rows are chosen
+    by ``torch.topk`` on the raw keys, so a float32 call and its float64 reference choose the
+    same rows (among exactly equal features the choice is torch's).
     Deviation from paper: no state expansion into routed partitions, no decay gate and no
     learned projections (they belong to a trained model); rows are selected from the call's
     keys, and the sparse writes are evaluated as dense products with zeros.
@@ -94,6 +95,9 @@ class SSE(Method):
         batch, n_heads, length, dim = q.shape
         n_kv = k.shape[1]
         reads, writes = self.features(q, k, view)
+        if state is not None:
+            rows_v = (batch, n_kv, dim, vv.shape[-1])
+            check_state("SSE", state, SSEState, acc, kv=rows_v, k_sum=rows_v[:3])
         # the normaliser rides along as a last value column of ones: one pass for both
         ones = vv.new_ones(*vv.shape[:-1], 1)
         values = torch.cat([vv, ones], dim=-1).unsqueeze(2)  # [B, Hkv, 1, T, Dv + 1]
