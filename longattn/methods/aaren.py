@@ -61,7 +61,8 @@ def prefix_scan(leaves: ScanState, dim: int) -> ScanState:
 
 class CallState(NamedTuple):
     """Aaren with the call's queries: every key and value seen, [B, Hkv, T, D] (not O(1): a new
-    query must read every past key)."""
+    query must read every past key; grown by a copy per call, a demonstration of exactness rather
+    than a serving path, which is dense attention over the library's cache)."""
 
     k: torch.Tensor
     v: torch.Tensor

@@ -93,27 +93,7 @@ class Mega(Method):
         n = min(self.chunk_size, length)
         pk = ema_tables(self.ema_params(view, n_kv, dim, ""), n, acc)
         pv = ema_tables(self.ema_params(view, n_kv, dim_v, "v_"), n, acc)
-        if state is None:
-            state = MegaState(
-                0,
-                k.new_zeros(batch, n_kv, dim, self.n_dims),
-                k.new_zeros(batch, n_kv, dim_v, self.n_dims),
-                k.new_zeros(batch, n_kv, 0, dim),
-                k.new_zeros(batch, n_kv, 0, dim_v),
-            )
-        else:
-            check_state("Mega", state, MegaState, acc)  # the type first: it has .seen
-            tail = (batch, n_kv, state.seen % self.chunk_size)
-            check_state(
-                "Mega",
-                state,
-                MegaState,
-                acc,
-                h_k=(batch, n_kv, dim, self.n_dims),
-                h_v=(batch, n_kv, dim_v, self.n_dims),
-                k_tail=(*tail, dim),
-                v_tail=(*tail, dim_v),
-            )
+        state = self._start(state, batch, k.shape[1], dim, dim_v, acc)
         outs, pos = [], 0
         while pos < length:  # one piece per chunk touched, so a chunk's keys are all present
             end = min(length, pos + self.chunk_size - state.seen % self.chunk_size)
@@ -133,6 +113,31 @@ class Mega(Method):
             pos = end
         out = torch.cat(outs, 2) if outs else q.new_zeros(batch, n_heads, 0, dim_v)
         return out.to(v.dtype), state
+
+    def _start(self, state, batch, n_kv, dim, dim_v, acc):
+        """The state to resume from, checked, or a fresh one."""
+        if state is None:
+            empty = torch.zeros(batch, n_kv, 0, dtype=acc)
+            return MegaState(
+                0,
+                torch.zeros(batch, n_kv, dim, self.n_dims, dtype=acc),
+                torch.zeros(batch, n_kv, dim_v, self.n_dims, dtype=acc),
+                empty[..., None].expand(-1, -1, -1, dim),
+                empty[..., None].expand(-1, -1, -1, dim_v),
+            )
+        check_state("Mega", state, MegaState, acc)  # the type first: it has .seen
+        tail = (batch, n_kv, state.seen % self.chunk_size)
+        check_state(
+            "Mega",
+            state,
+            MegaState,
+            acc,
+            h_k=(batch, n_kv, dim, self.n_dims),
+            h_v=(batch, n_kv, dim_v, self.n_dims),
+            k_tail=(*tail, dim),
+            v_tail=(*tail, dim_v),
+        )
+        return state
 
     def _attend(self, q, keys, values, view):
         """Queries [B, H, n, D], the newest n of the chunk's keys/values [B, Hkv, r + n, *]."""
