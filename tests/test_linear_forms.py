@@ -256,8 +256,8 @@ CAUSAL = [
     Latte(n_latents=8, chunk_size=16),
     Latte(n_latents=3, chunk_size=5, seed=3),
     Aaren(),
-    Aaren(seed=1, scan_block=7),
-    Aaren(query="call"),
+    Aaren(query="fixed"),
+    Aaren(query="fixed", seed=1, scan_block=7),
     Mega(chunk_size=16, n_dims=4),
     Mega(chunk_size=7, gated=False, seed=2),
     SSE(top_k=4, chunk_size=16),
@@ -387,12 +387,12 @@ def test_aaren_fixed_query_is_causal_softmax_attention_of_that_query():
     fixed query repeated at every position, within the contract bound; and with the call's
     queries, the oracle of those."""
     q, k, v = make_qkv(1, 4, 2, 60, head_dim=32, seed=4)
-    fixed = Aaren(seed=9)
+    fixed = Aaren(query="fixed", seed=9)
     out, state = fixed.forward(q, k, v, None)
     ref, bound = bound_aaren(fixed, q, k, v)
     _check(out, ref, bound)
     assert [tuple(t.shape) for t in state] == [(1, 4), (1, 4), (1, 4, 32)]  # O(1) per head
-    call = Aaren(query="call")
+    call = Aaren()
     _check(call.forward(q, k, v, None)[0], *bound_aaren(call, q, k, v))
 
 
@@ -422,7 +422,7 @@ def test_calibrated_parameters_are_used_and_checked():
     with pytest.raises(ValueError, match="'latents' has shape"):
         Latte(n_latents=4).forward(q, k, v, None, view)
     with pytest.raises(ValueError, match="'query' has shape"):
-        Aaren().forward(q, k, v, None, View(0.25, {"query": torch.zeros(3, 16)}))
+        Aaren(query="fixed").forward(q, k, v, None, View(0.25, {"query": torch.zeros(3, 16)}))
 
 
 @pytest.mark.parametrize("method", NON_CAUSAL, ids=_id)

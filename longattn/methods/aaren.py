@@ -14,7 +14,7 @@ import torch
 from longattn.method import Method, check_positive, register
 from longattn.methods.latte import call_scale, check_state, layer_tensor, seeded_normal
 
-QUERIES = ("fixed", "call")
+QUERIES = ("call", "fixed")
 
 
 class ScanState(NamedTuple):
@@ -74,18 +74,20 @@ class Aaren(Method):
     """Attention as an RNN: causal softmax attention by a prefix scan of (max, sum, weighted sum).
     Feng et al. 2024, arXiv:2405.13956.
 
+    ``query="call"`` (the drop-in default): each position uses the call's own query, which is
+    exact causal softmax attention evaluated with the same combine over the past (``CallState``:
+    all past keys and values, as a dense cache holds them; the recurrence is O(1) only for a
+    fixed query).
     ``query="fixed"`` (the paper): one query vector per query head (a layer's calibration tensor
     ``query`` [H, D], else seeded standard normal; the call's queries give only the shape), so
     ``out_t = softmax_{s <= t}(scale q . k_s) v`` for every t comes from ONE inclusive prefix scan
     and decoding keeps O(1) state per query head: the ``ScanState`` (m, u, w) of all past keys.
-    ``query="call"``: each position uses the call's own query, which is exact causal softmax
-    attention evaluated with the same combine over the past (``CallState``: all past keys and
-    values, as a dense cache holds them; the recurrence is O(1) only for a fixed query).
+    Deviation from paper: the fixed query is not learned here (a calibration file may supply it).
     ``scan_block``: the fixed query's scan runs over blocks of this many keys, linked by the
     state, so its memory is O(block) per head whatever the length.
     """
 
-    query: str = "fixed"
+    query: str = "call"
     seed: int = 0
     scan_block: int = 4096
 
