@@ -372,6 +372,14 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "flexprefill:block_size=16,gamma=0.5,tau=1.0",
         "flexprefill:block_size=16,gamma=0.7,tau=0.0",
     ],
+    # forward methods (the escape hatch): each its own float64 reference
+    "latte": ["latte:n_latents=16,chunk_size=16", "latte:n_latents=4,chunk_size=5,seed=1"],
+    "aaren": ["aaren", "aaren:query=fixed", "aaren:query=fixed,seed=1,scan_block=7"],
+    "mega": ["mega:chunk_size=16,n_dims=4", "mega:chunk_size=7,gated=false,seed=1"],
+    "sse": ["sse:top_k=8,chunk_size=16", "sse:top_k=1,chunk_size=5"],
+    "flowformer": ["flowformer:chunk_size=16"],
+    "agent_attention": ["agent_attention:n_agents=8"],
+    "soft": ["soft:n_landmarks=8", "soft:n_landmarks=16,iterations=8"],
 }
 
 

@@ -1,6 +1,8 @@
 """Every shipped method, one file each. Importing this package registers them (in this order)."""
 
+from longattn.methods.aaren import Aaren
 from longattn.methods.adakv import AdaKV
+from longattn.methods.agent_attention import AgentAttention
 from longattn.methods.anchor_attention import AnchorAttention
 from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
@@ -12,11 +14,14 @@ from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
 from longattn.methods.expected_attention import ExpectedAttention
 from longattn.methods.flexprefill import FlexPrefill
+from longattn.methods.flowformer import Flowformer
 from longattn.methods.h2o import H2O
 from longattn.methods.hip import HiP
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
+from longattn.methods.latte import Latte
 from longattn.methods.loki import Loki
+from longattn.methods.mega import Mega
 from longattn.methods.minference import MInference
 from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
@@ -30,7 +35,9 @@ from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sale import SALE
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
+from longattn.methods.soft import SOFT
 from longattn.methods.sparge import Sparge
+from longattn.methods.sse import SSE
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
@@ -38,7 +45,9 @@ from longattn.methods.tidal_decode import TidalDecode
 from longattn.methods.tova import TOVA
 
 __all__ = [
+    "Aaren",
     "AdaKV",
+    "AgentAttention",
     "AnchorAttention",
     "Attendre",
     "BlockOracle",
@@ -50,11 +59,14 @@ __all__ = [
     "DuoAttention",
     "ExpectedAttention",
     "FlexPrefill",
+    "Flowformer",
     "H2O",
     "HiP",
     "InfLLM",
     "KNorm",
+    "Latte",
     "Loki",
+    "Mega",
     "MInference",
     "Neighborhood2D",
     "OracleTopK",
@@ -68,7 +80,9 @@ __all__ = [
     "SALE",
     "SlidingWindow",
     "SnapKV",
+    "SOFT",
     "Sparge",
+    "SSE",
     "StaticBlocks",
     "StreamingLLM",
     "Strided",
