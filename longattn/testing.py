@@ -380,6 +380,18 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "flowformer": ["flowformer:chunk_size=16"],
     "agent_attention": ["agent_attention:n_agents=8"],
     "soft": ["soft:n_landmarks=8", "soft:n_landmarks=16,iterations=8"],
+    # feature maps: small feature sizes and windows that the test lengths cross
+    "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
+    # normalised Taylor (signed features) is refused by longattn.linear.check_features so far
+    "taylor": [
+        "taylor:features=4,window=0,normalize=false,chunk_size=16",
+        "taylor:features=16,window=0,normalize=false",
+    ],
+    "hedgehog": ["hedgehog", "hedgehog:features=8,chunk_size=16"],
+    "cosine": ["cosine", "cosine:causal=false"],
+    "elu_linear": ["elu_linear", "elu_linear:chunk_size=16"],
+    "log_normal": ["log_normal", "log_normal:q_std=2.0,k_std=0.5,chunk_size=16"],
+    "gated_deltanet": ["gated_deltanet", "gated_deltanet:channelwise=true,chunk_size=16"],
 }
 
 
