@@ -134,7 +134,8 @@ def check_features(method: Method, role: str, layer: int, x: torch.Tensor, phi: 
             f"{method.name}.feature_map({role}) at layer {layer} is not finite (input max |x| = "
             f"{x.abs().max().item():.3g}); lower its temperature or the input scale"
         )
-    if getattr(method, "normalize", False) and bool((phi < 0).any()):
+    signed = getattr(method, "signed_features", False)  # a kernel positive by construction
+    if getattr(method, "normalize", False) and not signed and bool((phi < 0).any()):
         raise ValueError(
             f"{method.name}.feature_map({role}) at layer {layer} has negative features with "
             "normalize=True (the normaliser could vanish); use normalize=False"

@@ -275,6 +275,10 @@ class LinearAttention(Method):
     decay: str | float = "none"
     window: int = 0
 
+    # with normalize, features must be non-negative (the normaliser must not vanish) unless the
+    # map's kernel phi(q) . phi(k) is positive by construction (Taylor's 1 + s + s^2 / 2)
+    signed_features: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive(name, chunk_size=self.chunk_size)

@@ -382,9 +382,8 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "soft": ["soft:n_landmarks=8", "soft:n_landmarks=16,iterations=8"],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
-    # normalised Taylor (signed features) is refused by longattn.linear.check_features so far
     "taylor": [
-        "taylor:features=4,window=0,normalize=false,chunk_size=16",
+        "taylor:features=4,window=8,chunk_size=16",
         "taylor:features=16,window=0,normalize=false",
     ],
     "hedgehog": ["hedgehog", "hedgehog:features=8,chunk_size=16"],
