@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from longattn.api import choose_impl, make_call, visible_mask
+from longattn import linear
+from longattn.api import attention, choose_impl, make_call, visible_mask
 from longattn.bench.common import (
     JsonlWriter,
     cpu_line,
@@ -118,6 +119,12 @@ def run_methods_bench(
     for name in registry():
         for spec in BENCH_SPECS.get(name, lambda t, n=name: [n])(length):
             method = from_string(spec)  # the call may run another rule (a select prefill: dense)
+            if method.hook in linear.HOOKS:
+                rec = linear_record(q, k, v, method, baselines, repeats, env)
+                records.append(rec)
+                writer.write(rec)
+                log(f"  {spec}: impl={rec['impl']} gate={'ok' if rec['gate'] else 'FAILED'}")
+                continue
             call = make_call(q, k, v, method)
             impl = choose_impl(call)
             res = impl.run(call)
@@ -152,6 +159,38 @@ def run_methods_bench(
             writer.write(rec)
             log(f"  {spec}: impl={rec['impl']} gate={'ok' if rec['gate'] else 'FAILED'}")
     return records
+
+
+LINEAR_GATE_TOKENS = 512
+
+
+def linear_record(q, k, v, method, baselines: dict[bool, float], repeats: int, env: dict) -> dict:
+    """A linear method: gated against its own float64 oracle and derived bound
+    (``assert_linear_method_close``) on a call over the first ``LINEAR_GATE_TOKENS`` tokens (the
+    oracle is quadratic), timed on the whole call against SDPA; error vs softmax is
+    ``longattn bench linear-error``'s, speed vs length ``longattn bench linear``'s."""
+    from longattn.testing import assert_linear_method_close
+
+    n = min(q.shape[2], LINEAR_GATE_TOKENS)
+    part = [t[:, :, :n] for t in (q, k, v)]
+    impl = "forward" if method.hook == "forward" else "linear"
+    try:
+        err, gate_ok = (
+            assert_linear_method_close(attention(*part, method=method), *part, method),
+            True,
+        )
+    except AssertionError:
+        err, gate_ok = float("nan"), False
+    rec = {"bench": "methods", "method": method.name, "params": method.describe(), "impl": impl,
+           "T": q.shape[2], "H": q.shape[1], "D": q.shape[3],
+           "dtype": str(q.dtype).replace("torch.", ""), "density": None, "error": err,
+           "gate": gate_ok, **env}  # fmt: skip
+    if gate_ok:
+        base = baselines[method.is_causal]
+        ms = median_ms(lambda: attention(q, k, v, method=method), repeats=repeats)
+        rec.update(ms=ms, baseline="sdpa_causal" if method.is_causal else "sdpa",
+                   baseline_ms=base, speedup=base / ms)  # fmt: skip
+    return rec
 
 
 def _timing(run: Callable, call, baselines: dict[bool, float], repeats: int) -> dict:
