@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -419,11 +420,17 @@ def _parse_value(tp: Any, raw: str, key: str, spec: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     try:
-        if origin is typing.Union or (origin is not None and type(None) in args):
+        if origin in (typing.Union, types.UnionType):
             inner = [a for a in args if a is not type(None)]
-            if raw.lower() == "none":
+            if raw.lower() == "none" and len(inner) < len(args):
                 return None
-            return _parse_value(inner[0], raw, key, spec)
+            # numbers before text: "0.9" is a float where ``str | float`` takes either
+            for option in sorted(inner, key=lambda a: a is str):
+                try:
+                    return _parse_value(option, raw, key, spec)
+                except ValueError:
+                    continue
+            raise ValueError(raw)
         if tp is bool:
             if raw.lower() in ("1", "true", "yes"):
                 return True
