@@ -380,8 +380,8 @@ def assert_linear_method_close(
     engine and the library's plumbing are checked against the definition on those features; a
     map's own float32 rounding is its method's test. For float64 inputs this is the whole
     definition in float64. ``forward`` methods: ``method.reference`` in float64 and the method's
-    derived bound (``longattn.testing_forms.BOUNDS``, for its implementation in the inputs'
-    dtype)."""
+    derived ``error_bound(q, k, v, ref, view)`` (element-wise, for its implementation in the
+    inputs' dtype)."""
     from longattn import linear
 
     out = result.out if hasattr(result, "out") else result
@@ -390,11 +390,11 @@ def assert_linear_method_close(
         raise AssertionError(f"output dtype {out.dtype} != input dtype {q.dtype}")
     cal = linear.calibration_for(method, k, layer)
     if method.hook == "forward":
-        from longattn.testing_forms import forward_bound
-
         view = FeatureView("query", layer, scale, cal)
-        ref, bound = forward_bound(method, q, k, v, view)
-        return assert_linear_close(out, LinearBound(ref, bound, None))
+        ref = method.reference(*(t.double() for t in (q, k, v)), view)
+        return assert_linear_close(
+            out, LinearBound(ref, method.error_bound(q, k, v, ref, view), None)
+        )
     phi_q, phi_k, log_decay, beta = linear.feature_inputs(method, q, k, layer, scale, cal)
     wide = lambda t: None if t is None else t.double()  # noqa: E731
     kwargs = dict(causal=method.causal, log_decay=wide(log_decay), beta=wide(beta),

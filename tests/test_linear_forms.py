@@ -1,28 +1,17 @@
 """The latent, low-rank and recurrent forms (``forward`` methods): each method's forward pass
-against its own float64 ``reference`` within its derived rounding bound
-(``longattn.testing_forms``), chained calls carrying the state equal one pass, causality, GQA,
-degenerate lengths and bad input.
-
-The bounds (``bound_*``) are first-order rounding-error models (Higham, *Accuracy and Stability
-of Numerical Algorithms*, ch. 3), in the notation of ``longattn.testing.reference_bound``: ``u``
-the unit roundoff of the accumulation (float32 for float32 and bfloat16 inputs, float64 for
-float64), ``u_out`` that of the inputs' dtype (the output is rounded to it; the inputs themselves
-are exact in the accumulation dtype), ``gamma(n) = n u / (1 - n u)`` for any n-term sum in any
-order or split (chunks, a carried state), ``eta = EXP_ULPS eps`` the relative error of exp (and of
-sigmoid = 1 / (1 + exp)). A weight built from a score with absolute error E is off by a factor
-within exp(+-E); a ratio of such sums (a normalised weight) by exp(+-2E). Relative errors of
-positive factors multiply, so a product of factors (1 + rho_i) is within ``expm1(sum rho_i)``.
-Every form here except SOFT has non-negative weights, so its magnitude, the sum of |weight x
-value|, is the method's own reference applied to |v|. No constant is fitted to an implementation.
+against its own float64 ``reference`` within its derived rounding bound (``error_bound``: the
+model is ``longattn.methods.latte.Rounding``, each method's derivation in its docstring), chained
+calls carrying the state equal one pass, causality, GQA, degenerate lengths and bad input.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
+from longattn.methods import latte
 from longattn.methods.aaren import Aaren
 from longattn.methods.agent_attention import AgentAttention
 from longattn.methods.flowformer import Flowformer
@@ -30,10 +19,23 @@ from longattn.methods.latte import Latte
 from longattn.methods.mega import Mega
 from longattn.methods.soft import SOFT
 from longattn.methods.sse import SSE
-from longattn.testing import make_qkv
-from longattn.testing_forms import BOUNDS, View, bound_aaren, bound_latte, bound_mega
+from longattn.testing import EXP_ULPS, check_against_reference, make_qkv
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+class View(NamedTuple):
+    """What a ``forward`` method reads from the library's view: the call's scale and the layer's
+    calibration tensors."""
+
+    scale: float
+    calibration: dict[str, torch.Tensor] | None = None
+
+
+def bound(method, q, k, v, view=None, calls: int = 1):
+    """The float64 reference of one pass and the method's derived bound around it."""
+    ref = method.reference(q.double(), k.double(), v.double(), view)
+    return ref, method.error_bound(q, k, v, ref, view, calls)
 
 
 CAUSAL = [
@@ -89,8 +91,8 @@ def test_forward_within_bound_of_reference(method, dtype, shape):
     q, k, v = make_qkv(batch, heads, kv_heads, length, head_dim=dim, dtype=dtype, seed=length)
     out, _ = method.forward(q, k, v, None)
     assert out.dtype == dtype
-    ref, bound = BOUNDS[type(method)](method, q, k, v)
-    _check(out, ref, bound)
+    ref, limit = bound(method, q, k, v)
+    _check(out, ref, limit)
 
 
 @pytest.mark.parametrize(
@@ -103,10 +105,10 @@ def test_chained_calls_equal_one_pass(method, dtype, splits):
     then one token per call) gives one pass's outputs, within the same bound."""
     q, k, v = make_qkv(2, 8, 2, 50, head_dim=16, dtype=dtype, seed=5)
     chained = _run(method, q, k, v, splits)
-    ref, bound = BOUNDS[type(method)](method, q, k, v, n_calls=len(splits) + 1)
-    _check(chained, ref, bound)
+    ref, limit = bound(method, q, k, v, calls=len(splits) + 1)
+    _check(chained, ref, limit)
     if dtype == torch.float64:  # and the float64 chained pass is the one pass up to rounding
-        _check(chained, _run(method, q, k, v), bound)
+        _check(chained, _run(method, q, k, v), limit)
 
 
 @pytest.mark.parametrize("method", CAUSAL, ids=_id)
@@ -119,9 +121,9 @@ def test_future_tokens_do_not_change_past_outputs(method):
     changed = [t.clone() for t in (q, k, v)]
     for t in changed:
         t[:, :, 23:] = 5 * torch.randn(t[:, :, 23:].shape, generator=gen)
-    ref, bound = BOUNDS[type(method)](method, *(t[:, :, :23] for t in (q, k, v)))
+    ref, limit = bound(method, *(t[:, :, :23] for t in (q, k, v)))
     out = method.forward(*changed, None)[0]
-    _check(out[:, :, :23], ref, bound)
+    _check(out[:, :, :23], ref, limit)
     assert not torch.equal(out[:, :, 23:], method.forward(q, k, v, None)[0][:, :, 23:])
 
 
@@ -138,12 +140,12 @@ def test_gqa_equals_the_expanded_heads(method):
 def test_a_dropped_key_fails_the_bound(method):
     """The bound is tight enough to catch a real bug: the first key and value removed."""
     q, k, v = make_qkv(1, 4, 2, 40, head_dim=16, seed=11)
-    ref, bound = BOUNDS[type(method)](method, q, k, v)
+    ref, limit = bound(method, q, k, v)
     broken_k, broken_v = k.clone(), v.clone()
     broken_k[:, :, 0], broken_v[:, :, 0] = -30.0, 0.0  # the key gets no weight, its value none
     out = method.forward(q, broken_k, broken_v, None)[0]
     with pytest.raises(AssertionError, match="exceeds its bound"):
-        _check(out, ref, bound)
+        _check(out, ref, limit)
 
 
 def test_a_wrong_decay_fails_the_bound():
@@ -159,25 +161,29 @@ def test_a_wrong_decay_fails_the_bound():
         )
     }
     exact = View(scale, {**params, "gate": method.gate_vector(None, 4, 16, torch.float32)})
-    ref, bound = bound_mega(method, q, k, v, exact)
-    _check(method.forward(q, k, v, None, exact)[0], ref, bound)
+    ref, limit = bound(method, q, k, v, exact)
+    _check(method.forward(q, k, v, None, exact)[0], ref, limit)
     wrong = View(scale, {**exact.calibration, "delta": params["delta"] * 1.01})
     with pytest.raises(AssertionError, match="exceeds its bound"):
-        _check(method.forward(q, k, v, None, wrong)[0], ref, bound)
+        _check(method.forward(q, k, v, None, wrong)[0], ref, limit)
 
 
-def test_aaren_fixed_query_is_causal_softmax_attention_of_that_query():
-    """Aaren's prefix scan is exact causal softmax attention: the library's dense oracle of the
-    fixed query repeated at every position, within the contract bound; and with the call's
-    queries, the oracle of those."""
+def test_aaren_is_causal_softmax_attention():
+    """Aaren's combine is exact causal softmax attention: within the library's own contract
+    bound (``reference_bound``) of the dense oracle of the fixed query repeated at every
+    position, and with the call's queries of those; the fixed query's state is O(1) per head."""
     q, k, v = make_qkv(1, 4, 2, 60, head_dim=32, seed=4)
+    causal = torch.ones(60, 60, dtype=torch.bool).tril()
     fixed = Aaren(query="fixed", seed=9)
     out, state = fixed.forward(q, k, v, None)
-    ref, bound = bound_aaren(fixed, q, k, v)
-    _check(out, ref, bound)
-    assert [tuple(t.shape) for t in state] == [(1, 4), (1, 4), (1, 4, 32)]  # O(1) per head
-    call = Aaren()
-    _check(call.forward(q, k, v, None)[0], *bound_aaren(call, q, k, v))
+    query = fixed.fixed_query(None, 4, 32, torch.float32)[None, :, None].expand_as(q)
+    check_against_reference(out, query, k, v, causal, 32**-0.5)
+    assert [tuple(t.shape) for t in state] == [(1, 4), (1, 4), (1, 4, 32)]
+    check_against_reference(Aaren().forward(q, k, v, None)[0], q, k, v, causal, 32**-0.5)
+
+
+def test_the_bounds_use_the_contract_exp_accuracy():
+    assert latte.EXP_ULPS == EXP_ULPS
 
 
 def test_latte_wide_logit_spread_inside_a_chunk():
@@ -185,7 +191,7 @@ def test_latte_wide_logit_spread_inside_a_chunk():
     method = Latte(n_latents=8, chunk_size=16)
     q, k, v = make_qkv(1, 4, 2, 40, head_dim=16, seed=8)
     k = k * torch.linspace(0.1, 60, 40).view(1, 1, -1, 1)
-    _check(method.forward(q, k, v, None)[0], *bound_latte(method, q, k, v))
+    _check(method.forward(q, k, v, None)[0], *bound(method, q, k, v))
 
 
 def test_latte_state_has_constant_size():
@@ -201,7 +207,7 @@ def test_calibrated_parameters_are_used_and_checked():
     latents = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
     view = View(0.25, {"latents": latents})
     method = Latte(n_latents=8)
-    _check(method.forward(q, k, v, None, view)[0], *bound_latte(method, q, k, v, view))
+    _check(method.forward(q, k, v, None, view)[0], *bound(method, q, k, v, view))
     assert not torch.equal(method.forward(q, k, v, None, view)[0], method.forward(q, k, v, None)[0])
     with pytest.raises(ValueError, match="'latents' has shape"):
         Latte(n_latents=4).forward(q, k, v, None, view)

@@ -12,7 +12,15 @@ from typing import Any, NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale, check_state, layer_tensor, seeded_normal
+from longattn.methods.latte import (
+    Rounding,
+    abs_scores,
+    call_scale,
+    check_state,
+    layer_tensor,
+    magnitude_bound,
+    seeded_normal,
+)
 
 QUERIES = ("call", "fixed")
 
@@ -171,6 +179,24 @@ class Aaren(Method):
             else q.new_zeros(batch, n_kv, n_heads // n_kv, 0, v.shape[-1])
         )
         return out.reshape(batch, n_heads, q_len, -1).to(out_dtype), CallState(k, v)
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``): causal softmax attention of the fixed or the call's queries. A score is a
+        dot over D, off by ``E = (gamma(D) + 3u) A`` (A the largest ``|scale| sum |q_d k_d|``;
+        the dot, then the subtraction of a max, ``|s - m| <= 2A``); a normalised weight by
+        ``2E + 4eta + 3gamma(n + calls) + 2u``: the combine rescales numerator and normaliser by
+        one rounded exp, which cancels up to the products' roundings (at most log2 n per term,
+        within gamma(n)). The weights are non-negative: ``magnitude_bound``."""
+        r = Rounding.of(q.dtype)
+        batch, n_heads, _, dim = q.shape
+        rows = q.double()
+        if self.query == "fixed":
+            rows = self.fixed_query(view, n_heads, dim, torch.float64)[None, :, None]
+        rows = rows.expand_as(q).reshape(batch, k.shape[1], -1, dim)  # [B, Hkv, G*T, D]
+        e = (r.gamma(dim) + 3 * r.u) * abs_scores(rows, k.double(), call_scale(view, dim))
+        rho = 2 * e + 4 * r.eta + 3 * r.gamma(k.shape[2] + calls) + 2 * r.u
+        return magnitude_bound(self, q, k, v, ref, rho, view)
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: causal softmax attention of the queries (the fixed

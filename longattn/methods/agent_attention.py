@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale
+from longattn.methods.latte import Rounding, abs_scores, call_scale, magnitude_bound
 
 
 def pool_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -60,6 +60,25 @@ class AgentAttention(Method):
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
         out = self._attend(q.to(acc), k.to(acc), v.to(acc), call_scale(view, q.shape[-1]))
         return out.to(v.dtype), None
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``). An agent is a mean of at most T queries: off by ``gamma(T)`` of the mean
+        of |q|. A gather score ``scale a . k`` is then off by ``E_g = (gamma(T) + gamma(D) + 3u)
+        A_g``, A_g the largest ``|scale| sum pool(|q|)_d |k_d|``, its softmax weight over T keys
+        by ``2E_g + 4eta + 3gamma(T) + 2u``; a broadcast score ``scale q . a`` likewise over the
+        n agents. The two non-negative weights multiply: ``magnitude_bound``."""
+        r = Rounding.of(q.dtype)
+        q64, k64 = q.double(), k.double()
+        length, dim, n_kv = k.shape[2], q.shape[-1], k.shape[1]
+        scale = call_scale(view, dim)
+        pooled = pool_tokens(q64.abs(), self.n_agents)  # [B, H, n, D]
+        e = r.gamma(length) + r.gamma(dim) + 3 * r.u
+        e_g = e * abs_scores(pooled.reshape(q.shape[0], n_kv, -1, dim), k64, scale)
+        e_b = e * abs_scores(q64, pooled, scale)
+        n = pooled.shape[2]
+        rho = 2 * e_g + 2 * e_b + 8 * r.eta + 3 * r.gamma(length) + 3 * r.gamma(n) + 4 * r.u
+        return magnitude_bound(self, q, k, v, ref, rho, view)
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass: both softmax matrices materialised."""

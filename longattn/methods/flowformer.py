@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from longattn.method import Method, register
-from longattn.methods.latte import check_state
+from longattn.methods.latte import Rounding, check_state, magnitude_bound
 from longattn.methods.sse import causal_linear
 
 CLAMP = 10.0  # the conserved outgoing flow is clamped to [-CLAMP, CLAMP] before its exp
@@ -143,6 +144,29 @@ class Flowformer(Method):
         source = source.clamp(-CLAMP, CLAMP)
         competition = torch.exp(source) / (torch.exp(source) @ tri.T) * n
         return Flows(incoming, competition, torch.sigmoid(sink), sink, source)
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``). Every factor but v is positive, built in stages whose relative errors
+        add: phi = sigmoid (``e1 = eta + 2u``); prefix sums of phi (``e1 + g``, g = gamma(n + D +
+        4) covering any one sum or dot, a carried state included); the flows I, O (a dot of two
+        such and a division: ``r1 = 2e1 + 2g + 3u``); the conserved flows (``r2 = 4e1 + 4g +
+        7u``); the allocation sigmoid(sink) (``r2 max|sink| + e1``); exp(source), the source
+        clamped to +-10 (``expm1(r2 max|source|) + eta``); the competition, a ratio with its
+        prefix sum (``2 rho_exp + g + u``); the output (phi(q), 1 / I, the state's sums, the
+        dot, the allocation: ``2e1 + r1 + rho_comp + 2g + rho_alloc + 3u``)."""
+        r = Rounding.of(q.dtype)
+        flows = self.flows(q.double(), k.double())
+        g = r.gamma(k.shape[2] + calls + q.shape[-1] + 4)
+        e1 = r.eta + 2 * r.u
+        r1 = 2 * e1 + 2 * g + 3 * r.u
+        r2 = 4 * e1 + 4 * g + 7 * r.u
+        largest = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731
+        rho_alloc = r2 * largest(flows.sink) + e1
+        rho_exp = math.expm1(r2 * min(largest(flows.source), CLAMP)) + r.eta
+        rho_comp = 2 * rho_exp + g + r.u
+        rho = 2 * e1 + r1 + rho_comp + 2 * g + rho_alloc + 3 * r.u
+        return magnitude_bound(self, q, k, v, ref, rho, view)
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: the T x T flow weights materialised."""

@@ -1,17 +1,67 @@
 """Latte: causal attention through latent vectors with a constant-size recurrent state.
 
 Also the home of what the ``forward`` methods share: the call's scale (``call_scale``), seeded
-parameters (``seeded_normal``) and a layer's calibration tensor (``layer_tensor``).
+parameters (``seeded_normal``), a layer's calibration tensor (``layer_tensor``), the check of a
+state to resume from (``check_state``) and the rounding model of their ``error_bound``
+(``Rounding``, ``magnitude_bound``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from longattn.method import Method, check_positive, register
+
+# The relative accuracy of exp (and sigmoid) in ulps: ATen's vectorised exp is within 20 ulp. The
+# same figure as ``longattn.testing.EXP_ULPS`` (methods may not import testing; a test holds them
+# equal).
+EXP_ULPS = 20
+
+
+class Rounding(NamedTuple):
+    """The rounding model of a ``forward`` method's ``error_bound`` (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, ch. 3): ``u`` the unit roundoff of the accumulation
+    (float32 for float32 and bfloat16 inputs, float64 for float64), ``u_out`` that of the inputs'
+    dtype (the output is rounded to it; the inputs are exact in the accumulation dtype), ``eta``
+    the relative error of exp and sigmoid, ``gamma(n) = n u / (1 - n u)`` that of an n-term sum
+    in any order or split (chunks, blocks, a carried state)."""
+
+    u: float
+    u_out: float
+    eta: float
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> Rounding:
+        acc = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        return cls(acc / 2, torch.finfo(dtype).eps / 2, EXP_ULPS * acc)
+
+    def gamma(self, n: float) -> float:
+        return n * self.u / (1 - n * self.u)
+
+
+def abs_scores(x: torch.Tensor, y: torch.Tensor, scale: float) -> float:
+    """The largest ``|scale| sum_d |x_id y_jd|`` over rows x [..., n, D] and y [..., m, D]
+    (broadcast): a bound on every score's magnitude."""
+    if x.numel() == 0 or y.numel() == 0:
+        return 0.0
+    return abs(scale) * float((x.abs() @ y.abs().transpose(-1, -2)).max())
+
+
+def magnitude_bound(
+    method: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor,
+    rho: float, view: Any = None,
+) -> torch.Tensor:  # fmt: skip
+    """``expm1(rho) (1 + u_out) M + u_out |ref|``, ``M = method.reference(q, k, |v|)``: a form
+    whose weights are non-negative, each off by a relative ``rho`` at most (their products of
+    relative errors ``(1 + rho_i)`` within ``expm1(sum rho_i)``), is off by ``expm1(rho)`` of the
+    sum of |weight x value|, which is its own reference of |v|; then the output's rounding."""
+    r = Rounding.of(q.dtype)
+    mag = method.reference(q.double(), k.double(), v.double().abs(), view)
+    return math.expm1(rho) * (1 + r.u_out) * mag + r.u_out * ref.abs()
 
 
 def call_scale(view: Any, dim: int) -> float:
@@ -142,6 +192,29 @@ class Latte(Method):
             outs.append(out)
         out = torch.cat(outs, dim=3) if outs else q_probs.new_zeros(*q_probs.shape[:4], dim_v)
         return out.reshape(batch, -1, out.shape[3], dim_v).to(v.dtype), state
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref`` (the float64 reference),
+        element by element, over ``calls`` chained calls (``Rounding``). Query-latent and
+        key-latent logits are dots over D with the latents (exact in the accumulation dtype),
+        each off by ``E = (gamma(D) + 5u) A``, A the largest ``|scale| sum |x_d w_d|`` (the dot,
+        and two subtractions of a running or chunk max, each ``|a - M| <= 2A``). p(l | t), a
+        softmax over L: ``2E_q + 2eta + gamma(L) + u``; each latent's causal softmax over n keys
+        (one exp per weight, or two in the factorised chunk form), its sums carried across
+        chunks and calls and rescaled by rounded exps that multiply numerator and normaliser
+        alike: ``2E_k + 6eta + 4gamma(n + calls) + 3u``; the sum over latents and keys:
+        ``gamma(L + n + 2)``. The weights are non-negative: ``magnitude_bound``."""
+        r = Rounding.of(q.dtype)
+        dim, n_kv = q.shape[-1], k.shape[1]
+        scale = call_scale(view, dim)
+        lat = self.latents(view, n_kv, dim, torch.float64)  # [Hkv, L, D]
+        rows = q.double().reshape(q.shape[0], n_kv, -1, dim)  # [B, Hkv, G*T, D]
+        e_q = (r.gamma(dim) + 5 * r.u) * abs_scores(rows, lat, scale)
+        e_k = (r.gamma(dim) + 5 * r.u) * abs_scores(k.double(), lat, scale)
+        n, n_lat = k.shape[2], lat.shape[1]
+        rho = 2 * e_q + 2 * r.eta + r.gamma(n_lat) + r.u
+        rho += 2 * e_k + 6 * r.eta + 4 * r.gamma(n + calls) + 3 * r.u + r.gamma(n_lat + n + 2)
+        return magnitude_bound(self, q, k, v, ref, rho, view)
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: every latent's causal softmax materialised."""

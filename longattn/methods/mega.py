@@ -3,13 +3,22 @@ inside fixed chunks."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale, check_state, layer_tensor, seeded_normal
+from longattn.methods.latte import (
+    Rounding,
+    abs_scores,
+    call_scale,
+    check_state,
+    layer_tensor,
+    seeded_normal,
+)
 
 
 class EMAParams(NamedTuple):
@@ -156,6 +165,41 @@ class Mega(Method):
             gate = gate.view(batch, n_kv, -1, n, 1)
             out = gate * out + (1 - gate) * values[:, :, None, r:]
         return out.reshape(batch, n_heads, n, -1)
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``). The EMA's coefficients are computed in float64 and rounded once (u); a
+        piece of at most C = chunk_size tokens sums <= C + h + 1 non-negative-coefficient terms
+        (``gamma(C + h + 2)``), and the state carried over the pieces (at most T // C + 2 per
+        call) is decayed by a rounded power and added once per piece (3u each, on the old terms
+        only): the smoothed x is within ``rho_ema EMA(|x|)``, ``rho_ema = gamma(C + h + 2) + u +
+        3u (T // C + 2 calls + 1)``. A score ``scale q . k~`` is then off by ``E = (rho_ema +
+        gamma(D) + 3u) A``, A the largest ``|scale| sum |q_d| EMA(|k|)_d``; a chunk softmax
+        weight by ``expm1(2E + 4eta + 3gamma(C) + 2u)`` relative; a value by rho_ema of
+        EMA(|v|). The gate's logit is off by ``E_g = (gamma(D) + u) A_g``, the gate by
+        ``E_g / 4 + eta + 2u`` absolute; it mixes the attention and the smoothed value, each
+        within their magnitudes M_attn (the ungated reference of |v|) and M_self = EMA(|v|)_t."""
+        r = Rounding.of(q.dtype)
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        batch, n_heads, length, dim = q.shape
+        n_kv, size, scale = k.shape[1], self.chunk_size, call_scale(view, dim)
+        pieces = length // size + 2 * calls + 1
+        rho_ema = r.gamma(size + self.n_dims + 2) + r.u + 3 * r.u * pieces
+        k_mag = damped_ema(k64.abs(), self.ema_params(view, n_kv, dim, ""))
+        rows = q64.reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*T, D]
+        e_w = (rho_ema + r.gamma(dim) + 3 * r.u) * abs_scores(rows, k_mag, scale)
+        rho = math.expm1(2 * e_w + 4 * r.eta + 3 * r.gamma(size) + 2 * r.u) + 2 * rho_ema + r.u
+        ungated = dataclasses.replace(self, gated=False)
+        mag = ungated.reference(q64, k64, v64.abs(), view)  # M_attn
+        if self.gated:
+            gate = self.gate_vector(view, n_heads, dim, torch.float64)  # [H, D]
+            e_g = (
+                (r.gamma(dim) + r.u) * abs(scale) * float((q64.abs() @ gate.abs()[..., None]).max())
+            )
+            v_mag = damped_ema(v64.abs(), self.ema_params(view, n_kv, v.shape[-1], "v_"))
+            mag = mag + v_mag.repeat_interleave(n_heads // n_kv, 1)  # + M_self
+            rho += e_g / 4 + r.eta + 4 * r.u
+        return rho * (1 + r.u_out) * mag + r.u_out * ref.abs()
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: the EMA token by token, then the chunk-masked

@@ -3,6 +3,7 @@ Newton-Schulz pseudo-inverse; non-causal (encoders)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -10,7 +11,7 @@ import torch
 
 from longattn.method import Method, check_positive, register
 from longattn.methods.agent_attention import pool_tokens, refuse_state
-from longattn.methods.latte import call_scale
+from longattn.methods.latte import Rounding, call_scale
 
 
 def gaussian(x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -80,6 +81,34 @@ class SOFT(Method):
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
         out = self._attend(q.to(acc), k.to(acc), v.to(acc), call_scale(view, q.shape[-1]))
         return out.to(v.dtype), None
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``): ``out = P (Z (B V))`` with Z computed in float64 from the same landmarks
+        as the reference and rounded once (u). A kernel entry's squared distance ``|x|^2 +
+        |y|^2 - 2 x . y`` is off by ``e = (gamma(D + 2) + 2u)(|x|^2 + |y|^2 + 2 sum |x_d y_d|)``
+        (the landmark's rounding to the accumulation dtype included), the entry by
+        ``expm1(|scale| e / 2 + u + eta)`` relative. The three products sum m, m and T terms.
+        Z is signed: the magnitude is ``|P| |Z| |B| |V|``."""
+        r = Rounding.of(q.dtype)
+        batch, n_heads, length, dim = q.shape
+        if k.shape[2] == 0:
+            return torch.zeros_like(ref)
+        scale = call_scale(view, dim)
+        k64 = k.double()
+        points, inverse = self.landmarks(k64, scale)
+        rows = q.double().reshape(batch, k.shape[1], -1, dim)  # [B, Hkv, G*T, D]
+
+        def entry_error(x, y):  # the largest relative error of an entry of gaussian(x, y)
+            sq = (x * x).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(-2)
+            e = (r.gamma(dim + 2) + 2 * r.u) * (sq + 2 * x.abs() @ y.abs().transpose(-1, -2))
+            return math.expm1(abs(scale) * float(e.max()) / 2 + r.u + r.eta)
+
+        p, b = gaussian(rows, points, scale), gaussian(points, k64, scale)
+        mag = (p @ (inverse.abs() @ (b @ v.double().abs()))).view(batch, n_heads, length, -1)
+        rho = entry_error(rows, points) + entry_error(points, k64) + r.u
+        rho += r.gamma(k.shape[2]) + 2 * r.gamma(points.shape[2]) + 3 * r.u
+        return math.expm1(rho) * (1 + r.u_out) * mag + r.u_out * ref.abs()
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass: the T x T low-rank kernel ``P Z B`` materialised."""

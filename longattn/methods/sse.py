@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-from longattn.methods.latte import call_scale, check_state
+from longattn.methods.latte import Rounding, call_scale, check_state, magnitude_bound
 
 
 def causal_linear(
@@ -109,6 +109,24 @@ class SSE(Method):
         out = out[..., :-1] / out[..., -1:]  # > 0: reads and writes are positive somewhere
         state = SSEState(kv[:, :, 0, :, :-1], kv[:, :, 0, :, -1])
         return out.reshape(batch, n_heads, length, -1).to(v.dtype), state
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``). The read softmax over D of ``sqrt(scale) q`` (the scaling and the
+        subtraction of the max: ``E_q = 3u sqrt(scale) max|q|``) is off by ``2E_q + 2eta +
+        gamma(D) + u`` relative; the write softmax over the top-k likewise with ``gamma(k)``; a
+        weight ``read . write`` adds ``gamma(D)``, and the normalised sums (state and chunk: at
+        most n + D terms per output) double the weights' error and add ``2gamma(n + D + 2) +
+        u``. The rows are chosen on the raw keys, exact in every dtype: ``magnitude_bound``."""
+        r = Rounding.of(q.dtype)
+        dim = q.shape[-1]
+        root = call_scale(view, dim) ** 0.5
+        e_q = 3 * r.u * root * float(q.double().abs().max()) if q.numel() else 0.0
+        e_k = 3 * r.u * root * float(k.double().abs().max()) if k.numel() else 0.0
+        rel_read = 2 * e_q + 2 * r.eta + r.gamma(dim) + r.u
+        rel_write = 2 * e_k + 2 * r.eta + r.gamma(self.top_k) + r.u
+        rho = 2 * (rel_read + rel_write + r.gamma(dim)) + 2 * r.gamma(k.shape[2] + dim + 2) + r.u
+        return magnitude_bound(self, q, k, v, ref, rho, view)
 
     def reference(self, q, k, v, view=None):
         """Float64, one pass, by definition: the T x T weights ``read_t . write_s`` materialised."""
