@@ -175,9 +175,10 @@ def test_performer_is_unbiased_over_draws():
     """The mean over N independent draws (``redraw`` = 0..N-1) of u(x) . u(y) estimates exp(x . y).
     Tolerance: for m i.i.d. positive features the variance of one estimate is
     exp(2 x.y) (exp(|x + y|^2) - 1) / m (Choromanski et al., Lemma 2), and one orthogonal block
-    of m <= D rows does not exceed it (their Theorem 2); by Chebyshev, P(|mean - exp(x.y)| >= t sigma / sqrt(N)) <=
-    1 / t^2, so t = 20 fails for at most 1 in 400 seed choices per pair. A missing -|x|^2/2 term
-    exceeds it (asserted); the x = -y pair has variance 0 and must be exact."""
+    of m <= D rows does not exceed it (their Theorem 2); by Chebyshev,
+    P(|mean - exp(x.y)| >= t sigma / sqrt(N)) <= 1 / t^2, so t = 20 fails for at most 1 in 400
+    seed choices per pair. A missing -|x|^2/2 term exceeds it (asserted); the x = -y pair has
+    variance 0 and must be exact."""
     m, n_draws, dim = 8, 6000, 8
     gen = torch.Generator().manual_seed(11)
     pairs = F.normalize(torch.randn(3, 2, dim, generator=gen, dtype=torch.float64), dim=-1) * 0.6

@@ -34,8 +34,9 @@ class LogNormal(LinearAttention):
     ``q_std`` and ``k_std`` are the standard deviations of query and key entries the matching
     assumes; a calibration (``calibration``: a path, loaded by the library) overrides them per
     layer and head with tensors ``q_std`` [Hkv, G] (query head h = KV head h // G's member
-    h % G) and ``k_std`` [Hkv]. Under grouped-query attention a KV head's keys serve several query heads,
-    so the matched s is computed per KV head from the group's root-mean-square ``q_std``.
+    h % G) and ``k_std`` [Hkv]. Under grouped-query attention a KV head's keys serve several
+    query heads, so the matched s is computed per KV head from the group's root-mean-square
+    ``q_std``.
     A query's features are divided by their largest one (cancels in the normaliser, so
     ``normalize`` must be True and ``window`` 0); keys are not shifted, and exp(beta k)
     overflows float32 only for an entry beyond ~88 / beta (about 41 standard deviations at the
