@@ -505,15 +505,10 @@ def _delta_loop(phi_q, phi_k, v, log_decay, beta, fixed, group):
     return torch.stack(outs, dim=2)
 
 
-# The library refuses negative features under normalize=True (longattn.linear.check_features);
-# Taylor's single features are signed although every phi(q) . phi(k) >= 1/2. Strict: passes
-# (and so fails here) once the library accepts a map that declares ``signed_features``.
-SIGNED = pytest.mark.xfail(raises=ValueError, strict=True, reason="library refuses signed maps")
-
 E2E = [
     Performer(features=24),
-    pytest.param(Taylor(window=6, features=4), marks=SIGNED),
-    pytest.param(Taylor(features=0, window=0, decay="retnet"), marks=SIGNED),
+    Taylor(window=6, features=4),  # signed features, a positive kernel (signed_features)
+    Taylor(features=0, window=0, decay="retnet"),
     Taylor(features=0, window=0, normalize=False),
     Hedgehog(),
     Cosine(),
