@@ -29,7 +29,6 @@ from longattn.bench.common import (
 )
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.tiled import tiled_attention
-from longattn.linear import HOOKS as LINEAR_HOOKS
 from longattn.method import from_string, registry
 from longattn.prefill import visible_rows
 from longattn.testing import make_qkv, reference_bound
@@ -117,9 +116,7 @@ def run_methods_bench(
         for causal in (True, False)
     }
     records = []
-    for name, cls in registry().items():
-        if cls().hook in LINEAR_HOOKS:  # linear attention has its own bench (bench linear)
-            continue
+    for name in registry():
         for spec in BENCH_SPECS.get(name, lambda t, n=name: [n])(length):
             method = from_string(spec)  # the call may run another rule (a select prefill: dense)
             if method.hook in linear.HOOKS:
