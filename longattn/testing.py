@@ -12,6 +12,7 @@ from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
 from longattn.types import (
+    EXP_ULPS,
     AttnOutput,
     BlockIndex,
     DecodeSelection,
@@ -64,12 +65,6 @@ def oracle(
     if selection is not None:
         call = dataclasses.replace(call, selection=selection)
     return reference_attention(call.q, call.k, call.v, visible_mask(call), call.scale)
-
-
-# Accuracy of the least accurate exp among the implementations: ATen's vectorised ``exp_u20`` (used
-# by the CPU flash kernel behind ``sdpa``, ``decode`` and ``sparse``) is within 20 ulp; the C++
-# kernels' polynomial and torch's Sleef exp are within 1 ulp.
-EXP_ULPS = 20
 
 
 class Bound(typing.NamedTuple):

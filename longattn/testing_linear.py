@@ -8,7 +8,7 @@ import typing
 import torch
 
 from longattn.kernels.linear import LinearState
-from longattn.types import FeatureView, accumulation_dtype
+from longattn.types import EXP_ULPS, FeatureView, accumulation_dtype
 
 
 class LinearBound(typing.NamedTuple):
@@ -212,7 +212,6 @@ def linear_bound(q, k, v, **kwargs) -> LinearBound:
 
     Nothing is fitted; a dropped key or a wrong decay moves an output by far more in float32
     (``tests/test_linear_kernel.py``)."""
-    from longattn.testing import EXP_ULPS  # the exp accuracy shared with reference_bound
 
     ref, ref_state = linear_reference(q, k, v, **kwargs)
     # the inputs' roundoff is the coarser of the features' and the values' (features may be

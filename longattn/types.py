@@ -13,6 +13,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+# Accuracy of the least accurate exp among the implementations: ATen's vectorised ``exp_u20`` (used
+# by the CPU flash kernel behind ``sdpa``, ``decode`` and ``sparse``) is within 20 ulp; the C++
+# kernels' polynomial and torch's Sleef exp are within 1 ulp. Every derived bound uses it.
+EXP_ULPS = 20
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where sums and the log-sum-exp are kept: float64 for float64 inputs, else float32."""

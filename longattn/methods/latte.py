@@ -15,11 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longattn.method import Method, check_positive, register
-
-# The relative accuracy of exp (and sigmoid) in ulps: ATen's vectorised exp is within 20 ulp. The
-# same figure as ``longattn.testing.EXP_ULPS`` (methods may not import testing; a test holds them
-# equal).
-EXP_ULPS = 20
+from longattn.types import EXP_ULPS
 
 
 class Rounding(NamedTuple):
