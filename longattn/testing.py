@@ -11,6 +11,7 @@ import torch
 from longattn.api import make_call, visible_mask
 from longattn.kernels.reference import reference_attention
 from longattn.method import Method
+from longattn.testing_linear import within as _within
 from longattn.types import (
     EXP_ULPS,
     AttnOutput,
@@ -162,20 +163,6 @@ def check_against_reference(
         finite = ~torch.isneginf(ref_lse)
         _within("lse", (lse.double() - ref_lse).masked_fill(~finite, 0.0), bound.lse)
     return (out.double() - bound.ref.out).abs().max().item() if out.numel() else 0.0
-
-
-def _within(name: str, diff: torch.Tensor, bound: torch.Tensor) -> None:
-    """Fail with the worst element when any ``|diff|`` exceeds its ``bound`` (NaN fails)."""
-    excess = diff.abs() - bound
-    bad = ~(excess <= 0)
-    if bool(bad.any()):
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        worst = excess.nan_to_num(torch.inf).argmax()
-        raise AssertionError(
-            f"|{name} - ref64| = {diff.abs().flatten()[worst].item():.3e} exceeds its bound "
-            f"{bound.flatten()[worst].item():.3e} (first failing element {where}, "
-            f"max|{name} - ref64| = {diff.abs().max().item():.3e})"
-        )
 
 
 def assert_attention_close(

@@ -355,15 +355,27 @@ def _delta_bound(q, k, v, ref, kw, u, u_in, eta) -> torch.Tensor:
     return out + u_in * ref.abs()
 
 
+def within(name: str, diff: torch.Tensor, bound: torch.Tensor) -> None:
+    """Fail with the worst element when any ``|diff|`` exceeds its ``bound`` (NaN fails)."""
+    excess = diff.abs() - bound
+    bad = ~(excess <= 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        worst = excess.nan_to_num(torch.inf).argmax()
+        raise AssertionError(
+            f"|{name} - ref64| = {diff.abs().flatten()[worst].item():.3e} exceeds its bound "
+            f"{bound.flatten()[worst].item():.3e} (first failing element {where}, "
+            f"max|{name} - ref64| = {diff.abs().max().item():.3e})"
+        )
+
+
 def assert_linear_close(out: torch.Tensor, bound: LinearBound) -> float:
     """Assert ``out`` is within ``bound`` element by element (shape and finiteness too); returns
     max|out - ref64|."""
     if out.shape != bound.ref.shape:
         raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(bound.ref.shape)}")
-    from longattn.testing import _within
-
     diff = out.double() - bound.ref
-    _within("out", diff, bound.out)
+    within("out", diff, bound.out)
     return diff.abs().max().item() if out.numel() else 0.0
 
 
