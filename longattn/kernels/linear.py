@@ -32,6 +32,7 @@ CHANNEL_SUBCHUNK = 16
 # Elements of a [.., c, c, F] per-channel weight block built at once: bounds that path's memory.
 CHANNEL_BLOCK_ELEMENTS = 1 << 23
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+NATIVE = "linear"  # csrc/linear.cpp
 
 
 class LinearState(NamedTuple):
@@ -69,6 +70,7 @@ def linear_attention(
     q_raw: Tensor | None = None,
     k_raw: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, LinearState | None]:
     """Linear attention ``out_t = q_t^T S_t`` (``/ q_t . z_t`` when ``normalize``), chunkwise.
 
@@ -85,9 +87,21 @@ def linear_attention(
     again in front of the next call's k / v / k_raw (queries stay the last Tq positions).
     Non-causal: every query sees every key; no decay, delta rule, window or state.
 
+    ``impl``: "torch" (batched products over all chunks), "native" (the C++ kernel, float32 /
+    bfloat16, causal, no gate but a fixed decay, no delta rule or window, Tq = Tk; raises with the
+    reason where it cannot run) or "auto" (native where it can run, else torch).
+
     Returns (out [B, H, Tq, Dv] in v's dtype, the state after the call's keys; None if not causal).
     Rows whose denominator is exactly 0 give 0."""
     spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
+    if impl not in ("auto", "torch", "native"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'native', got {impl!r}")
+    if impl != "torch":
+        reason = native_unavailable(q, causal, spec, beta, window)
+        if reason is None:
+            return _native(q, k, v, log_decay, normalize, state, chunk_size, spec)
+        if impl == "native":
+            raise ValueError(f"impl='native' cannot run this call: {reason}")
     if window:
         q_raw, k_raw, scale = _validate_window(q, k, q_raw, k_raw, scale, spec)
     if not causal:
@@ -102,6 +116,42 @@ def linear_attention(
         out, s_out = _chunkwise(q_full, k, values, log_decay, beta, s_in, chunk_size, spec)
         out = out[:, :, spec.kv_len - spec.q_len :]
     return _finish(out, v, normalize), _state_out(s_out, normalize)
+
+
+def native_unavailable(q: Tensor, causal: bool, spec: _Spec, beta, window: int) -> str | None:
+    """Why the C++ kernel (``csrc/linear.cpp``) cannot run a validated call (None: it can)."""
+    if not causal or beta is not None or window or spec.gate not in ("none", "fixed"):
+        return "it runs causal calls with no gate but a fixed decay, no delta rule, no window"
+    if q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
+        return f"it runs float32 / bfloat16 on CPU, not {q.dtype} on {q.device.type}"
+    if spec.q_len != spec.kv_len:
+        return f"it needs as many queries as keys (got {spec.q_len} and {spec.kv_len})"
+    from longattn.kernels import extension
+
+    return extension.unavailable(NATIVE)
+
+
+def _native(q, k, v, log_decay, normalize, state, chunk, spec) -> tuple[Tensor, LinearState]:
+    """The C++ kernel: bfloat16 inputs are widened once (this CPU's bf16 GEMM is no faster)."""
+    from longattn.kernels import extension
+
+    batch, n_kv, _, feat = k.shape
+    q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
+    if state is None:
+        kv = torch.zeros(batch, n_kv, feat, v.shape[-1])
+        k_sum = torch.zeros(batch, n_kv, feat) if normalize else None
+    else:
+        kv = state.kv.clone(memory_format=torch.contiguous_format)
+        k_sum = None if state.k_sum is None else state.k_sum.clone().contiguous()
+    log_gamma = torch.empty(0, dtype=torch.float64)
+    if log_decay is not None:
+        log_gamma = log_decay.to(torch.float64).contiguous()
+    chunk = max(1, min(chunk, spec.kv_len))
+    empty = torch.empty(0)
+    out = extension.load(NATIVE).forward(
+        q32, k32, v32, kv, empty if k_sum is None else k_sum, log_gamma, chunk, normalize
+    )
+    return out.to(v.dtype), LinearState(kv, k_sum)
 
 
 def linear_recurrent(
