@@ -377,8 +377,8 @@ def _finish(out: Tensor, v: Tensor, normalize: bool) -> Tensor:
     """[B, H, Tq, Dv'] accumulated -> the output in v's dtype (divided by the normaliser column)."""
     if normalize:
         num, den = out[..., :-1], out[..., -1:]
-        out = torch.where(den == 0, torch.zeros_like(num), num / den)
-    return out.to(v.dtype)
+        out = num.div_(den).masked_fill_(den == 0, 0.0)  # in place: no T x Dv temporaries
+    return out.to(v.dtype).contiguous()
 
 
 def _align_queries(q: Tensor, spec: _Spec) -> Tensor:
@@ -468,18 +468,16 @@ def _plain_chunks(q6, k5, v5, cum, s_in) -> tuple[Tensor, Tensor]:
     before = _scan(contrib, gate, s_in)  # [B, Hkv, n, F, Dv']: the state entering each chunk
     q_rows = q6 if cum is None else q6 * _row_factor(cum)[:, :, :, None]
     inter = (q_rows.flatten(3, 4) @ before).unflatten(3, pair.shape[3:5])
-    return intra + inter, before[:, :, -1] * (1 if gate is None else gate[:, :, -1]) + contrib[
-        :, :, -1
-    ]
+    last_in = before[:, :, -1] if gate is None else before[:, :, -1] * gate[:, :, -1]
+    return intra.add_(inter), last_in + contrib[:, :, -1]
 
 
 def _scan(contrib: Tensor, gate: Tensor | None, s_in: Tensor) -> Tensor:
     """State entering each chunk: ``S_c = gate_c * S_{c-1} + contrib_c`` from ``S_{-1} = s_in``.
     contrib [B, Hkv, n, F, Dv']; gate [B, Hkv, n, 1 or F, 1] or None (no decay: a cumsum)."""
     n = contrib.shape[2]
-    if gate is None:
-        total = contrib.cumsum(dim=2).add_(s_in[:, :, None])
-        return torch.cat([s_in[:, :, None], total[:, :, :-1]], dim=2)
+    if gate is None:  # exclusive prefix sum, in place: the inclusive sum minus each term
+        return contrib.cumsum(dim=2).sub_(contrib).add_(s_in[:, :, None])
     before = torch.empty_like(contrib)
     s = s_in
     for c in range(n):
