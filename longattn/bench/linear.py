@@ -6,8 +6,9 @@ tokens, against causal ``F.scaled_dot_product_attention`` up to ``--sdpa-max`` t
 beyond it the table shows the largest measured SDPA time scaled by (T / T_max)^2, marked as
 extrapolated). Efficiency: the kernel's executed FLOPs (full C x C tiles: ``2 H T (C F + C Dv +
 2 F Dv)``) per second against the machine's GEMM rate measured in the same run, both a large
-``torch.mm`` and ``torch.bmm`` of the chunk shapes. Decode: one token through ``linear_recurrent``
-with a carried state (O(1) per step) against SDPA of one query over a dense cache of T keys.
+``torch.mm`` and ``torch.bmm`` of the chunk shapes. Decode: one token with a carried state (O(1)
+per step; through ``linear_attention`` and through ``linear_recurrent``) against SDPA of one query
+over a dense cache of T keys.
 A correctness gate (the engine within ``linear_bound`` at 1K) runs first; a red gate is not timed.
 """
 
@@ -45,6 +46,7 @@ DECODE_COLUMNS = [
     ("T", "T"),
     ("dtype", "dtype"),
     ("linear_ms", "linear step ms"),
+    ("recurrent_ms", "recurrent ms"),
     ("dense_ms", "dense step ms"),
     ("speedup", "x dense"),
     ("state_kib", "state KiB"),
@@ -144,14 +146,16 @@ def decode_record(length, dtype, heads, dim, repeats) -> dict:
     gen = torch.Generator().manual_seed(2)
     q, k, v = features(1, heads, dim, dtype, seed=3)
     state = LinearState(torch.rand(1, heads, dim, dim, generator=gen), torch.rand(1, heads, dim))
-    lin = median_ms(lambda: linear_recurrent(q, k, v, state=state), warmup=3, repeats=repeats * 4)
+    lin = median_ms(lambda: linear_attention(q, k, v, state=state), warmup=3, repeats=repeats * 4)
+    rec = median_ms(lambda: linear_recurrent(q, k, v, state=state), warmup=3, repeats=repeats * 4)
     keys = torch.randn(1, heads, length, dim, generator=gen).to(dtype)
     values = torch.randn(1, heads, length, dim, generator=gen).to(dtype)
     dense = median_ms(lambda: F.scaled_dot_product_attention(q, keys, values), warmup=2,
                       repeats=repeats * 4)  # fmt: skip
     return {
         "bench": "linear_decode", "T": length, "dtype": str(dtype).replace("torch.", ""),
-        "heads": heads, "dim": dim, "linear_ms": lin, "dense_ms": dense, "speedup": dense / lin,
+        "heads": heads, "dim": dim, "linear_ms": lin, "recurrent_ms": rec, "dense_ms": dense,
+        "speedup": dense / lin,
         "state_kib": (state.kv.numel() + state.k_sum.numel()) * 4 / 1024,
         "cache_mib": 2 * keys.numel() * keys.element_size() / 2**20,
     }  # fmt: skip

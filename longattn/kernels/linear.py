@@ -213,11 +213,12 @@ def _recurrent_step(s: Tensor, kt: Tensor, vt: Tensor, logs, t: int, b: Tensor |
     if logs is not None:
         gate = logs[:, :, t].exp()  # [B, Hkv] or [B, Hkv, F]
         s = s * (gate[..., None, None] if gate.dim() == 2 else gate[..., None])
-    if b is None:
-        return s + kt[..., :, None] * vt[..., None, :]
-    bt = b[:, :, t, None]  # [B, Hkv, 1]
-    pseudo = bt * (vt - (kt[..., None, :] @ s).squeeze(-2))  # [B, Hkv, Dv]: b (v - S^T k)
-    return s + kt[..., :, None] * pseudo[..., None, :]
+    if b is not None:
+        bt = b[:, :, t, None]  # [B, Hkv, 1]
+        vt = bt * (vt - (kt[..., None, :] @ s).squeeze(-2))  # [B, Hkv, Dv]: b (v - S^T k)
+    # S + k v^T as one batched rank-1 update: [B*Hkv, F, Dv']
+    update = torch.baddbmm(s.flatten(0, 1), kt.flatten(0, 1)[..., None], vt.flatten(0, 1)[:, None])
+    return update.view(s.shape)
 
 
 def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) -> Tensor:
