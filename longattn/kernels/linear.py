@@ -132,11 +132,11 @@ def native_unavailable(q: Tensor, causal: bool, spec: _Spec, beta, window: int) 
 
 
 def _native(q, k, v, log_decay, normalize, state, chunk, spec) -> tuple[Tensor, LinearState]:
-    """The C++ kernel: bfloat16 inputs are widened once (this CPU's bf16 GEMM is no faster)."""
+    """The C++ kernel (float32 accumulation; bfloat16 tiles are widened in cache)."""
     from longattn.kernels import extension
 
     batch, n_kv, _, feat = k.shape
-    q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))
+    q, k, v = (t.contiguous() for t in (q, k, v))
     if state is None:
         kv = torch.zeros(batch, n_kv, feat, v.shape[-1])
         k_sum = torch.zeros(batch, n_kv, feat) if normalize else None
@@ -149,9 +149,9 @@ def _native(q, k, v, log_decay, normalize, state, chunk, spec) -> tuple[Tensor, 
     chunk = max(1, min(chunk, spec.kv_len))
     empty = torch.empty(0)
     out = extension.load(NATIVE).forward(
-        q32, k32, v32, kv, empty if k_sum is None else k_sum, log_gamma, chunk, normalize
+        q, k, v, kv, empty if k_sum is None else k_sum, log_gamma, chunk, normalize
     )
-    return out.to(v.dtype), LinearState(kv, k_sum)
+    return out, LinearState(kv, k_sum)
 
 
 def linear_recurrent(
@@ -238,7 +238,7 @@ def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) 
         ages = torch.arange(t - lo, -1, -1, dtype=spec.acc)  # t - s over the window
         weights = weights * (log_gamma[..., None, None] * ages).exp()
         lin = lin * (log_gamma * min(window, t + 1)).exp()[..., None, None]
-    exact = weights @ values[:, :, None, lo : t + 1].squeeze(2)  # [B, Hkv, G, Dv']
+    exact = weights @ values[:, :, lo : t + 1]  # [B, Hkv, G, w] @ [B, Hkv, w, Dv']
     return exact + (-shift).exp() * lin
 
 

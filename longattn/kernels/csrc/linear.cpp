@@ -1,11 +1,12 @@
-// Causal chunkwise linear attention on CPU, float32, in the style of Lightning Attention's
-// intra/inter split (arXiv:2401.04658): parallel over (batch, KV head); per chunk of C tokens the
-// KV head's query heads compute P = Q K^T (masked causal, times gamma^(i-j) with a fixed decay),
-// O = P V + diag(gamma^(i+1)) Q S, with the carried state S [F, Dv] and the normaliser's running
-// key sum z [F]; then S = gamma^C S + (gamma^(C-1-j) K)^T V. Every product is a BLAS micro-kernel
-// call (at::native::cpublas::brgemm, oneDNN's batch-reduce GEMM exported by libtorch) on tiles that
-// stay in cache, so no [T, C] or [T, F, Dv] intermediate ever reaches memory: the time is the
-// GEMMs'. Transitions other than none / a fixed per-head decay run the PyTorch path.
+// Causal chunkwise linear attention on CPU (float32 / bfloat16 inputs, float32 accumulation), in
+// the style of Lightning Attention's intra/inter split (arXiv:2401.04658): parallel over (batch,
+// KV head); per chunk of C tokens the KV head's query heads compute P = Q K^T (masked causal, times
+// gamma^(i-j) with a fixed decay), O = P V + diag(gamma^(i+1)) Q S, with the carried state
+// S [F, Dv] and the normaliser's running key sum z [F]; then S = gamma^C S + (gamma^(C-1-j) K)^T V.
+// Every product is a BLAS micro-kernel call (at::native::cpublas::brgemm, oneDNN's batch-reduce
+// GEMM exported by libtorch) on tiles that stay in cache, so no [T, C] or [T, F, Dv] intermediate
+// ever reaches memory: the time is the GEMMs'. Transitions other than none / a fixed per-head
+// decay run the PyTorch path.
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -22,9 +24,23 @@ struct Problem {
   bool normalize;
 };
 
-// One (batch, KV head): all its chunks in order, its G query heads per chunk.
-void run_item(const Problem& p, int64_t b, int64_t hkv, const float* q, const float* k,
-              const float* v, float* out, float* S, float* z, const float* powers,
+// A [rows, n] tile as float: the pointer itself for float32, else widened into `buf`.
+template <typename io_t>
+inline const float* widen(const io_t* src, int64_t count, float* buf) {
+  if constexpr (std::is_same_v<io_t, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// One (batch, KV head): all its chunks in order, its G query heads per chunk. bfloat16 tiles are
+// widened to float in cache as they are read (the float32 micro-kernel runs them: this CPU class's
+// bf16 GEMM is no faster), so no widened copy of q, k, v is ever made in memory.
+template <typename io_t>
+void run_item(const Problem& p, int64_t b, int64_t hkv, const io_t* q, const io_t* k,
+              const io_t* v, io_t* out, float* S, float* z, const float* powers,
               std::vector<float>& buf) {
   const int64_t C = p.C, F = p.F, Dv = p.Dv, G = p.H / p.Hkv;
   float* kt = buf.data();          // K^T of the chunk [F, C]
@@ -33,18 +49,20 @@ void run_item(const Problem& p, int64_t b, int64_t hkv, const float* q, const fl
   float* O = P + C * C;            // [C, Dv]
   float* qd = O + C * Dv;          // decayed query rows [C, F]
   float* den = qd + C * F;         // [C]
+  float* qw = den + C;             // widened query rows [C, F] (bfloat16)
+  float* vw = qw + C * F;          // widened values [C, Dv] (bfloat16)
   const bool decay = powers != nullptr;
-  const float* kbase = k + (b * p.Hkv + hkv) * p.T * F;
-  const float* vbase = v + (b * p.Hkv + hkv) * p.T * Dv;
+  const io_t* kbase = k + (b * p.Hkv + hkv) * p.T * F;
+  const io_t* vbase = v + (b * p.Hkv + hkv) * p.T * Dv;
   for (int64_t t0 = 0; t0 < p.T; t0 += C) {
     const int64_t rows = std::min(C, p.T - t0);
-    const float* kp = kbase + t0 * F;
-    const float* vp = vbase + t0 * Dv;
+    const io_t* kp = kbase + t0 * F;
+    const float* vp = widen(vbase + t0 * Dv, rows * Dv, vw);
     for (int64_t j = 0; j < rows; ++j)
-      for (int64_t f = 0; f < F; ++f) kt[f * C + j] = kp[j * F + f];
+      for (int64_t f = 0; f < F; ++f) kt[f * C + j] = static_cast<float>(kp[j * F + f]);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hkv * G + g;
-      const float* qp = q + ((b * p.H + h) * p.T + t0) * F;
+      const float* qp = widen(q + ((b * p.H + h) * p.T + t0) * F, rows * F, qw);
       at::native::cpublas::brgemm(rows, rows, F, F, C, C, false, qp, kt, P, false);
       for (int64_t i = 0; i < rows; ++i) {
         float* pr = P + i * C;
@@ -65,16 +83,15 @@ void run_item(const Problem& p, int64_t b, int64_t hkv, const float* q, const fl
         qa = qd;
       }
       at::native::cpublas::brgemm(rows, Dv, F, F, Dv, Dv, true, qa, S, O, false);
-      float* op = out + ((b * p.H + h) * p.T + t0) * Dv;
+      io_t* op = out + ((b * p.H + h) * p.T + t0) * Dv;
       for (int64_t i = 0; i < rows; ++i) {
-        if (!p.normalize) {
-          std::copy(O + i * Dv, O + (i + 1) * Dv, op + i * Dv);
-          continue;
+        float scale = 1.0f;
+        if (p.normalize) {
+          float s = den[i];
+          for (int64_t f = 0; f < F; ++f) s += qa[i * F + f] * z[f];
+          scale = s == 0.0f ? 0.0f : 1.0f / s;  // a row with a zero denominator gives 0
         }
-        float s = den[i];
-        for (int64_t f = 0; f < F; ++f) s += qa[i * F + f] * z[f];
-        const float inv = s == 0.0f ? 0.0f : 1.0f / s;
-        for (int64_t d = 0; d < Dv; ++d) op[i * Dv + d] = s == 0.0f ? 0.0f : O[i * Dv + d] * inv;
+        for (int64_t d = 0; d < Dv; ++d) op[i * Dv + d] = static_cast<io_t>(O[i * Dv + d] * scale);
       }
     }
     const float* kd = kt;
@@ -97,15 +114,37 @@ void run_item(const Problem& p, int64_t b, int64_t hkv, const float* q, const fl
   }
 }
 
-// q [B, H, T, F], k [B, Hkv, T, F], v [B, Hkv, T, Dv] float32 contiguous; kv [B, Hkv, F, Dv] and
-// k_sum [B, Hkv, F] (empty when not normalising) the carried state, updated in place;
-// log_gamma [Hkv] float64 (empty: no decay). Returns out [B, H, T, Dv] float32.
+template <typename io_t>
+void run_all(const Problem& p, const torch::Tensor& q, const torch::Tensor& k,
+             const torch::Tensor& v, torch::Tensor& out, float* sp, float* zp,
+             const std::vector<float>& powers) {
+  const io_t *qp = q.data_ptr<io_t>(), *kp = k.data_ptr<io_t>(), *vp = v.data_ptr<io_t>();
+  io_t* op = out.data_ptr<io_t>();
+  const bool decay = !powers.empty();
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * p.F * p.C + p.C * p.C + p.C * p.Dv + 2 * p.C * p.F + p.C +
+                           p.C * p.Dv);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.Hkv, h = item % p.Hkv;
+      run_item<io_t>(p, b, h, qp, kp, vp, op, sp + item * p.F * p.Dv,
+                     zp ? zp + item * p.F : nullptr,
+                     decay ? powers.data() + h * (p.C + 1) : nullptr, buf);
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+}
+
+// q [B, H, T, F], k [B, Hkv, T, F], v [B, Hkv, T, Dv] float32 or bfloat16 (one dtype),
+// contiguous; kv [B, Hkv, F, Dv] and k_sum [B, Hkv, F] float32 (k_sum empty when not
+// normalising) the carried state, updated in place; log_gamma [Hkv] float64 (empty: no decay).
+// Returns out [B, H, T, Dv] in the inputs' dtype.
 torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                       torch::Tensor kv, torch::Tensor k_sum, const torch::Tensor& log_gamma,
                       int64_t chunk, bool normalize) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat,
-              "linear kernel: float32 tensors expected");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype &&
+                  v.scalar_type() == dtype && kv.scalar_type() == at::kFloat,
+              "linear kernel: float32 / bfloat16 q, k, v and a float32 state expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && kv.is_contiguous(),
               "linear kernel: contiguous tensors expected");
   Problem p{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), v.size(3), chunk, normalize};
@@ -118,18 +157,12 @@ torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torc
     for (int64_t i = 0; i <= p.C; ++i)
       powers[h * (p.C + 1) + i] =
           static_cast<float>(std::exp(static_cast<double>(i) * log_gamma[h].item<double>()));
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *sp = kv.data_ptr<float>();
+  float* sp = kv.data_ptr<float>();
   float* zp = normalize ? k_sum.data_ptr<float>() : nullptr;
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * p.F * p.C + p.C * p.C + p.C * p.Dv + p.C * p.F + p.C);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / p.Hkv, h = item % p.Hkv;
-      run_item(p, b, h, qp, kp, vp, op, sp + item * p.F * p.Dv, zp ? zp + item * p.F : nullptr,
-               decay ? powers.data() + h * (p.C + 1) : nullptr, buf);
-    }
-    at::native::cpublas::brgemm_release(false);
-  });
+  if (dtype == at::kFloat)
+    run_all<float>(p, q, k, v, out, sp, zp, powers);
+  else
+    run_all<at::BFloat16>(p, q, k, v, out, sp, zp, powers);
   return out;
 }
 
