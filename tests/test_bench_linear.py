@@ -48,3 +48,9 @@ def test_cli_runs_a_tiny_sweep(tmp_path, monkeypatch):
     assert pre[256]["sdpa_extrapolated_ms"] > 0 and pre[128]["gate"]
     assert [r["T"] for r in rows if r["bench"] == "linear_decode"] == [256]
     assert out.with_suffix(".png").exists()
+
+
+def test_scaling_record_times_both_lengths_in_turn():
+    rec = bench.scaling_record(64, 256, torch.float32, heads=2, dim=16, repeats=2)
+    assert rec["ideal_ratio"] == 4 and rec["ratio"] > 0 and rec["bench"] == "linear_scaling"
+    assert any("timed in turn" in line for line in bench.summary([rec]))
