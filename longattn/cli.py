@@ -21,6 +21,7 @@ BENCH_SUITES = {
     "evict": "longattn.bench.evict:run_cli",
     "fidelity": "longattn.eval.fidelity:run_cli",
     "kernels": "longattn.bench.kernels:run_cli",
+    "linear": "longattn.bench.linear:run_cli",
     "prefill": "longattn.bench.prefill:run_cli",
     "linear-error": "longattn.bench.linear_error:run_cli",
 }
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=32768,
         help="length of the tiled executor's peak-memory check (methods suite)",
+    )
+    bench.add_argument(
+        "--sdpa-max",
+        type=positive_int,
+        default=32768,
+        help="linear suite: the longest T that causal SDPA is timed at (beyond: T^2 extrapolation)",
     )
     bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.add_argument(

@@ -46,24 +46,60 @@ def _inputs(transition, *, length=17, batch=1, n_heads=4, n_kv=1, dtype=torch.fl
     return q.to(dtype), k.to(dtype), v.to(dtype), kw
 
 
+NATIVE = ("none", "fixed")  # the transitions the C++ kernel runs
+
+
+def _impls(transition):
+    return ["torch", "native"] if transition in NATIVE else ["torch"]
+
+
+CASES = [(t, impl) for t in TRANSITIONS for impl in _impls(t)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length", [1, 17, 64, 200])
-@pytest.mark.parametrize("transition", TRANSITIONS)
-def test_chunkwise_equals_recurrent_equals_reference(transition, length, dtype):
+@pytest.mark.parametrize("transition,impl", CASES)
+def test_chunkwise_equals_recurrent_equals_reference(transition, impl, length, dtype):
     q, k, v, kw = _inputs(transition, length=length, dtype=dtype, batch=2, n_heads=4, n_kv=1)
     bound = linear_bound(q, k, v, **kw)
-    out, state = linear_attention(q, k, v, chunk_size=16, **kw)
+    out, state = linear_attention(q, k, v, chunk_size=16, impl=impl, **kw)
     assert out.dtype == dtype and state.kv.dtype == torch.float32
     assert_linear_close(out, bound)
     rec, _ = linear_recurrent(q, k, v, **kw)
     assert_linear_close(rec, bound)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("transition", NATIVE)
+def test_native_state_and_gqa(transition, normalize):
+    """The C++ kernel: GQA (H = 4 Hkv), odd chunk sizes, a carried state, both normalisations."""
+    q, k, v, kw = _inputs(transition, length=70, n_heads=8, n_kv=2, seed=7)
+    if not normalize:
+        kw["normalize"] = False
+    bound = linear_bound(q, k, v, **kw)
+    first, state = linear_attention(q[:, :, :33], k[:, :, :33], v[:, :, :33], chunk_size=5,
+                                    impl="native", **kw)  # fmt: skip
+    rest, state = linear_attention(q[:, :, 33:], k[:, :, 33:], v[:, :, 33:], chunk_size=64,
+                                   impl="native", state=state, **kw)  # fmt: skip
+    assert_linear_close(torch.cat([first, rest], dim=2), bound)
+    one_pass = linear_attention(q, k, v, impl="torch", **kw)[1]
+    torch.testing.assert_close(state.kv, one_pass.kv, rtol=1e-5, atol=1e-5)
+    assert (state.k_sum is None) == (not normalize)
+
+
+def test_native_refuses_what_it_cannot_run():
+    q, k, v, kw = _inputs("channel", length=10)
+    with pytest.raises(ValueError, match="impl='native' cannot run"):
+        linear_attention(q, k, v, impl="native", **kw)
+    with pytest.raises(ValueError, match="impl must be"):
+        linear_attention(q, k, v, impl="cuda")
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("transition", ["none", "head", "channel", "channel_delta"])
 def test_chunk_sizes(transition, chunk):
     q, k, v, kw = _inputs(transition, length=70, n_heads=2, n_kv=2, seed=1)
-    out, _ = linear_attention(q, k, v, chunk_size=chunk, **kw)
+    out, _ = linear_attention(q, k, v, chunk_size=chunk, impl="torch", **kw)
     assert_linear_close(out, linear_bound(q, k, v, **kw))
 
 
@@ -81,7 +117,7 @@ def test_state_carried_across_calls_equals_one_pass(transition):
         out, state = fn(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state=state, **part)
         outs.append(out)
     assert_linear_close(torch.cat(outs, dim=2), bound)
-    one_pass = linear_attention(q, k, v, **kw)[1]
+    one_pass = linear_attention(q, k, v, impl="torch", **kw)[1]
     torch.testing.assert_close(state.kv, one_pass.kv, rtol=1e-5, atol=1e-5)
 
 

@@ -32,6 +32,7 @@ CHANNEL_SUBCHUNK = 16
 # Elements of a [.., c, c, F] per-channel weight block built at once: bounds that path's memory.
 CHANNEL_BLOCK_ELEMENTS = 1 << 23
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+NATIVE = "linear"  # csrc/linear.cpp
 
 
 class LinearState(NamedTuple):
@@ -69,6 +70,7 @@ def linear_attention(
     q_raw: Tensor | None = None,
     k_raw: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, LinearState | None]:
     """Linear attention ``out_t = q_t^T S_t`` (``/ q_t . z_t`` when ``normalize``), chunkwise.
 
@@ -85,9 +87,21 @@ def linear_attention(
     again in front of the next call's k / v / k_raw (queries stay the last Tq positions).
     Non-causal: every query sees every key; no decay, delta rule, window or state.
 
+    ``impl``: "torch" (batched products over all chunks), "native" (the C++ kernel, float32 /
+    bfloat16, causal, no gate but a fixed decay, no delta rule or window, Tq = Tk; raises with the
+    reason where it cannot run) or "auto" (native where it can run, else torch).
+
     Returns (out [B, H, Tq, Dv] in v's dtype, the state after the call's keys; None if not causal).
     Rows whose denominator is exactly 0 give 0."""
     spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
+    if impl not in ("auto", "torch", "native"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'native', got {impl!r}")
+    if impl != "torch":
+        reason = native_unavailable(q, causal, spec, beta, window)
+        if reason is None:
+            return _native(q, k, v, log_decay, normalize, state, chunk_size, spec)
+        if impl == "native":
+            raise ValueError(f"impl='native' cannot run this call: {reason}")
     if window:
         q_raw, k_raw, scale = _validate_window(q, k, q_raw, k_raw, scale, spec)
     if not causal:
@@ -102,6 +116,42 @@ def linear_attention(
         out, s_out = _chunkwise(q_full, k, values, log_decay, beta, s_in, chunk_size, spec)
         out = out[:, :, spec.kv_len - spec.q_len :]
     return _finish(out, v, normalize), _state_out(s_out, normalize)
+
+
+def native_unavailable(q: Tensor, causal: bool, spec: _Spec, beta, window: int) -> str | None:
+    """Why the C++ kernel (``csrc/linear.cpp``) cannot run a validated call (None: it can)."""
+    if not causal or beta is not None or window or spec.gate not in ("none", "fixed"):
+        return "it runs causal calls with no gate but a fixed decay, no delta rule, no window"
+    if q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
+        return f"it runs float32 / bfloat16 on CPU, not {q.dtype} on {q.device.type}"
+    if spec.q_len != spec.kv_len:
+        return f"it needs as many queries as keys (got {spec.q_len} and {spec.kv_len})"
+    from longattn.kernels import extension
+
+    return extension.unavailable(NATIVE)
+
+
+def _native(q, k, v, log_decay, normalize, state, chunk, spec) -> tuple[Tensor, LinearState]:
+    """The C++ kernel (float32 accumulation; bfloat16 tiles are widened in cache)."""
+    from longattn.kernels import extension
+
+    batch, n_kv, _, feat = k.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if state is None:
+        kv = torch.zeros(batch, n_kv, feat, v.shape[-1])
+        k_sum = torch.zeros(batch, n_kv, feat) if normalize else None
+    else:
+        kv = state.kv.clone(memory_format=torch.contiguous_format)
+        k_sum = None if state.k_sum is None else state.k_sum.clone().contiguous()
+    log_gamma = torch.empty(0, dtype=torch.float64)
+    if log_decay is not None:
+        log_gamma = log_decay.to(torch.float64).contiguous()
+    chunk = max(1, min(chunk, spec.kv_len))
+    empty = torch.empty(0)
+    out = extension.load(NATIVE).forward(
+        q, k, v, kv, empty if k_sum is None else k_sum, log_gamma, chunk, normalize
+    )
+    return out, LinearState(kv, k_sum)
 
 
 def linear_recurrent(
@@ -163,11 +213,12 @@ def _recurrent_step(s: Tensor, kt: Tensor, vt: Tensor, logs, t: int, b: Tensor |
     if logs is not None:
         gate = logs[:, :, t].exp()  # [B, Hkv] or [B, Hkv, F]
         s = s * (gate[..., None, None] if gate.dim() == 2 else gate[..., None])
-    if b is None:
-        return s + kt[..., :, None] * vt[..., None, :]
-    bt = b[:, :, t, None]  # [B, Hkv, 1]
-    pseudo = bt * (vt - (kt[..., None, :] @ s).squeeze(-2))  # [B, Hkv, Dv]: b (v - S^T k)
-    return s + kt[..., :, None] * pseudo[..., None, :]
+    if b is not None:
+        bt = b[:, :, t, None]  # [B, Hkv, 1]
+        vt = bt * (vt - (kt[..., None, :] @ s).squeeze(-2))  # [B, Hkv, Dv]: b (v - S^T k)
+    # S + k v^T as one batched rank-1 update: [B*Hkv, F, Dv']
+    update = torch.baddbmm(s.flatten(0, 1), kt.flatten(0, 1)[..., None], vt.flatten(0, 1)[:, None])
+    return update.view(s.shape)
 
 
 def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) -> Tensor:
@@ -187,7 +238,7 @@ def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) 
         ages = torch.arange(t - lo, -1, -1, dtype=spec.acc)  # t - s over the window
         weights = weights * (log_gamma[..., None, None] * ages).exp()
         lin = lin * (log_gamma * min(window, t + 1)).exp()[..., None, None]
-    exact = weights @ values[:, :, None, lo : t + 1].squeeze(2)  # [B, Hkv, G, Dv']
+    exact = weights @ values[:, :, lo : t + 1]  # [B, Hkv, G, w] @ [B, Hkv, w, Dv']
     return exact + (-shift).exp() * lin
 
 
@@ -327,8 +378,8 @@ def _finish(out: Tensor, v: Tensor, normalize: bool) -> Tensor:
     """[B, H, Tq, Dv'] accumulated -> the output in v's dtype (divided by the normaliser column)."""
     if normalize:
         num, den = out[..., :-1], out[..., -1:]
-        out = torch.where(den == 0, torch.zeros_like(num), num / den)
-    return out.to(v.dtype)
+        out = num.div_(den).masked_fill_(den == 0, 0.0)  # in place: no T x Dv temporaries
+    return out.to(v.dtype).contiguous()
 
 
 def _align_queries(q: Tensor, spec: _Spec) -> Tensor:
@@ -418,18 +469,16 @@ def _plain_chunks(q6, k5, v5, cum, s_in) -> tuple[Tensor, Tensor]:
     before = _scan(contrib, gate, s_in)  # [B, Hkv, n, F, Dv']: the state entering each chunk
     q_rows = q6 if cum is None else q6 * _row_factor(cum)[:, :, :, None]
     inter = (q_rows.flatten(3, 4) @ before).unflatten(3, pair.shape[3:5])
-    return intra + inter, before[:, :, -1] * (1 if gate is None else gate[:, :, -1]) + contrib[
-        :, :, -1
-    ]
+    last_in = before[:, :, -1] if gate is None else before[:, :, -1] * gate[:, :, -1]
+    return intra.add_(inter), last_in + contrib[:, :, -1]
 
 
 def _scan(contrib: Tensor, gate: Tensor | None, s_in: Tensor) -> Tensor:
     """State entering each chunk: ``S_c = gate_c * S_{c-1} + contrib_c`` from ``S_{-1} = s_in``.
     contrib [B, Hkv, n, F, Dv']; gate [B, Hkv, n, 1 or F, 1] or None (no decay: a cumsum)."""
     n = contrib.shape[2]
-    if gate is None:
-        total = contrib.cumsum(dim=2).add_(s_in[:, :, None])
-        return torch.cat([s_in[:, :, None], total[:, :, :-1]], dim=2)
+    if gate is None:  # exclusive prefix sum, in place: the inclusive sum minus each term
+        return contrib.cumsum(dim=2).sub_(contrib).add_(s_in[:, :, None])
     before = torch.empty_like(contrib)
     s = s_in
     for c in range(n):
