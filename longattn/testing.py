@@ -399,3 +399,11 @@ def write_head_calibration(
         raise ValueError(f"no synthetic head calibration for method {method!r}")
     cal = Calibration(method, "synthetic", n_layers, n_kv_heads, head_dim, tensors, {"seed": seed})
     return cal.save(path)
+
+
+# Linear attention (issue 15): the float64 oracle of ``kernels.linear`` and its derived bound live in
+# ``longattn.testing_linear`` (this file's size limit); re-exported here with the other oracles.
+from longattn.testing_linear import LinearBound as LinearBound  # noqa: E402
+from longattn.testing_linear import assert_linear_close as assert_linear_close  # noqa: E402
+from longattn.testing_linear import linear_bound as linear_bound  # noqa: E402
+from longattn.testing_linear import linear_reference as linear_reference  # noqa: E402
