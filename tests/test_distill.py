@@ -88,6 +88,25 @@ def test_windowed_linear_is_its_definition():
     assert (dropped - want).abs().max() > bound  # a key moved to the wrong part is seen
 
 
+def test_training_form_is_the_engines_form():
+    """The loss's windowed linear attention (float32) is within the engine contract's derived
+    bound of its float64 reference (``testing_linear.linear_bound``): training and run time
+    compute the same function."""
+    from longattn.testing_linear import linear_bound
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(gen, length=70, dtype=torch.float32)
+    phi_q = torch.rand(1, 4, 70, 12, generator=gen)
+    phi_k = torch.rand(1, 2, 70, 12, generator=gen)
+    pos = torch.arange(70)
+    exact = D.exact_window(q, pos, k, v, 0.25, 16)
+    got = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 16)
+    ref = linear_bound(phi_q, phi_k, v, window=16, q_raw=q, k_raw=k, scale=0.25)
+    assert ((got.double() - ref.ref).abs() <= ref.out).all()
+    moved = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 17)
+    assert not ((moved.double() - ref.ref).abs() <= ref.out).all()
+
+
 def test_window_covering_everything_is_softmax():
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(gen)
