@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from longattn import compress, prefill
+from longattn import compress, linear, prefill
 from longattn.cache import KVCache
 from longattn.call import Call, apply_retention, fold_kv_heads, make_cache_call, make_call
 from longattn.kernels import block_sparse
@@ -490,7 +490,7 @@ PER_HEAD_IMPLS = ("decode_cpp", "decode", "reference")
 
 
 def impl_names() -> list[str]:
-    return [i.name for i in IMPLS]
+    return [i.name for i in IMPLS] + list(linear.IMPLS)
 
 
 def call_for(call: Call, impl: Impl) -> Call:
@@ -527,6 +527,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
                 return candidate
             reasons.append(f"{candidate.name}: {reason}")
         raise ValueError("no implementation can run this call: " + "; ".join(reasons))
+    if impl in linear.IMPLS:
+        raise ValueError(f"impl={impl!r} runs linear attention methods, not {call.method.name!r}")
     for candidate in IMPLS:
         if candidate.name == impl:
             reason = candidate.can_run(call_for(call, candidate))
@@ -552,37 +554,37 @@ def attention(
     """Attention of ``q`` over ``k, v`` under ``method`` (default ``Dense()``, causal).
 
     With a ``cache`` (decode, chunked prefill): ``k, v`` are the *new* tokens, appended to ``layer``
-    first (``kv_positions`` [T_new] or [B, T_new] are their positions, by default each row continues);
-    then ``q`` attends over everything the layer holds, at ``q_positions`` (default: the last Tq
-    appended positions). A method with a retention rule (``retain``) then evicts what no later query
-    can see. A call that raises (bad input, an implementation that refuses it, any error) leaves
-    the cache bit for bit as it was (``KVCache.checkpoint`` / ``rollback``).
+    first (``kv_positions`` [T_new] or [B, T_new] their positions, by default each row continues);
+    then ``q`` attends over what the layer holds, at ``q_positions`` (default: the last Tq appended
+    positions). A method with a retention rule (``retain``) then evicts what no later query can see.
+    A call that raises leaves the cache bit for bit as it was (``KVCache.checkpoint`` / ``rollback``).
+    A linear method (``feature_map``, ``forward``) keeps a recurrent state instead (``longattn.linear``).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] with ``H % Hkv == 0`` (GQA; K/V are not expanded on fast paths).
     Without positions the queries are the last Tq of the Tk key positions (``Tq <= Tk``). With
     ``q_positions`` [Tq] or [B, Tq] and ``kv_positions`` [Tk] or [B, Tk] (original token positions, keys
     strictly increasing) any alignment is possible, e.g. chunked prefill. Position -1 marks a padding
-    slot (left-padded batches, unused cache slots): it is never attended, and a padding query gets
-    ``out = 0``, ``lse = -inf``.
-    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq], state)``, lse float32 (float64 for
-    float64 inputs); a query that sees no key gets ``out = 0`` and ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
+    slot (left-padded batches, unused cache slots): it is never attended.
+    Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 inputs: float64; linear
+    methods: None), state)``; a query that sees no key gets ``out = 0``, ``lse = -inf``. scale: 1/sqrt(D).
     """
+    method = from_string(method) if isinstance(method, str) else method
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if linear.is_linear(method):  # a recurrent state, not keys: ``longattn.linear``
+        return linear.attention(q, k, v, method, cache=cache, layer=layer, impl=impl, scale=scale,
+                                q_positions=q_positions, kv_positions=kv_positions)  # fmt: skip
     if cache is None:  # ``layer`` still names a calibrated plan method's layer
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
         call = replace(call, layer=layer) if layer else call
         return run_call(call, choose_impl(call, impl))
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    method = from_string(method) if isinstance(method, str) else method
     evict = method if isinstance(method, Evict) else None
-    # A refused call (bad impl, a kernel's refusal, any error) leaves the cache bit-identical.
     t_new = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
     q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
     whole = evict is not None and (
         compress.due_before(evict, cache, layer, q_len) or compress.due_after(evict, q_len)
     )
-    # only a select method brings page metadata up to date; dense and score methods attend densely
-    refresh = not isinstance(method, (Dense, Evict, type(None)))
+    refresh = not isinstance(method, (Dense, Evict, type(None)))  # only select methods read pages
     point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
         if evict is not None:

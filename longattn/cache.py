@@ -24,7 +24,7 @@ import torch
 from longattn.cache_pages import metadata_dtype, refresh_pages, refresh_projection
 from longattn.checkpoint import Checkpoint, restore, take
 from longattn.kernels.selection import row_mass, top_index_cpp
-from longattn.types import SelectView
+from longattn.types import SelectView, tensors_in
 from longattn.validation import check_append_kv, check_append_positions
 
 MIN_CAPACITY = 256
@@ -174,9 +174,11 @@ class KVCache:
         return self._need(layer).row_len.clone()
 
     def n_seen(self, layer: int) -> int:
-        """Tokens ever appended to ``layer`` (per row; evicted tokens included)."""
+        """Tokens ever appended to ``layer`` (per row; evicted tokens included), or seen by a linear
+        method's recurrent state (``longattn.linear.LinearRecord``)."""
         entry = self._get(layer)
-        return 0 if entry is None else entry.n_seen
+        linear = self.state.get(f"linear/{layer}")
+        return linear.n_seen if linear is not None else 0 if entry is None else entry.n_seen
 
     def capacity(self, layer: int) -> int:
         entry = self._get(layer)
@@ -429,8 +431,8 @@ class KVCache:
 
     def capacity_nbytes(self) -> int:
         """Bytes of memory the cache holds: every layer's allocated keys, values, positions, page
-        metadata, low-dimensional key projections and per-slot statistics (``nbytes`` counts used
-        key/value slots only)."""
+        metadata, low-dimensional key projections and per-slot statistics, and linear methods'
+        recurrent states (``nbytes`` counts used key/value slots only)."""
         total = 0
         for entry in self._layers:
             if entry is not None:
@@ -438,7 +440,8 @@ class KVCache:
                 held += [entry.page_count] + [buf for _, buf in entry.projections.values()]
                 held += list(entry.stats.values())
                 total += sum(t.numel() * t.element_size() for t in held)
-        return total
+        linear = [r.state for key, r in self.state.items() if key.startswith("linear/")]
+        return total + sum(t.numel() * t.element_size() for t in tensors_in(linear))
 
     def reset(self) -> None:
         """Forget every layer and the selection state (storage is released)."""

@@ -23,6 +23,7 @@ BENCH_SUITES = {
     "fidelity": "longattn.eval.fidelity:run_cli",
     "kernels": "longattn.bench.kernels:run_cli",
     "prefill": "longattn.bench.prefill:run_cli",
+    "linear-error": "longattn.bench.linear_error:run_cli",
 }
 
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="methods",
         choices=sorted(BENCH_SUITES),
         help="methods (default): every registered method against dense SDPA; kernels: the "
-        "block-sparse kernel against causal SDPA and compiled Flex",
+        "block-sparse kernel against causal SDPA and compiled Flex; linear-error: linear "
+        "methods against the real model's softmax attention, per layer",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument(

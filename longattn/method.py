@@ -50,7 +50,14 @@ class Method:
             are the library's block size, forced blocks and dense fallback (``longattn.prefill``);
             attention is causal attention restricted to the chosen blocks. With few queries
             (decode) a plan method is dense causal attention.
-        feature_map, forward                        linear, escape hatch.
+        feature_map(x, view) -> [B, H, T, F]        linear (kernelised) attention: the feature map of
+            queries or keys (``view`` is a ``longattn.types.FeatureView``: role, layer, scale,
+            calibration). Feature-map methods derive from ``LinearAttention``, whose fields are the
+            library's chunking, normalisation, decay and exact window (``longattn.linear``); the
+            engine is ``longattn.kernels.linear`` and a cache holds an O(1) recurrent state.
+        forward(q, k, v, state, view) -> (out, state)  escape hatch for forms that are not a feature
+            map: the method computes its output and its own recurrent state (None at the start)
+            and states its float64 definition in ``reference(q, k, v)``.
 
     Optional, not a hook: ``retain(kv_pos, newest) -> bool | None`` for methods that bound memory:
     which cached keys (by position, [B, T]) any query after position ``newest`` [Bp, 1] may still see.
@@ -76,11 +83,17 @@ class Method:
     def plan(self, view: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor, view: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> Any:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any, view: Any
+    ) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A ``forward`` method's definition in one pass (float64 in the tests)."""
+        raise NotImplementedError(f"{type(self).__name__} states no reference")
 
     def retain(self, kv_pos: torch.Tensor, newest: torch.Tensor) -> torch.Tensor | None:
         """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
@@ -230,6 +243,67 @@ class SparsePrefill(Method):
 
     def plan(self, view: Any) -> torch.Tensor:  # type: ignore[override]
         raise NotImplementedError
+
+
+LINEAR_DECAYS = ("none", "retnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttention(Method):
+    """Base of the linear (kernelised) attention methods (``feature_map``): what the library applies
+    to any feature map (``longattn.linear``, engine ``longattn.kernels.linear``).
+
+    causal:     each query sees the keys up to its own token (False: every key, for encoders).
+    chunk_size: the engine's chunk: quadratic inside a chunk, a carried state between chunks.
+    normalize:  divide by ``phi(q) . sum phi(k)`` (the features must then be non-negative); False
+                returns the numerator (the model's own norm follows).
+    decay:      ``"none"``; ``"retnet"``: a fixed per-KV-head decay ``gamma_h = 1 - 2^(-5-h)``
+                (RetNet); or a float in (0, 1] for every head. A key s weighs ``gamma^(t-s)`` at
+                query t. Data-dependent gates come from ``gates``.
+    window:     keys within ``window`` tokens of the query are attended by exact softmax, the older
+                ones by the linear form, under one shared normaliser (BASED, LoLCATs); 0: none.
+                Needs ``normalize`` and no data-dependent gate.
+
+    ``gates(k, view)`` (optional, not a hook) returns data-dependent ``(log_decay, beta)`` from the
+    keys: a per-head or per-channel gate (GLA, Kimi Delta Attention) and the delta rule's writing
+    strength (DeltaNet, Gated DeltaNet); the default ``(None, None)`` applies ``decay`` alone.
+    """
+
+    causal: bool = True
+    chunk_size: int = 64
+    normalize: bool = True
+    decay: str | float = "none"
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive(name, chunk_size=self.chunk_size)
+        check_non_negative(name, window=self.window)
+        if isinstance(self.decay, str):
+            if self.decay not in LINEAR_DECAYS:
+                raise ValueError(f"{name}.decay must be one of {LINEAR_DECAYS} or a float in "
+                                 f"(0, 1], got {self.decay!r}")  # fmt: skip
+        else:
+            check_fraction(name, decay=self.decay)
+        if self.window and not self.normalize:
+            raise ValueError(f"{name}.window={self.window} needs normalize=True (the window and "
+                             "the linear part share one normaliser)")  # fmt: skip
+        if self.window and not self.causal:
+            raise ValueError(f"{name}.window={self.window} is a causal sliding window; "
+                             "causal=False has none")  # fmt: skip
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal
+
+    def feature_map(self, x: torch.Tensor, view: Any) -> torch.Tensor:  # type: ignore[override]
+        raise NotImplementedError
+
+    def gates(self, k: torch.Tensor, view: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Data-dependent ``(log_decay, beta)`` from the keys ``k`` [B, Hkv, T, D]: log_decay
+        [B, Hkv, T] or [B, Hkv, T, F] (<= 0), beta [B, Hkv, T] in [0, 1] (the delta rule); None
+        for either means none (``decay`` still applies)."""
+        return None, None
 
 
 def register(name: str) -> Callable[[M], M]:

@@ -401,9 +401,10 @@ def write_head_calibration(
     return cal.save(path)
 
 
-# Linear attention (issue 15): the float64 oracle of ``kernels.linear`` and its derived bound live in
+# Linear attention: the float64 oracle of ``kernels.linear`` and its derived bound live in
 # ``longattn.testing_linear`` (this file's size limit); re-exported here with the other oracles.
 from longattn.testing_linear import LinearBound as LinearBound  # noqa: E402
 from longattn.testing_linear import assert_linear_close as assert_linear_close  # noqa: E402
+from longattn.testing_linear import assert_linear_method_close as assert_linear_method_close  # noqa: E402,E501
 from longattn.testing_linear import linear_bound as linear_bound  # noqa: E402
 from longattn.testing_linear import linear_reference as linear_reference  # noqa: E402

@@ -215,8 +215,10 @@ def linear_bound(q, k, v, **kwargs) -> LinearBound:
     from longattn.testing import EXP_ULPS  # the exp accuracy shared with reference_bound
 
     ref, ref_state = linear_reference(q, k, v, **kwargs)
-    u_in = torch.finfo(q.dtype).eps / 2
-    acc = accumulation_dtype(q.dtype)
+    # the inputs' roundoff is the coarser of the features' and the values' (features may be
+    # computed in float32 from bfloat16 inputs: the output is still rounded to bfloat16)
+    u_in = max(torch.finfo(q.dtype).eps, torch.finfo(v.dtype).eps) / 2
+    acc = accumulation_dtype(v.dtype)
     u, eta = torch.finfo(acc).eps / 2, EXP_ULPS * torch.finfo(acc).eps
     if kwargs.get("beta") is not None:
         bound = _delta_bound(q, k, v, ref, kwargs, u, u_in, eta)
@@ -364,3 +366,38 @@ def assert_linear_close(out: torch.Tensor, bound: LinearBound) -> float:
     diff = out.double() - bound.ref
     _within("out", diff, bound.out)
     return diff.abs().max().item() if out.numel() else 0.0
+
+
+def assert_linear_method_close(
+    result: typing.Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: typing.Any,
+    *, layer: int = 0, scale: float | None = None,
+) -> float:  # fmt: skip
+    """Assert that ``result`` (an ``AttnOutput`` or tensor) of a linear method on ``q, k, v`` is
+    within ``linear_bound`` of the float64 oracle, element by element; returns the error.
+
+    ``feature_map`` methods: the oracle runs on the features and gates the library computes
+    (``longattn.linear.feature_inputs``, in the accumulation dtype), widened to float64, so the
+    engine and the library's plumbing are checked against the definition on those features; a
+    map's own float32 rounding is its method's test. For float64 inputs this is the whole
+    definition in float64. ``forward`` methods: ``method.reference`` in float64 and the method's
+    own derived ``error_bound(q, k, v, ref)`` (element-wise, for its implementation in the inputs'
+    dtype)."""
+    from longattn import linear
+
+    out = result.out if hasattr(result, "out") else result
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if out.dtype != q.dtype:
+        raise AssertionError(f"output dtype {out.dtype} != input dtype {q.dtype}")
+    if method.hook == "forward":
+        ref = method.reference(*(t.double() for t in (q, k, v)))
+        bound = LinearBound(ref, method.error_bound(q, k, v, ref), None)
+        return assert_linear_close(out, bound)
+    cal = linear.calibration_for(method, k, layer)
+    phi_q, phi_k, log_decay, beta = linear.feature_inputs(method, q, k, layer, scale, cal)
+    wide = lambda t: None if t is None else t.double()  # noqa: E731
+    kwargs = dict(causal=method.causal, log_decay=wide(log_decay), beta=wide(beta),
+                  normalize=method.normalize)  # fmt: skip
+    if method.window:
+        kwargs.update(window=method.window, q_raw=q.double(), k_raw=k.double(), scale=scale)
+    bound = linear_bound(phi_q, phi_k, v, **kwargs)
+    return assert_linear_close(out, bound)

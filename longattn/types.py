@@ -19,6 +19,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``obj`` (tensors, and tuples, lists, dicts and dataclass-free containers
+    of them, e.g. a linear method's recurrent state), each once."""
+    found: dict[int, torch.Tensor] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.setdefault(id(item), item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return list(found.values())
+
+
 class AttnOutput(NamedTuple):
     """Result of every attention call, whatever the method.
 
@@ -32,6 +48,22 @@ class AttnOutput(NamedTuple):
     out: torch.Tensor
     lse: torch.Tensor | None
     state: Any = None
+
+
+class FeatureView(NamedTuple):
+    """What a ``feature_map`` hook sees beside its input (``longattn.method.LinearAttention``).
+
+    role:        ``"query"`` or ``"key"``: the tensor being mapped.
+    layer:       the model layer of the call (per-layer learned maps, per-layer random draws).
+    scale:       the call's softmax scale (``1/sqrt(D)`` by default): a map that mimics
+                 ``exp(scale q.k)`` applies ``scale ** 0.5`` to each side.
+    calibration: this layer's tensors from the method's calibration file, or None without one.
+    """
+
+    role: str
+    layer: int
+    scale: float
+    calibration: dict[str, torch.Tensor] | None = None
 
 
 class DecodeSelection(NamedTuple):

@@ -1,5 +1,6 @@
 """Dynamic sparse prefill (``plan`` methods, ``longattn.prefill``): the library's guarantees."""
 
+import dataclasses
 import logging
 import math
 
@@ -152,3 +153,35 @@ def test_a_plan_of_the_wrong_shape_or_type_is_refused(bad, error):
     call = make_call(q, k, v, bad(block_size=16))
     with pytest.raises(error, match="plan must return"):
         choose_impl(call, "sparse").run(call)
+
+
+LAYERS_SEEN: list[int] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpy(methods.BlockTopK):
+    """Block top-k that records the layer each plan is made for (unregistered, test only)."""
+
+    def plan(self, view):
+        LAYERS_SEEN.append(view.layer)
+        return super().plan(view)
+
+
+@torch.no_grad()
+def test_a_model_without_the_blocks_cache_plans_each_layer_as_itself():
+    """``hf.use`` without the use() block's cache (transformers' own, or none) still tells each
+    plan its layer: a calibrated method reads that layer's calibration."""
+    transformers = pytest.importorskip("transformers")
+    from longattn.integrations import hf
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 50, (1, 96), generator=torch.Generator().manual_seed(1))
+    LAYERS_SEEN.clear()
+    with hf.use(model, LayerSpy(block_size=16)):
+        model(ids, use_cache=False)
+    assert LAYERS_SEEN == [0, 1, 2]

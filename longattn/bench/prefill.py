@@ -12,7 +12,8 @@ on stdout and a plot:
   ``longattn bench methods``) and against dense attention; ``of ideal`` = speedup x element density
   (1.0: the kernel is as fast per visited pair as SDPA).
 - ``--model smollm2-135m``: real text through ``longattn.integrations.hf.use(model, method)``. The
-  whole-model prefill time against the model's own ``sdpa`` on the same prompt, the two timed in
+  whole-model prefill time (every layer over the prompt, the last position's logits, as
+  generation's prefill) against the model's own ``sdpa`` on the same prompt, the two timed in
   turn within each repeat; the plan hook's time inside that prefill summed over layers (a timing
   subclass of the method, used only here) and ``plan_index`` on each layer's captured q/k; per
   layer, on the dense pass's captured q/k/v: density, attention recall (the planned blocks' share
@@ -300,7 +301,7 @@ def run_model(model, ids: torch.Tensor, methods, repeats: int, tail: int, writer
     captured = capture_qkv(model, prompt)
     ppl_dense = continuation_ppl(model, contextlib.nullcontext(), prompt, cont)
     timed = {m.describe(): timed_plan(m) for m in methods}
-    runs: dict[str, Callable] = {"sdpa": lambda: model(input_ids=prompt, use_cache=False)}
+    runs: dict[str, Callable] = {"sdpa": lambda: prefill_pass(model, prompt)}
     for name, (method, _) in timed.items():
         runs[name] = lambda m=method: _in_use(model, m, prompt, use)
     times = _interleaved(runs, repeats)
@@ -330,9 +331,15 @@ def run_model(model, ids: torch.Tensor, methods, repeats: int, tail: int, writer
     return records
 
 
+def prefill_pass(model, prompt: torch.Tensor):
+    """A prompt's prefill as generation runs it: every layer over the prompt, the logits of the
+    last position only (``logits_to_keep=1``; the timed runs of every method do the same work)."""
+    return model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+
+
 def _in_use(model, method, prompt, use):
     with use(model, method):
-        return model(input_ids=prompt, use_cache=False)
+        return prefill_pass(model, prompt)
 
 
 def _interleaved(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
