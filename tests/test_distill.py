@@ -195,6 +195,53 @@ def test_calibration_round_trips_and_is_refused_for_another_shape(tmp_path):
         D.check_calibration(wrong, model.config)
 
 
+@needs_hedgehog
+def test_converted_layer_runs_what_was_trained(tmp_path):
+    """``attention(..., method=Hedgehog(calibration=file, window=W))`` on a layer's captured q/k/v
+    and the training form both hold the engine contract's bound around the float64 reference
+    built from the same maps."""
+    from longattn import attention
+    from longattn.methods import hedgehog
+    from longattn.testing_linear import linear_bound
+
+    model, tokenizer = tiny_llama()
+    out = tmp_path / "h.safetensors"
+    cal = D.distill(model, tokenizer, SETTINGS, out)
+    layer, scale, window = 1, D.attention_scales(model)[1], SETTINGS.window
+    ids = D.disjoint_windows(tokenizer, "pydoc", 40, 1, seed=77)
+    q, k, v = D.capture_layers(model, ids, [layer], {layer: scale})[layer][0][:3]
+    wq = cal.tensors["q_proj"][layer].flatten(0, 1)  # [H, D, F]
+    wk = cal.tensors["k_proj"][layer]
+    features = [D.hedgehog_features(x.double(), wq.double(), wk.double(), role, layer, scale)
+                for x, role in ((q, "query"), (k, "key"))]  # fmt: skip
+    ref = linear_bound(features[0].float(), features[1].float(), v, window=window, q_raw=q,
+                       k_raw=k, scale=scale)  # fmt: skip
+    method = hedgehog.Hedgehog(calibration=str(out), window=window)
+    ran = attention(q, k, v, method=method, layer=layer, scale=scale).out
+    pos = torch.arange(q.shape[2])
+    part = D.Window.prepare(q, k, v, v, scale, window)
+    trained = D.student(part, pos, wq, wk, layer, scale, window)
+    assert ((ran.double() - ref.ref).abs() <= ref.out).all()
+    assert ((trained.double() - ref.ref).abs() <= ref.out).all()
+
+
+@needs_hedgehog
+def test_lora_pass_trains_and_saves_an_adapter(tmp_path):
+    pytest.importorskip("peft")
+    from longattn.methods.hedgehog import Hedgehog
+
+    model, tokenizer = tiny_llama()
+    out = tmp_path / "h.safetensors"
+    D.distill(model, tokenizer, SETTINGS, out)
+    windows = D.disjoint_windows(tokenizer, "pydoc", 48, 2)
+    method = Hedgehog(calibration=str(out), window=SETTINGS.window)
+    settings = D.LoraSettings(steps=4, lr=1e-2)
+    losses = D.lora_pass(model, method, windows, settings, tmp_path / "h.lora")
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[2] < losses[0]  # the same window again, after two steps
+    assert (tmp_path / "h.lora" / "adapter_model.safetensors").is_file()
+
+
 def json_roundtrip(value):
     import json
 

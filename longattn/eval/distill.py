@@ -147,14 +147,17 @@ def capture_layers(
     return data
 
 
-def hedgehog_features(x: torch.Tensor, w: torch.Tensor, role: str, layer: int, scale: float):
-    """``Hedgehog.feature_map`` of ``x`` [B, heads, T, D] under the weights ``w`` [heads, D, F]
-    (differentiable in ``w``): the map the converted model runs."""
-    from longattn.methods.hedgehog import PROJECTIONS, Hedgehog
+def hedgehog_features(x: torch.Tensor, wq, wk, role: str, layer: int, scale: float):
+    """``Hedgehog.feature_map`` of ``x`` [B, heads, T, D] (queries or keys, by ``role``) under
+    the maps wq [H, D, F] and wk [Hkv, D, F] (differentiable in both): the map the converted model
+    runs, given this layer's calibration tensors as the file holds them."""
+    from longattn.methods.hedgehog import Hedgehog
     from longattn.types import FeatureView
 
-    view = FeatureView(role, layer, scale, {PROJECTIONS[role]: w})
-    return Hedgehog(features=w.shape[-1]).feature_map(x, view)
+    n_kv, dim, features = wk.shape
+    tensors = {"q_proj": wq.view(n_kv, -1, dim, features), "k_proj": wk}  # [Hkv, G, D, F]
+    view = FeatureView(role, layer, scale, tensors)
+    return Hedgehog(features=features).feature_map(x, view)
 
 
 def exact_window(q, pos, k, v, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +259,8 @@ class Window:
 
 def student(data: Window, pos, wq, wk, layer: int, scale: float, window: int) -> torch.Tensor:
     """The converted layer's output [B, H, n, Dv] at the query rows ``pos`` [n] of ``data``."""
-    phi_q = hedgehog_features(data.q[:, :, pos], wq, "query", layer, scale)
-    phi_k = hedgehog_features(data.k, wk, "key", layer, scale)
+    phi_q = hedgehog_features(data.q[:, :, pos], wq, wk, "query", layer, scale)
+    phi_k = hedgehog_features(data.k, wq, wk, "key", layer, scale)
     return windowed_linear(phi_q, pos, phi_k, data.values, data.exact_rows(pos), window)
 
 
@@ -452,6 +455,65 @@ def _layer_data(model, tokenizer, settings: DistillSettings, layers: Sequence[in
             capture_layers(model, held_ids, layers, scales))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The optional LoRA pass after the transfer (LoLCATs' second step): rank-``rank`` adapters on
+    the attention projections, next-token loss on the training windows, AdamW at ``lr``."""
+
+    steps: int = 0
+    rank: int = 8
+    lr: float = 2e-4
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "rank"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (key == "rank"):
+                raise ValueError(f"LoraSettings.{key} must be an int >= {int(key == 'rank')}, "
+                                 f"got {value!r}")  # fmt: skip
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"LoraSettings.lr must be a finite float > 0, got {self.lr!r}")
+
+
+def lora_pass(
+    model,
+    method,
+    windows: Sequence[Sequence[int]],
+    settings: LoraSettings,
+    out: pathlib.Path,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[float]:
+    """Train LoRA adapters (``peft``) on ``model`` running ``method`` (the converted attention,
+    through ``longattn.integrations.hf.use``) with the next-token loss on ``windows``, one per
+    step in turn; save the adapter to the folder ``out`` (peft's format). The model's own weights
+    stay frozen; the adapters stay in ``model`` (merged into nothing). Returns the losses."""
+    from peft import LoraConfig, get_peft_model
+
+    from longattn.integrations.hf import use
+
+    config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
+                        target_modules=list(settings.targets), bias="none")  # fmt: skip
+    wrapped = get_peft_model(model, config)  # adds the adapters to ``model`` in place
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    losses = []
+    model.eval()  # no dropout (hf.use refuses it); gradients still flow
+    with use(model, method):
+        for step in range(settings.steps):
+            ids = torch.tensor([list(windows[step % len(windows)])])
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise ValueError(f"LoRA pass: the loss is {losses[-1]} at step {step}")
+            if on_step is not None:
+                on_step(step + 1, {"lora_loss": losses[-1]})
+    wrapped.save_pretrained(str(out))
+    return losses
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``longattn distill`` (defaults: ``DistillSettings``)."""
     from longattn.eval.commands import positive_int
@@ -478,7 +540,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-layers", type=positive_int, default=None,
         help="train at most this many layers now (the checkpoint keeps them; rerun to continue)",
     )  # fmt: skip
+    lora = LoraSettings()
+    parser.add_argument(
+        "--lora-steps",
+        type=int,
+        default=lora.steps,
+        help="then a LoRA pass of this many steps (0: none), adapter in <out>.lora",
+    )
+    parser.add_argument("--lora-rank", type=positive_int, default=lora.rank)
+    parser.add_argument("--lora-lr", type=float, default=lora.lr)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_lora(model, tokenizer, settings, lora: LoraSettings, out: pathlib.Path, args):
+    from longattn.eval.calibrate import _progress
+    from longattn.methods.hedgehog import Hedgehog
+
+    method = Hedgehog(calibration=str(out), window=settings.window)
+    windows = disjoint_windows(tokenizer, settings.corpus, settings.length, settings.windows,
+                               seed=settings.seed)  # fmt: skip
+    with _progress(args.progress, lora.steps, "LoRA steps") as report:
+        return lora_pass(model, method, windows, lora, out.with_name(out.name + ".lora"), report)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -494,11 +576,15 @@ def run_command(args: argparse.Namespace) -> int:
             steps=args.steps, rows=args.rows, lr=args.lr, weight_decay=args.weight_decay,
             window=args.window, features=args.features, seed=args.seed,
         )  # fmt: skip
+        lora = LoraSettings(steps=args.lora_steps, rank=args.lora_rank, lr=args.lora_lr)
         model, tokenizer = load(settings.model)
         total = model.config.num_hidden_layers * settings.steps
         with _progress(args.progress, total, "distill steps") as report:
             cal = distill(model, tokenizer, settings, pathlib.Path(args.out),
                           max_layers=args.max_layers, on_step=report)  # fmt: skip
+        if cal is not None and lora.steps:
+            losses = _run_lora(model, tokenizer, settings, lora, pathlib.Path(args.out), args)
+            print(f"LoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}, adapter in {args.out}.lora")
     except USER_ERRORS as exc:
         return _fail("distill", exc)
     seconds = time.perf_counter() - start
