@@ -440,7 +440,7 @@ class KVCache:
                 held += [entry.page_count] + [buf for _, buf in entry.projections.values()]
                 held += list(entry.stats.values())
                 total += sum(t.numel() * t.element_size() for t in held)
-        linear = [r.state for key, r in self.state.items() if key.startswith("linear/")]
+        linear = [r.state for key, r in self.state.items() if str(key).startswith("linear/")]
         return total + sum(t.numel() * t.element_size() for t in tensors_in(linear))
 
     def reset(self) -> None:

@@ -191,3 +191,18 @@ def test_the_bound_catches_a_dropped_key():
     dropped[:, :, 30] = -30.0  # elu(-30) + 1 ~ 0: key 30 no longer weighs
     with pytest.raises(AssertionError, match="exceeds its bound"):
         assert_linear_method_close(attention(q, dropped, v, method=method), q, k, v, method)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs_give_the_oracles_answer(dtype):
+    """Transposed, sliced and expanded inputs: the same answer as contiguous ones."""
+    q, k, v = make_qkv(2, 4, 2, 48, 48, 32, dtype=dtype, seed=10)
+    variants = {
+        "token_major": tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)),
+        "sliced": tuple(torch.cat([x, x], dim=-1)[..., :32] for x in (q, k, v)),
+        "expanded": tuple(x[:1].expand(2, -1, -1, -1) for x in (q, k, v)),
+    }
+    for qs, ks, vs in variants.values():
+        for impl in ("linear", "recurrent"):
+            out = attention(qs, ks, vs, method=EluMap(), impl=impl)
+            assert_linear_method_close(out, qs, ks, vs, EluMap())

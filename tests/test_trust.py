@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import longattn
-from longattn import KVCache, attention, from_string, methods
+from longattn import KVCache, attention, from_string, linear, methods
 from longattn.api import IMPLS, impl_names
 from longattn.calibration import Calibration
 from longattn.method import Method
@@ -20,7 +20,8 @@ from longattn.testing import (
 )
 
 SPECS = [s for specs in METHOD_EXAMPLES.values() for s in specs]
-IMPLS_NO_FLEX = [name for name in impl_names() if name != "flex"]
+# the softmax implementations (the linear ones run linear methods: test_linear_api.py)
+IMPLS_NO_FLEX = [name for name in impl_names() if name != "flex" and name not in linear.IMPLS]
 
 
 def _strided_variants(dtype):
