@@ -372,6 +372,18 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "flexprefill:block_size=16,gamma=0.5,tau=1.0",
         "flexprefill:block_size=16,gamma=0.7,tau=0.0",
     ],
+    # feature maps (issue 15): small feature sizes and windows that the test lengths cross
+    "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
+    # normalised Taylor (signed features) is refused by longattn.linear.check_features so far
+    "taylor": [
+        "taylor:features=4,window=0,normalize=false,chunk_size=16",
+        "taylor:features=16,window=0,normalize=false",
+    ],
+    "hedgehog": ["hedgehog", "hedgehog:features=8,chunk_size=16"],
+    "cosine": ["cosine", "cosine:causal=false"],
+    "elu_linear": ["elu_linear", "elu_linear:chunk_size=16"],
+    "log_normal": ["log_normal", "log_normal:q_std=2.0,k_std=0.5,chunk_size=16"],
+    "gated_deltanet": ["gated_deltanet", "gated_deltanet:channelwise=true,chunk_size=16"],
 }
 
 

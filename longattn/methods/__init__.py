@@ -6,21 +6,27 @@ from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
 from longattn.methods.block_topp import BlockTopP
+from longattn.methods.cosine import Cosine
 from longattn.methods.dense import Dense
 from longattn.methods.dhsa import DHSA
 from longattn.methods.double_sparsity import DoubleSparsity
 from longattn.methods.duo_attention import DuoAttention
+from longattn.methods.elu_linear import EluLinear
 from longattn.methods.expected_attention import ExpectedAttention
 from longattn.methods.flexprefill import FlexPrefill
+from longattn.methods.gated_deltanet import GatedDeltaNet
 from longattn.methods.h2o import H2O
+from longattn.methods.hedgehog import Hedgehog
 from longattn.methods.hip import HiP
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
+from longattn.methods.log_normal import LogNormal
 from longattn.methods.loki import Loki
 from longattn.methods.minference import MInference
 from longattn.methods.neighborhood2d import Neighborhood2D
 from longattn.methods.oracle_topk import OracleTopK
 from longattn.methods.per_head_window import PerHeadWindow
+from longattn.methods.performer import Performer
 from longattn.methods.power import PowerAttention
 from longattn.methods.proxy_attn import ProxyAttn
 from longattn.methods.pyramidkv import PyramidKV
@@ -34,6 +40,7 @@ from longattn.methods.sparge import Sparge
 from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
+from longattn.methods.taylor import Taylor
 from longattn.methods.tidal_decode import TidalDecode
 from longattn.methods.tova import TOVA
 
@@ -44,20 +51,26 @@ __all__ = [
     "BlockOracle",
     "BlockTopK",
     "BlockTopP",
+    "Cosine",
     "DHSA",
     "Dense",
     "DoubleSparsity",
     "DuoAttention",
+    "EluLinear",
     "ExpectedAttention",
     "FlexPrefill",
+    "GatedDeltaNet",
     "H2O",
+    "Hedgehog",
     "HiP",
     "InfLLM",
     "KNorm",
+    "LogNormal",
     "Loki",
     "MInference",
     "Neighborhood2D",
     "OracleTopK",
+    "Performer",
     "PerHeadWindow",
     "PowerAttention",
     "ProxyAttn",
@@ -72,6 +85,7 @@ __all__ = [
     "StaticBlocks",
     "StreamingLLM",
     "Strided",
+    "Taylor",
     "TidalDecode",
     "TOVA",
 ]
