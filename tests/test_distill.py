@@ -2,7 +2,6 @@
 resuming, and the calibration file it writes."""
 
 import dataclasses
-import importlib.util
 import math
 import types
 
@@ -15,10 +14,6 @@ from longattn.eval import distill as D
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-# the maps being trained are Hedgehog's own (longattn.methods.hedgehog, on its way from its branch)
-needs_hedgehog = pytest.mark.skipif(
-    importlib.util.find_spec("longattn.methods.hedgehog") is None, reason="Hedgehog not merged yet"
-)
 SETTINGS = D.DistillSettings(
     model="tiny-llama", length=48, windows=2, steps=12, rows=16, window=8, features=8, lr=0.02
 )
@@ -134,7 +129,6 @@ def test_windows_are_disjoint():
     assert all(not (a & b) for i, a in enumerate(grams) for b in grams[i + 1 :])
 
 
-@needs_hedgehog
 def test_training_lowers_the_held_out_error(tmp_path):
     model, tokenizer = tiny_llama()
     losses = []
@@ -147,7 +141,6 @@ def test_training_lowers_the_held_out_error(tmp_path):
     assert not (tmp_path / "h.safetensors.checkpoint").exists()
 
 
-@needs_hedgehog
 def test_resume_continues_at_the_next_layer(tmp_path):
     model, tokenizer = tiny_llama()
     whole = D.distill(model, tokenizer, SETTINGS, tmp_path / "whole.safetensors")
@@ -165,7 +158,6 @@ def test_resume_continues_at_the_next_layer(tmp_path):
         assert torch.equal(rest.tensors[name], whole.tensors[name])  # seeds are per layer
 
 
-@needs_hedgehog
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
     model, tokenizer = tiny_llama()
     out = tmp_path / "h.safetensors"
@@ -174,7 +166,6 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
         D.distill(model, tokenizer, dataclasses.replace(SETTINGS, lr=0.05), out)
 
 
-@needs_hedgehog
 def test_calibration_round_trips_and_is_refused_for_another_shape(tmp_path):
     model, tokenizer = tiny_llama()
     out = tmp_path / "h.safetensors"
@@ -195,7 +186,6 @@ def test_calibration_round_trips_and_is_refused_for_another_shape(tmp_path):
         D.check_calibration(wrong, model.config)
 
 
-@needs_hedgehog
 def test_converted_layer_runs_what_was_trained(tmp_path):
     """``attention(..., method=Hedgehog(calibration=file, window=W))`` on a layer's captured q/k/v
     and the training form both hold the engine contract's bound around the float64 reference
@@ -225,7 +215,6 @@ def test_converted_layer_runs_what_was_trained(tmp_path):
     assert ((trained.double() - ref.ref).abs() <= ref.out).all()
 
 
-@needs_hedgehog
 def test_lora_pass_trains_and_saves_an_adapter(tmp_path):
     pytest.importorskip("peft")
     from longattn.methods.hedgehog import Hedgehog

@@ -1,0 +1,48 @@
+"""Probe behind docs/runs/issue15/distill.md, "the window's scale": the same per-layer training under
+the engine's windowed form (exact terms exp(s), linear terms phi.phi, one normaliser) and under
+LoLCATs' form (exact terms exp(s - m_t) with m_t the row's largest window score, so the linear
+terms compete with weights <= 1), on a few layers of SmolLM2-135M. Held-out output MSE relative to
+the target's mean square (1.0 = as bad as outputting zeros).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python docs/runs/issue15/distill_form_probe.py 100 0.01 5,15,25
+
+The LoLCATs form is obtained from the training form by dropping the linear terms' exp(-shift)
+(``Window.exact``'s shift set to 0): no library path runs that form today.
+"""
+
+import dataclasses
+import sys
+import time
+
+import torch
+
+from longattn.eval import distill as D
+from longattn.eval.models import load
+
+
+def lolcats(part: D.Window) -> D.Window:
+    num, shift = part.exact
+    return dataclasses.replace(part, exact=(num, torch.zeros_like(shift)))
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tokenizer = load("smollm2-135m")
+    settings = D.DistillSettings(windows=4, steps=int(sys.argv[1]), lr=float(sys.argv[2]))
+    layers = [int(x) for x in sys.argv[3].split(",")]
+    train, held = D._layer_data(model, tokenizer, settings, layers)
+    scales = D.attention_scales(model)
+    for layer in layers:
+        scale = scales[layer]
+        parts = [D.Window.prepare(*x, scale, settings.window) for x in train[layer]]
+        checks = [D.Window.prepare(*x, scale, settings.window) for x in held[layer]]
+        for form, f in (("engine", lambda w: w), ("lolcats", lolcats)):
+            start = time.perf_counter()
+            wq, wk = D.train_layer([f(w) for w in parts], settings, layer, scale)
+            err = D.layer_errors([f(w) for w in checks], wq, wk, layer, scale, settings.window)
+            rel = {k: round(v / err["power"], 4) for k, v in err.items() if k != "power"}
+            print(layer, form, f"{time.perf_counter() - start:.0f}s", rel, flush=True)
+
+
+if __name__ == "__main__":
+    main()
