@@ -14,6 +14,10 @@ Deviation from paper: LoLCATs weighs its window and linear terms by a learned pe
 here the two terms are weighed as the library's engine evaluates them (no factor). Hedgehog trains
 on the attention weights with a cross-entropy; this is LoLCATs' MSE on the outputs.
 
+Known limit (docs/runs/issue15/distill.md): heads that park their mass on the first token (an
+attention sink) cannot be matched once it leaves the window: Hedgehog's features are bounded and
+the window's terms are not. Keeping the sink exact beside the window removes most of the error.
+
 The result is a ``longattn.calibration`` file: ``q_proj`` [L, Hkv, G, D, F] (G query heads per KV
 head) and ``k_proj`` [L, Hkv, D, F], the settings and each layer's held-out output error.
 """
