@@ -1,4 +1,5 @@
-"""The ``longattn`` command: ``bench``, ``docs``, ``eval``, ``plot``, ``analyze`` and ``calibrate``."""
+"""The ``longattn`` command: ``bench``, ``docs``, ``eval``, ``plot``, ``analyze``, ``calibrate`` and
+``distill``."""
 
 from __future__ import annotations
 
@@ -178,6 +179,11 @@ def _add_eval_commands(sub) -> None:
     commands.add_analyze_arguments(an)
     an.set_defaults(func=commands.run_analyze_command)
     commands.add_calibrate_commands(sub)
+    from longattn.eval import distill
+
+    dist = sub.add_parser("distill", help="attention transfer to Hedgehog maps (resumable)")
+    distill.add_arguments(dist)
+    dist.set_defaults(func=distill.run_command)
 
 
 def main(argv: list[str] | None = None) -> int:
