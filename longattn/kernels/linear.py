@@ -378,7 +378,10 @@ def _finish(out: Tensor, v: Tensor, normalize: bool) -> Tensor:
     """[B, H, Tq, Dv'] accumulated -> the output in v's dtype (divided by the normaliser column)."""
     if normalize:
         num, den = out[..., :-1], out[..., -1:]
-        out = num.div_(den).masked_fill_(den == 0, 0.0)  # in place: no T x Dv temporaries
+        if torch.is_grad_enabled():  # autograd keeps num for the division's gradient
+            out = (num / den).masked_fill(den == 0, 0.0)
+        else:  # in place: no T x Dv temporaries
+            out = num.div_(den).masked_fill_(den == 0, 0.0)
     return out.to(v.dtype).contiguous()
 
 
@@ -470,7 +473,8 @@ def _plain_chunks(q6, k5, v5, cum, s_in) -> tuple[Tensor, Tensor]:
     q_rows = q6 if cum is None else q6 * _row_factor(cum)[:, :, :, None]
     inter = (q_rows.flatten(3, 4) @ before).unflatten(3, pair.shape[3:5])
     last_in = before[:, :, -1] if gate is None else before[:, :, -1] * gate[:, :, -1]
-    return intra.add_(inter), last_in + contrib[:, :, -1]
+    out = intra + inter if torch.is_grad_enabled() else intra.add_(inter)
+    return out, last_in + contrib[:, :, -1]
 
 
 def _scan(contrib: Tensor, gate: Tensor | None, s_in: Tensor) -> Tensor:
@@ -478,6 +482,8 @@ def _scan(contrib: Tensor, gate: Tensor | None, s_in: Tensor) -> Tensor:
     contrib [B, Hkv, n, F, Dv']; gate [B, Hkv, n, 1 or F, 1] or None (no decay: a cumsum)."""
     n = contrib.shape[2]
     if gate is None:  # exclusive prefix sum, in place: the inclusive sum minus each term
+        if torch.is_grad_enabled():
+            return contrib.cumsum(dim=2) - contrib + s_in[:, :, None]
         return contrib.cumsum(dim=2).sub_(contrib).add_(s_in[:, :, None])
     before = torch.empty_like(contrib)
     s = s_in
