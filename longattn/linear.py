@@ -6,8 +6,9 @@ the method's data-dependent gates and its fixed decay, and runs the engine
 (``longattn.kernels.linear``): ``linear`` (chunkwise) or ``recurrent`` (token by token). A ``forward``
 method computes its own output and state (impl ``forward``). With a cache the layer holds a
 ``LinearRecord``: the recurrent state and the number of tokens seen (O(1) memory per step); a
-windowed method (``window`` > 0) also holds its last ``window - 1`` raw keys and values in the
-cache's storage, and folds each key that leaves the window into the state.
+windowed method (``window`` > 0) also holds its last ``window`` raw keys and values, and its
+``sinks`` first ones, in the cache's storage, and folds each other key that leaves the window into
+the state.
 
 Calls are causal over consecutive tokens: the queries are the keys' own tokens (``Tq == Tk``),
 continuing what the cache has seen; padded rows and other alignments are refused with the reason.
@@ -164,7 +165,8 @@ def run_features(
         kwargs["chunk_size"] = method.chunk_size
     if method.window:
         q_raw, k_raw = raw if raw is not None else (q, k)
-        kwargs.update(window=method.window, q_raw=q_raw, k_raw=k_raw, scale=scale)
+        kwargs.update(window=method.window, q_raw=q_raw, k_raw=k_raw, scale=scale,
+                      sinks=method.sinks)  # fmt: skip
     # the engine runs in the features' dtype (float32 for fp32/bf16 calls); the output is v's
     out, state = engine(
         phi_q, phi_k, v.to(phi_q.dtype), causal=method.causal, log_decay=log_decay, beta=beta,
@@ -284,19 +286,19 @@ def _cached(call, method: Method, impl: str, cache: Any, layer: int, start: int)
 
 
 def _windowed(call, method, impl, cache, layer, start, state, cal):
-    """A windowed call over the layer's held raw keys (the last ``window`` tokens, before the
-    new ones) and the new ones; the engine's state leaves out the call's last ``window`` keys,
-    which the cache then holds (the older ones are freed)."""
-    held = min(start, method.window)
+    """A windowed call over the layer's held raw keys (the sinks, then the last ``window``
+    tokens before the new ones) and the new ones; the engine's state leaves out the sinks and the
+    call's last ``window`` keys, which the cache then holds (the others are freed)."""
     k, v = call.k, call.v
-    k_all = torch.cat([cache.keys(layer)[:, :, -held:], k], dim=2) if held else k
-    v_all = torch.cat([cache.values(layer)[:, :, -held:], v], dim=2) if held else v
+    k_all = torch.cat([cache.keys(layer), k], dim=2) if start else k
+    v_all = torch.cat([cache.values(layer), v], dim=2) if start else v
     out, state = run_features(
         method, call.q, k_all, v_all, impl=impl, layer=layer, scale=call.scale, cal=cal,
         state=state, raw=(call.q, k_all),
     )  # fmt: skip
     cache.append(layer, k, v, torch.arange(start, start + k.shape[2], device=k.device))
     newest = start + k.shape[2] - 1
-    if newest - method.window >= 0:  # free what left the window
-        cache.evict(layer, cache.positions(layer) > newest - method.window)
+    if newest - method.window >= method.sinks:  # free what left the window (sinks stay)
+        held = cache.positions(layer)
+        cache.evict(layer, (held > newest - method.window) | (held < method.sinks))
     return out, state

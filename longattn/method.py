@@ -264,6 +264,9 @@ class LinearAttention(Method):
     window:     keys within ``window`` tokens of the query are attended by exact softmax, the older
                 ones by the linear form, under one shared normaliser (BASED, LoLCATs); 0: none.
                 Needs ``normalize`` and no data-dependent gate.
+    sinks:      the first ``sinks`` tokens stay exact keys of every later query, never folded into
+                the linear state (attention sinks, StreamingLLM; a pretrained model's first token
+                takes a large share of most heads' attention). Needs a window and no decay.
 
     ``gates(k, view)`` (optional, not a hook) returns data-dependent ``(log_decay, beta)`` from the
     keys: a per-head or per-channel gate (GLA, Kimi Delta Attention) and the delta rule's writing
@@ -275,6 +278,7 @@ class LinearAttention(Method):
     normalize: bool = True
     decay: str | float = "none"
     window: int = 0
+    sinks: int = 0
 
     # with normalize, features must be non-negative (the normaliser must not vanish) unless the
     # map's kernel phi(q) . phi(k) is positive by construction (Taylor's 1 + s + s^2 / 2)
@@ -283,7 +287,7 @@ class LinearAttention(Method):
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive(name, chunk_size=self.chunk_size)
-        check_non_negative(name, window=self.window)
+        check_non_negative(name, window=self.window, sinks=self.sinks)
         if isinstance(self.decay, str):
             if self.decay not in LINEAR_DECAYS:
                 raise ValueError(f"{name}.decay must be one of {LINEAR_DECAYS} or a float in "
@@ -296,6 +300,10 @@ class LinearAttention(Method):
         if self.window and not self.causal:
             raise ValueError(f"{name}.window={self.window} is a causal sliding window; "
                              "causal=False has none")  # fmt: skip
+        if self.sinks and (not self.window or self.decay != "none"):
+            raise ValueError(f"{name}.sinks={self.sinks} needs a window (window={self.window}) and "
+                             f"decay='none' (decay={self.decay!r}): sinks are exact keys of every "
+                             "later query, whatever their age")  # fmt: skip
 
     @property
     def is_causal(self) -> bool:

@@ -21,13 +21,14 @@ class LinearBound(typing.NamedTuple):
     state: typing.Any
 
 
-def _linear_parts(q, k, v, log_decay, state, window, q_raw, k_raw, scale):
+def _linear_parts(q, k, v, log_decay, state, window, q_raw, k_raw, scale, sinks=0):
     """Per query: the weights of every (query, key) pair and of the carried state, float64.
 
     Returns (kern [B, Hkv, G, Tq, Tk] the pair weights ``w_ts * (q_t . k_s)`` or, in the window,
     ``w_ts exp(scale q_raw_t . k_raw_s)``, mags [same] their magnitudes ``sum_f |q k| w``,
     state_rows [B, Hkv, G, Tq, F] ``q_t * prod_{r<=t} a_r`` (what reads the carried state),
-    cum [B, Hkv, Tk(, F)] the cumulative log gates, in_window [Tq, Tk] bool)."""
+    cum [B, Hkv, Tk(, F)] the cumulative log gates, in_window [Tq, Tk] bool: the window's keys
+    and the sinks, the first ``sinks`` keys)."""
     batch, n_heads, q_len, feat = q.shape
     n_kv, kv_len = k.shape[1], k.shape[2]
     group, offset = n_heads // n_kv, kv_len - q_len
@@ -42,7 +43,7 @@ def _linear_parts(q, k, v, log_decay, state, window, q_raw, k_raw, scale):
     t_pos = torch.arange(offset, kv_len)
     s_pos = torch.arange(kv_len)
     causal = s_pos[None, :] <= t_pos[:, None]  # [Tq, Tk]
-    in_window = causal & (t_pos[:, None] - s_pos[None, :] < window)
+    in_window = causal & ((t_pos[:, None] - s_pos[None, :] < window) | (s_pos[None, :] < sinks))
     c_t = cum[:, :, offset:]  # [B, Hkv, Tq(, F)]
     if cum.dim() == 4:  # per channel: [B, Hkv, Tq, Tk, F]
         w = (c_t[:, :, :, None] - cum[:, :, None]).masked_fill(~causal[..., None], -torch.inf)
@@ -78,11 +79,12 @@ def linear_reference(
     q_raw: torch.Tensor | None = None,
     k_raw: torch.Tensor | None = None,
     scale: float | None = None,
+    sinks: int = 0,
 ):
     """The float64 definition of ``longattn.kernels.linear.linear_attention`` (same arguments):
     the quadratic form ``out_t = sum_s K_ts [v_s, 1] (+ the carried state read with its decay)``
     with ``K_ts = q_t . (w_ts * k_s)``, ``w_ts = prod_{s<r<=t} a_r`` (per channel when the gate
-    is), ``exp(scale q_raw_t . k_raw_s) w_ts`` inside the window; for the delta rule the float64
+    is), ``exp(scale q_raw_t . k_raw_s) w_ts`` inside the window and on the first ``sinks`` keys; for the delta rule the float64
     recurrence ``S_t = (I - b_t k_t k_t^T) diag(a_t) S_{t-1} + b_t k_t v_t^T``, ``o_t = S_t^T q_t``.
     Returns (out [B, H, Tq, Dv] float64, LinearState in float64 or None)."""
     q, k, v = (t.double() for t in (q, k, v))
@@ -98,7 +100,7 @@ def linear_reference(
     if beta is not None:
         return _delta_reference(q, k, v, log_decay, beta, state)
     kern, _, state_rows, cum, _ = _linear_parts(
-        q, k, v, log_decay, state, window, q_raw, k_raw, scale
+        q, k, v, log_decay, state, window, q_raw, k_raw, scale, sinks
     )
     num = kern @ v[:, :, None]  # [B, Hkv, G, Tq, Dv]
     den = kern.sum(-1, keepdim=True)
@@ -108,15 +110,16 @@ def linear_reference(
             den = den + state_rows @ state.k_sum.double()[:, :, None, :, None]
     out = _ratio(num, den) if normalize else num
     out = out.reshape(q.shape[:3] + v.shape[3:])
-    return out, _linear_state_after(k, v, cum, state, window, normalize)
+    return out, _linear_state_after(k, v, cum, state, window, normalize, sinks)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den == 0, torch.zeros_like(num), num / den)
 
 
-def _linear_state_after(k, v, cum, state, window, normalize):
-    """The state over the keys [0, Tk - window) plus the carried one, decayed to the last of them."""
+def _linear_state_after(k, v, cum, state, window, normalize, sinks=0):
+    """The state over the keys [sinks, Tk - window) plus the carried one, decayed to the last of
+    the keys before the window."""
     batch, n_kv, kv_len, feat = k.shape
     n = max(kv_len - window, 0)
     kv = torch.zeros(batch, n_kv, feat, v.shape[-1], dtype=torch.float64)
@@ -129,6 +132,7 @@ def _linear_state_after(k, v, cum, state, window, normalize):
         w = (last - c).exp()  # [B, Hkv, n(, F)]
         head = c[:, :, -1].exp()
         wk = k[:, :, :n] * (w if w.dim() == 4 else w[..., None])
+        wk[:, :, : min(sinks, n)] = 0  # the sinks stay exact
         kv = kv * (head[..., None] if head.dim() == 3 else head[..., None, None])
         ksum = ksum * (head if head.dim() == 3 else head[..., None])
         kv = kv + wk.transpose(-1, -2) @ v[:, :, :n]
@@ -191,7 +195,7 @@ def linear_bound(q, k, v, **kwargs) -> LinearBound:
     without gates; the state counts as s = -1). A term is a product of q, k, the weight and v, a
     dot product over F, and the n_t-term sum over keys in any association: ``gamma(F + n_t + 4)``;
     scores, weighted scores and the state may each be rounded to the input dtype: ``3 u_in``.
-    Inside a window a term is ``exp(scale q_raw . k_raw - m)``: the score's error
+    Inside a window (and on the sinks) a term is ``exp(scale q_raw . k_raw - m)``: the score's error
     ``E_t = (gamma(D) + u_in) max_s |scale| sum_d |q_raw_td k_raw_sd|`` twice (the score and the
     shift m) and ``2 eta``; the linear terms share the shift: ``2 E_t + eta + u``. With
     ``r_ts`` the sum of these, the numerator is off by at most ``eN = sum_s expm1(r_ts) |K|_ts
@@ -249,7 +253,16 @@ def _feature_bound(q, k, v, ref, kw, u, u_in, eta) -> torch.Tensor:
     if scale is None and kw.get("q_raw") is not None:
         scale = kw["q_raw"].shape[-1] ** -0.5
     kern, mags, state_rows, _, in_window = _linear_parts(
-        q64, k64, v64, log_decay, state, window, kw.get("q_raw"), kw.get("k_raw"), scale
+        q64,
+        k64,
+        v64,
+        log_decay,
+        state,
+        window,
+        kw.get("q_raw"),
+        kw.get("k_raw"),
+        scale,
+        kw.get("sinks", 0),
     )
     t_pos = torch.arange(offset, kv_len, dtype=torch.float64)
     ages = t_pos[:, None] - torch.arange(kv_len, dtype=torch.float64)[None, :]  # t - s
@@ -411,6 +424,7 @@ def assert_linear_method_close(
     kwargs = dict(causal=method.causal, log_decay=wide(log_decay), beta=wide(beta),
                   normalize=method.normalize)  # fmt: skip
     if method.window:
-        kwargs.update(window=method.window, q_raw=q.double(), k_raw=k.double(), scale=scale)
+        kwargs.update(window=method.window, q_raw=q.double(), k_raw=k.double(), scale=scale,
+                      sinks=method.sinks)  # fmt: skip
     bound = linear_bound(phi_q, phi_k, v, **kwargs)
     return assert_linear_close(out, bound)

@@ -10,6 +10,7 @@ import torch
 
 from longattn.calibration import Calibration
 from longattn.eval import distill as D
+from longattn.eval.lora import LoraSettings, lora_pass
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -83,7 +84,8 @@ def test_windowed_linear_is_its_definition():
     assert (dropped - want).abs().max() > bound  # a key moved to the wrong part is seen
 
 
-def test_training_form_is_the_engines_form():
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_training_form_is_the_engines_form(sinks):
     """The loss's windowed linear attention (float32) is within the engine contract's derived
     bound of its float64 reference (``testing_linear.linear_bound``): training and run time
     compute the same function."""
@@ -94,12 +96,15 @@ def test_training_form_is_the_engines_form():
     phi_q = torch.rand(1, 4, 70, 12, generator=gen)
     phi_k = torch.rand(1, 2, 70, 12, generator=gen)
     pos = torch.arange(70)
-    exact = D.exact_window(q, pos, k, v, 0.25, 16)
-    got = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 16)
-    ref = linear_bound(phi_q, phi_k, v, window=16, q_raw=q, k_raw=k, scale=0.25)
+    exact = D.exact_window(q, pos, k, v, 0.25, 16, sinks)
+    got = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 16, sinks)
+    ref = linear_bound(phi_q, phi_k, v, window=16, q_raw=q, k_raw=k, scale=0.25, sinks=sinks)
     assert ((got.double() - ref.ref).abs() <= ref.out).all()
-    moved = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 17)
+    moved = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), exact, 17, sinks)
     assert not ((moved.double() - ref.ref).abs() <= ref.out).all()
+    other = D.exact_window(q, pos, k, v, 0.25, 16, 3 - sinks)  # sinks added or dropped
+    wrong = D.windowed_linear(phi_q, pos, phi_k, D.with_ones(v), other, 16, 3 - sinks)
+    assert not ((wrong.double() - ref.ref).abs() <= ref.out).all()
 
 
 def test_window_covering_everything_is_softmax():
@@ -115,7 +120,13 @@ def test_window_covering_everything_is_softmax():
 
 
 def test_settings_refuse_bad_values():
-    for bad in ({"steps": 0}, {"features": -1}, {"lr": 0.0}, {"length": 64, "window": 64}):
+    for bad in (
+        {"steps": 0},
+        {"features": -1},
+        {"lr": 0.0},
+        {"length": 64, "window": 64},
+        {"sinks": -1},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(SETTINGS, **bad)
 
@@ -197,7 +208,7 @@ def test_converted_layer_runs_what_was_trained(tmp_path):
     model, tokenizer = tiny_llama()
     out = tmp_path / "h.safetensors"
     cal = D.distill(model, tokenizer, SETTINGS, out)
-    layer, scale, window = 1, D.attention_scales(model)[1], SETTINGS.window
+    layer, scale, window, sinks = 1, D.attention_scales(model)[1], SETTINGS.window, SETTINGS.sinks
     ids = D.disjoint_windows(tokenizer, "pydoc", 40, 1, seed=77)
     q, k, v = D.capture_layers(model, ids, [layer], {layer: scale})[layer][0][:3]
     wq = cal.tensors["q_proj"][layer].flatten(0, 1)  # [H, D, F]
@@ -205,12 +216,12 @@ def test_converted_layer_runs_what_was_trained(tmp_path):
     features = [D.hedgehog_features(x.double(), wq.double(), wk.double(), role, layer, scale)
                 for x, role in ((q, "query"), (k, "key"))]  # fmt: skip
     ref = linear_bound(features[0].float(), features[1].float(), v, window=window, q_raw=q,
-                       k_raw=k, scale=scale)  # fmt: skip
-    method = hedgehog.Hedgehog(calibration=str(out), window=window)
+                       k_raw=k, scale=scale, sinks=sinks)  # fmt: skip
+    method = hedgehog.Hedgehog(calibration=str(out), window=window, sinks=sinks)
     ran = attention(q, k, v, method=method, layer=layer, scale=scale).out
     pos = torch.arange(q.shape[2])
-    part = D.Window.prepare(q, k, v, v, scale, window)
-    trained = D.student(part, pos, wq, wk, layer, scale, window)
+    part = D.Window.prepare(q, k, v, v, scale, window, sinks)
+    trained = D.student(part, pos, wq, wk, layer, scale, (window, sinks))
     assert ((ran.double() - ref.ref).abs() <= ref.out).all()
     assert ((trained.double() - ref.ref).abs() <= ref.out).all()
 
@@ -224,8 +235,8 @@ def test_lora_pass_trains_and_saves_an_adapter(tmp_path):
     D.distill(model, tokenizer, SETTINGS, out)
     windows = D.disjoint_windows(tokenizer, "pydoc", 48, 2)
     method = Hedgehog(calibration=str(out), window=SETTINGS.window)
-    settings = D.LoraSettings(steps=4, lr=1e-2)
-    losses = D.lora_pass(model, method, windows, settings, tmp_path / "h.lora")
+    settings = LoraSettings(steps=4, lr=1e-2)
+    losses = lora_pass(model, method, windows, settings, tmp_path / "h.lora")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[2] < losses[0]  # the same window again, after two steps
     assert (tmp_path / "h.lora" / "adapter_model.safetensors").is_file()

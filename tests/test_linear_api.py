@@ -116,7 +116,9 @@ def test_impls_that_do_not_run_linear_attention_say_so():
 
 @pytest.mark.parametrize("bad", [{"chunk_size": 0}, {"window": -1}, {"decay": 1.5},
                                  {"decay": "gla"}, {"window": 4, "normalize": False},
-                                 {"window": 4, "causal": False}])  # fmt: skip
+                                 {"window": 4, "causal": False}, {"sinks": 2},
+                                 {"sinks": 2, "window": 4, "decay": "retnet"},
+                                 {"sinks": -1, "window": 4}])  # fmt: skip
 def test_bad_fields_are_refused(bad):
     with pytest.raises((ValueError, TypeError)):
         EluMap(**bad)
@@ -176,8 +178,21 @@ def test_a_windowed_method_through_a_cache_equals_one_pass(window, sizes):
     assert cache.n_seen(0) == 30
 
 
+@pytest.mark.parametrize("sizes", [(40,), (2, 1, 9, 1, 27), (1,) * 40])
+def test_sinks_stay_in_the_cache_and_chained_calls_equal_one_pass(sizes):
+    """The layer holds its first ``sinks`` tokens and the last ``window`` ones; the rest is state."""
+    method = EluMap(window=5, sinks=3)
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 16, dtype=torch.float64, seed=11)
+    whole = attention(q, k, v, method=method).out
+    parts, cache = chained(method, q, k, v, sizes)
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    assert cache.positions(0).tolist() == [[0, 1, 2, 35, 36, 37, 38, 39]] * 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("method", METHODS + [EluMap(window=8)], ids=lambda m: m.describe())
+@pytest.mark.parametrize(
+    "method", METHODS + [EluMap(window=8), EluMap(window=8, sinks=2)], ids=lambda m: m.describe()
+)
 def test_the_library_path_is_within_the_oracles_bound(method, dtype):
     q, k, v = make_qkv(2, 4, 2, 70, 70, 32, dtype=dtype, seed=8)
     for impl in ("linear", "recurrent"):

@@ -221,6 +221,40 @@ def test_a_dropped_window_key_fails_the_bound():
         assert_linear_close(out, bound)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window,sinks", [(9, 4), (3, 12), (1, 1)])
+def test_sinks(window, sinks, dtype):
+    """The first ``sinks`` keys stay exact for every query (never in the state): chunkwise =
+    recurrent = reference, and the same call without them fails the bound."""
+    q, k, v, kw = _inputs("none", length=75, n_heads=4, n_kv=2, dtype=dtype, window=window)
+    kw["sinks"] = sinks
+    bound = linear_bound(q, k, v, **kw)
+    out, state = linear_attention(q, k, v, chunk_size=16, **kw)
+    assert_linear_close(out, bound)
+    assert_linear_close(linear_recurrent(q, k, v, **kw)[0], bound)
+    torch.testing.assert_close(state.kv.double(), bound.state.kv, rtol=1e-4, atol=1e-4)
+    with pytest.raises(AssertionError, match="exceeds its bound"):
+        assert_linear_close(linear_attention(q, k, v, **dict(kw, sinks=0))[0], bound)
+
+
+def test_sinks_held_in_front_of_later_calls_equal_one_pass():
+    """The caller passes the sinks, then the window's keys, in front of each later call."""
+    window, sinks = 6, 4
+    q, k, v, kw = _inputs("none", length=60, n_heads=2, n_kv=1, window=window, seed=5)
+    kw["sinks"] = sinks
+    whole = linear_attention(q, k, v, **kw)[0]
+    state, outs = None, []
+    for lo, hi in [(0, 2), (2, 25), (25, 26), (26, 60)]:
+        held = sorted(set(range(min(lo, sinks))) | set(range(max(lo - window, 0), lo)))
+        idx = torch.tensor(held + list(range(lo, hi)), dtype=torch.long)
+        out, state = linear_attention(
+            q[:, :, lo:hi], k[:, :, idx], v[:, :, idx], state=state, window=window, sinks=sinks,
+            q_raw=kw["q_raw"][:, :, lo:hi], k_raw=kw["k_raw"][:, :, idx],
+        )  # fmt: skip
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-5, atol=1e-6)
+
+
 def _bad_calls():
     q, k, v, _ = _inputs("none", length=10, n_heads=4, n_kv=2)
     good = LinearState(torch.zeros(1, 2, FEAT, DV), torch.zeros(1, 2, FEAT))
@@ -248,6 +282,13 @@ def _bad_calls():
         ("q_raw and k_raw", (q, k, v), {"window": 3}),
         ("window=3 needs", (q, k, v), {"window": 3, "log_decay": torch.zeros(1, 2, 10)}),
         ("window must be", (q, k, v), {"window": -1}),
+        ("sinks=2 needs a window", (q, k, v), {"sinks": 2}),
+        (
+            "sinks=2 needs a window",
+            (q, k, v),
+            {"sinks": 2, "window": 3, "q_raw": q, "k_raw": k, "log_decay": torch.zeros(2)},
+        ),
+        ("sinks must be", (q, k, v), {"sinks": -1}),
         ("q_len 20 > kv_len 10", (torch.cat([q, q], 2), k, v), {}),
     ]
 

@@ -14,9 +14,10 @@ Deviation from paper: LoLCATs weighs its window and linear terms by a learned pe
 here the two terms are weighed as the library's engine evaluates them (no factor). Hedgehog trains
 on the attention weights with a cross-entropy; this is LoLCATs' MSE on the outputs.
 
-Known limit (docs/runs/issue15/distill.md): heads that park their mass on the first token (an
-attention sink) cannot be matched once it leaves the window: Hedgehog's features are bounded and
-the window's terms are not. Keeping the sink exact beside the window removes most of the error.
+Heads that park their mass on the first token (an attention sink) cannot be matched by the
+linear part once it leaves the window: Hedgehog's features are bounded and the window's terms are
+not (docs/runs/issue15/distill.md). The first ``sinks`` tokens therefore stay exact beside the
+window, as ``Hedgehog(sinks=...)`` runs them.
 
 The result is a ``longattn.calibration`` file: ``q_proj`` [L, Hkv, G, D, F] (G query heads per KV
 head) and ``k_proj`` [L, Hkv, D, F], the settings and each layer's held-out output error.
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from longattn.eval import tasks
+from longattn.eval.lora import LoraSettings, lora_pass
 
 METHOD = "hedgehog"
 NGRAM = 32  # two windows sharing a run of this many tokens count as overlapping
@@ -49,7 +51,8 @@ class DistillSettings:
 
     length: tokens per text window; windows: training windows (one per step, in turn); steps:
     optimiser steps per layer; rows: queries sampled per step; window: the exact sliding window;
-    features: F, each half of the feature map (2F features in all)."""
+    sinks: the first tokens, exact beside the window; features: F, each half of the feature map
+    (2F features in all)."""
 
     model: str = "smollm2-135m"
     corpus: str = "pydoc"
@@ -60,6 +63,7 @@ class DistillSettings:
     lr: float = 0.01
     weight_decay: float = 0.0
     window: int = 64
+    sinks: int = 4
     features: int = 64
     seed: int = 0
 
@@ -75,6 +79,8 @@ class DistillSettings:
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"DistillSettings.lr must be a finite float > 0, got {self.lr!r}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"DistillSettings.sinks must be an int >= 0, got {self.sinks!r}")
         if not self.weight_decay >= 0:
             raise ValueError(
                 f"DistillSettings.weight_decay must be >= 0, got {self.weight_decay!r}"
@@ -164,9 +170,10 @@ def hedgehog_features(x: torch.Tensor, wq, wk, role: str, layer: int, scale: flo
     return Hedgehog(features=features).feature_map(x, view)
 
 
-def exact_window(q, pos, k, v, scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_window(q, pos, k, v, scale: float, window: int, sinks: int = 0):
     """The exact part of windowed linear attention at the query rows ``pos`` [n]: over the keys
-    s with ``0 <= pos - s < window``, ``sum exp(scale q.k_s - shift) [v_s, 1]`` and the shift.
+    s with ``0 <= pos - s < window`` and the sinks ``s < sinks <= pos``, ``sum exp(scale q.k_s -
+    shift) [v_s, 1]`` and the shift.
 
     q [B, H, n, D] (the rows' queries), k [B, Hkv, T, D], v [B, Hkv, T, Dv]. Returns
     ([B, Hkv, G*n, Dv + 1], shift [B, Hkv, G*n, 1]), rows ordered (query head in group, row). The
@@ -177,6 +184,10 @@ def exact_window(q, pos, k, v, scale: float, window: int) -> tuple[torch.Tensor,
     group = n_heads // n_kv
     idx = pos[:, None] - torch.arange(window, device=q.device)[None, :]  # [n, W]: newest first
     valid = idx >= 0
+    if sinks:  # the sinks older than the window
+        sink = torch.arange(sinks, device=q.device).expand(len(pos), sinks)
+        valid = torch.cat([valid, pos[:, None] - sink >= window], dim=1)
+        idx = torch.cat([idx, sink], dim=1)
     idx = idx.clamp_min(0)
     keys = k[:, :, idx]  # [B, Hkv, n, W, D]
     values = with_ones(v)[:, :, idx]  # [B, Hkv, n, W, Dv + 1]
@@ -193,11 +204,12 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
-def windowed_linear(phi_q, pos, phi_k, values, exact, window: int) -> torch.Tensor:
+def windowed_linear(phi_q, pos, phi_k, values, exact, window: int, sinks: int = 0):
     """Windowed linear attention (LoLCATs' form, as the engine evaluates it) at the query rows
     ``pos`` [n] (positions, ascending): keys s with ``0 <= pos - s < window`` weigh
     ``exp(scale q.k_s)`` (``exact``: ``exact_window`` of the rows), older ones
-    ``phi(q) . phi(k_s)``, under one shared normaliser.
+    ``phi(q) . phi(k_s)`` (but the first ``sinks``: exact, in ``exact``), under one shared
+    normaliser.
 
     phi_q [B, H, n, F] of the rows; phi_k [B, Hkv, T, F] and ``values`` [B, Hkv, T, Dv + 1]
     (``with_ones(v)``) of every key. Returns [B, H, n, Dv]. Quadratic in form (a training loss on
@@ -215,7 +227,8 @@ def windowed_linear(phi_q, pos, phi_k, values, exact, window: int) -> torch.Tens
             parts.append(num[:, :, :, lo:hi])
             continue
         age = pos[lo:hi, None] - torch.arange(limit, device=pos.device)[None, :]  # [nb, limit]
-        weight = (age >= window) * torch.exp(-shift[:, :, :, lo:hi])  # [B, Hkv, G, nb, limit]
+        old = (age >= window) & (torch.arange(limit, device=pos.device) >= sinks)
+        weight = old * torch.exp(-shift[:, :, :, lo:hi])  # [B, Hkv, G, nb, limit]
         block = pf[:, :, :, lo:hi].reshape(batch, n_kv, group * (hi - lo), -1)  # [B, Hkv, G*nb, F]
         linear = (block @ phi_k[:, :, :limit].transpose(-1, -2)).view(weight.shape) * weight
         linear = linear.view(batch, n_kv, -1, limit) @ values[:, :, :limit]  # [B, Hkv, G*nb, .]
@@ -245,9 +258,9 @@ class Window:
 
     @classmethod
     @torch.no_grad()
-    def prepare(cls, q, k, v, target, scale: float, window: int) -> Window:
+    def prepare(cls, q, k, v, target, scale: float, window: int, sinks: int = 0) -> Window:
         pos = torch.arange(q.shape[2])
-        return cls(q, k, with_ones(v), target, exact_window(q, pos, k, v, scale, window))
+        return cls(q, k, with_ones(v), target, exact_window(q, pos, k, v, scale, window, sinks))
 
     def exact_rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact part at the rows ``pos``, ordered (query head in group, row)."""
@@ -261,11 +274,12 @@ class Window:
         )
 
 
-def student(data: Window, pos, wq, wk, layer: int, scale: float, window: int) -> torch.Tensor:
-    """The converted layer's output [B, H, n, Dv] at the query rows ``pos`` [n] of ``data``."""
+def student(data: Window, pos, wq, wk, layer: int, scale: float, span: tuple[int, int]):
+    """The converted layer's output [B, H, n, Dv] at the query rows ``pos`` [n] of ``data``;
+    ``span``: (window, sinks)."""
     phi_q = hedgehog_features(data.q[:, :, pos], wq, wk, "query", layer, scale)
     phi_k = hedgehog_features(data.k, wq, wk, "key", layer, scale)
-    return windowed_linear(phi_q, pos, phi_k, data.values, data.exact_rows(pos), window)
+    return windowed_linear(phi_q, pos, phi_k, data.values, data.exact_rows(pos), *span)
 
 
 def identity_weights(n_heads: int, n_kv: int, dim: int, features: int):
@@ -295,7 +309,7 @@ def train_layer(
         pos = pos + settings.window  # rows the linear part reaches
         for group in optimizer.param_groups:
             group["lr"] = settings.lr_at(step)
-        out = student(part, pos, wq, wk, layer, scale, settings.window)
+        out = student(part, pos, wq, wk, layer, scale, (settings.window, settings.sinks))
         loss = (out - part.target[:, :, pos]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,19 +323,19 @@ def train_layer(
 
 @torch.no_grad()
 def layer_errors(
-    data: Sequence[Window], wq, wk, layer: int, scale: float, window: int
+    data: Sequence[Window], wq, wk, layer: int, scale: float, span: tuple[int, int]
 ) -> dict[str, float]:
     """Mean squared output error over the queries beyond the window of ``data`` (held-out
-    windows) for: the identity maps (``init``), the trained ones, the window alone (no linear
-    part), and the target's mean square (``power``: the error of outputting zeros)."""
+    windows) for: the identity maps (``init``), the trained ones, the window (and sinks) alone
+    (no linear part), and the target's mean square (``power``: the error of outputting zeros)."""
     init = identity_weights(wq.shape[0], wk.shape[0], wq.shape[1], wq.shape[2])
     sums = dict.fromkeys(ERRORS, 0.0)
     count = 0
     for part in data:
-        pos = torch.arange(window, part.q.shape[2])
+        pos = torch.arange(span[0], part.q.shape[2])
         want = part.target[:, :, pos]
         for name, (a, b) in (("init", init), ("trained", (wq, wk))):
-            sums[name] += (student(part, pos, a, b, layer, scale, window) - want).pow(2).sum()
+            sums[name] += (student(part, pos, a, b, layer, scale, span) - want).pow(2).sum()
         num = part.exact_rows(pos)[0]
         alone = (num[..., :-1] / num[..., -1:]).reshape(want.shape)  # [B, H, n, Dv]
         sums["window_only"] += (alone - want).pow(2).sum()
@@ -432,11 +446,12 @@ def distill(
                 on_step(offset + step, {"layer": layer, "mse": loss})
 
         scale = scales[layer]
-        prepared = [Window.prepare(*x, scale, settings.window) for x in train.pop(layer)]
+        span = (settings.window, settings.sinks)
+        prepared = [Window.prepare(*x, scale, *span) for x in train.pop(layer)]
         wq, wk = train_layer(prepared, settings, layer, scale, report)
         seconds = time.perf_counter() - start  # training alone: the held-out check is extra
-        prepared = [Window.prepare(*x, scale, settings.window) for x in heldout.pop(layer)]
-        errors = layer_errors(prepared, wq, wk, layer, scale, settings.window)
+        prepared = [Window.prepare(*x, scale, *span) for x in heldout.pop(layer)]
+        errors = layer_errors(prepared, wq, wk, layer, scale, span)
         done[layer] = {"q_proj": wq, "k_proj": wk, "seconds": torch.tensor(seconds),
                        "errors": torch.tensor([errors[name] for name in ERRORS])}  # fmt: skip
         _save_checkpoint(checkpoint, identity, done)
@@ -459,65 +474,6 @@ def _layer_data(model, tokenizer, settings: DistillSettings, layers: Sequence[in
             capture_layers(model, held_ids, layers, scales))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """The optional LoRA pass after the transfer (LoLCATs' second step): rank-``rank`` adapters on
-    the attention projections, next-token loss on the training windows, AdamW at ``lr``."""
-
-    steps: int = 0
-    rank: int = 8
-    lr: float = 2e-4
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "rank"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (key == "rank"):
-                raise ValueError(f"LoraSettings.{key} must be an int >= {int(key == 'rank')}, "
-                                 f"got {value!r}")  # fmt: skip
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"LoraSettings.lr must be a finite float > 0, got {self.lr!r}")
-
-
-def lora_pass(
-    model,
-    method,
-    windows: Sequence[Sequence[int]],
-    settings: LoraSettings,
-    out: pathlib.Path,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> list[float]:
-    """Train LoRA adapters (``peft``) on ``model`` running ``method`` (the converted attention,
-    through ``longattn.integrations.hf.use``) with the next-token loss on ``windows``, one per
-    step in turn; save the adapter to the folder ``out`` (peft's format). The model's own weights
-    stay frozen; the adapters stay in ``model`` (merged into nothing). Returns the losses."""
-    from peft import LoraConfig, get_peft_model
-
-    from longattn.integrations.hf import use
-
-    config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
-                        target_modules=list(settings.targets), bias="none")  # fmt: skip
-    wrapped = get_peft_model(model, config)  # adds the adapters to ``model`` in place
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    losses = []
-    model.eval()  # no dropout (hf.use refuses it); gradients still flow
-    with use(model, method):
-        for step in range(settings.steps):
-            ids = torch.tensor([list(windows[step % len(windows)])])
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise ValueError(f"LoRA pass: the loss is {losses[-1]} at step {step}")
-            if on_step is not None:
-                on_step(step + 1, {"lora_loss": losses[-1]})
-    wrapped.save_pretrained(str(out))
-    return losses
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``longattn distill`` (defaults: ``DistillSettings``)."""
     from longattn.eval.commands import positive_int
@@ -532,6 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("steps", positive_int, "optimiser steps per layer"),
         ("rows", positive_int, "queries sampled per step"),
         ("window", positive_int, "exact sliding window"),
+        ("sinks", int, "first tokens kept exact beside the window"),
         ("features", positive_int, "F, each half of the feature map"),
         ("lr", float, "peak learning rate"),
         ("weight-decay", float, "AdamW weight decay"),
@@ -560,7 +517,7 @@ def _run_lora(model, tokenizer, settings, lora: LoraSettings, out: pathlib.Path,
     from longattn.eval.calibrate import _progress
     from longattn.methods.hedgehog import Hedgehog
 
-    method = Hedgehog(calibration=str(out), window=settings.window)
+    method = Hedgehog(calibration=str(out), window=settings.window, sinks=settings.sinks)
     windows = disjoint_windows(tokenizer, settings.corpus, settings.length, settings.windows,
                                seed=settings.seed)  # fmt: skip
     with _progress(args.progress, lora.steps, "LoRA steps") as report:
@@ -578,7 +535,7 @@ def run_command(args: argparse.Namespace) -> int:
         settings = DistillSettings(
             model=args.model, corpus=args.corpus, length=args.length, windows=args.windows,
             steps=args.steps, rows=args.rows, lr=args.lr, weight_decay=args.weight_decay,
-            window=args.window, features=args.features, seed=args.seed,
+            window=args.window, sinks=args.sinks, features=args.features, seed=args.seed,
         )  # fmt: skip
         lora = LoraSettings(steps=args.lora_steps, rank=args.lora_rank, lr=args.lora_lr)
         model, tokenizer = load(settings.model)

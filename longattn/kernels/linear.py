@@ -6,7 +6,8 @@ Transitions: none (Katharopoulos et al. 2020, arXiv:2006.16236), a fixed per-hea
 arXiv:2307.08621), a data-dependent gate per head or per channel (GLA, arXiv:2312.06635; Kimi Delta
 Attention, arXiv:2510.26692), and the (gated) delta rule in its chunkwise WY/UT form (DeltaNet,
 arXiv:2406.06484; Gated DeltaNet, arXiv:2412.06464). An optional exact softmax window over the last
-keys shares the normaliser with the linear part (BASED, arXiv:2402.18668).
+keys shares the normaliser with the linear part (BASED, arXiv:2402.18668), and the first keys may be
+held exact too, as attention sinks (StreamingLLM, arXiv:2309.17453).
 
 Layout: q [B, H, Tq, F], k [B, Hkv, Tk, F], v [B, Hkv, Tk, Dv]; a KV head's G = H / Hkv query heads
 are folded into the rows of one product, so k and v are never expanded over the group. Accumulation
@@ -70,6 +71,7 @@ def linear_attention(
     q_raw: Tensor | None = None,
     k_raw: Tensor | None = None,
     scale: float | None = None,
+    sinks: int = 0,
     impl: str = "auto",
 ) -> tuple[Tensor, LinearState | None]:
     """Linear attention ``out_t = q_t^T S_t`` (``/ q_t . z_t`` when ``normalize``), chunkwise.
@@ -85,6 +87,10 @@ def linear_attention(
     instead of ``q_t . k_s`` (the decay weights every key alike), one shared normaliser; the
     returned state then excludes the call's last ``window`` keys, which the caller holds and passes
     again in front of the next call's k / v / k_raw (queries stay the last Tq positions).
+    ``sinks > 0`` (with a window and no decay): the call's first ``sinks`` keys are attention sinks,
+    weighted like window keys by every later query and never entering the state; the caller passes
+    them again in front of each later call (before the held window keys: their positions need not
+    be contiguous with the window's, as no decay reads them).
     Non-causal: every query sees every key; no decay, delta rule, window or state.
 
     ``impl``: "torch" (batched products over all chunks), "native" (the C++ kernel, float32 /
@@ -94,6 +100,7 @@ def linear_attention(
     Returns (out [B, H, Tq, Dv] in v's dtype, the state after the call's keys; None if not causal).
     Rows whose denominator is exactly 0 give 0."""
     spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
+    _check_sinks(sinks, window, log_decay)
     if impl not in ("auto", "torch", "native"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'native', got {impl!r}")
     if impl != "torch":
@@ -110,7 +117,7 @@ def linear_attention(
     s_in = _state_in(state, k, values)
     if window:
         out, s_out = _windowed(q, k, values, q_raw, k_raw, scale, log_decay, s_in, window,
-                               chunk_size, spec)  # fmt: skip
+                               chunk_size, spec, sinks)  # fmt: skip
     else:
         q_full = _align_queries(q, spec)
         out, s_out = _chunkwise(q_full, k, values, log_decay, beta, s_in, chunk_size, spec)
@@ -169,11 +176,13 @@ def linear_recurrent(
     q_raw: Tensor | None = None,
     k_raw: Tensor | None = None,
     scale: float | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, LinearState | None]:
     """``linear_attention`` token by token (the decode path, and a second form to check against):
     the state absorbs one key per step and each query reads it. Same arguments and results;
     ``chunk_size`` is accepted and unused; non-causal calls run the chunkwise form."""
     spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
+    _check_sinks(sinks, window, log_decay)
     if window:
         q_raw, k_raw, scale = _validate_window(q, k, q_raw, k_raw, scale, spec)
     if not causal:
@@ -184,7 +193,7 @@ def linear_recurrent(
     b = None if beta is None else beta.to(spec.acc)
     batch, n_kv, kv_len, _ = k.shape
     qg = q.to(spec.acc).view(batch, n_kv, spec.group, spec.q_len, -1)  # [B, Hkv, G, Tq, F]
-    kk = k.to(spec.acc)
+    kk = _without_sinks(k.to(spec.acc), sinks)  # a sink folded into the state adds nothing
     offset = kv_len - spec.q_len
     outs = []
     s = s_in
@@ -199,7 +208,9 @@ def linear_recurrent(
             continue
         qt = qg[:, :, :, t - offset]  # [B, Hkv, G, F]
         if window:
-            outs.append(_window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec))
+            outs.append(
+                _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec, sinks)
+            )
         else:
             outs.append(qt @ s)  # [B, Hkv, G, Dv']
     out = torch.stack(outs, dim=3) if outs else qg.new_zeros(*qg.shape[:4], values.shape[-1])
@@ -221,14 +232,16 @@ def _recurrent_step(s: Tensor, kt: Tensor, vt: Tensor, logs, t: int, b: Tensor |
     return update.view(s.shape)
 
 
-def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) -> Tensor:
-    """Query t of a windowed recurrent call: exact softmax weights on keys t-window < s <= t,
-    the linear state (keys <= t - window) read with the decay to t, one shared normaliser."""
+def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec, sinks) -> Tensor:
+    """Query t of a windowed recurrent call: exact softmax weights on keys t-window < s <= t
+    (and the sinks before them), the linear state (the other keys <= t - window) read with the
+    decay to t, one shared normaliser."""
     batch, n_kv = kk.shape[:2]
     lo = max(0, t - window + 1)
     offset = spec.kv_len - spec.q_len
     qr = q_raw[:, :, t - offset].to(spec.acc).view(batch, n_kv, spec.group, 1, -1)
-    kr = k_raw[:, :, lo : t + 1].to(spec.acc)  # [B, Hkv, w, Dr]
+    seen = torch.cat([torch.arange(min(sinks, lo)), torch.arange(lo, t + 1)])  # exact keys
+    kr = k_raw[:, :, seen].to(spec.acc)  # [B, Hkv, w, Dr]
     scores = (qr @ kr[:, :, None].transpose(-1, -2)).squeeze(-2) * scale  # [B, Hkv, G, w]
     shift = scores.amax(dim=-1, keepdim=True).clamp(min=0.0)  # [B, Hkv, G, 1]
     weights = (scores - shift).exp()
@@ -238,8 +251,25 @@ def _window_step(qt, s, t, q_raw, k_raw, kk, values, logs, scale, window, spec) 
         ages = torch.arange(t - lo, -1, -1, dtype=spec.acc)  # t - s over the window
         weights = weights * (log_gamma[..., None, None] * ages).exp()
         lin = lin * (log_gamma * min(window, t + 1)).exp()[..., None, None]
-    exact = weights @ values[:, :, lo : t + 1]  # [B, Hkv, G, w] @ [B, Hkv, w, Dv']
+    exact = weights @ values[:, :, seen]  # [B, Hkv, G, w] @ [B, Hkv, w, Dv']
     return exact + (-shift).exp() * lin
+
+
+def _check_sinks(sinks, window: int, log_decay) -> None:
+    if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if sinks and (not window or log_decay is not None):
+        raise ValueError(f"sinks={sinks} needs a window (window={window}) and no decay (the sinks "
+                         "are exact keys of every query, whatever their age)")  # fmt: skip
+
+
+def _without_sinks(k: Tensor, sinks: int) -> Tensor:
+    """The keys' features with the first ``sinks`` zeroed: they add nothing to the linear part."""
+    if not sinks:
+        return k
+    k = k.clone()
+    k[:, :, :sinks] = 0
+    return k
 
 
 def _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window) -> _Spec:
@@ -568,13 +598,14 @@ def _delta_chunks(q6, k5, v5, cum, b5, s_in) -> tuple[Tensor, Tensor]:
     return out.unflatten(3, pair.shape[3:5]), s
 
 
-def _windowed(q, k, values, q_raw, k_raw, scale, log_decay, s_in, window, chunk, spec):
+def _windowed(q, k, values, q_raw, k_raw, scale, log_decay, s_in, window, chunk, spec, sinks):
     """Exact softmax on the last ``window`` keys plus the linear form on the older ones.
 
     The linear part of query t reads the state over keys <= u = t - window, decayed to t: it is
     the causal linear attention of keys [0, Tk - window) with query t placed at position u, times
     ``gamma^window`` (fixed decay); queries with u < 0 read only the carried state, times
-    ``gamma^(t+1)``. Both parts are scaled by ``exp(-m)``, m = max(0, the row's largest window
+    ``gamma^(t+1)``. Sinks leave the linear part and join the exact one. Both parts are scaled
+    by ``exp(-m)``, m = max(0, the row's largest window
     score), so neither overflows. Returns (out [B, H, Tq, Dv'] accumulated, state)."""
     batch, n_kv, kv_len, feat = k.shape
     offset = kv_len - spec.q_len
@@ -584,8 +615,8 @@ def _windowed(q, k, values, q_raw, k_raw, scale, log_decay, s_in, window, chunk,
     shifted = qa.new_zeros(batch, qa.shape[1], n_lin, feat)
     shifted[:, :, first:] = qa[:, :, first + window - offset : n_lin + window - offset]
     fixed = None if log_decay is None else log_decay[:n_kv]
-    lin, s_out = _chunkwise(shifted, k[:, :, :n_lin], values[:, :, :n_lin], fixed, None, s_in,
-                            chunk, spec)  # fmt: skip
+    k_lin = _without_sinks(k[:, :, :n_lin], sinks)
+    lin, s_out = _chunkwise(shifted, k_lin, values[:, :, :n_lin], fixed, None, s_in, chunk, spec)
     log_gamma = (
         torch.zeros(n_kv, dtype=spec.acc) if fixed is None else fixed.to(spec.acc)
     ).repeat_interleave(spec.group)[None, :, None, None]  # [1, H, 1, 1]
@@ -600,7 +631,25 @@ def _windowed(q, k, values, q_raw, k_raw, scale, log_decay, s_in, window, chunk,
             rows.view(batch, qa.shape[1], -1, rows.shape[-1]) * (log_gamma * ages).exp()
         )
     exact, shift = _window_exact(q_raw, k_raw, values, scale, log_gamma, window, chunk, spec)
+    if sinks:
+        exact, shift = _add_sinks(exact, shift, q_raw, k_raw, values, scale, window, sinks, spec)
     return exact + (-shift).exp() * lin_q, s_out
+
+
+def _add_sinks(exact, shift, q_raw, k_raw, values, scale, window, sinks, spec):
+    """The sinks' exact terms for queries they are older than the window for (the band already
+    holds the younger ones), under a shift raised to cover their scores."""
+    batch, n_kv, kv_len, dim = k_raw.shape
+    n = min(sinks, kv_len)
+    rows = q_raw.to(spec.acc).reshape(batch, n_kv, -1, dim)  # [B, Hkv, G*Tq, D]
+    scores = (rows @ k_raw[:, :, :n].to(spec.acc).transpose(-1, -2)).mul_(scale)
+    t = (kv_len - spec.q_len + torch.arange(spec.q_len)).repeat(spec.group)  # each row's position
+    scores = scores.masked_fill(t[:, None] - torch.arange(n)[None, :] < window, -torch.inf)
+    scores = scores.view(batch, n_kv * spec.group, spec.q_len, n)
+    m = torch.maximum(shift, scores.amax(dim=-1, keepdim=True))
+    weights = (scores - m).exp().view(batch, n_kv, -1, n)
+    terms = (weights @ values[:, :, :n]).view(exact.shape)
+    return exact * (shift - m).exp() + terms, m
 
 
 def _window_exact(q_raw, k_raw, values, scale, log_gamma, window, chunk, spec):

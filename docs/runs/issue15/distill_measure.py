@@ -5,8 +5,9 @@ original on held-out text, and its decode memory.
         runs/hedgehog_smollm2.safetensors --lengths 2048,8192 --json docs/runs/issue15/distill.json
 
 Perplexity of held-out windows (disjoint from the distillation's training windows) under the
-model's own sdpa attention, the sliding window alone (the converted model without its linear
-part) and the converted model through ``hf.use(model, Hedgehog(calibration=..., window=W))``;
+model's own sdpa attention, the sliding window alone, the sinks and the window alone (the
+converted model without its linear part) and the converted model through
+``hf.use(model, Hedgehog(calibration=..., window=W, sinks=S))``;
 then the bytes the cache holds while decoding one token at a time past the window.
 """
 
@@ -28,6 +29,7 @@ from longattn.eval.models import load
 from longattn.integrations.hf import use
 from longattn.methods.hedgehog import Hedgehog
 from longattn.methods.sliding_window import SlidingWindow
+from longattn.methods.streaming_llm import StreamingLLM
 
 
 def cpu_line() -> str:
@@ -83,7 +85,10 @@ def main() -> None:
     D.check_calibration(cal, model.config)
     train = D.disjoint_windows(tokenizer, settings.corpus, settings.length, settings.windows,
                                seed=settings.seed)  # fmt: skip
-    hedgehog = Hedgehog(calibration=args.calibration, window=settings.window)
+    hedgehog = Hedgehog(calibration=args.calibration, window=settings.window, sinks=settings.sinks)
+    alone = [("window", SlidingWindow(window=settings.window))]
+    if settings.sinks:
+        alone.append(("sinks+window", StreamingLLM(sinks=settings.sinks, window=settings.window)))
     result = {"cpu": cpu_line(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "calibration": args.calibration, "train_s": cal.params.get("train_s"),
               "mse": cal.params.get("mse"), "ppl": {}}  # fmt: skip
@@ -92,8 +97,7 @@ def main() -> None:
         held = D.disjoint_windows(tokenizer, settings.corpus, length, 1, train, seed=seed)
         ids = torch.tensor(held)
         row = {}
-        for name, method in (("sdpa", None), ("window", SlidingWindow(window=settings.window)),
-                             ("hedgehog", hedgehog)):  # fmt: skip
+        for name, method in [("sdpa", None), *alone, ("hedgehog", hedgehog)]:
             ppl, seconds = score(model, ids, method)
             row[name] = {"ppl": ppl, "s": seconds}
             print(f"{length} {name}: ppl {ppl:.3f} ({seconds:.1f} s)", flush=True)
