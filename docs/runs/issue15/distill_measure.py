@@ -56,17 +56,20 @@ def score(model, ids: torch.Tensor, method=None) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def decode_memory(model, ids: torch.Tensor, method, prefill: int, every: int) -> list[list[int]]:
-    """[(tokens seen, bytes of keys/values held, bytes allocated)] while decoding ``ids`` one token at a time after a
-    ``prefill``-token prompt."""
-    points = []
+def decode_memory(model, ids: torch.Tensor, method, prefill: int, every: int) -> dict:
+    """While decoding ``ids`` one token at a time after a ``prefill``-token prompt: ``points``
+    [(tokens seen, bytes of keys/values held, bytes allocated)] and ``tokens_per_s`` (the whole
+    model's decode steps, the points' bookkeeping excluded)."""
+    points, seconds = [], 0.0
     with use(model, method) as cache:
         model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
         for t in range(prefill, ids.shape[1]):
+            start = time.perf_counter()
             model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            seconds += time.perf_counter() - start
             if (t + 1 - prefill) % every == 0:
                 points.append([t + 1, kv_bytes(cache), kv_capacity_bytes(cache)])
-    return points
+    return {"points": points, "tokens_per_s": (ids.shape[1] - prefill) / seconds}
 
 
 def main() -> None:
@@ -106,11 +109,11 @@ def main() -> None:
         ids = torch.tensor(D.disjoint_windows(tokenizer, settings.corpus, 512 + args.decode, 1,
                                               train, seed=D.HELDOUT_SEED + 99))  # fmt: skip
         every = max(args.decode // 8, 1)
-        result["decode_bytes"] = {
+        result["decode"] = {
             "hedgehog": decode_memory(model, ids, hedgehog, 512, every),
             "dense": decode_memory(model, ids, "dense", 512, every),
         }
-        print(json.dumps(result["decode_bytes"]))
+        print(json.dumps(result["decode"]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
