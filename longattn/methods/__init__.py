@@ -39,6 +39,7 @@ from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sale import SALE
+from longattn.methods.sla import SLA
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
 from longattn.methods.soft import SOFT
@@ -91,6 +92,7 @@ __all__ = [
     "Quest",
     "RazorAttention",
     "SALE",
+    "SLA",
     "SlidingWindow",
     "SnapKV",
     "SOFT",
