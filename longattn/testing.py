@@ -367,6 +367,7 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "sla:block_size=8,critical=0.25,marginal=0.5",
         "sla:block_size=16,critical=0.1,marginal=0.9,sink_blocks=0,feature=taylor",
     ],
+    "infini_attention": ["infini_attention:segment=16", "infini_attention:segment=7,gate=1.5"],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
     "taylor": [

@@ -21,6 +21,7 @@ from longattn.methods.gated_deltanet import GatedDeltaNet
 from longattn.methods.h2o import H2O
 from longattn.methods.hedgehog import Hedgehog
 from longattn.methods.hip import HiP
+from longattn.methods.infini_attention import InfiniAttention
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.latte import Latte
@@ -74,6 +75,7 @@ __all__ = [
     "H2O",
     "Hedgehog",
     "HiP",
+    "InfiniAttention",
     "InfLLM",
     "KNorm",
     "Latte",
