@@ -25,6 +25,8 @@ BENCH_SUITES = {
     "linear": "longattn.bench.linear:run_cli",
     "prefill": "longattn.bench.prefill:run_cli",
     "linear-error": "longattn.bench.linear_error:run_cli",
+    "sla-error": "longattn.bench.sla_error:run_cli",
+    "infini-memory": "longattn.bench.infini_memory:run_cli",
 }
 
 

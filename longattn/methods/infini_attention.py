@@ -108,7 +108,8 @@ class InfiniAttention(Method):
         """What ``forward`` in q's dtype may deviate from ``ref``, element by element
         (``Rounding``). A local score is off by ``E = (gamma(D) + 2u) A`` (A the largest
         ``|scale| sum |q_d k_d|``), its shift by 2uA; a softmax weight over n <= segment keys by
-        ``2E + 4uA + 2 eta + gamma(n) + u``. A memory weight ``sigma(q) . sigma(k)`` over
+        ``2E + 4uA + 2 eta + gamma(n) + u``, and by n eta more in a tiled kernel (SDPA's: its
+        online softmax rescales a weight at most once per key). A memory weight ``sigma(q) . sigma(k)`` over
         non-negative features (each off by eta), summed over D and over every key folded into
         the memory (at most T, in any split): ``2 eta + gamma(D + T + 2)``, then normalised:
         twice that plus u. The gates are sigmoids (eta + u), the final sum adds gamma(2). All
@@ -118,7 +119,7 @@ class InfiniAttention(Method):
         a = abs_scores(q.double().reshape(q.shape[0], k.shape[1], -1, dim), k.double(),
                        call_scale(view, dim))  # fmt: skip
         n = min(self.segment, length)
-        rho_local = 2 * (r.gamma(dim) + 4 * r.u) * a + 2 * r.eta + r.gamma(n) + r.u
+        rho_local = 2 * (r.gamma(dim) + 4 * r.u) * a + (n + 2) * r.eta + r.gamma(n) + r.u
         rho_mem = 2 * (2 * r.eta + r.gamma(dim + length + 2)) + r.u
         rho = max(rho_local, rho_mem) + r.eta + r.u + r.gamma(2)
         return magnitude_bound(self, q, k, v, ref, rho, view)
@@ -146,6 +147,13 @@ class InfiniAttention(Method):
 def _local(rows, k, v, first, scale):
     """Causal softmax of rows [B, Hkv, G, r, D] (segment offsets first..) over the segment's
     keys k [B, Hkv, n, D] up to each row's own."""
+    batch, n_kv, group, n_rows, dim = rows.shape
+    if first == 0 and n_rows == k.shape[2]:  # a whole segment from its start: SDPA's causal kernel
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows.reshape(batch, n_kv * group, n_rows, dim), k, v, is_causal=True, scale=scale,
+            enable_gqa=group > 1,
+        )  # fmt: skip
+        return out.view(batch, n_kv, group, n_rows, -1)
     scores = scale * (rows @ k[:, :, None].transpose(-1, -2))  # [B, Hkv, G, r, n]
     offsets = torch.arange(first, first + rows.shape[3])
     causal = torch.arange(k.shape[2]) <= offsets[:, None]  # [r, n]
