@@ -186,13 +186,13 @@ class SLA(Method):
         """One query block's rows [B, Hkv, G, r, D] at positions lo..: exact weights on the
         critical keys, the marginal blocks' summed linear states, one normaliser."""
         block, hi = self.block_size, k.shape[2]
-        scores = scale * (rows @ k[:, :, None].transpose(-1, -2))  # [B, Hkv, G, r, hi]
-        crit = (cls == CRITICAL).repeat_interleave(block, -1)[..., None, :hi]  # [.., 1, hi]
-        causal = torch.arange(hi) <= torch.arange(lo, lo + rows.shape[3])[:, None]  # [r, hi]
-        crit = crit & causal
+        k_c, v_c, tok = _critical_keys(k, v, cls, block)  # [B, Hkv, G, n, D], tok [.., n]
+        scores = scale * (rows @ k_c.transpose(-1, -2))  # [B, Hkv, G, r, n]
+        positions = torch.arange(lo, lo + rows.shape[3])[:, None]  # [r, 1]
+        crit = (tok[..., None, :] <= positions) & (tok[..., None, :] < hi)  # causal, real keys
         shift = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
         weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
-        num = weights @ v[:, :, None]  # [B, Hkv, G, r, Dv]
+        num = weights @ v_c  # [B, Hkv, G, r, Dv]
         den = weights.sum(-1, keepdim=True)
         marg = (cls == MARGINAL).to(rows.dtype)  # [B, Hkv, G, nk]
         if bool(marg.any()):
@@ -285,6 +285,24 @@ def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     batch, n_heads, n, feat = x.shape
     rows = x.reshape(batch, y.shape[1], -1, feat)  # [B, Hkv, G * n, F]
     return (rows @ y.transpose(-1, -2)).view(batch, n_heads, n, -1)
+
+
+def _critical_keys(k, v, cls, block: int):
+    """The keys and values of each query head's critical blocks, gathered: [B, Hkv, G, n, D]
+    with n = (critical blocks) x block, and their positions [B, Hkv, G, n] (past the last key
+    in a partial block: masked by the caller). Every head of a query block has as many critical
+    blocks (the budget's count, or the forced blocks where they exceed it)."""
+    batch, n_kv, group, _ = cls.shape
+    is_crit = cls == CRITICAL
+    count = int(is_crit[0, 0, 0].sum())
+    ranked = torch.argsort(is_crit.to(torch.int8), dim=-1, descending=True, stable=True)
+    blocks = torch.sort(ranked[..., :count], dim=-1).values  # ascending: the diagonal last
+    tok = (blocks[..., None] * block + torch.arange(block)).flatten(-2)  # [B, Hkv, G, n]
+    index = tok.clamp(max=k.shape[2] - 1).flatten(2)[..., None]  # [B, Hkv, G * n, 1]
+    k_c = torch.gather(k, 2, index.expand(-1, -1, -1, k.shape[-1]))
+    v_c = torch.gather(v, 2, index.expand(-1, -1, -1, v.shape[-1]))
+    shape = (batch, n_kv, group, tok.shape[-1])
+    return k_c.view(*shape, -1), v_c.view(*shape, -1), tok
 
 
 def _block_states(phi_k: torch.Tensor, v: torch.Tensor, block: int):
