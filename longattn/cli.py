@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefill suite: comma-separated head shapes of the synthetic mode (default "
         "32/8/d128,8/8/d64)",
     )
+    bench.add_argument(
+        "--layers",
+        default=None,
+        help="sla-error suite: comma-separated model layers to capture (default every layer)",
+    )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")
     docs.add_argument("--out", default=None)

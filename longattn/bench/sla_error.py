@@ -1,9 +1,9 @@
 """``longattn bench sla-error``: SLA's output error against the model's own softmax attention on
 q/k/v captured from the real model, against its two parts alone at the same budget.
 
-Per layer of SmolLM2-135M on real text (``--length`` tokens, default 2048) and per critical
-fraction (``--budgets``, default 0.05,0.1): the relative error ``|out - softmax|_F /
-|softmax|_F`` of causal prefill (softmax in float64 on the same q/k/v) of
+Per layer of SmolLM2-135M (every layer, or ``--layers``) on real text (``--length`` tokens,
+default 2048) and per critical fraction (``--budgets``, default 0.05,0.1): the relative error
+``|out - softmax|_F / |softmax|_F`` of causal prefill (softmax in float64 on the same q/k/v) of
 
 - ``sparse``: the critical blocks alone (``SLA(marginal=0)``: block-sparse attention on the same
   critical set, the marginal blocks skipped);
@@ -105,11 +105,13 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     model, tokenizer = models.load(name)
     ids = torch.tensor([tasks.text_window(tokenizer, "pydoc", length, 0)])
-    captured = capture_qkv(model, ids)
+    layers = getattr(args, "layers", None)
+    captured = capture_qkv(model, ids, [int(x) for x in layers.split(",")] if layers else None)
     writer, records = JsonlWriter(out), measure(captured, budgets)
     env = environment()
     for rec in records:
-        rec.update({"bench": "sla_error", "model": name, "T": length, **env})
+        rec.update({"bench": "sla_error", "model": name, "T": length,
+                    "layers": sorted(captured), **env})  # fmt: skip
         writer.write(rec)
     print(format_table(records, COLUMNS))
     return 0
