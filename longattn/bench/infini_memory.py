@@ -1,8 +1,8 @@
 """``longattn bench infini-memory``: InfiniAttention's memory over a long stream.
 
 Synthetic q/k/v (seeded normal; ``--heads`` query heads over a third as many KV heads, ``--dim``)
-streamed through a ``KVCache`` in calls of ``--segment`` tokens (default 2048) up to ``--length``
-(default 32768): after each call, the bytes of the layer's state (``InfiniState``: memory, norm and
+streamed through a ``KVCache`` in calls of 3/4 of a segment (2048 tokens) up to ``--length``
+(default 32768), so that the open segment's keys are held between calls: after each call, the bytes of the layer's state (``InfiniState``: memory, norm and
 the open segment's keys and values) and of the cache's own key/value storage, against the bytes a
 full KV cache of the tokens seen would hold, and the call's time. JSONL and a table.
 """
@@ -29,14 +29,17 @@ def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
 
 
-def stream(length: int, segment: int, n_heads: int, dim: int, seed: int = 0) -> list[dict]:
-    """One record per call of ``segment`` tokens (the last may be shorter)."""
+def stream(
+    length: int, segment: int, n_heads: int, dim: int, call: int | None = None, seed: int = 0
+) -> list[dict]:
+    """One record per call of ``call`` tokens (default ``segment``; the last may be shorter)."""
     method = InfiniAttention(segment=segment)
     n_kv = max(1, n_heads // 3)
     gen = torch.Generator().manual_seed(seed)
     cache, records = KVCache(1), []
-    for lo in range(0, length, segment):
-        n = min(segment, length - lo)
+    call = call or segment
+    for lo in range(0, length, call):
+        n = min(call, length - lo)
         q = torch.randn(1, n_heads, n, dim, generator=gen)
         k, v = (torch.randn(1, n_kv, n, dim, generator=gen) for _ in range(2))
         start = time.perf_counter()
@@ -52,13 +55,14 @@ def stream(length: int, segment: int, n_heads: int, dim: int, seed: int = 0) -> 
 
 def run_cli(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    length, segment = args.length or 32768, getattr(args, "segment", None) or 2048
+    length, segment = args.length or 32768, 2048
     out = pathlib.Path(args.out or "results/bench_infini_memory.jsonl")
     print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    records = stream(length, segment, args.heads, args.dim)
+    records = stream(length, segment, args.heads, args.dim, call=segment * 3 // 4)
     writer, env = JsonlWriter(out), environment()
     for rec in records:
-        rec.update({"bench": "infini_memory", "segment": segment, "heads": args.heads,
+        rec.update({"bench": "infini_memory", "segment": segment, "call": segment * 3 // 4,
+                    "heads": args.heads,
                     "dim": args.dim, **env})  # fmt: skip
         writer.write(rec)
     print(format_table(records, COLUMNS))
