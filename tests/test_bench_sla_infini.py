@@ -1,6 +1,5 @@
 """The SLA error and InfiniAttention memory benchmarks on small synthetic inputs (no model)."""
 
-
 from longattn.bench.infini_memory import stream
 from longattn.bench.sla_error import critical_used, measure
 from longattn.methods import SLA
@@ -12,7 +11,7 @@ def test_sla_error_records_every_variant_against_sparse_only():
     records = measure(captured, [0.1, 0.25])
     labels = [r["label"] for r in records]
     assert labels[:2] == ["linear-elu", "linear-taylor"]
-    assert labels[2:] == ["sparse", "sla-elu", "sla-taylor"] * 2
+    assert labels[2:] == ["sparse", "sla-elu", "sla-taylor", "sla-elu-mass", "sla-taylor-mass"] * 2
     for rec in records:
         assert len(rec["layer_err"]) == 2 and all(e > 0 for e in rec["layer_err"])
     for rec in records[2:]:

@@ -71,8 +71,15 @@ def test_a_later_token_does_not_change_earlier_outputs():
         )
 
 
-def test_chained_calls_across_blocks_equal_one_pass():
-    method = SLA(block_size=8, critical=0.2, marginal=0.6, feature="taylor")
+@pytest.mark.parametrize(
+    "method",
+    [
+        SLA(block_size=8, critical=0.2, marginal=0.6, feature="taylor"),
+        SLA(block_size=8, critical=0.2, marginal=0.6, combine="mass"),
+    ],
+    ids=str,
+)
+def test_chained_calls_across_blocks_equal_one_pass(method):
     q, k, v = make_qkv(2, 4, 2, 70, 70, 16, dtype=torch.float64, seed=5)
     whole = attention(q, k, v, method=method).out
     cache, outs = KVCache(1), []
@@ -82,10 +89,11 @@ def test_chained_calls_across_blocks_equal_one_pass():
     torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-10, atol=1e-10)
 
 
-def test_a_wrong_variant_fails_the_bound():
+@pytest.mark.parametrize("combine", ["shared", "mass"])
+def test_a_wrong_variant_fails_the_bound(combine):
     """Leaving the marginal blocks out (sparse-only) is not SLA: its float32 output is far outside
     SLA's derived bound, which holds the right output."""
-    method = SLA(block_size=8, critical=0.2, marginal=0.6)
+    method = SLA(block_size=8, critical=0.2, marginal=0.6, combine=combine)
     q, k, v = make_qkv(1, 4, 2, 96, 96, 32, seed=6)
     assert_linear_method_close(attention(q, k, v, method=method), q, k, v, method)
     wrong = attention(q, k, v, method=dataclasses.replace(method, marginal=0.0)).out
@@ -106,6 +114,7 @@ def test_a_wrong_variant_fails_the_bound():
         (dict(block_size=0), ValueError),
         (dict(sink_blocks=-1), ValueError),
         (dict(feature="relu"), ValueError),
+        (dict(combine="sum"), ValueError),
         (dict(critical="0.1"), TypeError),
         (dict(marginal=True), TypeError),
     ],
@@ -119,3 +128,20 @@ def test_a_foreign_state_is_refused():
     q, k, v = make_qkv(1, 4, 2, 8, 8, 16, seed=7)
     with pytest.raises(ValueError, match="SLAState"):
         SLA().forward(q, k, v, (k, v), None)
+
+
+def test_the_mass_form_weighs_the_linear_average_by_the_pooled_mass():
+    """combine="mass" on one query block with one marginal block: the exact part plus the marginal
+    keys' linear average weighted by ``block * exp(scale q . mean(k))``."""
+    method = SLA(block_size=4, critical=0.5, marginal=0.5, sink_blocks=0, combine="mass")
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 8, dtype=torch.float64, seed=8)
+    out = attention(q, k, v, method=method).out[0, 0, 4:]  # query block 1: blocks 0 and 1
+    assert (method.classify(q, k, 0, 1, 1, 8**-0.5)[0, 0, 0] == torch.tensor([1, 2])).all()
+    scores = (q[0, 0, 4:] @ k[0, 0].T) * 8**-0.5
+    exact = torch.exp(scores[:, 4:]).tril()
+    phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))  # noqa: E731
+    kern = phi(q[0, 0, 4:]) @ phi(k[0, 0, :4]).T
+    average = (kern @ v[0, 0, :4]) / kern.sum(-1, keepdim=True)
+    mass = 4 * torch.exp((q[0, 0, 4:] @ k[0, 0, :4].mean(0)) * 8**-0.5)[:, None]
+    expected = (exact @ v[0, 0, 4:] + mass * average) / (exact.sum(-1, keepdim=True) + mass)
+    torch.testing.assert_close(out, expected)

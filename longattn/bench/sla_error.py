@@ -8,7 +8,9 @@ default 2048) and per critical fraction (``--budgets``, default 0.05,0.1): the r
 - ``sparse``: the critical blocks alone (``SLA(marginal=0)``: block-sparse attention on the same
   critical set, the marginal blocks skipped);
 - ``sla-elu`` / ``sla-taylor``: SLA with every other causal block marginal (``marginal = 1 -
-  critical``), elu + 1 or Taylor features;
+  critical``), elu + 1 or Taylor features, one normaliser (``combine="shared"``);
+- ``sla-elu-mass`` / ``sla-taylor-mass``: the same with ``combine="mass"`` (the linear part
+  normalised alone, weighted by the pooled-key estimate of the marginal blocks' exp mass);
 - ``linear-elu`` / ``linear-taylor``: linear attention alone over every key (``elu_linear``,
   ``taylor:window=0``), budget-free;
 
@@ -43,7 +45,10 @@ def variants(critical: float) -> list[tuple[str, SLA]]:
         ("sparse", SLA(critical=critical, marginal=0.0)),
         ("sla-elu", SLA(critical=critical, marginal=1.0 - critical)),
         ("sla-taylor", SLA(critical=critical, marginal=1.0 - critical, feature="taylor")),
-    ]
+        ("sla-elu-mass", SLA(critical=critical, marginal=1.0 - critical, combine="mass")),
+        ("sla-taylor-mass",
+         SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="mass")),
+    ]  # fmt: skip
 
 
 def critical_used(method: SLA, q: torch.Tensor, k: torch.Tensor) -> float:

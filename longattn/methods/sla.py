@@ -19,6 +19,7 @@ from longattn.methods.taylor import Taylor, taylor_projection
 from longattn.types import FeatureView
 
 FEATURES = ("elu", "taylor")
+COMBINES = ("shared", "mass")
 CRITICAL, MARGINAL = 2, 1  # block classes; 0 is negligible (or not causal)
 
 # the Taylor option's map: 16 projected dimensions as BASED, 1 + 16 + 256 features
@@ -87,6 +88,7 @@ class SLA(Method):
     marginal: float = 0.85
     sink_blocks: int = 1
     feature: str = "elu"
+    combine: str = "shared"
 
     def __post_init__(self) -> None:
         check_positive("SLA", block_size=self.block_size)
@@ -103,6 +105,8 @@ class SLA(Method):
             )
         if self.feature not in FEATURES:
             raise ValueError(f"SLA.feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"SLA.combine must be one of {COMBINES}, got {self.combine!r}")
 
     @property
     def is_causal(self) -> bool:
@@ -169,6 +173,7 @@ class SLA(Method):
         ka, va = k.to(acc), v.to(acc)
         phi_k = features(ka, self.feature, scale)  # [B, Hkv, T, F]
         kv_sums, k_sums = _block_states(phi_k, va, block)  # [B, Hkv, nk, F * Dv], [.., F]
+        k_bar = _full_block_means(ka, block) if self.combine == "mass" else None
         outs = []
         for i in range(first, last + 1):
             lo, hi = max(start, i * block), min(length, (i + 1) * block)
@@ -177,33 +182,46 @@ class SLA(Method):
             cls = classes[:, :, i - first].view(batch, n_kv, -1, classes.shape[-1])
             outs.append(
                 self._block_rows(
-                    rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, kv_sums, k_sums, scale
+                    rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, (kv_sums, k_sums, k_bar), scale
                 )  # fmt: skip
             )
         return torch.cat(outs, dim=3).reshape(batch, n_heads, length - start, dim_v)
 
-    def _block_rows(self, rows, k, v, cls, lo, kv_sums, k_sums, scale):
+    def _block_rows(self, rows, k, v, cls, lo, sums, scale):
         """One query block's rows [B, Hkv, G, r, D] at positions lo..: exact weights on the
-        critical keys, the marginal blocks' summed linear states, one normaliser."""
+        critical keys, the marginal blocks' summed linear states (``sums``: per block
+        ``phi(k)^T v``, ``phi(k)``, and the mean keys for ``combine="mass"``)."""
         block, hi = self.block_size, k.shape[2]
         k_c, v_c, tok = _critical_keys(k, v, cls, block)  # [B, Hkv, G, n, D], tok [.., n]
         scores = scale * (rows @ k_c.transpose(-1, -2))  # [B, Hkv, G, r, n]
         positions = torch.arange(lo, lo + rows.shape[3])[:, None]  # [r, 1]
         crit = (tok[..., None, :] <= positions) & (tok[..., None, :] < hi)  # causal, real keys
-        shift = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
-        weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
-        num = weights @ v_c  # [B, Hkv, G, r, Dv]
-        den = weights.sum(-1, keepdim=True)
+        top = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True)  # [.., r, 1]
         marg = (cls == MARGINAL).to(rows.dtype)  # [B, Hkv, G, nk]
-        if bool(marg.any()):
-            feat, dim_v = k_sums.shape[-1], v.shape[-1]
-            phi_q = features(rows, self.feature, scale)  # [B, Hkv, G, r, F]
-            kv = (marg @ kv_sums).unflatten(-1, (feat, dim_v))  # [B, Hkv, G, F, Dv]
-            ks = marg @ k_sums  # [B, Hkv, G, F]
-            lift = torch.exp(-shift)  # the linear weights in the units of the exact ones
-            num = num + lift * (phi_q @ kv)
-            den = den + lift * (phi_q @ ks[..., None])
-        return num / den
+        if not bool(marg.any()):
+            weights = torch.exp(scores - top).masked_fill(~crit, 0.0)
+            return (weights @ v_c) / weights.sum(-1, keepdim=True)
+        kv_sums, k_sums, k_bar = sums
+        feat, dim_v = k_sums.shape[-1], v.shape[-1]
+        phi_q = features(rows, self.feature, scale)  # [B, Hkv, G, r, F]
+        lin_num = phi_q @ (marg @ kv_sums).unflatten(-1, (feat, dim_v))  # [B, Hkv, G, r, Dv]
+        lin_den = phi_q @ (marg @ k_sums)[..., None]  # [B, Hkv, G, r, 1]
+        if self.combine == "shared":  # the linear weights in the units of exp(score)
+            shift = top.clamp(min=0.0)
+            weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
+            lift = torch.exp(-shift)
+            num = weights @ v_c + lift * lin_num
+            return num / (weights.sum(-1, keepdim=True) + lift * lin_den)
+        est = scale * (rows @ k_bar[:, :, None].transpose(-1, -2)) + math.log(
+            block
+        )  # [.., r, nfull]
+        est = est.masked_fill(marg[..., None, : est.shape[-1]] == 0, -math.inf)
+        lse = torch.logsumexp(est, -1, keepdim=True)  # the marginal mass, log, [.., r, 1]
+        shift = torch.maximum(top, lse)
+        weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
+        mass = torch.exp(lse - shift)  # 0 for a head without marginal blocks
+        average = torch.where(lin_den > 0, lin_num / lin_den, 0.0)
+        return (weights @ v_c + mass * average) / (weights.sum(-1, keepdim=True) + mass)
 
     def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
         """What ``forward`` in q's dtype may deviate from ``ref``, element by element
@@ -217,7 +235,13 @@ class SLA(Method):
         ``gamma(F + b + nk + 2)`` of its magnitude plus the features' own error (elu + 1:
         non-negative features, each off by eta, so ``2 eta + gamma(F + b + nk + 2)`` relative;
         Taylor: ``_taylor_rel``), then ``exp(-m)``: eta + u. The row's sums over at most T + 2
-        terms: ``gamma(T + 2)``. Numerator and denominator each off by ``rho`` relative per term
+        terms: ``gamma(T + 2)``. ``combine="mass"``: the linear weights normalised alone (twice
+        theirs, plus u) times the mass ``exp(lse - m)``, lse the logsumexp of the pooled-key
+        scores (each off by ``(gamma(D) + gamma(b + 1) + 2u) A``: the dot and the block mean),
+        off by ``3 (gamma(D) + gamma(b + 1) + 4u) A + 3 eta + gamma(nk + 2) + u (2 log(b nk + 1)
+        + 3)`` (the shift by the largest estimate, the sum, the log and the final exp of a
+        difference of magnitude at most ``2A + log(b nk)``).
+        Numerator and denominator each off by ``rho`` relative per term
         make the ratio off by ``2 rho / (1 - rho) M + u M`` (M the weights' average of |v|):
         ``magnitude_bound`` with that relative error."""
         r = Rounding.of(q.dtype)
@@ -231,6 +255,11 @@ class SLA(Method):
             rho_lin = 2 * r.eta + r.gamma(dim) + sums
         else:
             rho_lin = _taylor_rel(q, k, scale, r, sums)
+        if self.combine == "mass":  # the weights over the marginal keys normalised alone
+            block = self.block_size
+            rho_mass = 3 * (r.gamma(dim) + r.gamma(block + 1) + 4 * r.u) * a + 3 * r.eta
+            rho_mass += r.gamma(n_blocks + 2) + r.u * (2 * math.log(block * n_blocks + 1) + 3)
+            rho_lin = 2 * rho_lin + r.u + rho_mass
         rho = max(rho_exact, rho_lin + r.eta + 2 * r.u) + r.gamma(length + 2)
         rho = 2 * rho / (1 - rho) + r.u if rho < 1 else math.inf
         return magnitude_bound(self, q, k, v, ref, rho, view)
@@ -251,13 +280,37 @@ class SLA(Method):
         scores = scale * _grouped(q, k)  # [B, H, T, T]
         shift = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
         kern = _grouped(features(q, self.feature, scale), features(k, self.feature, scale))
-        weights = torch.where(crit, torch.exp(scores - shift), kern * torch.exp(-shift))
+        if self.combine == "shared":
+            linear = kern * torch.exp(-shift)
+        else:  # kern normalised over the marginal keys, times their estimated mass
+            kern = kern.masked_fill(~marg, 0.0)
+            kern = kern / kern.sum(-1, keepdim=True).clamp(min=1e-300)
+            linear = kern * torch.exp(self._marginal_lse(q, k, tok, scale) - shift)
+        weights = torch.where(crit, torch.exp(scores - shift), linear)
         weights = weights.masked_fill(~(crit | marg), 0.0)
         out = _grouped(weights, v.transpose(-1, -2))  # [B, H, T, Dv]
         return out / weights.sum(-1, keepdim=True)
 
+    def _marginal_lse(self, q, k, tok, scale):
+        """[B, H, T, 1] float64: ``log sum_j block exp(scale q_t . mean(k_j))`` over query t's
+        marginal blocks j (-inf without any): the estimate of their exp mass."""
+        length, block = k.shape[2], self.block_size
+        k_bar = _full_block_means(k, block)  # [B, Hkv, nfull, D]
+        est = scale * _grouped(q, k_bar) + math.log(block)  # [B, H, T, nfull]
+        cols = torch.arange(est.shape[-1]) * block
+        marg = tok[..., cols] == MARGINAL  # [B, H, T, nfull]: each block by its first key
+        marg &= cols <= torch.arange(length)[:, None]
+        return torch.logsumexp(est.masked_fill(~marg, -math.inf), -1, keepdim=True)
+
 
 _TAYLOR_F = 1 + _TAYLOR.features + _TAYLOR.features**2
+
+
+def _full_block_means(k: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, Hkv, n, D] means of the complete key blocks, in k's dtype."""
+    batch, n_kv, length, dim = k.shape
+    n = length // block
+    return k[:, :, : n * block].view(batch, n_kv, n, block, dim).mean(3)
 
 
 def _taylor_rel(q, k, scale: float, r: Rounding, sums: float) -> float:
