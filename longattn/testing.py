@@ -366,7 +366,7 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "sla": [
         "sla:block_size=8,critical=0.25,marginal=0.5",
         "sla:block_size=16,critical=0.1,marginal=0.9,sink_blocks=0,feature=taylor",
-        "sla:block_size=8,critical=0.2,marginal=0.7,combine=mass",
+        "sla:block_size=8,critical=0.2,marginal=0.7,combine=shared",
     ],
     "infini_attention": ["infini_attention:segment=16", "infini_attention:segment=7,gate=1.5"],
     # feature maps: small feature sizes and windows that the test lengths cross

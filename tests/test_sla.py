@@ -74,7 +74,7 @@ def test_a_later_token_does_not_change_earlier_outputs():
 @pytest.mark.parametrize(
     "method",
     [
-        SLA(block_size=8, critical=0.2, marginal=0.6, feature="taylor"),
+        SLA(block_size=8, critical=0.2, marginal=0.6, feature="taylor", combine="shared"),
         SLA(block_size=8, critical=0.2, marginal=0.6, combine="mass"),
     ],
     ids=str,

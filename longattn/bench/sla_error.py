@@ -43,8 +43,9 @@ COLUMNS = [
 def variants(critical: float) -> list[tuple[str, SLA]]:
     return [
         ("sparse", SLA(critical=critical, marginal=0.0)),
-        ("sla-elu", SLA(critical=critical, marginal=1.0 - critical)),
-        ("sla-taylor", SLA(critical=critical, marginal=1.0 - critical, feature="taylor")),
+        ("sla-elu", SLA(critical=critical, marginal=1.0 - critical, combine="shared")),
+        ("sla-taylor",
+         SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="shared")),
         ("sla-elu-mass", SLA(critical=critical, marginal=1.0 - critical, combine="mass")),
         ("sla-taylor-mass",
          SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="mass")),

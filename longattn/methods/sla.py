@@ -76,11 +76,18 @@ class SLA(Method):
 
     Deviation from paper: the paper pools block i's own queries (a whole block at once, as its
     non-causal video models see it) and adds the linear output through a learned projection
-    after fine-tuning (``O = O_sparse + Proj(O_linear)``, each normalised alone). Training-free
-    here, the two parts share one normaliser: ``out_t = (sum_C exp(s_ts) v_s + sum_M phi(q_t) .
-    phi(k_s) v_s) / (the same with 1)`` over the critical (C) and marginal (M) keys, as the
-    linear engine's exact-window form (BASED). ``marginal=0`` is block-sparse attention on the
-    same critical set.
+    after fine-tuning (``O = O_sparse + Proj(O_linear)``). Training-free here, ``combine``
+    chooses how the two parts meet over the critical (C) and marginal (M) keys of query t:
+
+    - ``"mass"`` (default): ``out_t = (sum_C exp(s_ts) v_s + mu_t a_t) / (sum_C exp(s_ts) +
+      mu_t)`` with ``a_t`` the linear attention over M normalised alone and ``mu_t = sum_{j in
+      M} block * exp(scale q_t . mean(k_j))`` the pooled-key estimate of M's exp mass (the
+      softmax over C and M when ``a_t`` and ``mu_t`` are exact);
+    - ``"shared"``: one normaliser over ``exp(s_ts)`` and ``phi(q_t) . phi(k_s)``, as the linear
+      engine's exact-window form (BASED); on SmolLM2's real q/k/v its linear weights swamp the
+      exact ones (``docs/runs/issue16/sla_error.md``).
+
+    ``marginal=0`` is block-sparse attention on the same critical set.
     """
 
     block_size: int = 64
@@ -88,7 +95,7 @@ class SLA(Method):
     marginal: float = 0.85
     sink_blocks: int = 1
     feature: str = "elu"
-    combine: str = "shared"
+    combine: str = "mass"
 
     def __post_init__(self) -> None:
         check_positive("SLA", block_size=self.block_size)
