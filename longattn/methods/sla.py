@@ -354,7 +354,10 @@ def _critical_keys(k, v, cls, block: int):
     blocks (the budget's count, or the forced blocks where they exceed it)."""
     batch, n_kv, group, _ = cls.shape
     is_crit = cls == CRITICAL
-    count = int(is_crit[0, 0, 0].sum())
+    counts = is_crit.sum(-1)
+    count = int(counts.flatten()[0])
+    if not bool((counts == count).all()):  # the classification's invariant, checked
+        raise RuntimeError(f"SLA: critical block counts differ across heads: {counts.unique()}")
     ranked = torch.argsort(is_crit.to(torch.int8), dim=-1, descending=True, stable=True)
     blocks = torch.sort(ranked[..., :count], dim=-1).values  # ascending: the diagonal last
     tok = (blocks[..., None] * block + torch.arange(block)).flatten(-2)  # [B, Hkv, G, n]
