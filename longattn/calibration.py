@@ -152,6 +152,7 @@ def _expected_tensors(method: str, head_dim: int) -> dict[str, tuple[tuple[int, 
         "razor_attention": {"echo": ((), False), "induction": ((), False), "rank": ((), False)},
         "hedgehog": {"q_proj": ((0, head_dim, 0), False), "k_proj": ((head_dim, 0), False)},
         "log_normal": {"q_std": ((0,), False), "k_std": ((), False)},
+        "infini_attention": {"gate": ((0,), False)},
     }.get(method, {})
 
 

@@ -25,6 +25,8 @@ BENCH_SUITES = {
     "linear": "longattn.bench.linear:run_cli",
     "prefill": "longattn.bench.prefill:run_cli",
     "linear-error": "longattn.bench.linear_error:run_cli",
+    "sla-error": "longattn.bench.sla_error:run_cli",
+    "infini-memory": "longattn.bench.infini_memory:run_cli",
 }
 
 
@@ -153,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prefill suite: comma-separated head shapes of the synthetic mode (default "
         "32/8/d128,8/8/d64)",
+    )
+    bench.add_argument(
+        "--layers",
+        default=None,
+        help="sla-error suite: comma-separated model layers to capture (default every layer)",
     )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")

@@ -362,6 +362,13 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "flowformer": ["flowformer:chunk_size=16"],
     "agent_attention": ["agent_attention:n_agents=8"],
     "soft": ["soft:n_landmarks=8", "soft:n_landmarks=16,iterations=8"],
+    # hybrids: blocks and segments that the test lengths cross
+    "sla": [
+        "sla:block_size=8,critical=0.25,marginal=0.5",
+        "sla:block_size=16,critical=0.1,marginal=0.9,sink_blocks=0,feature=taylor",
+        "sla:block_size=8,critical=0.2,marginal=0.7,combine=shared",
+    ],
+    "infini_attention": ["infini_attention:segment=16", "infini_attention:segment=7,gate=1.5"],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
     "taylor": [

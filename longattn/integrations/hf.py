@@ -23,6 +23,7 @@ from longattn.cache import KVCache
 from longattn.integrations.rope import RopeFrame, place_sinks
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
+from longattn.methods.infini_attention import InfiniAttention
 from longattn.methods.intersection import Intersection
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.streaming_llm import StreamingLLM
@@ -412,6 +413,16 @@ def _continues(kv: KVCache, layer: int, start: int) -> bool:
     return kv.is_dense(layer) and kv.seq_len(layer) == start
 
 
+def _check_segment(model: torch.nn.Module, method: Method) -> None:
+    """InfiniAttention's segment must fit the model's positions (its local softmax spans one)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(method, InfiniAttention) and limit is not None and method.segment > limit:
+        raise ValueError(
+            f"InfiniAttention.segment={method.segment} is longer than {_architecture(model)}'s "
+            f"{limit} positions (max_position_embeddings)"
+        )
+
+
 @contextlib.contextmanager
 def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[LongattnCache]:
     """Run ``model``'s attention through ``longattn.attention`` under ``method``; restore it on exit.
@@ -425,10 +436,11 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
     implementation is set back, both registrations are removed and the cache is closed.
 
     Refused with ``ValueError`` naming the architecture: unsupported architectures, attention logit
-    soft-capping, learned sink logits, non-causal attention, dropout in training mode, and inputs longer
-    than ``config.max_position_embeddings`` (except under StreamingLLM ``positions="cache"``, whose
-    positions stay inside the cache: it needs unpadded rows, the use() block's cache and a Llama-style
-    RoPE with fixed frequencies, and is refused on other methods).
+    soft-capping, learned sink logits, non-causal attention, an InfiniAttention segment longer than
+    the model's positions, dropout in training mode, and inputs longer than
+    ``config.max_position_embeddings`` (except under StreamingLLM ``positions="cache"``, whose
+    positions stay inside the cache: it needs unpadded rows, the use() block's cache and a
+    Llama-style RoPE with fixed frequencies, and is refused on other methods).
     """
     if isinstance(method, str):
         method = from_string(method)
@@ -440,6 +452,7 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
             f"method {method.describe()!r} lets queries see later keys; {_architecture(model)} "
             "is a causal decoder"
         )
+    _check_segment(model, method)
     frame = _position_frame(model, method)
     cache = LongattnCache(model.config.num_hidden_layers)
     name = f"longattn_{next(_names)}"

@@ -21,6 +21,7 @@ from longattn.methods.gated_deltanet import GatedDeltaNet
 from longattn.methods.h2o import H2O
 from longattn.methods.hedgehog import Hedgehog
 from longattn.methods.hip import HiP
+from longattn.methods.infini_attention import InfiniAttention
 from longattn.methods.infllm import InfLLM
 from longattn.methods.knorm import KNorm
 from longattn.methods.latte import Latte
@@ -39,6 +40,7 @@ from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sale import SALE
+from longattn.methods.sla import SLA
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
 from longattn.methods.soft import SOFT
@@ -73,6 +75,7 @@ __all__ = [
     "H2O",
     "Hedgehog",
     "HiP",
+    "InfiniAttention",
     "InfLLM",
     "KNorm",
     "Latte",
@@ -91,6 +94,7 @@ __all__ = [
     "Quest",
     "RazorAttention",
     "SALE",
+    "SLA",
     "SlidingWindow",
     "SnapKV",
     "SOFT",

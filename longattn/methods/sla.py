@@ -1,0 +1,392 @@
+"""SLA: sparse-linear attention, training-free. Each (query block, key block) pair is critical
+(exact softmax), marginal (linear attention) or negligible (skipped), from pooled block scores.
+
+Also the home of the block pooling and the elu + 1 / Taylor feature maps the hybrids share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from longattn.method import Method, check_fraction, check_non_negative, check_positive, register
+from longattn.methods.elu_linear import EluLinear
+from longattn.methods.latte import Rounding, call_scale, magnitude_bound
+from longattn.methods.taylor import Taylor, taylor_projection
+from longattn.types import FeatureView
+
+FEATURES = ("elu", "taylor")
+COMBINES = ("shared", "mass")
+CRITICAL, MARGINAL = 2, 1  # block classes; 0 is negligible (or not causal)
+
+# the Taylor option's map: 16 projected dimensions as BASED, 1 + 16 + 256 features
+_TAYLOR = Taylor(window=0)
+
+
+def features(x: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    """phi(x) [..., T, F] of x [..., T, D]: ``"elu"`` elu(x) + 1 on the raw x (Katharopoulos et
+    al.), ``"taylor"`` the second-order Taylor map of exp(scale q . k) on a fixed 16-dimensional
+    projection (BASED), whose kernel is in the units of the exact weights exp(scale q . k)."""
+    view = FeatureView("key", 0, scale)
+    if kind == "elu":
+        return EluLinear().feature_map(x, view)
+    return _TAYLOR.feature_map(x, view)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, h, n * block (+ rest), D] -> [B, h, n, D] float32 means of the complete blocks (a
+    fixed summation order, whatever n: a block's mean does not depend on the call's length)."""
+    batch, heads, length, dim = x.shape
+    n = length // block
+    return x[:, :, : n * block].float().view(batch, heads, n, block, dim).sum(3) / block
+
+
+class SLAState(NamedTuple):
+    """What SLA carries between calls: every key and value seen, [B, Hkv, n, D] (the exact part
+    may visit any past block, so the state grows with the tokens: prefill is what SLA serves),
+    and the queries from the start of the previous query block on (``q`` [B, H, m, D]), whose
+    pooled mean classifies the next block."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor
+
+
+@register("sla")
+@dataclass(frozen=True)
+class SLA(Method):
+    """Sparse-linear attention: per query block and head, its causal key blocks ranked by the
+    pooled block scores ``softmax_j(scale mean(q) . mean(k_j))`` are split into the ``critical``
+    fraction (exact softmax weights ``exp(scale q . k)``), the next ``marginal`` fraction (linear
+    attention weights ``phi(q) . phi(k)``) and the negligible rest (skipped).
+    Zhang et al. 2025, arXiv:2509.24006.
+
+    Counts per query block i with n = i + 1 causal blocks: ``max(1, ceil(critical n))`` critical
+    and ``ceil((critical + marginal) n)`` critical or marginal; the diagonal block and the first
+    ``sink_blocks`` are always critical (counted in the budget, kept beyond it); ties go to the
+    earlier block. The block scores are computed in float32 from the inputs (a float64 copy of
+    fp32 or bf16 inputs classifies the same blocks).
+
+    Causal: block i is classified from the mean of the queries of block i - 1 (complete before
+    any query of block i arrives) against the means of the complete key blocks before it, so
+    a query's output never depends on a later token and chained calls equal one pass.
+
+    Deviation from paper: the paper pools block i's own queries (a whole block at once, as its
+    non-causal video models see it) and adds the linear output through a learned projection
+    after fine-tuning (``O = O_sparse + Proj(O_linear)``). Training-free here, ``combine``
+    chooses how the two parts meet over the critical (C) and marginal (M) keys of query t:
+
+    - ``"mass"`` (default): ``out_t = (sum_C exp(s_ts) v_s + mu_t a_t) / (sum_C exp(s_ts) +
+      mu_t)`` with ``a_t`` the linear attention over M normalised alone and ``mu_t = sum_{j in
+      M} block * exp(scale q_t . mean(k_j))`` the pooled-key estimate of M's exp mass (the
+      softmax over C and M when ``a_t`` and ``mu_t`` are exact);
+    - ``"shared"``: one normaliser over ``exp(s_ts)`` and ``phi(q_t) . phi(k_s)``, as the linear
+      engine's exact-window form (BASED); on SmolLM2's real q/k/v its linear weights swamp the
+      exact ones (``docs/runs/issue16/sla_error.md``).
+
+    ``marginal=0`` is block-sparse attention on the same critical set.
+    """
+
+    block_size: int = 64
+    critical: float = 0.05
+    marginal: float = 0.85
+    sink_blocks: int = 1
+    feature: str = "elu"
+    combine: str = "mass"
+
+    def __post_init__(self) -> None:
+        check_positive("SLA", block_size=self.block_size)
+        check_non_negative("SLA", sink_blocks=self.sink_blocks)
+        check_fraction("SLA", critical=self.critical)
+        if isinstance(self.marginal, bool) or not isinstance(self.marginal, (int, float)):
+            raise TypeError(f"SLA.marginal must be a float, got {self.marginal!r}")
+        if not 0.0 <= self.marginal <= 1.0:
+            raise ValueError(f"SLA.marginal must be in [0, 1], got {self.marginal}")
+        if self.critical + self.marginal > 1.0 + 1e-9:
+            raise ValueError(
+                f"SLA.critical + SLA.marginal must be <= 1, got {self.critical} + {self.marginal}"
+                f" = {self.critical + self.marginal}"
+            )
+        if self.feature not in FEATURES:
+            raise ValueError(f"SLA.feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"SLA.combine must be one of {COMBINES}, got {self.combine!r}")
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+    def classify(
+        self, q: torch.Tensor, k: torch.Tensor, q_start: int, first: int, last: int, scale: float
+    ) -> torch.Tensor:
+        """int8 [B, H, last - first + 1, nk]: the class of every key block for query blocks
+        ``first..last``; ``q`` holds the queries from position ``q_start`` (a block start, at or
+        before block ``first - 1``), ``k`` every key up to the last query's."""
+        block, (batch, n_heads, _, dim), n_kv = self.block_size, q.shape, k.shape[1]
+        n_blocks = -(-k.shape[2] // block)
+        rows = torch.arange(first, last + 1)  # query block indices i
+        lo = max(first - 1, 0) * block - q_start
+        q_bar = block_means(q[:, :, lo : last * block - q_start], block)  # blocks max(i-1,0)..
+        if first == 0:  # block 0 sees its diagonal block only: its pooled query is unused
+            q_bar = torch.cat([q_bar.new_zeros(batch, n_heads, 1, dim), q_bar], dim=2)
+        k_bar = block_means(k, block)  # [B, Hkv, nfull, D]
+        # elementwise product and an inner sum: the same rounding whatever the call's shape
+        prod = q_bar.view(batch, n_kv, -1, len(rows), 1, dim) * k_bar[:, :, None, None]
+        logits = torch.full((batch, n_heads, len(rows), n_blocks), -math.inf)
+        logits[..., : k_bar.shape[2]] = prod.sum(-1).view(batch, n_heads, len(rows), -1) * scale
+        cols = torch.arange(n_blocks)
+        forced = (cols[None, :] == rows[:, None]) | (  # the diagonal and the sinks before it
+            (cols[None, :] < self.sink_blocks) & (cols[None, :] < rows[:, None])
+        )
+        ranked = logits.masked_fill(cols[None, :] >= rows[:, None], -math.inf)
+        ranked = ranked.masked_fill(forced, math.inf)
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, cols.expand_as(order).contiguous())
+        n_causal = (rows + 1).double()
+        n_crit = torch.ceil(n_causal * self.critical - 1e-9).clamp(min=1)[:, None]
+        n_kept = torch.ceil(n_causal * (self.critical + self.marginal) - 1e-9)[:, None]
+        cls = torch.where(rank < n_crit, CRITICAL, torch.where(rank < n_kept, MARGINAL, 0))
+        cls = torch.where(forced, CRITICAL, cls)
+        return cls.masked_fill(cols[None, :] > rows[:, None], 0).to(torch.int8)
+
+    def forward(self, q, k, v, state, view=None):
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        scale = call_scale(view, q.shape[-1])
+        if state is None:
+            state = SLAState(k[:, :, :0], v[:, :, :0], q[:, :, :0])
+        _check_sla_state(state, q, k, v)
+        start = state.k.shape[2]
+        k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        q_ctx = torch.cat([state.q, q], dim=2)
+        q_start = start - state.q.shape[2]
+        out = self._attend(q_ctx, k_all, v_all, q_start, start, scale, acc)
+        end, block = k_all.shape[2], self.block_size
+        keep = max(end // block - 1, 0) * block  # the previous block's start
+        tail = q_ctx[:, :, max(keep - q_start, 0) :]
+        return out.to(v.dtype), SLAState(k_all, v_all, tail)
+
+    def _attend(self, q_ctx, k, v, q_start, start, scale, acc):
+        """Outputs [B, H, T - start, Dv] (acc) of the queries at positions start..T - 1."""
+        block, length = self.block_size, k.shape[2]
+        batch, n_heads, _, dim = q_ctx.shape
+        n_kv, dim_v = k.shape[1], v.shape[-1]
+        if length == start:
+            return q_ctx.new_zeros(batch, n_heads, 0, dim_v, dtype=acc)
+        first, last = start // block, (length - 1) // block
+        classes = self.classify(q_ctx, k, q_start, first, last, scale)  # [B, H, nsel, nk]
+        ka, va = k.to(acc), v.to(acc)
+        phi_k = features(ka, self.feature, scale)  # [B, Hkv, T, F]
+        kv_sums, k_sums = _block_states(phi_k, va, block)  # [B, Hkv, nk, F * Dv], [.., F]
+        k_bar = _full_block_means(ka, block) if self.combine == "mass" else None
+        outs = []
+        for i in range(first, last + 1):
+            lo, hi = max(start, i * block), min(length, (i + 1) * block)
+            rows = q_ctx[:, :, lo - q_start : hi - q_start].to(acc)
+            rows = rows.reshape(batch, n_kv, -1, hi - lo, dim)  # [B, Hkv, G, r, D]
+            cls = classes[:, :, i - first].view(batch, n_kv, -1, classes.shape[-1])
+            outs.append(
+                self._block_rows(
+                    rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, (kv_sums, k_sums, k_bar), scale
+                )  # fmt: skip
+            )
+        return torch.cat(outs, dim=3).reshape(batch, n_heads, length - start, dim_v)
+
+    def _block_rows(self, rows, k, v, cls, lo, sums, scale):
+        """One query block's rows [B, Hkv, G, r, D] at positions lo..: exact weights on the
+        critical keys, the marginal blocks' summed linear states (``sums``: per block
+        ``phi(k)^T v``, ``phi(k)``, and the mean keys for ``combine="mass"``)."""
+        block, hi = self.block_size, k.shape[2]
+        k_c, v_c, tok = _critical_keys(k, v, cls, block)  # [B, Hkv, G, n, D], tok [.., n]
+        scores = scale * (rows @ k_c.transpose(-1, -2))  # [B, Hkv, G, r, n]
+        positions = torch.arange(lo, lo + rows.shape[3])[:, None]  # [r, 1]
+        crit = (tok[..., None, :] <= positions) & (tok[..., None, :] < hi)  # causal, real keys
+        top = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True)  # [.., r, 1]
+        marg = (cls == MARGINAL).to(rows.dtype)  # [B, Hkv, G, nk]
+        if not bool(marg.any()):
+            weights = torch.exp(scores - top).masked_fill(~crit, 0.0)
+            return (weights @ v_c) / weights.sum(-1, keepdim=True)
+        kv_sums, k_sums, k_bar = sums
+        feat, dim_v = k_sums.shape[-1], v.shape[-1]
+        phi_q = features(rows, self.feature, scale)  # [B, Hkv, G, r, F]
+        lin_num = phi_q @ (marg @ kv_sums).unflatten(-1, (feat, dim_v))  # [B, Hkv, G, r, Dv]
+        lin_den = phi_q @ (marg @ k_sums)[..., None]  # [B, Hkv, G, r, 1]
+        if self.combine == "shared":  # the linear weights in the units of exp(score)
+            shift = top.clamp(min=0.0)
+            weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
+            lift = torch.exp(-shift)
+            num = weights @ v_c + lift * lin_num
+            return num / (weights.sum(-1, keepdim=True) + lift * lin_den)
+        est = scale * (rows @ k_bar[:, :, None].transpose(-1, -2)) + math.log(
+            block
+        )  # [.., r, nfull]
+        est = est.masked_fill(marg[..., None, : est.shape[-1]] == 0, -math.inf)
+        lse = torch.logsumexp(est, -1, keepdim=True)  # the marginal mass, log, [.., r, 1]
+        shift = torch.maximum(top, lse)
+        weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
+        mass = torch.exp(lse - shift)  # 0 for a head without marginal blocks
+        average = torch.where(lin_den > 0, lin_num / lin_den, 0.0)
+        return (weights @ v_c + mass * average) / (weights.sum(-1, keepdim=True) + mass)
+
+    def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
+        """What ``forward`` in q's dtype may deviate from ``ref``, element by element
+        (``Rounding``); the classes are shared (float32 scores of the same values).
+
+        An exact weight ``exp(s - m)``: the score, a dot over D scaled, is off by ``E = (gamma(D)
+        + 2u) A`` (A the largest ``|scale| sum_d |q_d k_d|``), the subtraction by ``2uA``, the
+        exp by eta. The shift m multiplies every weight of a row alike (the linear ones through
+        ``exp(-m)``, off by eta), so it cancels in the ratio. A linear weight is summed as
+        ``phi(q) . (sum over blocks of sum over keys of phi(k) v)``: each term within
+        ``gamma(F + b + nk + 2)`` of its magnitude plus the features' own error (elu + 1:
+        non-negative features, each off by eta, so ``2 eta + gamma(F + b + nk + 2)`` relative;
+        Taylor: ``_taylor_rel``), then ``exp(-m)``: eta + u. The row's sums over at most T + 2
+        terms: ``gamma(T + 2)``. ``combine="mass"``: the linear weights normalised alone (twice
+        theirs, plus u) times the mass ``exp(lse - m)``, lse the logsumexp of the pooled-key
+        scores (each off by ``(gamma(D) + gamma(b + 1) + 2u) A``: the dot and the block mean),
+        off by ``3 (gamma(D) + gamma(b + 1) + 4u) A + 3 eta + gamma(nk + 2) + u (2 log(b nk + 1)
+        + 3)`` (the shift by the largest estimate, the sum, the log and the final exp of a
+        difference of magnitude at most ``2A + log(b nk)``).
+        Numerator and denominator each off by ``rho`` relative per term
+        make the ratio off by ``2 rho / (1 - rho) M + u M`` (M the weights' average of |v|):
+        ``magnitude_bound`` with that relative error."""
+        r = Rounding.of(q.dtype)
+        dim, length = q.shape[-1], k.shape[2]
+        scale = call_scale(view, dim)
+        n_blocks = -(-length // self.block_size)
+        a = abs(scale) * float(_grouped(q.double().abs(), k.double().abs()).max()) if length else 0
+        rho_exact = (r.gamma(dim) + 4 * r.u) * a + r.eta + r.u
+        sums = r.gamma(self.block_size + n_blocks + 2)
+        if self.feature == "elu":
+            rho_lin = 2 * r.eta + r.gamma(dim) + sums
+        else:
+            rho_lin = _taylor_rel(q, k, scale, r, sums)
+        if self.combine == "mass":  # the weights over the marginal keys normalised alone
+            block = self.block_size
+            rho_mass = 3 * (r.gamma(dim) + r.gamma(block + 1) + 4 * r.u) * a + 3 * r.eta
+            rho_mass += r.gamma(n_blocks + 2) + r.u * (2 * math.log(block * n_blocks + 1) + 3)
+            rho_lin = 2 * rho_lin + r.u + rho_mass
+        rho = max(rho_exact, rho_lin + r.eta + 2 * r.u) + r.gamma(length + 2)
+        rho = 2 * rho / (1 - rho) + r.u if rho < 1 else math.inf
+        return magnitude_bound(self, q, k, v, ref, rho, view)
+
+    def reference(self, q, k, v, view=None):
+        """Float64, one pass: the classes of every block pair, the weights of every pair
+        materialised (exact, linear or 0), one normaliser per query."""
+        q, k, v = (t.to(torch.float64) for t in (q, k, v))
+        scale = call_scale(view, q.shape[-1])
+        length, block = k.shape[2], self.block_size
+        if length == 0:
+            return q.new_zeros(*q.shape[:3], v.shape[-1])
+        classes = self.classify(q, k, 0, 0, (length - 1) // block, scale)  # [B, H, nq, nk]
+        tok = classes.repeat_interleave(block, -1).repeat_interleave(block, -2)
+        tok = tok[..., :length, :length]  # [B, H, T, T]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        crit, marg = (tok == CRITICAL) & causal, (tok == MARGINAL) & causal
+        scores = scale * _grouped(q, k)  # [B, H, T, T]
+        shift = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
+        kern = _grouped(features(q, self.feature, scale), features(k, self.feature, scale))
+        if self.combine == "shared":
+            linear = kern * torch.exp(-shift)
+        else:  # kern normalised over the marginal keys, times their estimated mass
+            kern = kern.masked_fill(~marg, 0.0)
+            kern = kern / kern.sum(-1, keepdim=True).clamp(min=1e-300)
+            linear = kern * torch.exp(self._marginal_lse(q, k, tok, scale) - shift)
+        weights = torch.where(crit, torch.exp(scores - shift), linear)
+        weights = weights.masked_fill(~(crit | marg), 0.0)
+        out = _grouped(weights, v.transpose(-1, -2))  # [B, H, T, Dv]
+        return out / weights.sum(-1, keepdim=True)
+
+    def _marginal_lse(self, q, k, tok, scale):
+        """[B, H, T, 1] float64: ``log sum_j block exp(scale q_t . mean(k_j))`` over query t's
+        marginal blocks j (-inf without any): the estimate of their exp mass."""
+        length, block = k.shape[2], self.block_size
+        k_bar = _full_block_means(k, block)  # [B, Hkv, nfull, D]
+        est = scale * _grouped(q, k_bar) + math.log(block)  # [B, H, T, nfull]
+        cols = torch.arange(est.shape[-1]) * block
+        marg = tok[..., cols] == MARGINAL  # [B, H, T, nfull]: each block by its first key
+        marg &= cols <= torch.arange(length)[:, None]
+        return torch.logsumexp(est.masked_fill(~marg, -math.inf), -1, keepdim=True)
+
+
+_TAYLOR_F = 1 + _TAYLOR.features + _TAYLOR.features**2
+
+
+def _full_block_means(k: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, Hkv, n, D] means of the complete key blocks, in k's dtype."""
+    batch, n_kv, length, dim = k.shape
+    n = length // block
+    return k[:, :, : n * block].view(batch, n_kv, n, block, dim).mean(3)
+
+
+def _taylor_rel(q, k, scale: float, r: Rounding, sums: float) -> float:
+    """The largest relative error of a Taylor linear weight ``1 + s + s^2 / 2`` over the causal
+    pairs, float64. The projected ``x' = sqrt(scale) x P`` is off by ``gamma(D + 1) X``, X =
+    ``sqrt(scale) |x| |P|``, so ``s = x' . y'`` by ``ds = gamma(D + 1) sum_i (X_i |y'_i| + |x'_i|
+    Y_i)`` (first order, in exact arithmetic the rest), the kernel by ``(1 + c + ds / 2) ds`` (c
+    = ``sum |x'_i y'_i|``); forming the features (two roundings) and the sums over F, a block and
+    the blocks: ``(gamma(F) + sums + 6u)`` of the magnitude ``1 + c + c^2 / 2``."""
+    proj = taylor_projection(_TAYLOR.seed, q.shape[-1], _TAYLOR.features)
+    root = abs(scale) ** 0.5
+    x, y = q.double() * root @ proj, k.double() * root @ proj
+    xm, ym = q.double().abs() * root @ proj.abs(), k.double().abs() * root @ proj.abs()
+    kern = _grouped(x, y)
+    kern = 1 + kern + kern * kern / 2
+    c = _grouped(x.abs(), y.abs())
+    ds = r.gamma(q.shape[-1] + 1) * (_grouped(xm, y.abs()) + _grouped(x.abs(), ym))
+    err = (1 + c + ds / 2) * ds + (r.gamma(_TAYLOR_F) + sums + 6 * r.u) * (1 + c + c * c / 2)
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    return float((err / kern).masked_fill(~causal, 0.0).max()) if kern.numel() else 0.0
+
+
+def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y^T`` per query head: x [B, H, n, F], y [B, Hkv, m, F] -> [B, H, n, m]."""
+    batch, n_heads, n, feat = x.shape
+    rows = x.reshape(batch, y.shape[1], -1, feat)  # [B, Hkv, G * n, F]
+    return (rows @ y.transpose(-1, -2)).view(batch, n_heads, n, -1)
+
+
+def _critical_keys(k, v, cls, block: int):
+    """The keys and values of each query head's critical blocks, gathered: [B, Hkv, G, n, D]
+    with n = (critical blocks) x block, and their positions [B, Hkv, G, n] (past the last key
+    in a partial block: masked by the caller). Every head of a query block has as many critical
+    blocks (the budget's count, or the forced blocks where they exceed it)."""
+    batch, n_kv, group, _ = cls.shape
+    is_crit = cls == CRITICAL
+    counts = is_crit.sum(-1)
+    count = int(counts.flatten()[0])
+    if not bool((counts == count).all()):  # the classification's invariant, checked
+        raise RuntimeError(f"SLA: critical block counts differ across heads: {counts.unique()}")
+    ranked = torch.argsort(is_crit.to(torch.int8), dim=-1, descending=True, stable=True)
+    blocks = torch.sort(ranked[..., :count], dim=-1).values  # ascending: the diagonal last
+    tok = (blocks[..., None] * block + torch.arange(block)).flatten(-2)  # [B, Hkv, G, n]
+    index = tok.clamp(max=k.shape[2] - 1).flatten(2)[..., None]  # [B, Hkv, G * n, 1]
+    k_c = torch.gather(k, 2, index.expand(-1, -1, -1, k.shape[-1]))
+    v_c = torch.gather(v, 2, index.expand(-1, -1, -1, v.shape[-1]))
+    shape = (batch, n_kv, group, tok.shape[-1])
+    return k_c.view(*shape, -1), v_c.view(*shape, -1), tok
+
+
+def _block_states(phi_k: torch.Tensor, v: torch.Tensor, block: int):
+    """Per key block: ``sum phi(k)^T v`` [B, Hkv, nk, F * Dv] and ``sum phi(k)`` [B, Hkv, nk, F]
+    (the last block over the keys it has)."""
+    batch, n_kv, length, feat = phi_k.shape
+    n = -(-length // block)
+    pad = n * block - length
+    phi = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).view(batch, n_kv, n, block, feat)
+    vals = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(batch, n_kv, n, block, -1)
+    kv = phi.transpose(-1, -2) @ vals  # [B, Hkv, n, F, Dv]
+    return kv.flatten(-2), phi.sum(3)
+
+
+def _check_sla_state(state: Any, q, k, v) -> None:
+    """ValueError unless ``state`` is an ``SLAState`` that these tensors continue."""
+    if not isinstance(state, SLAState):
+        raise ValueError(f"SLA: cannot resume from a {type(state).__name__}, expected SLAState")
+    for name, held, new in (("k", state.k, k), ("v", state.v, v), ("q", state.q, q)):
+        if held.shape[:2] != new.shape[:2] or held.shape[3] != new.shape[3]:
+            raise ValueError(
+                f"SLA: state {name} is {tuple(held.shape)}, this call's {name} is "
+                f"{tuple(new.shape)} (batch, heads and head dim must match)"
+            )
