@@ -112,9 +112,11 @@ def label(method: Method) -> str:
     return method.name + (":" + ",".join(changed) if changed else "")
 
 
-def element_density(index: BlockIndex) -> float:
+def element_density(index: BlockIndex, columns: torch.Tensor | None = None) -> float:
     """Visited causal (query, key) pairs over all causal pairs, for queries and keys at the same
-    positions 0..T-1 (exact, from the block counts: no ``T x T``)."""
+    positions 0..T-1: the blocks of ``index`` and a plan's token ``columns`` [Bi, Hi, nq, n] (-1
+    unused; none inside a visited block, as ``longattn.prefill.tidy_columns`` leaves them). Exact,
+    from the block counts and the columns: no ``T x T``."""
     if index.q_len != index.kv_len:
         raise ValueError(
             f"element_density needs q_len == kv_len, got {index.q_len}, {index.kv_len}"
@@ -126,7 +128,14 @@ def element_density(index: BlockIndex) -> float:
     pairs = lengths.view(-1, 1) * lengths.view(1, -1)  # [nq, nk] all pairs of a block pair
     pairs = torch.tril(pairs, -1) + torch.diag(lengths * (lengths + 1) / 2)  # causal pairs
     visited = index.layout()[0].double()  # [Bi, Hi, nq, nk]
-    return float(((visited * pairs).sum((-1, -2)) / (t * (t + 1) / 2)).mean())
+    counted = (visited * pairs).sum((-1, -2))  # [Bi, Hi]
+    if columns is not None:
+        # a column c in query block [lo, hi) is seen by the block's queries at positions >= c
+        lo = torch.arange(n, dtype=torch.int64).view(-1, 1) * block  # [nq, 1]
+        hi = (lo + block).clamp(max=t)
+        seen = (hi - torch.maximum(lo, columns)).clamp(min=0)  # [Bc, Hc, nq, n]
+        counted = counted + torch.where(columns >= 0, seen, 0).sum((-1, -2)).double()
+    return float((counted / (t * (t + 1) / 2)).mean())
 
 
 def chunked_gate(call, out: torch.Tensor, rows: torch.Tensor, index) -> tuple[float, float]:
@@ -176,8 +185,9 @@ def measure_plan(q, k, v, method: Method, rows: torch.Tensor, dense: torch.Tenso
         index_causal = None
     else:
         index_causal = call.derived["plan_view"].causal
+        columns = call.derived.get("plan_columns")
         rec.update(density=prefill.density(index, index_causal),
-                   element_density=element_density(index))  # fmt: skip
+                   element_density=element_density(index, columns))  # fmt: skip
     err, used = chunked_gate(call, res.out, rows, index)
     rec.update(error=err, bound_used=used, gate=used <= 1)
     rec["rel_err_dense"] = relative_error(res.out, dense, rows)
