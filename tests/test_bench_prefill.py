@@ -78,6 +78,33 @@ def test_gate_holds_a_plan_with_token_columns_to_its_blocks_and_columns(spec):
     assert bench.chunked_gate(call, wrong, rows, index)[1] > 1
 
 
+@pytest.mark.parametrize("spec", COLUMN_PLANS)
+def test_recall_counts_the_mass_on_a_plans_token_columns(spec):
+    q, k, v = _lined_qkv(200)  # the last block is partial
+    call = make_call(q, k, v, from_string(spec))
+    choose_impl(call).run(call)
+    rows = torch.arange(200)
+    facts = bench.layer_facts(call.method, {0: (q, k, v)}, rows)
+    # the exact recall in float64: each query's softmax weights on what the plan visits, averaged
+    # over each query block's queries, then over blocks and heads
+    index, columns = call.derived["block_index"], call.derived["plan_columns"]
+    keys = torch.arange(200)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * call.scale
+    weights = torch.softmax(logits.masked_fill(keys > keys.view(-1, 1), -torch.inf), dim=-1)
+    visible = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos, columns)
+
+    def recall(seen):  # [1, H, 200, 200] -> per query, then per query block, then the mean
+        per_query = (weights * seen).sum(-1)  # [1, H, 200]
+        return float(
+            torch.stack([per_query[..., lo : lo + 16].mean(-1) for lo in rows[::16]]).mean()
+        )
+
+    assert facts["recall"] == pytest.approx(recall(visible), abs=1e-6)
+    blocks_only = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos)
+    assert recall(blocks_only) < facts["recall"] - 1e-5  # the columns hold mass here
+    assert facts["gate"]
+
+
 def test_timed_plan_plans_the_same_blocks_and_counts_calls():
     method = from_string(TINY[0])
     timed, spent = bench.timed_plan(method)
