@@ -308,13 +308,18 @@ def plan_index(call) -> BlockIndex:
     )
 
 
+def column_keys(columns: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """bool [Bi, Hi, n_rows, kv_len]: the keys each row of ``columns`` [Bi, Hi, n_rows, n] names
+    (-1 unused; before the causal mask)."""
+    keys = torch.zeros(*columns.shape[:3], kv_len + 1, dtype=torch.bool, device=columns.device)
+    keys.scatter_(-1, torch.where(columns < 0, kv_len, columns), True)
+    return keys[..., :kv_len]
+
+
 def columns_dense(columns: torch.Tensor, block: int, q_len: int, kv_len: int) -> torch.Tensor:
     """bool [Bi, Hi, q_len, kv_len]: the keys ``columns`` [Bi, Hi, nq, n] name for each query
     (before the causal mask; for the reference)."""
-    bi, hi, n_q, _ = columns.shape
-    dense = torch.zeros(bi, hi, n_q, kv_len + 1, dtype=torch.bool, device=columns.device)
-    dense.scatter_(-1, torch.where(columns < 0, kv_len, columns), True)
-    return dense[..., :kv_len].repeat_interleave(block, dim=2)[:, :, :q_len]
+    return column_keys(columns, kv_len).repeat_interleave(block, dim=2)[:, :, :q_len]
 
 
 def plan_visible(call, index: BlockIndex) -> torch.Tensor:
@@ -357,12 +362,18 @@ def density(index: BlockIndex, causal_any: torch.Tensor) -> float:
     return float((per_row / causal_any.sum().clamp(min=1)).mean())
 
 
-def visible_rows(index: BlockIndex, rows: torch.Tensor, q_pos, kv_pos) -> torch.Tensor:
+def visible_rows(
+    index: BlockIndex, rows: torch.Tensor, q_pos, kv_pos, columns: torch.Tensor | None = None
+) -> torch.Tensor:
     """bool [Bi, Hi, len(rows), Tk]: what the query ``rows`` (indices into the call's queries) see
-    under a plan's ``index``: its blocks, causal within them (padding excluded). For gates on
-    sampled rows without ``T x T``."""
-    visited = index.layout()[0][:, :, rows // index.block_size]  # [Bi, Hi, R, nk]
-    blocks = visited.repeat_interleave(index.block_size, dim=-1)[..., : index.kv_len]
+    under a plan's ``index`` and token ``columns`` (``call.derived["plan_columns"]``, None
+    without): its blocks and columns, causal within them (padding excluded). For gates on sampled
+    rows without ``T x T``."""
+    q_blocks = rows // index.block_size
+    visited = index.layout()[0][:, :, q_blocks]  # [Bi, Hi, R, nk]
+    visible = visited.repeat_interleave(index.block_size, dim=-1)[..., : index.kv_len]
+    if columns is not None:
+        visible = visible | column_keys(columns[:, :, q_blocks], index.kv_len)
     qp = q_pos[:, rows][:, None, :, None]
     kp = kv_pos[:, None, None, :]
-    return blocks & (kp >= 0) & (qp >= 0) & (kp <= qp)
+    return visible & (kp >= 0) & (qp >= 0) & (kp <= qp)

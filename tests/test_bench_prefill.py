@@ -10,20 +10,40 @@ from longattn.api import choose_impl, make_call
 from longattn.bench import prefill as bench
 from longattn.cli import main
 from longattn.method import from_string
-from longattn.testing import make_qkv
+from longattn.testing import make_qkv, reference_bound
 
 TINY = ["block_topk:block_size=16,budget=0.3", "block_topp:block_size=16,budget=0.8"]
+# vertical-slash plans: blocks plus token columns (tau=0: every FlexPrefill head vertical-slash)
+COLUMN_PLANS = [
+    "minference:block_size=16,budget=0.1,vertical=0.1,last_q=16",
+    "flexprefill:block_size=16,gamma=0.6,tau=0.0",
+]
 
 
-def test_element_density_counts_visited_causal_pairs():
-    # 100 tokens: the last block is partial
-    q, k, v = make_qkv(1, 2, 2, 100, 100, 16, seed=3)
-    call = make_call(q, k, v, from_string("block_topk:block_size=16,budget=0.3"))
+def _lined_qkv(t: int, heads: int = 2, dim: int = 64, columns=(37, 70)):
+    """q/k/v whose attention has a strong main diagonal (each query's own key) and strong key
+    ``columns`` (every query leans towards them), as a real model's vertical-slash heads: the
+    plans keep token columns outside their blocks (random q/k plans nearly every block there)."""
+    x, _, v = make_qkv(1, heads, heads, t, t, dim, seed=0)
+    line = torch.zeros(dim)
+    line[0] = 12.0
+    q, k = 1.5 * x + line, 1.5 * x
+    k[:, :, list(columns)] += line
+    return q, k, v
+
+
+@pytest.mark.parametrize("spec", ["block_topk:block_size=16,budget=0.3", *COLUMN_PLANS])
+def test_element_density_counts_visited_causal_pairs(spec):
+    # 100 tokens: the last block is partial; a vertical-slash plan's columns count too
+    q, k, v = _lined_qkv(100)
+    call = make_call(q, k, v, from_string(spec))
     index = prefill.plan_index(call)
+    columns = call.derived["plan_columns"]
+    assert (columns is not None) == (spec in COLUMN_PLANS)
     rows = torch.arange(100)
-    visible = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos).expand(1, 2, 100, 100)
-    expected = visible.sum().item() / (2 * 100 * 101 / 2)
-    assert bench.element_density(index) == pytest.approx(expected)
+    visible = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos, columns)
+    expected = visible.expand(1, 2, 100, 100).sum().item() / (2 * 100 * 101 / 2)
+    assert bench.element_density(index, columns) == pytest.approx(expected)
     assert expected < 1
 
 
@@ -37,6 +57,52 @@ def test_gate_catches_a_wrong_output():
     wrong = out.clone()
     wrong[:, :, rows[3]] += 0.1
     assert bench.chunked_gate(call, wrong, rows, index)[1] > 1
+
+
+@pytest.mark.parametrize("spec", COLUMN_PLANS)
+def test_gate_holds_a_plan_with_token_columns_to_its_blocks_and_columns(spec):
+    # 200 tokens: the last block is partial
+    q, k, v = _lined_qkv(200)
+    call = make_call(q, k, v, from_string(spec))
+    out = choose_impl(call).run(call).out
+    index, columns = call.derived["block_index"], call.derived["plan_columns"]
+    assert columns is not None and int((columns >= 0).sum()) > 0
+    rows = bench.sample_rows(200, 48)
+    assert bench.chunked_gate(call, out, rows, index)[1] <= 1
+    # the same blocks without the columns are another attention, which the gate refuses
+    blocks_only = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos)
+    wrong = out.clone()
+    wrong[:, :, rows] = reference_bound(
+        q[:, :, rows], k, v, blocks_only, call.scale
+    ).ref.out.float()
+    assert bench.chunked_gate(call, wrong, rows, index)[1] > 1
+
+
+@pytest.mark.parametrize("spec", COLUMN_PLANS)
+def test_recall_counts_the_mass_on_a_plans_token_columns(spec):
+    q, k, v = _lined_qkv(200)  # the last block is partial
+    call = make_call(q, k, v, from_string(spec))
+    choose_impl(call).run(call)
+    rows = torch.arange(200)
+    facts = bench.layer_facts(call.method, {0: (q, k, v)}, rows)
+    # the exact recall in float64: each query's softmax weights on what the plan visits, averaged
+    # over each query block's queries, then over blocks and heads
+    index, columns = call.derived["block_index"], call.derived["plan_columns"]
+    keys = torch.arange(200)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * call.scale
+    weights = torch.softmax(logits.masked_fill(keys > keys.view(-1, 1), -torch.inf), dim=-1)
+    visible = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos, columns)
+
+    def recall(seen):  # [1, H, 200, 200] -> per query, then per query block, then the mean
+        per_query = (weights * seen).sum(-1)  # [1, H, 200]
+        return float(
+            torch.stack([per_query[..., lo : lo + 16].mean(-1) for lo in rows[::16]]).mean()
+        )
+
+    assert facts["recall"] == pytest.approx(recall(visible), abs=1e-6)
+    blocks_only = prefill.visible_rows(index, rows, call.q_pos, call.kv_pos)
+    assert recall(blocks_only) < facts["recall"] - 1e-5  # the columns hold mass here
+    assert facts["gate"]
 
 
 def test_timed_plan_plans_the_same_blocks_and_counts_calls():

@@ -51,13 +51,13 @@ BENCH_SPECS: dict[str, Callable[[int], list[str]]] = {
 
 def density(call, chunk: int = 256, index=None) -> float:
     """Fraction of (query, key) pairs the method lets attend, over all heads (exact, chunked); a
-    plan method's from the ``index`` it ran."""
+    plan method's from the ``index`` it ran and its token columns."""
     visible = 0
     b, h, _, tq, tk, _ = call.shape
     for q0 in range(0, tq, chunk):
         if index is not None:
             rows = torch.arange(q0, min(q0 + chunk, tq))
-            m = visible_rows(index, rows, call.q_pos, call.kv_pos)
+            m = visible_rows(index, rows, call.q_pos, call.kv_pos, call.derived.get("plan_columns"))
             visible += int(m.expand(b, h, m.shape[2], tk).sum())
             continue
         part = make_call(
@@ -78,10 +78,12 @@ def gate(call, out: torch.Tensor, rows: torch.Tensor, index=None) -> tuple[float
     """(max error, share of the bound used) of ``out`` on the sampled query ``rows`` against the
     float64 oracle; the bound is ``longattn.testing.reference_bound``, element by element, so the
     gate passes when the share is <= 1. A plan method's oracle attends the blocks of the ``index``
-    the call ran (a plan of the sampled rows alone would be another plan)."""
+    the call ran and the plan's token columns (a plan of the sampled rows alone would be another
+    plan)."""
     q_rows = call.q[:, :, rows]
     if index is not None:
-        visible = visible_rows(index, rows, call.q_pos, call.kv_pos)
+        columns = call.derived.get("plan_columns")  # a vertical-slash plan's token columns
+        visible = visible_rows(index, rows, call.q_pos, call.kv_pos, columns)
     else:
         kwargs = {"q_positions": call.q_pos[:, rows], "kv_positions": call.kv_pos,
                   "scale": call.scale}  # fmt: skip

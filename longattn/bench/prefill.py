@@ -17,7 +17,8 @@ on stdout and a plot:
   turn within each repeat; the plan hook's time inside that prefill summed over layers (a timing
   subclass of the method, used only here) and ``plan_index`` on each layer's captured q/k; per
   layer, on the dense pass's captured q/k/v: density, attention recall (the planned blocks' share
-  of the exact block mass, ``PrefillView.block_mass``), the gate and the output error against
+  of the exact block mass, ``PrefillView.block_mass``, plus the exact mass on a plan's token
+  columns), the gate and the output error against
   dense attention on sampled rows; the perplexity of the prompt's continuation, scored densely
   after a sparse prefill, against the same after a dense one.
 """
@@ -36,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from longattn import prefill
-from longattn.api import choose_impl, make_call
+from longattn.api import attention, choose_impl, make_call
 from longattn.bench.common import (
     JsonlWriter,
     cpu_line,
@@ -46,6 +47,7 @@ from longattn.bench.common import (
     median_ms,
 )
 from longattn.bench.methods import gate
+from longattn.kernels import vertical
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.method import Method, SparsePrefill, from_string, registry
 from longattn.testing import make_qkv
@@ -112,9 +114,11 @@ def label(method: Method) -> str:
     return method.name + (":" + ",".join(changed) if changed else "")
 
 
-def element_density(index: BlockIndex) -> float:
+def element_density(index: BlockIndex, columns: torch.Tensor | None = None) -> float:
     """Visited causal (query, key) pairs over all causal pairs, for queries and keys at the same
-    positions 0..T-1 (exact, from the block counts: no ``T x T``)."""
+    positions 0..T-1: the blocks of ``index`` and a plan's token ``columns`` [Bi, Hi, nq, n] (-1
+    unused; none inside a visited block, as ``longattn.prefill.tidy_columns`` leaves them). Exact,
+    from the block counts and the columns: no ``T x T``."""
     if index.q_len != index.kv_len:
         raise ValueError(
             f"element_density needs q_len == kv_len, got {index.q_len}, {index.kv_len}"
@@ -126,7 +130,14 @@ def element_density(index: BlockIndex) -> float:
     pairs = lengths.view(-1, 1) * lengths.view(1, -1)  # [nq, nk] all pairs of a block pair
     pairs = torch.tril(pairs, -1) + torch.diag(lengths * (lengths + 1) / 2)  # causal pairs
     visited = index.layout()[0].double()  # [Bi, Hi, nq, nk]
-    return float(((visited * pairs).sum((-1, -2)) / (t * (t + 1) / 2)).mean())
+    counted = (visited * pairs).sum((-1, -2))  # [Bi, Hi]
+    if columns is not None:
+        # a column c in query block [lo, hi) is seen by the block's queries at positions >= c
+        lo = torch.arange(n, dtype=torch.int64).view(-1, 1) * block  # [nq, 1]
+        hi = (lo + block).clamp(max=t)
+        seen = (hi - torch.maximum(lo, columns)).clamp(min=0)  # [Bc, Hc, nq, n]
+        counted = counted + torch.where(columns >= 0, seen, 0).sum((-1, -2)).double()
+    return float((counted / (t * (t + 1) / 2)).mean())
 
 
 def chunked_gate(call, out: torch.Tensor, rows: torch.Tensor, index) -> tuple[float, float]:
@@ -176,8 +187,9 @@ def measure_plan(q, k, v, method: Method, rows: torch.Tensor, dense: torch.Tenso
         index_causal = None
     else:
         index_causal = call.derived["plan_view"].causal
+        columns = call.derived.get("plan_columns")
         rec.update(density=prefill.density(index, index_causal),
-                   element_density=element_density(index))  # fmt: skip
+                   element_density=element_density(index, columns))  # fmt: skip
     err, used = chunked_gate(call, res.out, rows, index)
     rec.update(error=err, bound_used=used, gate=used <= 1)
     rec["rel_err_dense"] = relative_error(res.out, dense, rows)
@@ -247,10 +259,28 @@ def timed_plan(method: SparsePrefill) -> tuple[SparsePrefill, list[float]]:
     return timed_cls(**fields), spent
 
 
+def column_recall(call, columns: torch.Tensor) -> float:
+    """The exact attention mass on a plan's token ``columns`` [Bi, Hi, nq, n]: per query, the
+    columns' softmax weights over all its causal keys (``exp(lse_columns - lse_dense)``), averaged
+    over each query block's queries, then over query blocks, rows and heads, as the block-mass
+    recall it adds to (the columns lie outside the visited blocks)."""
+    block = call.method.block_size
+    args = (call.q, call.k, call.v, columns, block, call.scale, call.q_pos, call.kv_pos)
+    col_lse = vertical.column_attention(*args)[1].double()  # [B, H, Tq]
+    kwargs = {"scale": call.scale, "q_positions": call.q_pos, "kv_positions": call.kv_pos}
+    dense_lse = attention(call.q, call.k, call.v, impl="tiled", **kwargs).lse.double()
+    share = torch.exp(col_lse - dense_lse).nan_to_num(0.0)  # a query that sees nothing: 0
+    n_q = -(-share.shape[-1] // block)
+    padded = torch.nn.functional.pad(share, (0, n_q * block - share.shape[-1]))
+    counts = torch.full((n_q,), float(block), dtype=torch.float64)
+    counts[-1] = share.shape[-1] - (n_q - 1) * block
+    return float((padded.view(*share.shape[:2], n_q, block).sum(-1) / counts).mean())
+
+
 @torch.no_grad()
 def layer_facts(method: Method, captured: dict, rows: torch.Tensor) -> dict:
     """Per layer, on the dense pass's q/k/v: block and element density, attention recall (planned
-    blocks' share of the exact block mass), the gate and the error vs dense on ``rows``, and the
+    blocks' share of the exact block mass, plus ``column_recall``), the gate and the error vs dense on ``rows``, and the
     time of ``plan_index`` on a fresh call; the record holds the lists and their means."""
     keys = ("density", "element_density", "recall", "rel_err_dense", "bound_used", "plan_index_ms")
     per: dict[str, list] = {key: [] for key in keys}
@@ -264,6 +294,9 @@ def layer_facts(method: Method, captured: dict, rows: torch.Tensor) -> dict:
             mass = call.derived["plan_view"].block_mass()  # [B, H, nq, nk]
             chosen = call.derived["block_index"].layout()[0]
             recall = float(((mass * chosen).sum(-1) / mass.sum(-1).clamp(min=1e-30)).mean())
+            columns = call.derived.get("plan_columns")
+            if columns is not None:  # a vertical-slash plan's token columns hold mass too
+                recall += column_recall(call, columns)
         start = time.perf_counter()
         prefill.plan_index(make_call(q, k, v, method))
         per["plan_index_ms"].append((time.perf_counter() - start) * 1e3)
