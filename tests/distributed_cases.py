@@ -1,0 +1,65 @@
+"""Cases run on every rank of a local gloo group (``longattn.distributed.local.run_local``); the
+tests check what they return against the single-process float64 oracle in the parent."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from longattn import from_string
+from longattn.distributed import RingRecord, ring_attention, shard
+from longattn.methods.dense import Dense
+from longattn.testing import make_qkv
+
+HEADS, KV_HEADS, DIM = 4, 2, 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class FailsLate(Dense):
+    """Causal dense whose element mask raises on queries at or after ``at`` (one rank's shard)."""
+
+    at: int = 30
+
+    def mask(self, b, h, q_pos, kv_pos):
+        if bool((q_pos >= self.at).any()):
+            raise RuntimeError(f"mask refused query position {int(q_pos.max())}")
+        return super().mask(b, h, q_pos, kv_pos)
+
+
+def inputs(length: int, dtype: str, seed: int = 0):
+    return make_qkv(1, HEADS, KV_HEADS, length, head_dim=DIM, dtype=DTYPES[dtype], seed=seed)
+
+
+def _ring(rank, world, case):
+    q, k, v = inputs(case["length"], case["dtype"])
+    layout = case["layout"]
+    q, k, v = (shard(x, rank, world, layout) for x in (q, k, v))
+    bad = case.get("bad")
+    if bad and rank == world - 1:  # one rank's input differs from the others'
+        if bad == "length":
+            q, k, v = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:]
+        elif bad == "dtype":
+            q, k, v = q.double(), k.double(), v.double()
+        elif bad == "heads":
+            k, v = k[:, :1], v[:, :1]
+    method = FailsLate() if case["method"] == "fails_late" else from_string(case["method"])
+    record = RingRecord(count_pairs=True)
+    res = ring_attention(q, k, v, method=method, layout=layout, record=record, timeout=30.0)
+    return {"out": res.out, "lse": res.lse, "pairs": record.pairs, "blocks": record.blocks,
+            "steps": record.steps}  # fmt: skip
+
+
+KINDS = {"ring": _ring}
+
+
+def run_cases(rank: int, world: int, cases: dict[str, dict]) -> dict[str, dict]:
+    """Every case on this rank; an exception is recorded as its type and message."""
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = {"ok": True, **KINDS[case["kind"]](rank, world, case)}
+        except Exception as exc:
+            results[name] = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    return results

@@ -1,0 +1,152 @@
+"""Distributed attention on local gloo groups of 2 and 4 processes against the float64 oracle.
+
+One group per world size runs every case (``distributed_cases.run_cases``), so the suite pays the
+process start-up once per world size; the tests then read the results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_cases import inputs, run_cases
+
+from longattn import from_string
+from longattn.distributed import LAYOUTS, ring_attention, shard, shard_positions, unshard
+from longattn.distributed.local import run_local
+from longattn.testing import assert_attention_close
+from longattn.types import AttnOutput
+
+RING_CASES = {}
+for _layout in LAYOUTS:
+    for _causal in (True, False):
+        RING_CASES[f"{_layout}-causal={_causal}-float32"] = dict(
+            kind="ring", layout=_layout, method=f"dense:causal={str(_causal).lower()}",
+            length=37, dtype="float32",
+        )  # fmt: skip
+    RING_CASES[f"{_layout}-causal=True-bfloat16"] = dict(
+        kind="ring", layout=_layout, method="dense", length=37, dtype="bfloat16"
+    )
+    RING_CASES[f"{_layout}-balance"] = dict(
+        kind="ring", layout=_layout, method="dense", length=128, dtype="float32"
+    )
+RING_CASES["contiguous-window"] = dict(
+    kind="ring", layout="contiguous", method="sliding_window:window=8", length=130, dtype="float32"
+)
+RING_CASES["striped-streaming"] = dict(
+    kind="ring", layout="striped", method="streaming_llm:sinks=4,window=16", length=130,
+    dtype="float32",
+)  # fmt: skip
+ERROR_CASES = {
+    "bad-length": dict(kind="ring", layout="contiguous", method="dense", length=37,
+                       dtype="float32", bad="length"),
+    "bad-dtype": dict(kind="ring", layout="striped", method="dense", length=37,
+                      dtype="float32", bad="dtype"),
+    "bad-heads": dict(kind="ring", layout="zigzag", method="dense", length=37,
+                      dtype="float32", bad="heads"),
+    "raises-late": dict(kind="ring", layout="contiguous", method="fails_late", length=37,
+                        dtype="float32"),
+}  # fmt: skip
+ALL_CASES = {**RING_CASES, **ERROR_CASES}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world={w}")
+def group_results(request):
+    world = request.param
+    return world, run_local(run_cases, world, ALL_CASES, timeout=60.0)
+
+
+def _gathered(results, name, layout):
+    for rank, res in enumerate(results):
+        assert res[name]["ok"], f"rank {rank}: {res[name]}"
+    out = unshard([res[name]["out"] for res in results], layout)
+    lse = unshard([res[name]["lse"] for res in results], layout)
+    return AttnOutput(out, lse, None)
+
+
+@pytest.mark.parametrize("name", sorted(RING_CASES))
+def test_ring_equals_the_oracle(group_results, name):
+    world, results = group_results
+    case = RING_CASES[name]
+    q, k, v = inputs(case["length"], case["dtype"])
+    result = _gathered(results, name, case["layout"])
+    assert result.out.dtype == q.dtype
+    assert_attention_close(result, q, k, v, from_string(case["method"]))
+
+
+def _imbalance(results, name):
+    pairs = [res[name]["pairs"] for res in results]
+    assert min(pairs) > 0
+    return max(pairs) / min(pairs)
+
+
+@pytest.mark.parametrize("layout", ["striped", "zigzag"])
+def test_causal_work_is_balanced(group_results, layout):
+    _, results = group_results
+    assert _imbalance(results, f"{layout}-balance") <= 1.15
+    assert _imbalance(results, "contiguous-balance") >= 2.0
+
+
+def test_a_window_stops_the_ring_early(group_results):
+    world, results = group_results
+    # each shard of 130 / world >= 32 tokens is within reach of the next shard only: one transfer,
+    # and rank 0 receives nothing (the last shard is in its future)
+    assert [res["contiguous-window"]["steps"] for res in results] == [0] + [1] * (world - 1)
+    assert [res["contiguous-window"]["blocks"] for res in results] == [1] + [2] * (world - 1)
+
+
+def test_causal_contiguous_skips_future_blocks(group_results):
+    world, results = group_results
+    blocks = [res["contiguous-causal=True-float32"]["blocks"] for res in results]
+    assert blocks == list(range(1, world + 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "words"),
+    [
+        ("bad-length", "ValueError", ["holds", "tokens"]),
+        ("bad-dtype", "ValueError", ["dtype", "torch.float64"]),
+        ("bad-heads", "ValueError", ["kv heads", "1"]),
+        ("raises-late", "RankError", ["mask refused query position"]),
+    ],
+)
+def test_a_bad_rank_fails_every_rank_naming_it(group_results, name, kind, words):
+    world, results = group_results
+    for res in results:
+        entry = res[name]
+        assert not entry["ok"]
+        assert entry["type"] == kind, entry
+        assert f"rank {world - 1}" in entry["message"], entry["message"]
+        for word in words:
+            assert word in entry["message"], entry["message"]
+
+
+def test_a_group_of_one_needs_no_process_group():
+    q, k, v = inputs(37, "float32")
+    res = ring_attention(q, k, v, layout="zigzag")
+    assert_attention_close(res, q, k, v, from_string("dense"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("length", "world"), [(37, 2), (37, 4), (130, 4), (8, 8), (9, 3)])
+def test_shard_and_unshard_are_inverse(layout, length, world):
+    x = torch.arange(length).view(1, 1, length, 1).float()
+    parts = [shard(x, r, world, layout) for r in range(world)]
+    assert all(p.shape[2] >= 1 for p in parts)
+    assert max(p.shape[2] for p in parts) - min(p.shape[2] for p in parts) <= 2
+    torch.testing.assert_close(unshard(parts, layout), x)
+    positions = torch.cat([shard_positions(length, r, world, layout) for r in range(world)])
+    assert sorted(positions.tolist()) == list(range(length))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ((3, 0, 4, "contiguous"), ["length 3", "world size 4"]),
+        ((8, 4, 4, "striped"), ["rank", "4"]),
+        ((8, 0, 2, "ring"), ["layout", "'ring'"]),
+    ],
+)
+def test_shard_positions_refuses_bad_input(args, words):
+    with pytest.raises(ValueError) as info:
+        shard_positions(*args)
+    for word in words:
+        assert word in str(info.value)
