@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from longattn import from_string
-from longattn.distributed import RingRecord, ring_attention, shard
+from longattn.distributed import RingRecord, lasp2_attention, ring_attention, shard
 from longattn.methods.dense import Dense
 from longattn.testing import make_qkv
 
@@ -51,7 +51,19 @@ def _ring(rank, world, case):
             "steps": record.steps}  # fmt: skip
 
 
-KINDS = {"ring": _ring}
+def _lasp2(rank, world, case):
+    q, k, v = inputs(case["length"], case["dtype"], seed=1)
+    q, k, v = (shard(x, rank, world, "contiguous") for x in (q, k, v))
+    if case.get("bad") == "nan" and rank == world - 1:
+        q = q.clone()
+        q[0, 0, -1, 0] = float("inf")
+    # the engine's torch path: its C++ path has its own tests, and a build per process is slow
+    method = from_string(case["method"])
+    res = lasp2_attention(q, k, v, method=method, timeout=30.0, impl="torch")
+    return {"out": res.out}
+
+
+KINDS = {"ring": _ring, "lasp2": _lasp2}
 
 
 def run_cases(rank: int, world: int, cases: dict[str, dict]) -> dict[str, dict]:

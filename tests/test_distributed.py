@@ -12,7 +12,7 @@ from distributed_cases import inputs, run_cases
 from longattn import from_string
 from longattn.distributed import LAYOUTS, ring_attention, shard, shard_positions, unshard
 from longattn.distributed.local import run_local
-from longattn.testing import assert_attention_close
+from longattn.testing import assert_attention_close, assert_linear_method_close
 from longattn.types import AttnOutput
 
 RING_CASES = {}
@@ -35,6 +35,27 @@ RING_CASES["striped-streaming"] = dict(
     kind="ring", layout="striped", method="streaming_llm:sinks=4,window=16", length=130,
     dtype="float32",
 )  # fmt: skip
+LASP2_CASES = {
+    "lasp2-elu-float32": dict(
+        kind="lasp2", method="elu_linear:chunk_size=16", length=37, dtype="float32"
+    ),
+    "lasp2-elu-bfloat16": dict(
+        kind="lasp2", method="elu_linear:chunk_size=16", length=37, dtype="bfloat16"
+    ),
+    "lasp2-retnet-float32": dict(
+        kind="lasp2", method="elu_linear:decay=retnet,chunk_size=8", length=130, dtype="float32"
+    ),
+    "lasp2-retnet-bfloat16": dict(
+        kind="lasp2", method="elu_linear:decay=retnet", length=37, dtype="bfloat16"
+    ),
+    "lasp2-hedgehog": dict(
+        kind="lasp2", method="hedgehog:features=8,chunk_size=16", length=37, dtype="float32"
+    ),
+    "lasp2-noncausal": dict(kind="lasp2", method="cosine:causal=false", length=37, dtype="float32"),
+    "lasp2-noncausal-bfloat16": dict(
+        kind="lasp2", method="cosine:causal=false", length=37, dtype="bfloat16"
+    ),
+}
 ERROR_CASES = {
     "bad-length": dict(kind="ring", layout="contiguous", method="dense", length=37,
                        dtype="float32", bad="length"),
@@ -44,8 +65,11 @@ ERROR_CASES = {
                       dtype="float32", bad="heads"),
     "raises-late": dict(kind="ring", layout="contiguous", method="fails_late", length=37,
                         dtype="float32"),
+    "lasp2-delta": dict(kind="lasp2", method="gated_deltanet", length=37, dtype="float32"),
+    "lasp2-not-finite": dict(kind="lasp2", method="elu_linear", length=37, dtype="float32",
+                             bad="nan"),
 }  # fmt: skip
-ALL_CASES = {**RING_CASES, **ERROR_CASES}
+ALL_CASES = {**RING_CASES, **LASP2_CASES, **ERROR_CASES}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world={w}")
@@ -70,6 +94,35 @@ def test_ring_equals_the_oracle(group_results, name):
     result = _gathered(results, name, case["layout"])
     assert result.out.dtype == q.dtype
     assert_attention_close(result, q, k, v, from_string(case["method"]))
+
+
+@pytest.mark.parametrize("name", sorted(LASP2_CASES))
+def test_lasp2_equals_the_linear_oracle(group_results, name):
+    _, results = group_results
+    case = LASP2_CASES[name]
+    q, k, v = inputs(case["length"], case["dtype"], seed=1)
+    for rank, res in enumerate(results):
+        assert res[name]["ok"], f"rank {rank}: {res[name]}"
+    out = unshard([res[name]["out"] for res in results], "contiguous")
+    assert out.dtype == q.dtype
+    assert_linear_method_close(out, q, k, v, from_string(case["method"]))
+
+
+def test_lasp2_refuses_the_delta_rule_on_every_rank(group_results):
+    world, results = group_results
+    for res in results:
+        entry = res["lasp2-delta"]
+        assert not entry["ok"] and entry["type"] == "ValueError", entry
+        assert "delta rule" in entry["message"] and f"rank {world - 1}" in entry["message"]
+
+
+def test_lasp2_features_failing_on_one_rank_fail_every_rank(group_results):
+    world, results = group_results
+    for res in results:
+        entry = res["lasp2-not-finite"]
+        assert not entry["ok"] and entry["type"] == "ValueError", entry
+        assert f"rank {world - 1} raised" in entry["message"] and "not finite" in entry["message"]
+        assert "rank 0 raised" not in entry["message"]
 
 
 def _imbalance(results, name):

@@ -6,12 +6,14 @@ with the helpers that deal a sequence to the ranks (``shard``, ``unshard``, ``sh
 Importing this package initialises nothing; the caller owns the process group.
 """
 
+from longattn.distributed.lasp2 import lasp2_attention
 from longattn.distributed.layout import LAYOUTS, shard, shard_length, shard_positions, unshard
 from longattn.distributed.ring import RingRecord, ring_attention
 
 __all__ = [
     "LAYOUTS",
     "RingRecord",
+    "lasp2_attention",
     "ring_attention",
     "shard",
     "shard_length",

@@ -8,6 +8,7 @@ import io
 import multiprocessing
 import os
 import queue
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ def _to_bytes(value: Any) -> bytes:
 
 
 def _worker(fn, rank, world, port, results, args, timeout_s, threads) -> None:
+    os.setsid()  # its own process group: a kill on timeout reaches the worker's children too
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     import torch.distributed as dist
@@ -45,6 +47,14 @@ def _worker(fn, rank, world, port, results, args, timeout_s, threads) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     results.put((rank, _to_bytes(value)))
+
+
+def _kill_group(pid: int) -> None:
+    """Kill a worker and everything it started (compilers, ...): its own process group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run_local(
@@ -91,7 +101,7 @@ def run_local(
         for proc in procs:
             proc.join(timeout=5.0)
             if proc.is_alive():
-                proc.kill()
+                _kill_group(proc.pid)
                 proc.join()
     missing = [r for r in range(world) if r not in answers]
     failed = [f"rank {r}: {answers[r][1]}" for r in sorted(answers) if answers[r][0] == "error"]
