@@ -8,7 +8,13 @@ import dataclasses
 import torch
 
 from longattn import from_string
-from longattn.distributed import RingRecord, lasp2_attention, ring_attention, shard
+from longattn.distributed import (
+    RingRecord,
+    lasp2_attention,
+    ring_attention,
+    shard,
+    star_attention,
+)
 from longattn.methods.dense import Dense
 from longattn.testing import make_qkv
 
@@ -63,7 +69,14 @@ def _lasp2(rank, world, case):
     return {"out": res.out}
 
 
-KINDS = {"ring": _ring, "lasp2": _lasp2}
+def _star(rank, world, case):
+    q, k, v = inputs(case["length"], case["dtype"], seed=2)
+    q, k, v = (shard(x, rank, world, "contiguous") for x in (q, k, v))
+    res = star_attention(q, k, v, n_query=case["n_query"], anchor=case.get("anchor"), timeout=30.0)
+    return {"out": res.out, "lse": res.lse}
+
+
+KINDS = {"ring": _ring, "lasp2": _lasp2, "star": _star}
 
 
 def run_cases(rank: int, world: int, cases: dict[str, dict]) -> dict[str, dict]:
@@ -75,3 +88,16 @@ def run_cases(rank: int, world: int, cases: dict[str, dict]) -> dict[str, dict]:
         except Exception as exc:
             results[name] = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
     return results
+
+
+def absent_peer(rank: int, world: int) -> dict:
+    """The last rank never joins; the others' ring call must fail (its collective times out or
+    its peer's connection closes) instead of hanging."""
+    if rank == world - 1:
+        return {"ok": True, "joined": False}
+    q, k, v = (shard(x, rank, world) for x in inputs(37, "float32"))
+    try:
+        ring_attention(q, k, v, timeout=3.0)
+    except Exception as exc:
+        return {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    return {"ok": True, "joined": True}

@@ -7,12 +7,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_cases import inputs, run_cases
+from distributed_cases import absent_peer, inputs, run_cases
 
 from longattn import from_string
-from longattn.distributed import LAYOUTS, ring_attention, shard, shard_positions, unshard
+from longattn.distributed import (
+    LAYOUTS,
+    ring_attention,
+    shard,
+    shard_positions,
+    star_visible,
+    unshard,
+)
 from longattn.distributed.local import run_local
-from longattn.testing import assert_attention_close, assert_linear_method_close
+from longattn.testing import (
+    assert_attention_close,
+    assert_linear_method_close,
+    check_against_reference,
+    oracle,
+    reference_bound,
+)
 from longattn.types import AttnOutput
 
 RING_CASES = {}
@@ -56,6 +69,10 @@ LASP2_CASES = {
         kind="lasp2", method="cosine:causal=false", length=37, dtype="bfloat16"
     ),
 }
+STAR_CASES = {
+    "star-float32": dict(kind="star", length=130, n_query=5, dtype="float32"),
+    "star-anchor-bfloat16": dict(kind="star", length=37, n_query=3, anchor=4, dtype="bfloat16"),
+}
 ERROR_CASES = {
     "bad-length": dict(kind="ring", layout="contiguous", method="dense", length=37,
                        dtype="float32", bad="length"),
@@ -69,7 +86,7 @@ ERROR_CASES = {
     "lasp2-not-finite": dict(kind="lasp2", method="elu_linear", length=37, dtype="float32",
                              bad="nan"),
 }  # fmt: skip
-ALL_CASES = {**RING_CASES, **LASP2_CASES, **ERROR_CASES}
+ALL_CASES = {**RING_CASES, **LASP2_CASES, **STAR_CASES, **ERROR_CASES}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world={w}")
@@ -125,6 +142,25 @@ def test_lasp2_features_failing_on_one_rank_fail_every_rank(group_results):
         assert "rank 0 raised" not in entry["message"]
 
 
+@pytest.mark.parametrize("name", sorted(STAR_CASES))
+def test_star_computes_its_two_phase_mask_exactly(group_results, name):
+    world, results = group_results
+    case = STAR_CASES[name]
+    q, k, v = inputs(case["length"], case["dtype"], seed=2)
+    result = _gathered(results, name, "contiguous")
+    visible = star_visible(case["length"], world, case["n_query"], case.get("anchor"))
+    check_against_reference(result, q, k, v, visible, q.shape[-1] ** -0.5)
+    # the query tokens' rows are exact causal attention; the context rows of later blocks are not
+    exact = oracle(q, k, v, from_string("dense"))
+    tail = slice(case["length"] - case["n_query"], None)
+    causal = torch.ones(case["length"], case["length"], dtype=torch.bool).tril()
+    bound = reference_bound(q, k, v, causal, q.shape[-1] ** -0.5)
+    diff = (result.out.double() - exact.out)[:, :, tail].abs()
+    assert bool((diff <= bound.out[:, :, tail]).all())
+    if world > 2 or case.get("anchor"):  # with 2 ranks and a whole anchor block, Star is exact
+        assert (result.out.double() - exact.out).abs().max() > 1e-3
+
+
 def _imbalance(results, name):
     pairs = [res[name]["pairs"] for res in results]
     assert min(pairs) > 0
@@ -170,6 +206,12 @@ def test_a_bad_rank_fails_every_rank_naming_it(group_results, name, kind, words)
         assert f"rank {world - 1}" in entry["message"], entry["message"]
         for word in words:
             assert word in entry["message"], entry["message"]
+
+
+def test_a_rank_that_never_arrives_fails_the_others_within_the_timeout():
+    results = run_local(absent_peer, 2, timeout=3.0)
+    assert results[1] == {"ok": True, "joined": False}
+    assert not results[0]["ok"], results[0]
 
 
 def test_a_group_of_one_needs_no_process_group():

@@ -9,6 +9,7 @@ Importing this package initialises nothing; the caller owns the process group.
 from longattn.distributed.lasp2 import lasp2_attention
 from longattn.distributed.layout import LAYOUTS, shard, shard_length, shard_positions, unshard
 from longattn.distributed.ring import RingRecord, ring_attention
+from longattn.distributed.star import star_attention, star_visible
 
 __all__ = [
     "LAYOUTS",
@@ -18,5 +19,7 @@ __all__ = [
     "shard",
     "shard_length",
     "shard_positions",
+    "star_attention",
+    "star_visible",
     "unshard",
 ]
