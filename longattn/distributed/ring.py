@@ -190,6 +190,27 @@ def ring_attention(
     return AttnOutput(out, lse, None)
 
 
+def ring_transfers(
+    kv: torch.Tensor,
+    positions: list[torch.Tensor],
+    hops: list[int],
+    *,
+    group: Any = None,
+    timeout: float = comm.DEFAULT_TIMEOUT_S,
+) -> RingRecord:
+    """The transfers of a ring call alone (no block computed): the communication that overlap
+    has to hide. kv [2, B, Hkv, T_r, D]; ``positions`` and ``hops`` as ``ring_plan`` gives them."""
+    rank, world = comm.rank_world(group)
+    rec = RingRecord()
+    start = time.perf_counter()
+    never = [[False] * world for _ in range(world)]
+    q = kv.new_empty((kv.shape[1], kv.shape[2], 0, kv.shape[4]))
+    _ring_loop(q, kv, Dense(), 1.0, group, (rank, world), positions, never, hops,
+               comm.check_timeout(timeout), rec)  # fmt: skip
+    rec.total_s = time.perf_counter() - start
+    return rec
+
+
 def _ring_loop(q, kv, method, scale, group, where, positions, needed, hops, wait, rec):
     """The ring: start the next transfer, compute on the held shard, wait. An error while
     computing is held (returned) while the rank keeps passing shards, so no peer waits in vain."""
@@ -211,8 +232,8 @@ def _ring_loop(q, kv, method, scale, group, where, positions, needed, hops, wait
             tick = time.perf_counter()
             try:
                 part = tiled_attention(
-                    q_acc, held[0], held[1], scale=scale, q_pos=positions[rank][None],
-                    kv_pos=positions[src][None], mask_fn=method.mask, bounds_fn=bounds,
+                    q_acc, held[0], held[1], scale=scale, mask_fn=method.mask, bounds_fn=bounds,
+                    **_kernel_positions(method, positions, rank, src),
                 )  # fmt: skip
                 outs.append(part.out)
                 lses.append(part.lse)
@@ -230,6 +251,23 @@ def _ring_loop(q, kv, method, scale, group, where, positions, needed, hops, wait
         rec.steps += 1
         held = recv
     return outs, lses, error
+
+
+def _strided(pos: torch.Tensor, first: int, world: int) -> bool:
+    """Whether ``pos`` is ``first, first + world, first + 2 world, ...`` (a striped shard)."""
+    return pos.numel() > 0 and int(pos[0]) == first and bool((pos.diff() == world).all())
+
+
+def _kernel_positions(method, positions, rank, src) -> dict:
+    """The positions the block kernel sees. Causal ``Dense`` on a striped layout gets local ones,
+    which the tile bounds resolve exactly: rank r's i-th token ``i W + r`` sees rank j's i'-th
+    ``i' W + j`` iff ``i' + [j > r] <= i``. Every other call: the global positions."""
+    q_pos, kv_pos, world = positions[rank], positions[src], len(positions)
+    if (type(method) is Dense and method.causal and world > 1 and _strided(q_pos, rank, world)
+            and _strided(kv_pos, src, world)):  # fmt: skip
+        q_pos = torch.arange(q_pos.numel())
+        kv_pos = torch.arange(kv_pos.numel()) + int(src > rank)
+    return {"q_pos": q_pos[None], "kv_pos": kv_pos[None]}
 
 
 def _merge(q, outs, lses):
