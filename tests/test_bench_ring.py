@@ -19,3 +19,19 @@ def test_bench_ring_runs_as_a_group_of_one(tmp_path, capsys):
         assert record["pairs"] == [4 * 256 * 257 // 2]  # causal: every visible pair once
         assert record["hidden_share"] is None and record["ms_per_call"] > 0
     assert "ring attention, world 1" in capsys.readouterr().out
+
+
+def test_ring_model_reduces_to_its_parts():
+    from longattn.bench.ring_model import predict_ms, projection_rows
+
+    assert predict_ms("striped", 1, 10.0, 6.0, 99.0) == 6.0  # one rank: its diagonal block only
+    # compute-bound: the critical path is the diagonal plus W - 1 blocks of the layout's kind
+    assert predict_ms("contiguous", 4, 10.0, 6.0, 1.0) == 6.0 + 3 * 10.0
+    assert predict_ms("zigzag", 4, 10.0, 6.0, 1.0) == 6.0 + 3 * 5.0
+    assert predict_ms("striped", 4, 10.0, 6.0, 8.0) == 6.0 + 3 * 8.0  # transfer-bound steps
+    assert predict_ms("striped", 4, 10.0, 6.0, 1.0, cores=2) == 2 * (6.0 + 3 * 6.0)
+    base = {"T": 4096, "world": 4, "kv_heads": 2, "dim": 64, "block_full_ms": 200.0,
+            "block_diag_ms": 150.0}  # fmt: skip
+    rows = projection_rows(base, link_gb_s=0.1)
+    assert [r["world"] for r in rows] == [8, 16, 32, 64]
+    assert all(r["zigzag_s"] < r["contiguous_s"] for r in rows)

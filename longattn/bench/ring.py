@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import statistics
 
 import torch
@@ -121,6 +122,20 @@ def _layout_figures(rank, world, layout, args, dtype) -> dict:
     }  # fmt: skip
 
 
+def _blocks(args, dtype, world) -> dict:
+    """One n x n block (n = T / world) in this process: every pair visible, and causal diagonal."""
+    n = max(args.length // world, 1)
+    q, k, v = make_qkv(1, args.heads, _kv_heads(args.heads), n, head_dim=args.dim, dtype=dtype,
+                       seed=1)  # fmt: skip
+    pos = torch.arange(n)[None]
+    figures = {}
+    for name, method in (("block_full_ms", Dense(causal=False)), ("block_diag_ms", Dense())):
+        figures[name] = median_ms(lambda m=method: tiled_attention(
+            q.float(), k, v, scale=args.dim ** -0.5, q_pos=pos, kv_pos=pos, mask_fn=m.mask,
+            bounds_fn=m.block_bounds), warmup=0, repeats=3)  # fmt: skip
+    return figures
+
+
 def _baselines(args, dtype) -> dict:
     """The whole sequence in this one process: causal SDPA and the tiled kernel."""
     q, k, v = make_qkv(1, args.heads, _kv_heads(args.heads), args.length, head_dim=args.dim,
@@ -147,6 +162,14 @@ def run_cli(args: argparse.Namespace) -> int:
     length = args.length or (4096 if args.quick else 8192)
     args = argparse.Namespace(**{**vars(args), "length": length,
                                  "repeats": 3 if args.quick else 5})  # fmt: skip
+    if args.model:  # Star Attention's error on the real model (one process)
+        from longattn.bench.star_error import run
+
+        rows = run(args, JsonlWriter(args.out))
+        print(format_table(rows, [("world", "ranks"), ("context_rel_err_mean", "context mean"),
+                                  ("context_rel_err_max", "context worst layer"),
+                                  ("query_rel_err_max", "query worst layer")]))  # fmt: skip
+        return 0
     rank, world = _group(timeout_s=600.0)
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
@@ -159,7 +182,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 print(f"ring {layout}: correctness gate failed, no timing: {failure}")
             continue
         rows.append(_layout_figures(rank, world, layout, args, dtype))
-    base = _baselines(args, dtype) if rank == 0 else None
+    base = {**_baselines(args, dtype), **_blocks(args, dtype, world)} if rank == 0 else None
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -172,6 +195,12 @@ def run_cli(args: argparse.Namespace) -> int:
               f"({_kv_heads(args.heads)} kv), d={args.dim}, {args.dtype}; {cpu_line()}")  # fmt: skip
         print(format_table(rows, COLUMNS))
         print(f"one process: causal SDPA {base['sdpa_ms']:.1f} ms, tiled {base['tiled_ms']:.1f} ms")
+        if args.out:
+            from longattn.bench.ring_model import report
+
+            md = pathlib.Path(args.out).with_suffix(".md")
+            md.write_text(f"# bench ring\n\n{cpu_line()}, torch {torch.__version__}\n\n"
+                          + report(args.out))  # fmt: skip
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
