@@ -76,7 +76,34 @@ def _star(rank, world, case):
     return {"out": res.out, "lse": res.lse}
 
 
-KINDS = {"ring": _ring, "lasp2": _lasp2, "star": _star}
+def tiny_llama(seed: int = 0):
+    """A seeded random-init 2-layer Llama (4 query / 2 KV heads, d=16) with its own SDPA."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def prompt(length: int) -> torch.Tensor:
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(1))
+
+
+def _hf(rank, world, case):
+    from longattn.integrations.hf_ring import ring_prefill
+
+    ids = shard(prompt(case["length"]), rank, world, case["layout"], dim=1)
+    out = ring_prefill(tiny_llama(), ids, case["length"], layout=case["layout"], timeout=30.0)
+    cache = out.past_key_values
+    return {"logits": out.logits, "cached": [tuple(layer.keys.shape) for layer in cache.layers]}
+
+
+KINDS = {"ring": _ring, "lasp2": _lasp2, "star": _star, "hf": _hf}
 
 
 def run_cases(rank: int, world: int, cases: dict[str, dict]) -> dict[str, dict]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_cases import absent_peer, inputs, run_cases
+from distributed_cases import absent_peer, inputs, prompt, run_cases, tiny_llama
 
 from longattn import from_string
 from longattn.distributed import (
@@ -73,6 +73,10 @@ STAR_CASES = {
     "star-float32": dict(kind="star", length=130, n_query=5, dtype="float32"),
     "star-anchor-bfloat16": dict(kind="star", length=37, n_query=3, anchor=4, dtype="bfloat16"),
 }
+HF_CASES = {
+    "hf-contiguous": dict(kind="hf", layout="contiguous", length=37),
+    "hf-zigzag": dict(kind="hf", layout="zigzag", length=37),
+}
 ERROR_CASES = {
     "bad-length": dict(kind="ring", layout="contiguous", method="dense", length=37,
                        dtype="float32", bad="length"),
@@ -86,13 +90,14 @@ ERROR_CASES = {
     "lasp2-not-finite": dict(kind="lasp2", method="elu_linear", length=37, dtype="float32",
                              bad="nan"),
 }  # fmt: skip
-ALL_CASES = {**RING_CASES, **LASP2_CASES, **STAR_CASES, **ERROR_CASES}
+ALL_CASES = {**RING_CASES, **LASP2_CASES, **STAR_CASES, **HF_CASES, **ERROR_CASES}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world={w}")
 def group_results(request):
     world = request.param
-    return world, run_local(run_cases, world, ALL_CASES, timeout=60.0)
+    preload = ("transformers", "longattn.integrations.hf_ring")  # once, in the fork server
+    return world, run_local(run_cases, world, ALL_CASES, timeout=60.0, preload=preload)
 
 
 def _gathered(results, name, layout):
@@ -159,6 +164,22 @@ def test_star_computes_its_two_phase_mask_exactly(group_results, name):
     assert bool((diff <= bound.out[:, :, tail]).all())
     if world > 2 or case.get("anchor"):  # with 2 ranks and a whole anchor block, Star is exact
         assert (result.out.double() - exact.out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(HF_CASES))
+def test_ring_prefill_of_a_llama_matches_one_process(group_results, name):
+    pytest.importorskip("transformers")
+    world, results = group_results
+    case = HF_CASES[name]
+    for rank, res in enumerate(results):
+        assert res[name]["ok"], f"rank {rank}: {res[name]}"
+    logits = unshard([res[name]["logits"] for res in results], case["layout"], dim=1)
+    with torch.no_grad():
+        alone = tiny_llama()(input_ids=prompt(case["length"])).logits
+    torch.testing.assert_close(logits, alone, atol=1e-4, rtol=0)
+    for rank, res in enumerate(results):  # each cache holds its own shard only
+        held = shard_positions(case["length"], rank, world, case["layout"]).numel()
+        assert all(shape[2] == held for shape in res[name]["cached"])
 
 
 def _imbalance(results, name):

@@ -63,6 +63,7 @@ def run_local(
     *args: Any,
     timeout: float = 60.0,
     threads: int = 1,
+    preload: tuple[str, ...] = (),
 ) -> list[Any]:
     """``[fn(rank, world, *args) for each rank]``, each rank its own process (forked from a fork server) in one gloo
     group (its collectives time out after ``timeout`` s). ``fn`` must be importable (module level).
@@ -74,7 +75,9 @@ def run_local(
     # a fork server that has imported torch once starts workers in a fraction of a spawn's time;
     # it has run no torch operation, so forking it is safe
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "longattn.distributed"])
+    # (the server starts at the first call of a process: ``preload`` modules, e.g. "transformers",
+    # then load once, and a module that fails to import is skipped)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "longattn.distributed", *preload])
     results = ctx.Queue()
     port = free_port()
     procs = [
