@@ -72,7 +72,8 @@ def _lasp2(rank, world, case):
 def _star(rank, world, case):
     q, k, v = inputs(case["length"], case["dtype"], seed=2)
     q, k, v = (shard(x, rank, world, "contiguous") for x in (q, k, v))
-    res = star_attention(q, k, v, n_query=case["n_query"], anchor=case.get("anchor"), timeout=30.0)
+    n_query = case["n_query"] + (1 if case.get("bad") and rank == world - 1 else 0)
+    res = star_attention(q, k, v, n_query=n_query, anchor=case.get("anchor"), timeout=30.0)
     return {"out": res.out, "lse": res.lse}
 
 

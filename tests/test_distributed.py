@@ -86,6 +86,7 @@ ERROR_CASES = {
                       dtype="float32", bad="heads"),
     "raises-late": dict(kind="ring", layout="contiguous", method="fails_late", length=37,
                         dtype="float32"),
+    "star-bad-n-query": dict(kind="star", length=37, n_query=3, dtype="float32", bad=True),
     "lasp2-delta": dict(kind="lasp2", method="gated_deltanet", length=37, dtype="float32"),
     "lasp2-not-finite": dict(kind="lasp2", method="elu_linear", length=37, dtype="float32",
                              bad="nan"),
@@ -216,6 +217,7 @@ def test_causal_contiguous_skips_future_blocks(group_results):
         ("bad-dtype", "ValueError", ["dtype", "torch.float64"]),
         ("bad-heads", "ValueError", ["kv heads", "1"]),
         ("raises-late", "RankError", ["mask refused query position"]),
+        ("star-bad-n-query", "ValueError", ["n_query=4", "n_query=3"]),
     ],
 )
 def test_a_bad_rank_fails_every_rank_naming_it(group_results, name, kind, words):
