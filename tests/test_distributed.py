@@ -268,3 +268,29 @@ def test_shard_positions_refuses_bad_input(args, words):
         shard_positions(*args)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("gate", ["fixed", "head", "channel"])
+def test_lasp2_states_fold_to_the_engines_state(gate):
+    from longattn.distributed.lasp2 import _fold, local_state
+    from longattn.kernels.linear import linear_attention
+
+    gen = torch.Generator().manual_seed(4)
+    batch, n_kv, length, feat, dv = 1, 2, 29, 8, 5
+    phi_k = torch.rand(batch, n_kv, length, feat, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, n_kv, length, dv, generator=gen, dtype=torch.float64)
+    shapes = {
+        "fixed": (n_kv,),
+        "head": (batch, n_kv, length),
+        "channel": (batch, n_kv, length, feat),
+    }
+    log_decay = -0.3 * torch.rand(shapes[gate], generator=gen, dtype=torch.float64)
+    _, whole = linear_attention(phi_k, phi_k, v, log_decay=log_decay, chunk_size=4)
+    values = torch.nn.functional.pad(v, (0, 1), value=1.0)
+    cuts, parts = [0, 11, 20, length], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        piece = log_decay if gate == "fixed" else log_decay[:, :, lo:hi]
+        parts.append(local_state(phi_k[:, :, lo:hi], values[:, :, lo:hi], piece))
+    folded = _fold(parts + [parts[0]], rank=len(parts), causal=True)  # every earlier part
+    torch.testing.assert_close(folded[..., :-1], whole.kv)
+    torch.testing.assert_close(folded[..., -1], whole.k_sum)
