@@ -27,6 +27,7 @@ BENCH_SUITES = {
     "linear-error": "longattn.bench.linear_error:run_cli",
     "sla-error": "longattn.bench.sla_error:run_cli",
     "infini-memory": "longattn.bench.infini_memory:run_cli",
+    "ring": "longattn.bench.ring:run_cli",
 }
 
 
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(BENCH_SUITES),
         help="methods (default): every registered method against dense SDPA; kernels: the "
         "block-sparse kernel against causal SDPA and compiled Flex; linear-error: linear "
-        "methods against the real model's softmax attention, per layer",
+        "methods against the real model's softmax attention, per layer; ring: ring attention "
+        "under `torchrun --nproc-per-node N` (contiguous, striped, zig-zag)",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument(
