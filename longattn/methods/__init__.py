@@ -8,6 +8,7 @@ from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
 from longattn.methods.block_topp import BlockTopP
+from longattn.methods.combiner import Combiner
 from longattn.methods.cosine import Cosine
 from longattn.methods.dense import Dense
 from longattn.methods.dhsa import DHSA
@@ -39,6 +40,8 @@ from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sale import SALE
+from longattn.methods.scatterbrain import Scatterbrain
+from longattn.methods.sea import SEA
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
 from longattn.methods.soft import SOFT
@@ -50,6 +53,7 @@ from longattn.methods.strided import Strided
 from longattn.methods.taylor import Taylor
 from longattn.methods.tidal_decode import TidalDecode
 from longattn.methods.tova import TOVA
+from longattn.methods.window_linear import WindowPlusLinear
 
 __all__ = [
     "Aaren",
@@ -60,6 +64,7 @@ __all__ = [
     "BlockOracle",
     "BlockTopK",
     "BlockTopP",
+    "Combiner",
     "Cosine",
     "DHSA",
     "Dense",
@@ -91,6 +96,8 @@ __all__ = [
     "Quest",
     "RazorAttention",
     "SALE",
+    "Scatterbrain",
+    "SEA",
     "SlidingWindow",
     "SnapKV",
     "SOFT",
@@ -102,4 +109,5 @@ __all__ = [
     "Taylor",
     "TidalDecode",
     "TOVA",
+    "WindowPlusLinear",
 ]
