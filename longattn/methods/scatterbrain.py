@@ -52,6 +52,8 @@ def run_held(
         batch, n_kv, _, dim = ka.shape
         shapes = dict(k=(batch, n_kv, None, dim), v=(batch, n_kv, None, va.shape[-1]))
         if keep_q:
+            if isinstance(state, HeldState) and state.q is None:
+                raise ValueError(f"{name}: cannot resume from a HeldState without queries")
             shapes["q"] = (batch, qa.shape[1], None, dim)
         check_state(name, state, HeldState, acc, **shapes)
         ka, va = torch.cat([state.k, ka], dim=2), torch.cat([state.v, va], dim=2)
