@@ -25,6 +25,7 @@ BENCH_SUITES = {
     "linear": "longattn.bench.linear:run_cli",
     "prefill": "longattn.bench.prefill:run_cli",
     "linear-error": "longattn.bench.linear_error:run_cli",
+    "hybrid-error": "longattn.bench.hybrid_error:run_cli",
 }
 
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(BENCH_SUITES),
         help="methods (default): every registered method against dense SDPA; kernels: the "
         "block-sparse kernel against causal SDPA and compiled Flex; linear-error: linear "
-        "methods against the real model's softmax attention, per layer",
+        "methods against the real model's softmax attention, per layer; hybrid-error: the "
+        "sparse + low-rank hybrids against their two parts alone",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument(
@@ -121,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=32768,
         help="linear suite: the longest T that causal SDPA is timed at (beyond: T^2 extrapolation)",
+    )
+    bench.add_argument(
+        "--layers",
+        default=None,
+        help="hybrid-error suite: comma-separated model layers to capture (default 2,10,18,26)",
     )
     bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.add_argument(

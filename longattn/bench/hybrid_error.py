@@ -1,0 +1,191 @@
+"""``longattn bench hybrid-error``: each sparse + low-rank hybrid against its two parts alone at the
+same budget, as output error vs softmax on q/k/v captured from the real model.
+
+Per layer of SmolLM2-135M on real text (``--length`` tokens, default 2048; ``--layers``), the
+relative error ``|out - softmax|_F / |softmax|_F`` of causal prefill against causal softmax in
+float64 on the same q/k/v, for:
+
+- ``scatterbrain`` (n_features F, LSH buckets / rounds) vs ``performer`` with the same F and draw
+  (the low-rank part alone) vs exact softmax restricted to the same LSH support (the sparse part
+  alone; a query whose support is empty outputs zeros); ``density``: the support's share of the
+  causal pairs;
+- ``sea`` (top-k from a Performer estimate with F features) vs the estimator alone (``performer``
+  with that F as the attention) and, for context, exact softmax on the exact top-k (an oracle);
+- ``combiner`` (region r) vs its direct part alone (softmax inside each query's region);
+- ``window_linear`` (window W, Taylor d') vs the window alone and ``taylor`` (same d', no window).
+
+``vs best part``: the hybrid's mean error over the better part's (the issue's target for
+Scatterbrain is <= 0.5). JSON (every record with its per-layer errors) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+from longattn import attention, methods
+from longattn.bench.common import cpu_line, environment
+from longattn.bench.linear_error import softmax_reference
+from longattn.methods.scatterbrain import grouped
+
+DEFAULT_LAYERS = (2, 10, 18, 26)
+SCATTERBRAIN = [(32, 8, 1), (32, 4, 2), (128, 8, 1), (128, 4, 2)]  # (F, buckets, rounds)
+SEA_BUDGETS = [(32, 64), (32, 256)]  # (F, top-k)
+COMBINER_REGIONS = [64, 256]
+WINDOWS = [64, 256]  # Taylor d' = 16 (BASED)
+
+
+def masked_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor):
+    """Softmax attention in float64 restricted to ``keep`` [B, Hkv, G, Tq, Tk] (or one broadcast
+    to it); a row with no kept key outputs zeros."""
+    n_kv = k.shape[1]
+    scores = grouped(q.double(), n_kv) @ k.double().unsqueeze(2).transpose(-1, -2)
+    scores = (scores * q.shape[-1] ** -0.5).masked_fill(~keep, -torch.inf)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: NaN -> 0
+    out = weights @ v.double().unsqueeze(2)
+    return out.reshape(*q.shape[:3], v.shape[-1])
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def causal(length: int) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril()
+
+
+def _run(method, q, k, v, layer) -> torch.Tensor:
+    return attention(q, k, v, method=method, layer=layer).out
+
+
+def scatterbrain_row(q, k, v, layer, ref, features, buckets, rounds) -> dict:
+    hybrid = methods.Scatterbrain(n_features=features, n_buckets=buckets, n_rounds=rounds)
+    support = hybrid.support(q.double(), k.double()) & causal(q.shape[2])
+    low_rank = methods.Performer(features=features, seed=hybrid.seed)
+    return {
+        "hybrid": rel_error(_run(hybrid, q, k, v, layer), ref),
+        "low_rank": rel_error(_run(low_rank, q, k, v, layer), ref),
+        "sparse": rel_error(masked_softmax(q, k, v, support), ref),
+        "density": float(support.sum() / (causal(q.shape[2]).sum() * support[..., 0, 0].numel())),
+    }
+
+
+def sea_row(q, k, v, layer, ref, features, top_k) -> dict:
+    hybrid = methods.SEA(top_k=top_k, n_features=features)
+    scores = grouped(q.double(), k.shape[1]) @ k.double().unsqueeze(2).transpose(-1, -2)
+    scores = scores.masked_fill(~causal(q.shape[2]), -torch.inf)
+    best = scores.topk(min(top_k, q.shape[2]), dim=-1).indices
+    oracle = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
+    estimator = methods.Performer(features=features, seed=hybrid.seed)
+    return {
+        "hybrid": rel_error(_run(hybrid, q, k, v, layer), ref),
+        "low_rank": rel_error(_run(estimator, q, k, v, layer), ref),
+        "sparse": rel_error(masked_softmax(q, k, v, oracle & causal(q.shape[2])), ref),
+    }
+
+
+def combiner_row(q, k, v, layer, ref, region) -> dict:
+    pos = torch.arange(q.shape[2])
+    local = (pos[:, None] // region == pos[None, :] // region) & causal(q.shape[2])
+    return {
+        "hybrid": rel_error(_run(methods.Combiner(region=region), q, k, v, layer), ref),
+        "sparse": rel_error(masked_softmax(q, k, v, local), ref),
+    }
+
+
+def window_row(q, k, v, layer, ref, window) -> dict:
+    pos = torch.arange(q.shape[2])
+    local = (pos[:, None] - pos[None, :] < window) & causal(q.shape[2])
+    linear = methods.Taylor(window=0, features=16)
+    return {
+        "hybrid": rel_error(_run(methods.WindowPlusLinear(window=window), q, k, v, layer), ref),
+        "low_rank": rel_error(_run(linear, q, k, v, layer), ref),
+        "sparse": rel_error(masked_softmax(q, k, v, local), ref),
+    }
+
+
+def cases() -> list[tuple[str, str, object, dict]]:
+    """(family, budget label, row function, its keyword arguments) of the whole run."""
+    out = []
+    for f, b, r in SCATTERBRAIN:
+        kw = dict(features=f, buckets=b, rounds=r)
+        out.append(("scatterbrain", f"F={f}, buckets={b}, rounds={r}", scatterbrain_row, kw))
+    for f, top in SEA_BUDGETS:
+        out.append(("sea", f"F={f}, top_k={top}", sea_row, dict(features=f, top_k=top)))
+    for region in COMBINER_REGIONS:
+        out.append(("combiner", f"region={region}", combiner_row, dict(region=region)))
+    for window in WINDOWS:
+        out.append(("window_linear", f"window={window}, d'=16", window_row, dict(window=window)))
+    return out
+
+
+def measure(captured: dict) -> list[dict]:
+    """One record per case: per-layer errors of the hybrid and its parts, their means, the ratio."""
+    refs = {layer: softmax_reference(*captured[layer]) for layer in captured}
+    records = []
+    for family, budget, row, kwargs in cases():
+        start, per_layer = time.perf_counter(), []
+        for layer in sorted(captured):
+            q, k, v = captured[layer]
+            per_layer.append(row(q, k, v, layer, refs[layer], **kwargs))
+        rec = {"family": family, "budget": budget, "layers": sorted(captured)}
+        for key in per_layer[0]:
+            rec[f"{key}_layers"] = [p[key] for p in per_layer]
+            rec[key] = statistics.mean(rec[f"{key}_layers"])
+        parts = [rec[key] for key in ("low_rank", "sparse") if key in rec]
+        rec["vs_best_part"] = rec["hybrid"] / min(parts)
+        rec["seconds"] = time.perf_counter() - start
+        records.append(rec)
+    return records
+
+
+def markdown(records: list[dict], header: dict) -> str:
+    lines = [
+        "# Hybrid vs its parts: output error vs softmax on captured SmolLM2-135M q/k/v",
+        "",
+        f"- command: `{header['command']}`",
+        f"- model {header['model']}, T={header['T']}, layers {header['layers']}, pydoc text",
+        f"- CPU: {header['cpu']}; torch {header['torch']}; {header['threads']} thread(s)",
+        "- error: |out - softmax|_F / |softmax|_F, mean over the layers (per-layer in the JSON);",
+        "  low-rank / sparse: the hybrid's two parts alone at the same budget (see the bench's",
+        "  docstring, `longattn/bench/hybrid_error.py`); vs best part = hybrid / min(parts)",
+        "",
+        "| hybrid | budget | hybrid err | low-rank alone | sparse alone | support density "
+        "| vs best part |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    for r in records:
+        cells = [r["family"], r["budget"], fmt(r["hybrid"]), fmt(r.get("low_rank")),
+                 fmt(r.get("sparse")), fmt(r.get("density")), fmt(r["vs_best_part"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from longattn.eval import models, tasks
+    from longattn.integrations.hf import capture_qkv
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(DEFAULT_LAYERS)
+    length = args.length or 2048
+    out = pathlib.Path(args.out or "results/hybrid_error.json")
+    print(f"CPU: {cpu_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    model, tokenizer = models.load("smollm2-135m")
+    ids = torch.tensor([tasks.text_window(tokenizer, "pydoc", length, 0)])
+    captured = capture_qkv(model, ids, layers=layers)
+    records = measure(captured)
+    header = {"command": f"longattn bench hybrid-error --length {length} --layers "
+              f"{','.join(map(str, layers))}", "model": "smollm2-135m", "T": length,
+              "layers": layers, "cpu": cpu_line(), **environment()}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"header": header, "records": records}, indent=1) + "\n")
+    table = markdown(records, header)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
