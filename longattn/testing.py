@@ -365,6 +365,7 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "scatterbrain": [
         "scatterbrain:n_features=16,n_buckets=4",
         "scatterbrain:n_features=8,n_buckets=2,n_rounds=2,seed=1",
+        "scatterbrain:n_features=16,sparse=topk_blocks,block_size=16,n_blocks=2",
     ],
     "sea": ["sea:top_k=8,n_features=16", "sea:fraction=0.25,estimator=elu"],
     "combiner": ["combiner:region=16", "combiner:region=7"],

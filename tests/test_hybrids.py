@@ -30,6 +30,7 @@ def normalised(weights, v, shape):
     "method",
     [
         methods.Scatterbrain(n_buckets=1, n_features=8),
+        methods.Scatterbrain(sparse="topk_blocks", block_size=8, n_blocks=6, n_features=8),
         methods.SEA(top_k=64),
         methods.SEA(fraction=1.0, estimator="elu"),
         methods.Combiner(region=1),
@@ -65,6 +66,19 @@ def test_scatterbrain_on_its_support_is_exact():
     spread = ratio.nan_to_num(0).amax(-1) - torch.where(on, ratio, torch.inf).amin(-1)
     assert on.any()
     assert float(spread.nan_to_num(0).clamp(min=0).max()) < 1e-12
+
+
+def test_scatterbrain_top_blocks_are_the_own_block_and_the_best_earlier_ones():
+    q, k, _ = make_qkv(1, 2, 1, 40, 40, 8, dtype=torch.float64, seed=8)
+    method = methods.Scatterbrain(sparse="topk_blocks", block_size=10, n_blocks=1)
+    on = method.support(q, k, 0)[0, 0]  # [G, T, T]
+    means = k[0, 0].view(4, 10, 8).mean(1)  # [4 blocks, D]
+    for head in range(2):
+        for t in (5, 15, 39):
+            blocks = set((on[head, t].nonzero().flatten() // 10).tolist())
+            own = t // 10
+            best = {int((q[0, head, t] @ means[:own].T).argmax())} if own else set()
+            assert blocks == {own} | best, (head, t)
 
 
 def _wrong(method, q, k, v, **variant):
@@ -143,6 +157,8 @@ def test_chunked_calls_through_a_cache_equal_one_pass_in_float32():
         (methods.Scatterbrain, {"n_buckets": -3}, "-3"),
         (methods.Scatterbrain, {"n_features": 0}, "n_features"),
         (methods.Scatterbrain, {"n_rounds": 0}, "n_rounds"),
+        (methods.Scatterbrain, {"sparse": "buckets"}, "buckets"),
+        (methods.Scatterbrain, {"block_size": 0}, "block_size"),
         (methods.SEA, {"top_k": 0}, "top_k"),
         (methods.SEA, {"fraction": 1.5}, "1.5"),
         (methods.SEA, {"estimator": "cnn"}, "cnn"),

@@ -34,7 +34,12 @@ from longattn.bench.linear_error import softmax_reference
 from longattn.methods.scatterbrain import grouped
 
 DEFAULT_LAYERS = (2, 10, 18, 26)
-SCATTERBRAIN = [(32, 8, 1), (32, 4, 2), (128, 8, 1), (128, 4, 2)]  # (F, buckets, rounds)
+SCATTERBRAIN = [  # Scatterbrain's fields per budget
+    dict(n_features=32, n_buckets=8), dict(n_features=32, n_buckets=4, n_rounds=2),
+    dict(n_features=128, n_buckets=8), dict(n_features=128, n_buckets=4, n_rounds=2),
+    dict(n_features=32, sparse="topk_blocks", block_size=64, n_blocks=2),
+    dict(n_features=128, sparse="topk_blocks", block_size=64, n_blocks=2),
+]  # fmt: skip
 SEA_BUDGETS = [(32, 64), (32, 256)]  # (F, top-k)
 COMBINER_REGIONS = [64, 256]
 WINDOWS = [64, 256]  # Taylor d' = 16 (BASED)
@@ -63,10 +68,10 @@ def _run(method, q, k, v, layer) -> torch.Tensor:
     return attention(q, k, v, method=method, layer=layer).out
 
 
-def scatterbrain_row(q, k, v, layer, ref, features, buckets, rounds) -> dict:
-    hybrid = methods.Scatterbrain(n_features=features, n_buckets=buckets, n_rounds=rounds)
-    support = hybrid.support(q.double(), k.double()) & causal(q.shape[2])
-    low_rank = methods.Performer(features=features, seed=hybrid.seed)
+def scatterbrain_row(q, k, v, layer, ref, **fields) -> dict:
+    hybrid = methods.Scatterbrain(**fields)
+    support = hybrid.support(q.double(), k.double(), 0) & causal(q.shape[2])
+    low_rank = methods.Performer(features=hybrid.n_features, seed=hybrid.seed)
     return {
         "hybrid": rel_error(_run(hybrid, q, k, v, layer), ref),
         "low_rank": rel_error(_run(low_rank, q, k, v, layer), ref),
@@ -112,9 +117,9 @@ def window_row(q, k, v, layer, ref, window) -> dict:
 def cases() -> list[tuple[str, str, object, dict]]:
     """(family, budget label, row function, its keyword arguments) of the whole run."""
     out = []
-    for f, b, r in SCATTERBRAIN:
-        kw = dict(features=f, buckets=b, rounds=r)
-        out.append(("scatterbrain", f"F={f}, buckets={b}, rounds={r}", scatterbrain_row, kw))
+    for kw in SCATTERBRAIN:
+        label = ", ".join(f"{key}={value}" for key, value in kw.items())
+        out.append(("scatterbrain", label, scatterbrain_row, kw))
     for f, top in SEA_BUDGETS:
         out.append(("sea", f"F={f}, top_k={top}", sea_row, dict(features=f, top_k=top)))
     for region in COMBINER_REGIONS:
@@ -141,6 +146,8 @@ def measure(captured: dict) -> list[dict]:
         rec["vs_best_part"] = rec["hybrid"] / min(parts)
         rec["seconds"] = time.perf_counter() - start
         records.append(rec)
+        print(f"{family} {budget}: hybrid {rec['hybrid']:.3g}, vs best part "
+              f"{rec['vs_best_part']:.3g} ({rec['seconds']:.0f} s)", flush=True)  # fmt: skip
     return records
 
 

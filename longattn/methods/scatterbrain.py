@@ -23,6 +23,7 @@ from longattn.types import FeatureView
 
 # Query rows evaluated at once: a [B, Hkv, G, chunk, T] weight block, never the whole T x T.
 QUERY_CHUNK = 256
+SUPPORTS = ("lsh", "topk_blocks")
 
 
 class HeldState(NamedTuple):
@@ -132,6 +133,29 @@ def lsh_buckets(x: torch.Tensor, n_buckets: int, n_rounds: int, seed: int) -> to
     return proj.argmax(-1).movedim(-2, -1)
 
 
+def top_blocks(q: torch.Tensor, k: torch.Tensor, start: int, size: int, n_blocks: int):
+    """Per query at positions ``start..``: its own block of ``size`` keys and the ``n_blocks``
+    earlier (complete) blocks with the highest ``q . mean(k_block)``, in float64 with ties to
+    the earlier block; bool [B, Hkv, G, Tq, Tk] (causality not applied)."""
+    n_kv, length = k.shape[1], k.shape[2]
+    n_full = length // size
+    q_block = torch.arange(start, length, device=k.device) // size  # [Tq]
+    k_block = torch.arange(length, device=k.device) // size  # [Tk]
+    own = q_block[:, None] == k_block[None, :]
+    means = k[:, :, : n_full * size].double().unflatten(2, (n_full, size)).mean(3)  # [B,Hkv,nb,D]
+    scores = grouped(q.double(), n_kv) @ means.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,G,Tq,nb]
+    earlier = torch.arange(n_full, device=k.device)[None, :] < q_block[:, None]  # [Tq, nb]
+    scores = scores.masked_fill(~earlier, -torch.inf)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n_full, device=k.device).expand_as(order).contiguous()
+    )
+    chosen = (rank < n_blocks) & earlier  # [B, Hkv, G, Tq, nb]
+    in_full = k_block < n_full
+    picked = chosen[..., k_block.clamp(max=max(n_full - 1, 0))] if n_full else own & False
+    return own | (picked & in_full)
+
+
 @register("scatterbrain")
 @dataclass(frozen=True)
 class Scatterbrain(Method):
@@ -140,29 +164,36 @@ class Scatterbrain(Method):
     residual ``exp(scale q . k) - phi(q) . phi(k)`` is added, i.e. the pair is exact; numerator
     and normaliser alike. Chen et al. 2021, arXiv:2110.15343.
 
-    S: the pairs whose query and key fall in the same bucket in at least one of ``n_rounds``
-    rounds of angular LSH over ``n_buckets`` seeded directions (hashed in float64, so every dtype
-    chooses the same support). The features are ``Performer(features=n_features, seed=seed)``'s
-    draw for the layer. ``n_buckets=1`` puts every pair in S: exact softmax.
+    S (``sparse="lsh"``): the pairs whose query and key fall in the same bucket in at least one
+    of ``n_rounds`` rounds of angular LSH over ``n_buckets`` seeded directions (hashed in
+    float64, so every dtype chooses the same support); ``n_buckets=1`` puts every pair in S:
+    exact softmax. ``sparse="topk_blocks"``: the query's own block of ``block_size`` keys (up to
+    itself) and the ``n_blocks`` earlier blocks whose mean key scores highest with the query
+    (in float64, ties to the earlier block). The features are
+    ``Performer(features=n_features, seed=seed)``'s draw for the layer.
     Causal; the support of a query depends on every earlier key, so the state is every key and
     value seen (``HeldState``, O(T) memory). The output is evaluated directly as the weighted
     sum above per chunk of queries (O(T^2 F) time), not as low-rank total minus support plus
     exact, so no cancellation enters; a bucket-sorted sparse kernel is not done here.
-    Deviation from paper: no learned hashing and no top-k block alternative; queries and keys
-    share the hash directions.
+    Deviation from paper: no learned hashing; queries and keys share the hash directions.
     """
 
     n_features: int = 64
     n_buckets: int = 8
     n_rounds: int = 1
+    sparse: str = "lsh"
+    block_size: int = 64
+    n_blocks: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_positive(
             "Scatterbrain", n_features=self.n_features, n_buckets=self.n_buckets,
-            n_rounds=self.n_rounds,
+            n_rounds=self.n_rounds, block_size=self.block_size,
         )  # fmt: skip
-        check_non_negative("Scatterbrain", seed=self.seed)
+        check_non_negative("Scatterbrain", seed=self.seed, n_blocks=self.n_blocks)
+        if self.sparse not in SUPPORTS:
+            raise ValueError(f"Scatterbrain.sparse must be one of {SUPPORTS}, got {self.sparse!r}")
 
     @property
     def is_causal(self) -> bool:
@@ -184,8 +215,11 @@ class Scatterbrain(Method):
         out = (weights @ v.unsqueeze(2)) / weights.sum(-1, keepdim=True)
         return out.reshape(*q.shape[:3], v.shape[-1])
 
-    def support(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """S as bool [B, Hkv, G, Tq, Tk] (causality not applied)."""
+    def support(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """S as bool [B, Hkv, G, Tq, Tk] for queries at positions ``start..`` (causality not
+        applied)."""
+        if self.sparse == "topk_blocks":
+            return top_blocks(q, k, start, self.block_size, self.n_blocks)
         hq = grouped(lsh_buckets(q, self.n_buckets, self.n_rounds, self.seed), k.shape[1])
         hk = lsh_buckets(k, self.n_buckets, self.n_rounds, self.seed)[:, :, None]
         return (hq.unsqueeze(-2) == hk.unsqueeze(-3)).any(-1)
@@ -199,7 +233,7 @@ class Scatterbrain(Method):
         phi_q, phi_k, c = performer_parts(q, k, self.n_features, self.seed, layer, scale)
         pos = torch.arange(k.shape[2], device=k.device)
         causal = pos[None, :] <= pos[start:, None]  # [Tq, Tk]
-        exact_on = self.support(q, k) & causal
+        exact_on = self.support(q, k, start) & causal
         scores = scale * grouped(q, n_kv) @ k.unsqueeze(2).transpose(-1, -2)
         c = grouped(c, n_kv).unsqueeze(-1)  # [B, Hkv, G, Tq, 1]
         top = scores.masked_fill(~exact_on, -torch.inf).amax(-1, keepdim=True)
@@ -227,7 +261,7 @@ class Scatterbrain(Method):
         factor c; a feature by ``E_f + eta`` relative, ``phi(q) . phi(k)`` (F positive terms)
         by ``2(E_f + eta) + gamma(F)``, its rescaling ``exp(c - m)`` by ``E_f + E_s + eta +
         u (L + A)``. An exact pair's score less m is off by ``2 E_s`` (``score_error``), its
-        weight by ``2 E_s + eta``. The support is hashed in float64 (the same in every dtype).
+        weight by ``2 E_s + eta``. The support is chosen in float64 (the same in every dtype).
         Numerator and normaliser (at most T positive terms each) add ``gamma(T + 2)`` each
         and the ratio ``u``: ``magnitude_bound`` with rho twice the weights' error plus those."""
         r = Rounding.of(q.dtype)
