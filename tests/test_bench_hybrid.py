@@ -24,9 +24,17 @@ def test_measure_compares_each_hybrid_with_its_parts():
         ("combiner", "region=64"),
         ("window_linear", "window=64, d'=16"),
     ]:
-        assert by[key]["hybrid"] < 1e-5 and by[key]["sparse"] < 1e-12
+        exact = by[key]["oracle" if key[0] == "sea" else "sparse"]
+        assert by[key]["hybrid"] < 1e-5 and exact < 1e-12
+    assert "oracle" not in by[("combiner", "region=64")]  # SEA's oracle is not in its ratio
     density = [r["density"] for r in records if r["family"] == "scatterbrain"]
     assert all(0 < d <= 1 for d in density)
+    control = hybrid_error.measure(hybrid_error.control_qkv(32), families=("scatterbrain",))
+    assert {r["family"] for r in control} == {"scatterbrain"}
+    header = {"command": "c", "model": "m", "T": 64, "layers": [0, 5], "cpu": "x", "torch": "t",
+              "threads": 1, "control": control}  # fmt: skip
+    text = hybrid_error.markdown(records, header)
+    assert text.count("| scatterbrain |") == 2 * len(hybrid_error.SCATTERBRAIN)
 
 
 def test_masked_softmax_is_softmax_and_empty_rows_are_zero():
