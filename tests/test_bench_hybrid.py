@@ -31,7 +31,7 @@ def test_measure_compares_each_hybrid_with_its_parts():
     assert all(0 < d <= 1 for d in density)
     control = hybrid_error.measure(hybrid_error.control_qkv(32), families=("scatterbrain",))
     assert {r["family"] for r in control} == {"scatterbrain"}
-    header = {"command": "c", "model": "m", "T": 64, "layers": [0, 5], "cpu": "x", "torch": "t",
+    header = {"command": "c", "model": "m", "T": 64, "layers": [0, 5], "cpu_line": "x", "torch": "t",
               "threads": 1, "control": control}  # fmt: skip
     text = hybrid_error.markdown(records, header)
     assert text.count("| scatterbrain |") == 2 * len(hybrid_error.SCATTERBRAIN)

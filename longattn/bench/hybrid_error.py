@@ -173,7 +173,7 @@ def markdown(records: list[dict], header: dict) -> str:
         "",
         f"- command: `{header['command']}`",
         f"- model {header['model']}, T={header['T']}, layers {header['layers']}, pydoc text",
-        f"- CPU: {header['cpu']}; torch {header['torch']}; {header['threads']} thread(s)",
+        f"- CPU: {header['cpu_line']}; torch {header['torch']}; {header['threads']} thread(s)",
         "- error: |out - softmax|_F / |softmax|_F, mean over the layers (per-layer in the JSON);",
         "  low-rank / sparse: the hybrid's two parts alone at the same budget (see the bench's",
         "  docstring, `longattn/bench/hybrid_error.py`); vs best part = hybrid / min(parts); SEA's",
@@ -218,7 +218,7 @@ def run_cli(args: argparse.Namespace) -> int:
     control = measure(control_qkv(length), families=("scatterbrain",))
     header = {"control": control, "command": f"longattn bench hybrid-error --length {length} --layers "
               f"{','.join(map(str, layers))}", "model": "smollm2-135m", "T": length,
-              "layers": layers, "cpu": cpu_line(), **environment()}  # fmt: skip
+              "layers": layers, **environment(), "cpu_line": cpu_line()}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "records": records}, indent=1) + "\n")
     table = markdown(records, header)
