@@ -11,7 +11,7 @@ import torch
 
 from longattn.method import Method, check_positive, register
 from longattn.methods.latte import Rounding, call_scale, magnitude_bound
-from longattn.methods.scatterbrain import causal_chunks, grouped, run_held
+from longattn.methods.scatterbrain import grouped, query_chunks, run_held
 
 
 class Regions(NamedTuple):
@@ -63,7 +63,7 @@ class Combiner(Method):
             regions = self.regions(q_all, k_all, v_all, scale)
             n_kv = k_all.shape[1]
             out = q_new.new_empty(*grouped(q_new, n_kv).shape[:4], v_all.shape[-1])
-            for lo, hi, _ in causal_chunks(q_new.shape[2], start, k_all.shape[2], q.device):
+            for lo, hi in query_chunks(q_new.shape[2]):
                 end = start + hi
                 w_d, w_r = self.weights(q_new[:, :, lo:hi], k_all[:, :, :end], start + lo,
                                         scale, regions)  # fmt: skip

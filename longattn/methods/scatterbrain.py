@@ -1,7 +1,7 @@
 """Scatterbrain: exact softmax on an LSH-bucket support, Performer random features elsewhere.
 
 Also the home of what the causal hybrids that keep their keys share: the held state
-(``HeldState``, ``run_held``), the per-chunk causal mask (``causal_chunks``), Performer's features
+(``HeldState``, ``run_held``), the query chunks (``query_chunks``), Performer's features
 with the query stabiliser made explicit (``performer_parts``) and the rounding of a score
 (``score_error``).
 """
@@ -66,15 +66,10 @@ def run_held(
     return out.to(v.dtype), HeldState(ka, va, q_all)
 
 
-def causal_chunks(
-    q_len: int, start: int, kv_len: int, device: torch.device
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Query rows ``lo:hi`` (positions ``start + lo ..``) and their causal mask [hi - lo, Tk]."""
-    kv_pos = torch.arange(kv_len, device=device)
+def query_chunks(q_len: int) -> Iterator[tuple[int, int]]:
+    """Query rows ``lo:hi``, ``QUERY_CHUNK`` at a time."""
     for lo in range(0, q_len, QUERY_CHUNK):
-        hi = min(lo + QUERY_CHUNK, q_len)
-        q_pos = torch.arange(start + lo, start + hi, device=device)
-        yield lo, hi, kv_pos[None, :] <= q_pos[:, None]
+        yield lo, min(lo + QUERY_CHUNK, q_len)
 
 
 def grouped(x: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -247,7 +242,7 @@ class Scatterbrain(Method):
     def _attend(self, q, k, v, start, scale, layer):
         n_kv = k.shape[1]
         out = q.new_empty(*grouped(q, n_kv).shape[:4], v.shape[-1])  # [B, Hkv, G, Tq, Dv]
-        for lo, hi, _ in causal_chunks(q.shape[2], start, k.shape[2], q.device):
+        for lo, hi in query_chunks(q.shape[2]):
             end = start + hi  # keys after the chunk's last query never count
             w = self.weights(q[:, :, lo:hi], k[:, :, :end], start + lo, scale, layer)
             out[:, :, :, lo:hi] = (w @ v[:, :, None, :end]) / w.sum(-1, keepdim=True)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from longattn.method import Method, check_non_negative, check_positive, register
 from longattn.methods.latte import Rounding, call_scale, magnitude_bound
 from longattn.methods.scatterbrain import (
-    causal_chunks,
     grouped,
     performer_parts,
+    query_chunks,
     run_held,
     score_error,
 )
@@ -64,7 +64,7 @@ class SEA(Method):
         def attend(q_new, k_all, v_all, start, _):
             n_kv = k_all.shape[1]
             out = q_new.new_empty(*grouped(q_new, n_kv).shape[:4], v_all.shape[-1])
-            for lo, hi, _ in causal_chunks(q_new.shape[2], start, k_all.shape[2], q.device):
+            for lo, hi in query_chunks(q_new.shape[2]):
                 end = start + hi
                 w = self.weights(q_new[:, :, lo:hi], k_all[:, :, :end], start + lo, scale, layer)
                 out[:, :, :, lo:hi] = (w @ v_all[:, :, None, :end]) / w.sum(-1, keepdim=True)
