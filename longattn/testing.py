@@ -368,7 +368,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "scatterbrain:n_features=16,sparse=topk_blocks,block_size=16,n_blocks=2",
     ],
     "sea": ["sea:top_k=8,n_features=16", "sea:fraction=0.25,estimator=elu"],
-    "combiner": ["combiner:region=16", "combiner:region=7"],
+    "combiner": [
+        "combiner:region=16",
+        "combiner:region=7",
+        "combiner:region=4,factorization=logsparse",
+    ],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
     "taylor": [

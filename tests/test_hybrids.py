@@ -81,6 +81,31 @@ def test_scatterbrain_top_blocks_are_the_own_block_and_the_best_earlier_ones():
             assert blocks == {own} | best, (head, t)
 
 
+def test_logsparse_spans_cover_each_earlier_region_once():
+    from longattn.methods.combiner import log_spans
+
+    spans = log_spans(40)
+    q, k, v = make_qkv(1, 2, 1, 41 * 3, 41 * 3, 8, seed=9)
+    visible = methods.Combiner(region=3, factorization="logsparse").regions(q, k, v, 1.0).visible
+    for b in range(41):
+        covered = sorted(
+            r for j in visible[b].nonzero().flatten().tolist() for r in range(*spans[j])
+        )
+        assert covered == list(range(b)), b
+        assert int(visible[b].sum()) == b.bit_length()  # one span per power of two
+
+
+def test_logsparse_equals_fixed_up_to_three_regions():
+    """Query regions 0, 1 and 2 read the same single regions under both factorisations."""
+    q, k, v = make_qkv(1, 4, 2, 24, 24, 16, dtype=torch.float64, seed=10)
+    fixed = attention(q, k, v, method=methods.Combiner(region=8)).out
+    log = attention(q, k, v, method=methods.Combiner(region=8, factorization="logsparse")).out
+    torch.testing.assert_close(log, fixed, rtol=1e-12, atol=1e-12)
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16, dtype=torch.float64, seed=10)
+    log = attention(q, k, v, method=methods.Combiner(region=8, factorization="logsparse")).out
+    assert not torch.allclose(log, attention(q, k, v, method=methods.Combiner(region=8)).out)
+
+
 def _wrong(method, q, k, v, **variant):
     scale = q.shape[-1] ** -0.5
     q32, k32, v32 = (t.float() for t in (q, k, v))
@@ -163,6 +188,7 @@ def test_chunked_calls_through_a_cache_equal_one_pass_in_float32():
         (methods.SEA, {"fraction": 1.5}, "1.5"),
         (methods.SEA, {"estimator": "cnn"}, "cnn"),
         (methods.Combiner, {"region": 0}, "region"),
+        (methods.Combiner, {"factorization": "axial"}, "axial"),
         (methods.WindowPlusLinear, {"window": 0}, "window"),
     ],
 )

@@ -12,7 +12,8 @@ float64 on the same q/k/v, for:
 - ``sea`` (top-k from a Performer estimate with F features) vs the estimator alone (``performer``
   with that F as the attention) and, for context only, exact softmax on the exact top-k (an
   oracle, not in the ratio);
-- ``combiner`` (region r) vs its direct part alone (softmax inside each query's region);
+- ``combiner`` (region r; fixed or logsparse) vs its direct part alone (softmax inside each
+  query's region);
 - ``window_linear`` (window W, Taylor d') vs the window alone and ``taylor`` (same d', no window).
 
 ``vs best part``: the hybrid's mean error over the better part's (the issue's target for
@@ -44,7 +45,7 @@ SCATTERBRAIN = [  # Scatterbrain's fields per budget
     dict(n_features=128, sparse="topk_blocks", block_size=64, n_blocks=8),
 ]  # fmt: skip
 SEA_BUDGETS = [(32, 64), (32, 256)]  # (F, top-k)
-COMBINER_REGIONS = [64, 256]
+COMBINER = [(64, "fixed"), (256, "fixed"), (64, "logsparse")]  # (region, factorization)
 WINDOWS = [64, 256]  # Taylor d' = 16 (BASED)
 
 
@@ -97,11 +98,11 @@ def sea_row(q, k, v, layer, ref, features, top_k) -> dict:
     }
 
 
-def combiner_row(q, k, v, layer, ref, region) -> dict:
+def combiner_row(q, k, v, layer, ref, region, factorization) -> dict:
     pos = torch.arange(q.shape[2])
     local = (pos[:, None] // region == pos[None, :] // region) & causal(q.shape[2])
     return {
-        "hybrid": rel_error(_run(methods.Combiner(region=region), q, k, v, layer), ref),
+        "hybrid": rel_error(_run(methods.Combiner(region, factorization), q, k, v, layer), ref),
         "sparse": rel_error(masked_softmax(q, k, v, local), ref),
     }
 
@@ -125,8 +126,9 @@ def cases() -> list[tuple[str, str, object, dict]]:
         out.append(("scatterbrain", label, scatterbrain_row, kw))
     for f, top in SEA_BUDGETS:
         out.append(("sea", f"F={f}, top_k={top}", sea_row, dict(features=f, top_k=top)))
-    for region in COMBINER_REGIONS:
-        out.append(("combiner", f"region={region}", combiner_row, dict(region=region)))
+    for region, kind in COMBINER:
+        label = f"region={region}" + ("" if kind == "fixed" else f", {kind}")
+        out.append(("combiner", label, combiner_row, dict(region=region, factorization=kind)))
     for window in WINDOWS:
         out.append(("window_linear", f"window={window}, d'=16", window_row, dict(window=window)))
     return out
