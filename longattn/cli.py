@@ -28,6 +28,7 @@ BENCH_SUITES = {
     "sla-error": "longattn.bench.sla_error:run_cli",
     "infini-memory": "longattn.bench.infini_memory:run_cli",
     "ring": "longattn.bench.ring:run_cli",
+    "hybrid-error": "longattn.bench.hybrid_error:run_cli",
 }
 
 
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods (default): every registered method against dense SDPA; kernels: the "
         "block-sparse kernel against causal SDPA and compiled Flex; linear-error: linear "
         "methods against the real model's softmax attention, per layer; ring: ring attention "
-        "under `torchrun --nproc-per-node N` (contiguous, striped, zig-zag)",
+        "under `torchrun --nproc-per-node N` (contiguous, striped, zig-zag); hybrid-error: the "
+        "sparse + low-rank hybrids against their two parts alone",
     )
     bench.add_argument("--quick", action="store_true", help="fewer repeats (the demo preset)")
     bench.add_argument(
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=32768,
         help="linear suite: the longest T that causal SDPA is timed at (beyond: T^2 extrapolation)",
     )
+    bench.add_argument(
+        "--layers",
+        default=None,
+        help="hybrid-error and sla-error suites: comma-separated model layers to capture "
+        "(default: hybrid-error 2,10,18,26, sla-error every layer)",
+    )
     bench.add_argument("--no-flex", action="store_true", help="kernels suite: skip compiled Flex")
     bench.add_argument(
         "--efficiency",
@@ -157,11 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prefill suite: comma-separated head shapes of the synthetic mode (default "
         "32/8/d128,8/8/d64)",
-    )
-    bench.add_argument(
-        "--layers",
-        default=None,
-        help="sla-error suite: comma-separated model layers to capture (default every layer)",
     )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")

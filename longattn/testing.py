@@ -369,12 +369,24 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "sla:block_size=8,critical=0.2,marginal=0.7,combine=shared",
     ],
     "infini_attention": ["infini_attention:segment=16", "infini_attention:segment=7,gate=1.5"],
+    "scatterbrain": [
+        "scatterbrain:n_features=16,n_buckets=4",
+        "scatterbrain:n_features=8,n_buckets=2,n_rounds=2,seed=1",
+        "scatterbrain:n_features=16,sparse=topk_blocks,block_size=16,n_blocks=2",
+    ],
+    "sea": ["sea:top_k=8,n_features=16", "sea:fraction=0.25,estimator=elu"],
+    "combiner": [
+        "combiner:region=16",
+        "combiner:region=7",
+        "combiner:region=4,factorization=logsparse",
+    ],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],
     "taylor": [
         "taylor:features=4,window=8,chunk_size=16",
         "taylor:features=16,window=0,normalize=false",
     ],
+    "window_linear": ["window_linear:features=4,window=8,chunk_size=16"],
     "hedgehog": ["hedgehog", "hedgehog:features=8,chunk_size=16"],
     "cosine": ["cosine", "cosine:causal=false"],
     "elu_linear": ["elu_linear", "elu_linear:chunk_size=16"],

@@ -8,6 +8,7 @@ from longattn.methods.attendre import Attendre
 from longattn.methods.block_oracle import BlockOracle
 from longattn.methods.block_topk import BlockTopK
 from longattn.methods.block_topp import BlockTopP
+from longattn.methods.combiner import Combiner
 from longattn.methods.cosine import Cosine
 from longattn.methods.dense import Dense
 from longattn.methods.dhsa import DHSA
@@ -40,6 +41,8 @@ from longattn.methods.qfilters import QFilters
 from longattn.methods.quest import Quest
 from longattn.methods.razor_attention import RazorAttention
 from longattn.methods.sale import SALE
+from longattn.methods.scatterbrain import Scatterbrain
+from longattn.methods.sea import SEA
 from longattn.methods.sla import SLA
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.snapkv import SnapKV
@@ -52,6 +55,7 @@ from longattn.methods.strided import Strided
 from longattn.methods.taylor import Taylor
 from longattn.methods.tidal_decode import TidalDecode
 from longattn.methods.tova import TOVA
+from longattn.methods.window_linear import WindowPlusLinear
 
 __all__ = [
     "Aaren",
@@ -62,6 +66,7 @@ __all__ = [
     "BlockOracle",
     "BlockTopK",
     "BlockTopP",
+    "Combiner",
     "Cosine",
     "DHSA",
     "Dense",
@@ -95,6 +100,8 @@ __all__ = [
     "RazorAttention",
     "SALE",
     "SLA",
+    "Scatterbrain",
+    "SEA",
     "SlidingWindow",
     "SnapKV",
     "SOFT",
@@ -106,4 +113,5 @@ __all__ = [
     "Taylor",
     "TidalDecode",
     "TOVA",
+    "WindowPlusLinear",
 ]
