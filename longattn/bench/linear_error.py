@@ -62,19 +62,18 @@ def feature_size(method: Method, k: torch.Tensor, layer: int) -> int | None:
     return int(method.feature_map(k[:, :, :2].float(), view).shape[-1])
 
 
-def layer_errors(captured: dict, method: Method) -> dict:
-    """Per layer of ``captured`` ({layer: (q, k, v)}): relative error vs softmax and call time."""
+def error_stats(captured: dict, method: Method, refs: dict | None = None) -> dict:
+    """Per layer of ``captured`` ({layer: (q, k, v)}): relative error vs softmax (``refs``
+    {layer: float64 output}, computed when None) and call time, with their summaries."""
     errors, times = [], []
     for layer in sorted(captured):
         q, k, v = captured[layer]
         start = time.perf_counter()
         out = attention(q, k, v, method=method, layer=layer).out
         times.append((time.perf_counter() - start) * 1e3)
-        ref = softmax_reference(q, k, v)
+        ref = softmax_reference(q, k, v) if refs is None else refs[layer]
         errors.append(float((out.double() - ref).norm() / ref.norm()))
-    first = captured[min(captured)]
     return {
-        "features": feature_size(method, first[1], min(captured)),
         "layer_err": errors,
         "mean_err": statistics.mean(errors),
         "median_err": statistics.median(errors),
@@ -82,6 +81,13 @@ def layer_errors(captured: dict, method: Method) -> dict:
         "min_err": min(errors),
         "ms": statistics.mean(times),
     }
+
+
+def layer_errors(captured: dict, method: Method) -> dict:
+    """``error_stats`` and the method's feature size."""
+    first = captured[min(captured)]
+    return {"features": feature_size(method, first[1], min(captured)),
+            **error_stats(captured, method)}  # fmt: skip
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import time
 
 import torch
 
-from longattn import attention, from_string
+from longattn import from_string
 from longattn.bench.common import JsonlWriter, cpu_line, environment, format_table
-from longattn.bench.linear_error import softmax_reference
+from longattn.bench.linear_error import error_stats, softmax_reference
 from longattn.methods import SLA
 from longattn.methods.sla import CRITICAL
 
@@ -60,24 +59,6 @@ def critical_used(method: SLA, q: torch.Tensor, k: torch.Tensor) -> float:
     return float((classes == CRITICAL).sum()) / n_causal
 
 
-def layer_errors(captured: dict, method, refs: dict) -> dict:
-    errors, times = [], []
-    for layer in sorted(captured):
-        q, k, v = captured[layer]
-        start = time.perf_counter()
-        out = attention(q, k, v, method=method, layer=layer).out
-        times.append((time.perf_counter() - start) * 1e3)
-        ref = refs[layer]
-        errors.append(float((out.double() - ref).norm() / ref.norm()))
-    return {
-        "layer_err": errors,
-        "mean_err": statistics.mean(errors),
-        "median_err": statistics.median(errors),
-        "max_err": max(errors),
-        "ms": statistics.mean(times),
-    }
-
-
 def measure(captured: dict, budgets: list[float]) -> list[dict]:
     """The records of every variant and budget on ``captured`` ({layer: (q, k, v)})."""
     refs = {layer: softmax_reference(*qkv) for layer, qkv in captured.items()}
@@ -85,12 +66,12 @@ def measure(captured: dict, budgets: list[float]) -> list[dict]:
     for label, spec in (("linear-elu", "elu_linear"), ("linear-taylor", "taylor:window=0")):
         method = from_string(spec)
         records.append({"label": label, "params": method.describe(), "critical": 0.0,
-                        **layer_errors(captured, method, refs)})  # fmt: skip
+                        **error_stats(captured, method, refs)})  # fmt: skip
     for critical in budgets:
         sparse_err = None
         for label, method in variants(critical):
             rec = {"label": label, "params": method.describe(), "critical": critical,
-                   **layer_errors(captured, method, refs)}  # fmt: skip
+                   **error_stats(captured, method, refs)}  # fmt: skip
             used = [critical_used(method, q, k) for q, k, _ in captured.values()]
             rec["critical_used"] = statistics.mean(used)
             sparse_err = rec["mean_err"] if label == "sparse" else sparse_err
