@@ -252,5 +252,10 @@ def test_cli_parses_distill():
     from longattn.cli import build_parser
 
     args = build_parser().parse_args(["distill", "--out", "x.safetensors", "--steps", "5"])
-    assert args.steps == 5 and args.window == D.DistillSettings().window and args.sinks == 4 and args.threads == 2
+    assert (
+        args.steps == 5
+        and args.window == D.DistillSettings().window
+        and args.sinks == 4
+        and args.threads == 2
+    )
     assert args.func is D.run_command
