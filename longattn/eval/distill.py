@@ -70,10 +70,11 @@ class DistillSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("length", "windows", "steps", "rows", "window", "features"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DistillSettings.{key} must be an int > 0, got {value!r}")
+        for key in ("length", "windows", "steps", "rows", "window", "features", "sinks"):
+            value, least = getattr(self, key), int(key != "sinks")  # sinks may be 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                bound = "> 0" if least else ">= 0"
+                raise ValueError(f"DistillSettings.{key} must be an int {bound}, got {value!r}")
         if self.length <= self.window:
             raise ValueError(
                 f"DistillSettings.length={self.length} must exceed window={self.window}: "
@@ -81,8 +82,6 @@ class DistillSettings:
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"DistillSettings.lr must be a finite float > 0, got {self.lr!r}")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"DistillSettings.sinks must be an int >= 0, got {self.sinks!r}")
         if not self.weight_decay >= 0:
             raise ValueError(
                 f"DistillSettings.weight_decay must be >= 0, got {self.weight_decay!r}"

@@ -99,8 +99,7 @@ def linear_attention(
 
     Returns (out [B, H, Tq, Dv] in v's dtype, the state after the call's keys; None if not causal).
     Rows whose denominator is exactly 0 give 0."""
-    spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
-    _check_sinks(sinks, window, log_decay)
+    spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window, sinks)
     if impl not in ("auto", "torch", "native"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'native', got {impl!r}")
     if impl != "torch":
@@ -181,8 +180,7 @@ def linear_recurrent(
     """``linear_attention`` token by token (the decode path, and a second form to check against):
     the state absorbs one key per step and each query reads it. Same arguments and results;
     ``chunk_size`` is accepted and unused; non-causal calls run the chunkwise form."""
-    spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window)
-    _check_sinks(sinks, window, log_decay)
+    spec = _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window, sinks)
     if window:
         q_raw, k_raw, scale = _validate_window(q, k, q_raw, k_raw, scale, spec)
     if not causal:
@@ -272,7 +270,9 @@ def _without_sinks(k: Tensor, sinks: int) -> Tensor:
     return k
 
 
-def _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window) -> _Spec:
+def _validate(
+    q, k, v, causal, chunk_size, log_decay, beta, normalize, state, window, sinks=0
+) -> _Spec:
     """Check shapes, dtypes and options; raise ValueError / TypeError naming the bad value."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -306,6 +306,7 @@ def _validate(q, k, v, causal, chunk_size, log_decay, beta, normalize, state, wi
         raise ValueError("state is only carried by causal calls (causal=False got a state)")
     if state is not None:
         _check_state(state, batch, n_kv, feat, v.shape[3], normalize, acc)
+    _check_sinks(sinks, window, log_decay)
     return _Spec(acc, gate, n_heads // n_kv, q_len, kv_len)
 
 
