@@ -224,6 +224,10 @@ class SparsePrefill(Method):
                  so every query sees itself.
     dense_below: calls over fewer keys are dense causal attention (SDPA), logged with the reason; so
                  is a call of under one query block or two key blocks.
+    last_blocks: the call's last query blocks visit every causal key block (0: none). The end of
+                 a prompt (its question or instruction) is what generation reads first; computing
+                 it exactly costs ``last_blocks / n`` of an n-block prompt's query blocks, counted
+                 in the density.
     """
 
     block_size: int = 64
@@ -231,12 +235,14 @@ class SparsePrefill(Method):
     sink_blocks: int = 1
     local_blocks: int = 1
     dense_below: int = 0
+    last_blocks: int = 0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_fraction(name, budget=self.budget)
         check_positive(name, block_size=self.block_size, local_blocks=self.local_blocks)
-        check_non_negative(name, sink_blocks=self.sink_blocks, dense_below=self.dense_below)
+        check_non_negative(name, sink_blocks=self.sink_blocks, dense_below=self.dense_below,
+                           last_blocks=self.last_blocks)  # fmt: skip
 
     @property
     def is_causal(self) -> bool:

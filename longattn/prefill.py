@@ -9,7 +9,7 @@ estimator gets the same guarantees and the same kernels:
   materialising ``T x T`` for long prompts;
 - the rules that make a choice safe: only blocks holding a causal pair, always the first
   ``sink_blocks`` key blocks and each query block's ``local_blocks`` nearest causal blocks (so
-  every query sees itself), the element mask (causal, padding) on every block that is not fully
+  every query sees itself), every causal block of the call's ``last_blocks`` query blocks, the element mask (causal, padding) on every block that is not fully
   visible;
 - the ``BlockIndex`` the block-sparse kernels run (``sparse_cpp``, ``sparse``, ``flex``) and the
   reference reads (``BlockIndex.to_dense``), built once per call and returned in
@@ -145,7 +145,7 @@ def make_view(call) -> PrefillView:
     block = method.block_size
     causal_any, causal_all = causal_layout(call.q_pos, call.kv_pos, block)
     est = _Estimators(call.q, call.k, call.q_pos, call.kv_pos, call.scale, block, causal_any)
-    forced = forced_blocks(causal_any, method.sink_blocks, method.local_blocks)
+    forced = forced_blocks(causal_any, method.sink_blocks, method.local_blocks, method.last_blocks)
     return PrefillView(
         q=call.q,
         k=call.k,
@@ -202,15 +202,19 @@ def plan_calibration(
     return cal.layer(layer)
 
 
-def forced_blocks(causal: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
-    """bool [nq, nk]: the first ``sink_blocks`` key blocks and each query block's ``local_blocks``
-    nearest causal key blocks (its diagonal first), within the ``causal`` blocks [nq, nk]."""
-    n_k = causal.shape[1]
+def forced_blocks(
+    causal: torch.Tensor, sink_blocks: int, local_blocks: int, last_blocks: int = 0
+) -> torch.Tensor:
+    """bool [nq, nk]: the first ``sink_blocks`` key blocks, each query block's ``local_blocks``
+    nearest causal key blocks (its diagonal first) and every key block of the last
+    ``last_blocks`` query blocks, within the ``causal`` blocks [nq, nk]."""
+    n_q, n_k = causal.shape
     sinks = torch.arange(n_k, device=causal.device) < sink_blocks
     # rank causal blocks from the newest: the diagonal block is rank 0
     from_newest = causal.flip(-1).cumsum(-1).flip(-1)  # [nq, nk] causal blocks at or after
     local = causal & (from_newest <= local_blocks)
-    return causal & (sinks.view(1, -1) | local)
+    last = torch.arange(n_q, device=causal.device) >= n_q - last_blocks
+    return causal & (sinks.view(1, -1) | local | last.view(-1, 1))
 
 
 def check_layout(method: SparsePrefill, layout, view: PrefillView) -> torch.Tensor:

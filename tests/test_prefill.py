@@ -185,3 +185,24 @@ def test_a_model_without_the_blocks_cache_plans_each_layer_as_itself():
     with hf.use(model, LayerSpy(block_size=16)):
         model(ids, use_cache=False)
     assert LAYERS_SEEN == [0, 1, 2]
+
+
+@pytest.mark.parametrize("spec", ["block_topk:block_size=16,budget=0.2", "dhsa:block_size=16"])
+def test_last_blocks_visit_every_causal_block_and_stay_exact(spec):
+    q, k, v = make_qkv(1, 4, 2, 200, 200, 32, seed=6)  # 13 query blocks, the last one partial
+    causal, _ = causal_layout(torch.arange(200).view(1, -1), torch.arange(200).view(1, -1), 16)
+    plain = _visited(attention(q, k, v, method=spec).state)
+    method = from_string(spec + ",last_blocks=2")
+    out = attention(q, k, v, method=method)
+    visited = _visited(out.state)
+    assert visited[..., -2:, :].eq(causal[-2:]).all()  # the last two rows: every causal block
+    assert not plain[..., -2:, :].eq(causal[-2:]).all()  # which the plan alone does not choose
+    assert torch.equal(visited[..., :-2, :], plain[..., :-2, :])  # the other rows unchanged
+    assert_attention_close(out, q, k, v, method)
+
+
+def test_last_blocks_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="last_blocks must be >= 0, got -1"):
+        from_string("block_topk:last_blocks=-1")
+    with pytest.raises(TypeError, match="last_blocks must be int"):
+        methods.BlockTopK(last_blocks=1.5)
