@@ -305,6 +305,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     ],
     "tova": ["tova:budget=0.5,sinks=0,recent=4"],
     "knorm": ["knorm:budget=0.5,sinks=2,recent=4"],
+    "think": [
+        "think:keep=0.5,window=8",
+        "think:keep=0.6,budget=0.5,window=8,sinks=2,recent=4,scorer=snapkv:kernel=3;pooling=avg",
+        "think:keep=0.75,budget=0.5,sinks=2,recent=4,window=4,when=decode,every=4,scorer=h2o",
+    ],
     "qfilters": ["qfilters:budget=0.5,sinks=2,recent=4"],
     "expected_attention": [
         "expected_attention:budget=0.5,window=8,sinks=2,recent=4",

@@ -47,6 +47,18 @@ def _held_mask(cache, layer, length):
     return mask[..., :length]
 
 
+def _kept_channels(cache, q, layer=0):
+    """q [B, H, Tq, D] with the key channels ``layer`` does not store zeroed per KV head (q itself
+    while it stores them all): its float64 oracle over full keys is q[..., kept] . k[..., kept]."""
+    channels = cache.key_channels(layer)
+    if channels is None:
+        return q
+    group = q.shape[1] // channels.shape[1]
+    kept = torch.zeros(*channels.shape[:2], q.shape[-1], dtype=torch.bool)
+    kept.scatter_(-1, channels, True)  # [B, Hkv, D]
+    return q * kept.repeat_interleave(group, dim=1)[:, :, None, :]
+
+
 def _visible(q_pos, held, group):
     """[B, H, Tq, Tk] causal visibility restricted to the held keys of each KV head."""
     length = held.shape[-1]
@@ -304,7 +316,8 @@ def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path
         out = attention(q[:, :, step], k[:, :, step], v[:, :, step], method=method, cache=cache)
         held = _held_mask(cache, 0, t + 1)
         visible = _visible(torch.tensor([t]), held, group=2)
-        check_against_reference(out, q[:, :, step], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+        q_kept = _kept_channels(cache, q[:, :, step])  # ThinK: the pruned channels count nothing
+        check_against_reference(out, q_kept, k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                 16**-0.5)  # fmt: skip
     budget = method.tokens or -(-int(method.budget * 80 * 1e6) // 1_000_000)
     lengths = cache.head_lengths(0)  # [B, Hkv]; AdaKV shares a row's total over its heads
