@@ -10,7 +10,7 @@ import torch
 from longattn import KVCache, attention
 from longattn.compress import ada_budgets, attention_weights, choose, compress, layer_budget
 from longattn.method import Evict
-from longattn.testing import check_against_reference
+from longattn.testing import check_against_reference, kept_channel_queries
 
 IMPLS = ["decode_cpp", "decode", "reference", "tiled", "sparse", "sparse_cpp"]
 
@@ -45,18 +45,6 @@ def _held_mask(cache, layer, length):
     mask = torch.zeros(*pos.shape[:2], length + 1, dtype=torch.bool)
     mask.scatter_(-1, torch.where(pos >= 0, pos, length), True)
     return mask[..., :length]
-
-
-def _kept_channels(cache, q, layer=0):
-    """q [B, H, Tq, D] with the key channels ``layer`` does not store zeroed per KV head (q itself
-    while it stores them all): its float64 oracle over full keys is q[..., kept] . k[..., kept]."""
-    channels = cache.key_channels(layer)
-    if channels is None:
-        return q
-    group = q.shape[1] // channels.shape[1]
-    kept = torch.zeros(*channels.shape[:2], q.shape[-1], dtype=torch.bool)
-    kept.scatter_(-1, channels, True)  # [B, Hkv, D]
-    return q * kept.repeat_interleave(group, dim=1)[:, :, None, :]
 
 
 def _visible(q_pos, held, group):
@@ -316,7 +304,7 @@ def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path
         out = attention(q[:, :, step], k[:, :, step], v[:, :, step], method=method, cache=cache)
         held = _held_mask(cache, 0, t + 1)
         visible = _visible(torch.tensor([t]), held, group=2)
-        q_kept = _kept_channels(cache, q[:, :, step])  # ThinK: the pruned channels count nothing
+        q_kept = kept_channel_queries(q[:, :, step], cache.key_channels(0))  # ThinK's channels
         check_against_reference(out, q_kept, k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                 16**-0.5)  # fmt: skip
     budget = method.tokens or -(-int(method.budget * 80 * 1e6) // 1_000_000)

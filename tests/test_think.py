@@ -11,23 +11,10 @@ import torch
 from longattn import KVCache, attention
 from longattn.method import from_string
 from longattn.methods import SnapKV, ThinK
-from longattn.testing import check_against_reference, make_qkv, score_view
+from longattn.testing import check_against_reference, kept_channel_queries, make_qkv, score_view
 
 DTYPES = [torch.float32, torch.bfloat16]
 PRUNED_IMPLS = ["auto", "decode", "tiled", "reference"]  # the ones that take Dk != Dv
-
-
-def _kept_mask(channels, n_heads, dim):
-    """bool [B, H, 1, D]: the key channels each query head's KV head keeps."""
-    kept = torch.zeros(*channels.shape[:2], dim, dtype=torch.bool)
-    kept.scatter_(-1, channels, True)
-    return kept.repeat_interleave(n_heads // channels.shape[1], dim=1)[:, :, None, :]
-
-
-def _oracle_q(q, channels):
-    """q with the channels its KV head does not keep set to zero: q . k is then the dot product
-    over the kept channels only (the oracle of a pruned layer, scale unchanged)."""
-    return q * _kept_mask(channels, q.shape[1], q.shape[-1])
 
 
 def _causal(q_pos, kv_len, batch, heads):
@@ -81,7 +68,7 @@ def test_attention_over_a_pruned_layer_equals_the_kept_channel_oracle(impl, dtyp
     out = attention(q[:, :, step], k[:, :, step], v[:, :, step], cache=cache, impl=impl)
     assert out.out.shape == (2, 6, 3, 32)
     visible = _causal(torch.arange(t, t + 3), t + 3, 2, 6)
-    check_against_reference(out, _oracle_q(q[:, :, step], channels), k[:, :, : t + 3],
+    check_against_reference(out, kept_channel_queries(q[:, :, step], channels), k[:, :, : t + 3],
                             v[:, :, : t + 3], visible, 32**-0.5)  # fmt: skip
     # the new keys are stored with the layer's channels; the values whole
     stored = cache.keys(0)[:, :, t : t + 3]
@@ -97,7 +84,7 @@ def test_a_dropped_channel_or_the_pruned_scale_would_fail_the_oracle():
     visible = _causal(torch.tensor([t]), t + 1, 2, 6)
     for wrong_q, scale in (
         (q[:, :, t : t + 1], 32**-0.5),
-        (_oracle_q(q[:, :, t : t + 1], channels), 12**-0.5),
+        (kept_channel_queries(q[:, :, t : t + 1], channels), 12**-0.5),
     ):
         with pytest.raises(AssertionError):
             check_against_reference(
@@ -125,7 +112,7 @@ def test_a_chunk_over_a_pruned_layer_runs_tiled():
     q2, k2, v2 = make_qkv(2, 6, 2, 20, head_dim=32, seed=9)
     out = attention(q2, k2, v2, cache=cache)
     keys, values = torch.cat([k[:, :, :60], k2], dim=2), torch.cat([v[:, :, :60], v2], dim=2)
-    check_against_reference(out, _oracle_q(q2, channels), keys, values,
+    check_against_reference(out, kept_channel_queries(q2, channels), keys, values,
                             _causal(torch.arange(60, 80), 80, 2, 6), 32**-0.5)  # fmt: skip
 
 
@@ -143,7 +130,7 @@ def test_decode_token_by_token_after_pruning_equals_one_pass(dtype):
         cache.head_positions(0), whole.head_positions(0)
     )
     visible = _causal(torch.arange(t, t + 8), t + 8, 2, 6)
-    oracle = (_oracle_q(q[:, :, t:], channels), k, v, visible, 32**-0.5)
+    oracle = (kept_channel_queries(q[:, :, t:], channels), k, v, visible, 32**-0.5)
     check_against_reference(one_pass, *oracle)
     check_against_reference(torch.cat(steps, dim=2), *oracle)
 
