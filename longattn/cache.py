@@ -126,7 +126,8 @@ class KVCache:
         return entry
 
     def keys(self, layer: int) -> torch.Tensor:
-        """[B, Hkv, seq_len, D] view of the stored keys (no copy)."""
+        """[B, Hkv, seq_len, D] view of the stored keys (no copy); [.., Dk'] once the layer's key
+        channels are pruned (``key_channels``)."""
         entry = self._need(layer)
         return entry.keys[:, :, : entry.seq_len]
 
@@ -205,7 +206,8 @@ class KVCache:
         v: torch.Tensor,
         positions: torch.Tensor | None = None,
     ) -> None:
-        """Append ``k, v`` [B, Hkv, T_new, D] to ``layer``.
+        """Append ``k, v`` [B, Hkv, T_new, D] to ``layer`` (a channel-pruned layer stores the keys'
+        kept channels, see ``prune_channels``).
 
         ``positions`` [T_new] or [B, T_new] int (-1 = padding slot); by default each row continues from
         its last real position + 1 (= ``n_seen`` when nothing was padded). Real positions must stay

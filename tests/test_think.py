@@ -266,3 +266,31 @@ def test_auto_routes_a_pruned_decode_step_past_the_cpp_kernel_with_a_logged_reas
         attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], cache=cache)
     chose = [r.getMessage() for r in caplog.records if "impl=auto chose" in r.getMessage()]
     assert chose and "'decode'" in chose[-1] and "decode_cpp: keys hold 12 channels" in chose[-1]
+
+
+@pytest.mark.parametrize("kernel", ["decode", "tiled"])
+def test_unequal_dim_kernels_hide_padding_and_empty_slots(kernel):
+    """The decode and tiled kernels with Dk != Dv: empty key slots and padded queries are hidden,
+    a query that sees no key gets zeros and lse = -inf, the rest equals the oracle."""
+    from longattn.kernels.decode import decode_attention
+    from longattn.kernels.tiled import tiled_attention
+    from longattn.methods import Dense
+
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 4, 3, 10, generator=g), torch.randn(2, 2, 20, 10, generator=g)
+    v = torch.randn(2, 2, 20, 24, generator=g)
+    kv_pos = torch.arange(20).expand(2, 20).clone()
+    kv_pos[1, 5:9] = -1
+    q_pos = torch.tensor([[17, 18, 19], [-1, 18, 19]])
+    if kernel == "decode":
+        out = decode_attention(q, k, v, scale=0.3, q_pos=q_pos, kv_pos=kv_pos)
+    else:
+        out = tiled_attention(q, k, v, scale=0.3, q_pos=q_pos, kv_pos=kv_pos,
+                              mask_fn=Dense().mask, tile_q=2, tile_k=8)  # fmt: skip
+    assert out.out.shape == (2, 4, 3, 24)
+    assert bool((out.out[1, :, 0] == 0).all()) and bool(torch.isneginf(out.lse[1, :, 0]).all())
+    visible = (kv_pos[:, None, None, :] >= 0) & (
+        kv_pos[:, None, None, :] <= q_pos[:, None, :, None]
+    )
+    visible = visible & (q_pos[:, None, :, None] >= 0)
+    check_against_reference(out, q, k, v, visible.expand(2, 4, 3, 20), 0.3)
