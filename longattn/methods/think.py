@@ -4,6 +4,7 @@ tokens with another scorer as well."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,25 @@ import torch
 
 from longattn.method import Evict, check_fraction, from_string, register
 from longattn.methods.snapkv import score_dtype
+
+
+@functools.lru_cache(maxsize=64)  # read at every call of the layer (``needs``): parse once
+def token_scorer(spec: str) -> Evict:
+    """ThinK's ``scorer`` string as a method, checked: an eviction method without calibration,
+    whose own budget and schedule fields are the defaults (ThinK's apply)."""
+    inner = from_string(spec.replace(";", ","))
+    if not isinstance(inner, Evict) or isinstance(inner, ThinK):
+        raise ValueError(f"ThinK.scorer must name an eviction method, got {spec!r}")
+    if hasattr(inner, "calibration"):
+        raise ValueError(f"ThinK.scorer cannot be a calibrated method, got {spec!r}")
+    base = type(inner)()
+    for field in dataclasses.fields(Evict):
+        if getattr(inner, field.name) != getattr(base, field.name):
+            raise ValueError(
+                f"ThinK.scorer sets {field.name}: set budgets and schedule on think itself, "
+                f"got {spec!r}"
+            )
+    return inner
 
 
 @register("think")
@@ -58,21 +78,7 @@ class ThinK(Evict):
             )
 
     def _token_scorer(self) -> Evict:
-        """The ``scorer`` method, checked: an eviction method without calibration, whose own
-        budget and schedule fields are the defaults (ThinK's apply)."""
-        inner = from_string(self.scorer.replace(";", ","))
-        if not isinstance(inner, Evict) or isinstance(inner, ThinK):
-            raise ValueError(f"ThinK.scorer must name an eviction method, got {self.scorer!r}")
-        if hasattr(inner, "calibration"):
-            raise ValueError(f"ThinK.scorer cannot be a calibrated method, got {self.scorer!r}")
-        base = type(inner)()
-        for field in dataclasses.fields(Evict):
-            if getattr(inner, field.name) != getattr(base, field.name):
-                raise ValueError(
-                    f"ThinK.scorer sets {field.name}: set budgets and schedule on think itself, "
-                    f"got {self.scorer!r}"
-                )
-        return inner
+        return token_scorer(self.scorer)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
