@@ -56,8 +56,9 @@ class ThinK(Evict):
 
     Deviation from paper: one channel set per KV head (the cache is per KV head), its query norm
     taken over the window's queries of all the head's query heads; every key appended after the
-    pruning is stored with the same channels (the paper's code keeps the most recent keys
-    unpruned); the channels are chosen once per layer, later compressions evict tokens only.
+    pruning is stored with the same channels (the paper keeps a small window of the most recent
+    keys at full width); the channels are chosen once per layer, later compressions evict tokens
+    only.
     """
 
     keep: float = 0.6
