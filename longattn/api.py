@@ -15,7 +15,14 @@ import torch
 
 from longattn import compress, linear, prefill
 from longattn.cache import KVCache
-from longattn.call import Call, apply_retention, fold_kv_heads, make_cache_call, make_call
+from longattn.call import (
+    Call,
+    apply_retention,
+    fold_kv_heads,
+    head_dims_reason,
+    make_cache_call,
+    make_call,
+)
 from longattn.kernels import block_sparse
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
@@ -148,16 +155,9 @@ def _run_sdpa(call: Call) -> AttnOutput:
 
 
 def _run_tiled(call: Call) -> AttnOutput:
-    return tiled_attention(
-        call.q,
-        call.k,
-        call.v,
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        bounds_fn=call.method.block_bounds,
-    )
+    return tiled_attention(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+                           kv_pos=call.kv_pos, mask_fn=call.method.mask,
+                           bounds_fn=call.method.block_bounds)  # fmt: skip
 
 
 def _decode_can_run(call: Call) -> str | None:
@@ -262,15 +262,8 @@ def _run_select(call: Call, cpp: bool = False) -> AttnOutput:
         return AttnOutput(out.out, out.lse, selection)
     ws = _workspace(call.cache)
     if selection is None:
-        out = decode_attention(
-            call.q,
-            call.k,
-            call.v,
-            scale=call.scale,
-            q_pos=call.q_pos,
-            kv_pos=call.kv_pos,
-            workspace=ws,
-        )
+        out = decode_attention(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+                               kv_pos=call.kv_pos, workspace=ws)  # fmt: skip
         return AttnOutput(out.out, out.lse, None)
     keys, values, positions = cache.storage(layer)
     k_sel, v_sel, pos_sel = gather_selected(
@@ -511,8 +504,8 @@ def run_call(call: Call, impl: Impl) -> AttnOutput:
         out = AttnOutput(out.out, out.lse, prefill.plan_state(inner, block_index(inner)))
     if inner is call:
         return out
-    b, h, _, tq, _, d = call.shape
-    return AttnOutput(out.out.reshape(b, h, tq, d), out.lse.reshape(b, h, tq), out.state)
+    b, h, _, tq, _, _ = call.shape
+    return AttnOutput(out.out.reshape(b, h, tq, -1), out.lse.reshape(b, h, tq), out.state)
 
 
 def choose_impl(call: Call, impl: str = "auto") -> Impl:
@@ -521,7 +514,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
         reasons = []
         for candidate in IMPLS:
             inner = call_for(call, candidate)
-            reason = candidate.can_run(inner) or candidate.auto(inner)
+            reason = head_dims_reason(candidate.name, inner) or candidate.can_run(inner)
+            reason = reason or candidate.auto(inner)
             if reason is None:
                 log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
                 return candidate
@@ -531,7 +525,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
         raise ValueError(f"impl={impl!r} runs linear attention methods, not {call.method.name!r}")
     for candidate in IMPLS:
         if candidate.name == impl:
-            reason = candidate.can_run(call_for(call, candidate))
+            inner = call_for(call, candidate)
+            reason = head_dims_reason(impl, inner) or candidate.can_run(inner)
             if reason is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
             return candidate

@@ -7,6 +7,7 @@ or any cache is touched.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -156,3 +157,21 @@ def check_append_positions(
             f"the cache already holds (next free position per row: {next_pos.tolist()})"
         )
     return pos
+
+
+def check_keep(
+    layer: int, keep: Any, heads_shape: tuple[int, int], seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """An eviction's ``keep`` as bool [B, Hkv, seq_len] on ``device`` (from [B, seq_len] or
+    [B, Hkv, seq_len]) for a cache layer of ``heads_shape`` = (B, Hkv), or a clear error."""
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError("keep must be a bool torch.Tensor [B, seq_len] or [B, Hkv, seq_len]")
+    batch, heads = heads_shape
+    if tuple(keep.shape) == (batch, seq_len):
+        keep = keep.unsqueeze(1).expand(batch, heads, -1)
+    elif tuple(keep.shape) != (batch, heads, seq_len):
+        raise ValueError(
+            f"keep for layer {layer} must be [B, seq_len] = {[batch, seq_len]} or "
+            f"[B, Hkv, seq_len] = {[batch, heads, seq_len]}, got {list(keep.shape)}"
+        )
+    return keep.to(device)
