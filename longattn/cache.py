@@ -229,7 +229,7 @@ class KVCache:
         need = entry.seq_len + t_new
         if need > entry.capacity:
             self._resize(entry, need)
-        starts = entry.row_len.clone()  # [B, Hkv]
+        starts = entry.row_len  # [B, Hkv]; read before the in-place += below, so no copy
         first = int(starts.min())
         same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding

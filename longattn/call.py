@@ -75,7 +75,8 @@ def make_cache_call(
     check_tensors(q, k, v)
     new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
     q_len, t_new = q.shape[2], k.shape[2]
-    if q_positions is None:
+    if q_positions is None or (q_positions is kv_positions and q_len == t_new):
+        # the queries are the last appended tokens (given as the same tensor: checked once above)
         if q_len > t_new:
             raise ValueError(
                 f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
