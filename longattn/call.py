@@ -205,10 +205,9 @@ def apply_retention(call: Call) -> None:
         return
     kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
     real = kv_pos >= 0
-    keep = keep.expand_as(kv_pos) & real
-    dead = int((real & ~keep).sum(dim=-1).max()) if real.numel() else 0
+    dead = int((real > keep).sum(dim=-1).max()) if real.numel() else 0  # real and not kept
     if dead >= call.cache.page_size:
-        call.cache.evict(call.layer, keep)
+        call.cache.evict(call.layer, keep.expand_as(kv_pos) & real)
 
 
 def make_call(
