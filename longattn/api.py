@@ -108,10 +108,13 @@ def visible_mask(call: Call) -> torch.Tensor:
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
 
 
+_REAL_CAUSAL = with_padding(Dense().mask)  # causal over real slots (built once, not per call)
+
+
 def _causal_mask(call: Call) -> torch.Tensor:
     """Causal visibility on the call's positions (never padding), broadcastable to [B, H, Tq, Tk]."""
     kv_pos = _kv_pos_by_head(call)
-    return with_padding(Dense().mask)(None, None, call.q_pos[:, None, :, None], kv_pos)
+    return _REAL_CAUSAL(None, None, call.q_pos[:, None, :, None], kv_pos)
 
 
 def _kv_pos_by_head(call: Call) -> torch.Tensor:
@@ -126,9 +129,7 @@ def _kv_pos_by_head(call: Call) -> torch.Tensor:
 def _selection_mask(call: Call) -> torch.Tensor:
     """Dense form of a select method: causal attention restricted to the selected slots."""
     b, h, n_kv, _, tk, _ = call.shape
-    causal = with_padding(Dense().mask)(
-        None, None, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :]
-    )
+    causal = _REAL_CAUSAL(None, None, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :])
     selection = call.selection if call.selection is not None else compute_selection(call)
     if selection is None:
         return causal
@@ -190,17 +191,20 @@ def _causal_positions(call: Call) -> torch.Tensor | None:
     if call.cache is None or not call.method.is_causal or call.q.shape[2] > MAX_DECODE_QUERIES:
         return None
     if "causal_positions" not in call.derived:
-        visible = visible_mask(call)
-        found = None
-        if bool((visible == _causal_mask(call)).all()):
+        visible = visible_mask(call)  # broadcastable to [B, H, Tq, Tk]
+        b, h, n_kv, q_len, tk, _ = call.shape
+        found, shown = None, None
+        if q_len == 1 and visible.shape[1] == 1:  # a decode step of a mask that reads no head
+            shown = visible[:, :, 0]  # [Bp, 1, Tk], no comparison against causal needed
+        elif bool((visible == _causal_mask(call)).all()):
             found = call.kv_pos
-        elif call.q.shape[2] == 1:
-            b, h, n_kv, _, tk, _ = call.shape
+        elif q_len == 1:
             grouped = visible.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)
             if bool((grouped == grouped[:, :, :1]).all()):
-                held = call.kv_pos  # [Bp, Tk] or [B, Hkv, Tk]
-                held = held if held.dim() == 3 else held[:, None].expand(b, n_kv, tk)
-                found = torch.where(grouped[:, :, 0], held, -1)  # [B, Hkv, Tk]
+                shown = grouped[:, :, 0]  # [B, Hkv, Tk]
+        if shown is not None:  # the keys the mask hides marked empty, for each KV head
+            held = call.kv_pos if call.kv_pos.dim() == 3 else call.kv_pos[:, None]
+            found = torch.where(shown, held, -1).expand(b, n_kv, tk)  # [B, Hkv, Tk]
         call.derived["causal_positions"] = found
     return call.derived["causal_positions"]
 
@@ -579,7 +583,7 @@ def attention(
     whole = evict is not None and (
         compress.due_before(evict, cache, layer, q_len) or compress.due_after(evict, q_len)
     )
-    refresh = not isinstance(method, (Dense, Evict, type(None)))  # only select methods read pages
+    refresh = isinstance(method, Method) and type(method).select is not Method.select  # reads pages
     point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
         if evict is not None:

@@ -36,6 +36,7 @@ class _Layer:
     keys: torch.Tensor  # [B, Hkv, cap, D]
     values: torch.Tensor  # [B, Hkv, cap, D]
     pos: torch.Tensor  # [B, Hkv, cap] int64, -1 = empty
+    # row_len and next_pos are replaced, never written in place: a checkpoint keeps references
     row_len: torch.Tensor  # [B, Hkv] int64 slots used per row and head (cpu)
     next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
     # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
@@ -236,7 +237,7 @@ class KVCache:
         need = entry.seq_len + t_new
         if need > entry.capacity:
             self._resize(entry, need)
-        starts = entry.row_len.clone()  # [B, Hkv]
+        starts = entry.row_len  # [B, Hkv] (replaced below, never written: no copy)
         first = int(starts.min())
         same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding
@@ -258,7 +259,7 @@ class KVCache:
             entry.pos.index_put_(where, head_pos)
         real_max = pos.amax(dim=1).cpu()  # padding is -1, below every real position
         entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
-        entry.row_len += t_new
+        entry.row_len = entry.row_len + t_new
         entry.n_seen += t_new
         entry.seq_len = need
         entry.mark_stale(first, entry.seq_len)
@@ -272,8 +273,8 @@ class KVCache:
         entry.keys[:, :, s : s + t_new].copy_(k)
         entry.values[:, :, s : s + t_new].copy_(v)
         entry.pos[:, :, s : s + t_new] = torch.arange(s, s + t_new, device=k.device)
-        entry.next_pos += t_new
-        entry.row_len += t_new
+        entry.next_pos = entry.next_pos + t_new
+        entry.row_len = entry.row_len + t_new
         entry.n_seen += t_new
         entry.seq_len = s + t_new
         entry.mark_stale(s, entry.seq_len)

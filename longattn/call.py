@@ -76,7 +76,8 @@ def make_cache_call(
     check_tensors(q, k, v)
     new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
     q_len, t_new = q.shape[2], k.shape[2]
-    if q_positions is None:
+    if q_positions is None or (q_positions is kv_positions and q_len == t_new):
+        # the queries are the last appended tokens (given as the same tensor: checked once above)
         if q_len > t_new:
             raise ValueError(
                 f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
@@ -229,10 +230,9 @@ def apply_retention(call: Call) -> None:
         return
     kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
     real = kv_pos >= 0
-    keep = keep.expand_as(kv_pos) & real
-    dead = int((real & ~keep).sum(dim=-1).max()) if real.numel() else 0
+    dead = int((real > keep).sum(dim=-1).max()) if real.numel() else 0  # real and not kept
     if dead >= call.cache.page_size:
-        call.cache.evict(call.layer, keep)
+        call.cache.evict(call.layer, keep.expand_as(kv_pos) & real)
 
 
 def make_call(

@@ -150,8 +150,8 @@ def check_append_positions(
     if pos.numel() and int(pos.min()) < -1:
         raise ValueError(f"positions must be >= 0 (or -1 for padding), got {int(pos.min())}")
     running = torch.cummax(torch.cat([next_pos.view(-1, 1) - 1, pos], dim=1), dim=1).values
-    real = pos >= 0
-    if not bool((pos > running[:, :-1])[real].all()):
+    # padding (-1) is exempt; an or, not a boolean index (which costs a nonzero and a gather)
+    if not bool(((pos > running[:, :-1]) | (pos < 0)).all()):
         raise ValueError(
             "positions must be strictly increasing along each row and after the positions "
             f"the cache already holds (next free position per row: {next_pos.tolist()})"
