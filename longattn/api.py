@@ -15,7 +15,14 @@ import torch
 
 from longattn import compress, linear, prefill
 from longattn.cache import KVCache
-from longattn.call import Call, apply_retention, fold_kv_heads, make_cache_call, make_call
+from longattn.call import (
+    Call,
+    apply_retention,
+    fold_kv_heads,
+    head_dims_reason,
+    make_cache_call,
+    make_call,
+)
 from longattn.kernels import block_sparse
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
@@ -101,10 +108,13 @@ def visible_mask(call: Call) -> torch.Tensor:
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
 
 
+_REAL_CAUSAL = with_padding(Dense().mask)  # causal over real slots (built once, not per call)
+
+
 def _causal_mask(call: Call) -> torch.Tensor:
     """Causal visibility on the call's positions (never padding), broadcastable to [B, H, Tq, Tk]."""
     kv_pos = _kv_pos_by_head(call)
-    return with_padding(Dense().mask)(None, None, call.q_pos[:, None, :, None], kv_pos)
+    return _REAL_CAUSAL(None, None, call.q_pos[:, None, :, None], kv_pos)
 
 
 def _kv_pos_by_head(call: Call) -> torch.Tensor:
@@ -119,9 +129,7 @@ def _kv_pos_by_head(call: Call) -> torch.Tensor:
 def _selection_mask(call: Call) -> torch.Tensor:
     """Dense form of a select method: causal attention restricted to the selected slots."""
     b, h, n_kv, _, tk, _ = call.shape
-    causal = with_padding(Dense().mask)(
-        None, None, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :]
-    )
+    causal = _REAL_CAUSAL(None, None, call.q_pos[:, None, :, None], call.kv_pos[:, None, None, :])
     selection = call.selection if call.selection is not None else compute_selection(call)
     if selection is None:
         return causal
@@ -148,16 +156,9 @@ def _run_sdpa(call: Call) -> AttnOutput:
 
 
 def _run_tiled(call: Call) -> AttnOutput:
-    return tiled_attention(
-        call.q,
-        call.k,
-        call.v,
-        scale=call.scale,
-        q_pos=call.q_pos,
-        kv_pos=call.kv_pos,
-        mask_fn=call.method.mask,
-        bounds_fn=call.method.block_bounds,
-    )
+    return tiled_attention(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+                           kv_pos=call.kv_pos, mask_fn=call.method.mask,
+                           bounds_fn=call.method.block_bounds)  # fmt: skip
 
 
 def _decode_can_run(call: Call) -> str | None:
@@ -190,17 +191,20 @@ def _causal_positions(call: Call) -> torch.Tensor | None:
     if call.cache is None or not call.method.is_causal or call.q.shape[2] > MAX_DECODE_QUERIES:
         return None
     if "causal_positions" not in call.derived:
-        visible = visible_mask(call)
-        found = None
-        if bool((visible == _causal_mask(call)).all()):
+        visible = visible_mask(call)  # broadcastable to [B, H, Tq, Tk]
+        b, h, n_kv, q_len, tk, _ = call.shape
+        found, shown = None, None
+        if q_len == 1 and visible.shape[1] == 1:  # a decode step of a mask that reads no head
+            shown = visible[:, :, 0]  # [Bp, 1, Tk], no comparison against causal needed
+        elif bool((visible == _causal_mask(call)).all()):
             found = call.kv_pos
-        elif call.q.shape[2] == 1:
-            b, h, n_kv, _, tk, _ = call.shape
+        elif q_len == 1:
             grouped = visible.expand(b, h, 1, tk).reshape(b, n_kv, h // n_kv, tk)
             if bool((grouped == grouped[:, :, :1]).all()):
-                held = call.kv_pos  # [Bp, Tk] or [B, Hkv, Tk]
-                held = held if held.dim() == 3 else held[:, None].expand(b, n_kv, tk)
-                found = torch.where(grouped[:, :, 0], held, -1)  # [B, Hkv, Tk]
+                shown = grouped[:, :, 0]  # [B, Hkv, Tk]
+        if shown is not None:  # the keys the mask hides marked empty, for each KV head
+            held = call.kv_pos if call.kv_pos.dim() == 3 else call.kv_pos[:, None]
+            found = torch.where(shown, held, -1).expand(b, n_kv, tk)  # [B, Hkv, Tk]
         call.derived["causal_positions"] = found
     return call.derived["causal_positions"]
 
@@ -262,15 +266,8 @@ def _run_select(call: Call, cpp: bool = False) -> AttnOutput:
         return AttnOutput(out.out, out.lse, selection)
     ws = _workspace(call.cache)
     if selection is None:
-        out = decode_attention(
-            call.q,
-            call.k,
-            call.v,
-            scale=call.scale,
-            q_pos=call.q_pos,
-            kv_pos=call.kv_pos,
-            workspace=ws,
-        )
+        out = decode_attention(call.q, call.k, call.v, scale=call.scale, q_pos=call.q_pos,
+                               kv_pos=call.kv_pos, workspace=ws)  # fmt: skip
         return AttnOutput(out.out, out.lse, None)
     keys, values, positions = cache.storage(layer)
     k_sel, v_sel, pos_sel = gather_selected(
@@ -511,8 +508,8 @@ def run_call(call: Call, impl: Impl) -> AttnOutput:
         out = AttnOutput(out.out, out.lse, prefill.plan_state(inner, block_index(inner)))
     if inner is call:
         return out
-    b, h, _, tq, _, d = call.shape
-    return AttnOutput(out.out.reshape(b, h, tq, d), out.lse.reshape(b, h, tq), out.state)
+    b, h, _, tq, _, _ = call.shape
+    return AttnOutput(out.out.reshape(b, h, tq, -1), out.lse.reshape(b, h, tq), out.state)
 
 
 def choose_impl(call: Call, impl: str = "auto") -> Impl:
@@ -521,7 +518,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
         reasons = []
         for candidate in IMPLS:
             inner = call_for(call, candidate)
-            reason = candidate.can_run(inner) or candidate.auto(inner)
+            reason = head_dims_reason(candidate.name, inner) or candidate.can_run(inner)
+            reason = reason or candidate.auto(inner)
             if reason is None:
                 log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
                 return candidate
@@ -531,7 +529,8 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
         raise ValueError(f"impl={impl!r} runs linear attention methods, not {call.method.name!r}")
     for candidate in IMPLS:
         if candidate.name == impl:
-            reason = candidate.can_run(call_for(call, candidate))
+            inner = call_for(call, candidate)
+            reason = head_dims_reason(impl, inner) or candidate.can_run(inner)
             if reason is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
             return candidate
@@ -584,7 +583,7 @@ def attention(
     whole = evict is not None and (
         compress.due_before(evict, cache, layer, q_len) or compress.due_after(evict, q_len)
     )
-    refresh = not isinstance(method, (Dense, Evict, type(None)))  # only select methods read pages
+    refresh = isinstance(method, Method) and type(method).select is not Method.select  # reads pages
     point = cache.checkpoint(layer, t_new, refresh=refresh, whole=whole)
     try:
         if evict is not None:

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from longattn.cache_pages import metadata_dtype, refresh_pages, refresh_projection
+from longattn.cache_channels import check_channels, gather_channels, prune_layer
+from longattn.cache_pages import metadata_dtype, projected_keys, refresh_pages
 from longattn.checkpoint import Checkpoint, restore, take
 from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView, tensors_in
-from longattn.validation import check_append_kv, check_append_positions
+from longattn.validation import check_append_kv, check_append_positions, check_keep
 
 MIN_CAPACITY = 256
 
@@ -35,6 +36,7 @@ class _Layer:
     keys: torch.Tensor  # [B, Hkv, cap, D]
     values: torch.Tensor  # [B, Hkv, cap, D]
     pos: torch.Tensor  # [B, Hkv, cap] int64, -1 = empty
+    # row_len and next_pos are replaced, never written in place: a checkpoint keeps references
     row_len: torch.Tensor  # [B, Hkv] int64 slots used per row and head (cpu)
     next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
     # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
@@ -75,6 +77,8 @@ class _Layer:
     # per-slot statistics [B, Hkv, cap] kept by eviction policies (accumulated attention, ...),
     # moved with their tokens by every eviction and resize
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # [B, Hkv, Dk'] int64: the key channels stored (``prune_channels``); None: every channel
+    channels: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -123,7 +127,8 @@ class KVCache:
         return entry
 
     def keys(self, layer: int) -> torch.Tensor:
-        """[B, Hkv, seq_len, D] view of the stored keys (no copy)."""
+        """[B, Hkv, seq_len, D] view of the stored keys (no copy); [.., Dk'] once the layer's key
+        channels are pruned (``key_channels``)."""
         entry = self._need(layer)
         return entry.keys[:, :, : entry.seq_len]
 
@@ -202,7 +207,8 @@ class KVCache:
         v: torch.Tensor,
         positions: torch.Tensor | None = None,
     ) -> None:
-        """Append ``k, v`` [B, Hkv, T_new, D] to ``layer``.
+        """Append ``k, v`` [B, Hkv, T_new, D] to ``layer`` (a channel-pruned layer stores the keys'
+        kept channels, see ``prune_channels``).
 
         ``positions`` [T_new] or [B, T_new] int (-1 = padding slot); by default each row continues from
         its last real position + 1 (= ``n_seen`` when nothing was padded). Real positions must stay
@@ -221,6 +227,8 @@ class KVCache:
         if entry is None:
             entry = self._allocate(k, k.shape[2])
             self._layers[layer] = entry
+        if entry.channels is not None:  # a channel-pruned layer stores the same key channels
+            k = gather_channels(k, entry.channels)
         t_new = k.shape[2]
         if pos is None:
             self._append_dense(entry, k, v)
@@ -229,7 +237,7 @@ class KVCache:
         need = entry.seq_len + t_new
         if need > entry.capacity:
             self._resize(entry, need)
-        starts = entry.row_len.clone()  # [B, Hkv]
+        starts = entry.row_len  # [B, Hkv] (replaced below, never written: no copy)
         first = int(starts.min())
         same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding
@@ -251,7 +259,7 @@ class KVCache:
             entry.pos.index_put_(where, head_pos)
         real_max = pos.amax(dim=1).cpu()  # padding is -1, below every real position
         entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
-        entry.row_len += t_new
+        entry.row_len = entry.row_len + t_new
         entry.n_seen += t_new
         entry.seq_len = need
         entry.mark_stale(first, entry.seq_len)
@@ -265,8 +273,8 @@ class KVCache:
         entry.keys[:, :, s : s + t_new].copy_(k)
         entry.values[:, :, s : s + t_new].copy_(v)
         entry.pos[:, :, s : s + t_new] = torch.arange(s, s + t_new, device=k.device)
-        entry.next_pos += t_new
-        entry.row_len += t_new
+        entry.next_pos = entry.next_pos + t_new
+        entry.row_len = entry.row_len + t_new
         entry.n_seen += t_new
         entry.seq_len = s + t_new
         entry.mark_stale(s, entry.seq_len)
@@ -275,7 +283,8 @@ class KVCache:
         """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device) without
         changing anything; returns the layer's storage (None while it is empty)."""
         entry = self._get(layer)
-        held = None if entry is None else (entry.keys.shape, entry.keys.dtype, entry.keys.device)
+        # values hold every channel of a channel-pruned layer: appended keys arrive with them all
+        held = None if entry is None else (entry.values.shape, entry.keys.dtype, entry.keys.device)
         check_append_kv(layer, k, v, held)
         return entry
 
@@ -308,7 +317,7 @@ class KVCache:
         below the initial capacity) once it is more than one and a half times that.
         """
         entry = self._need(layer)
-        keep = self._check_keep(layer, entry, keep)
+        keep = check_keep(layer, keep, entry.pos.shape[:2], entry.seq_len, entry.pos.device)
         if capacity is not None and (
             isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0
         ):
@@ -322,11 +331,12 @@ class KVCache:
         order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
         # whole key / value rows by one index_select over the (row, head, slot) axis of the
         # contiguous storage (a gather would read an index as large as the keys)
-        batch, heads, cap, dim = entry.keys.shape
+        batch, heads, cap, _ = entry.keys.shape
         base = torch.arange(batch * heads, device=order.device).view(batch, heads, 1) * cap
         flat = (base + order).reshape(-1)
         for name in ("keys", "values"):
             store = getattr(entry, name)
+            dim = store.shape[-1]  # keys may hold fewer channels (prune_channels)
             kept = store.view(-1, dim).index_select(0, flat)
             store[:, :, :n_max] = kept.view(batch, heads, n_max, dim)
         tail = (
@@ -353,21 +363,6 @@ class KVCache:
                 self._resize(entry, target, exact=True)
         entry.mark_stale(0, entry.capacity)
 
-    @staticmethod
-    def _check_keep(layer: int, entry: _Layer, keep: torch.Tensor) -> torch.Tensor:
-        """``keep`` as bool [B, Hkv, seq_len] on the cache's device, or a clear error."""
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-            raise TypeError("keep must be a bool torch.Tensor [B, seq_len] or [B, Hkv, seq_len]")
-        batch, heads = entry.keys.shape[:2]
-        if tuple(keep.shape) == (batch, entry.seq_len):
-            keep = keep.unsqueeze(1).expand(batch, heads, -1)
-        elif tuple(keep.shape) != (batch, heads, entry.seq_len):
-            raise ValueError(
-                f"keep for layer {layer} must be [B, seq_len] = {[batch, entry.seq_len]} or "
-                f"[B, Hkv, seq_len] = {[batch, heads, entry.seq_len]}, got {list(keep.shape)}"
-            )
-        return keep.to(entry.pos.device)
-
     def drop_positions(self, layer: int, positions: torch.Tensor) -> None:
         """Evict the tokens at original ``positions`` ([n] for every row, or [B, n]).
 
@@ -387,6 +382,22 @@ class KVCache:
                 raise ValueError(f"row {b}: positions {missing.tolist()} are not in the cache")
         keep = torch.stack([~torch.isin(held[b], pos[b]) for b in range(held.shape[0])])
         self.evict(layer, keep)
+
+    def key_channels(self, layer: int) -> torch.Tensor | None:
+        """[B, Hkv, Dk'] int64 key channels ``layer`` stores, or None while it stores them all."""
+        entry = self._get(layer)
+        return None if entry is None else entry.channels
+
+    def prune_channels(self, layer: int, channels: torch.Tensor) -> None:
+        """From now on store only key ``channels`` [B, Hkv, Dk'] of ``layer`` (ascending per row and
+        KV head, ``Dk' < D``; ThinK), see ``longattn.cache_channels``: the keys' storage shrinks,
+        later appends store the same channels of their keys, values keep every channel. Once per
+        layer (a pruned layer refuses), checked before anything changes."""
+        entry = self._need(layer)
+        if entry.channels is not None:
+            raise ValueError(f"layer {layer}'s key channels are pruned already")
+        b, h, _, d = entry.keys.shape
+        prune_layer(entry, check_channels(layer, channels, b, h, d))
 
     def checkpoint(
         self, layer: int, t_new: int, refresh: bool = True, whole: bool = False
@@ -409,7 +420,8 @@ class KVCache:
             raise ValueError(f"reserve capacity must be > 0 slots, got {capacity}")
         if capacity > entry.capacity:
             b, h, _, d = entry.keys.shape
-            need = 2 * b * h * self._round(capacity) * d * entry.keys.element_size()
+            d += entry.values.shape[-1]  # key and value channels (fewer keys where pruned)
+            need = b * h * self._round(capacity) * d * entry.keys.element_size()
             try:
                 self._resize(entry, capacity, exact=True)
             except (RuntimeError, MemoryError) as exc:  # the allocator's refusal, said plainly
@@ -425,8 +437,8 @@ class KVCache:
         total = 0
         for entry in self._layers:
             if entry is not None:
-                b, h, _, d = entry.keys.shape
-                total += 2 * b * h * entry.seq_len * d * entry.keys.element_size()
+                per_slot = entry.keys[:, :, 0].numel() + entry.values[:, :, 0].numel()
+                total += per_slot * entry.seq_len * entry.keys.element_size()
         return total
 
     def capacity_nbytes(self) -> int:
@@ -459,21 +471,7 @@ class KVCache:
         """
         entry = self._need(layer)
         self._sync(entry)
-        _, h, _, d = entry.keys.shape
-        if matrix.dim() != 3 or matrix.shape[:2] != (h, d):
-            raise ValueError(
-                f"projection {name!r} must be [Hkv={h}, D={d}, r], got {tuple(matrix.shape)}"
-            )
-        wide = torch.float64 if entry.keys.dtype == torch.float64 else torch.float32
-        matrix = matrix.to(device=entry.keys.device, dtype=wide)
-        known = entry.projections.get(name)
-        if known is None or not torch.equal(known[0], matrix):
-            buf = torch.zeros(
-                *entry.keys.shape[:3], matrix.shape[2], dtype=metadata_dtype(entry.keys.dtype)
-            )
-            entry.projections[name] = (matrix, buf)
-            refresh_projection(entry, matrix, buf, 0, entry.seq_len)
-        return entry.projections[name][1][:, :, : entry.seq_len]
+        return projected_keys(entry, name, matrix)
 
     def select_view(
         self, layer: int, q_pos: torch.Tensor, scale: float, calibration: Any = None
@@ -481,6 +479,8 @@ class KVCache:
         """The read-only view a ``select`` hook receives for ``layer``."""
         entry = self._need(layer)
         self._need_uniform(layer, entry, "a select method's page view")
+        if entry.channels is not None:
+            raise ValueError(f"layer {layer}'s keys are channel-pruned: a select method needs all")
         self._sync(entry)
         pages = -(-entry.seq_len // self.page_size)
         bounds = entry.page_bounds[:, :, :pages]

@@ -78,3 +78,25 @@ def refresh_projection(
     """``buf[:, :, lo:hi] = keys[:, :, lo:hi] @ matrix`` ([B, Hkv, n, D] @ [Hkv, D, r])."""
     if hi > lo:
         buf[:, :, lo:hi] = torch.matmul(entry.keys[:, :, lo:hi].to(matrix.dtype), matrix)
+
+
+def projected_keys(entry: Any, name: str, matrix: torch.Tensor) -> torch.Tensor:
+    """``KVCache.projected_keys`` on a layer whose page metadata is up to date: [B, Hkv, seq_len, r]
+    ``keys @ matrix`` for matrix [Hkv, D, r], computed in float32 (float64 for a float64 cache),
+    kept in ``metadata_dtype`` and refreshed at every append; a new matrix under ``name``
+    recomputes it."""
+    _, h, _, d = entry.keys.shape
+    if matrix.dim() != 3 or matrix.shape[:2] != (h, d):
+        raise ValueError(
+            f"projection {name!r} must be [Hkv={h}, D={d}, r], got {tuple(matrix.shape)}"
+        )
+    wide = torch.float64 if entry.keys.dtype == torch.float64 else torch.float32
+    matrix = matrix.to(device=entry.keys.device, dtype=wide)
+    known = entry.projections.get(name)
+    if known is None or not torch.equal(known[0], matrix):
+        buf = torch.zeros(
+            *entry.keys.shape[:3], matrix.shape[2], dtype=metadata_dtype(entry.keys.dtype)
+        )
+        entry.projections[name] = (matrix, buf)
+        refresh_projection(entry, matrix, buf, 0, entry.seq_len)
+    return entry.projections[name][1][:, :, : entry.seq_len]

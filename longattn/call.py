@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from longattn.cache import KVCache
+from longattn.cache_channels import gather_query_channels
 from longattn.kernels.decode import MAX_DECODE_QUERIES
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
@@ -75,7 +76,8 @@ def make_cache_call(
     check_tensors(q, k, v)
     new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
     q_len, t_new = q.shape[2], k.shape[2]
-    if q_positions is None:
+    if q_positions is None or (q_positions is kv_positions and q_len == t_new):
+        # the queries are the last appended tokens (given as the same tensor: checked once above)
         if q_len > t_new:
             raise ValueError(
                 f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"
@@ -92,6 +94,7 @@ def make_cache_call(
     padded = int(q_pos.min()) < 0 or int(kv_pos.min()) < 0  # both hold at least one position
     default = not padded and _is_default_layout(q_pos, kv_pos)
     method = phase_method(method, q_len, kv_pos.shape[-1])
+    q = project_queries(cache, layer, q)  # scale stays 1/sqrt(D) of the full dimension
     return Call(q, cache.keys(layer), cache.values(layer), method, scale, q_pos, kv_pos, default,
                 padded, cache=cache, layer=layer)  # fmt: skip
 
@@ -141,7 +144,7 @@ def _dense_cache_call(
     cache.append_checked(layer, k, v, None)
     kv_pos = cache.positions(layer)[:1]  # [1, Tk]: every row holds the same positions
     return Call(
-        q,
+        project_queries(cache, layer, q),  # scale stays 1/sqrt(D) of the full dimension
         cache.keys(layer),
         cache.values(layer),
         method,
@@ -152,6 +155,29 @@ def _dense_cache_call(
         has_padding=False,
         cache=cache,
         layer=layer,
+    )
+
+
+def project_queries(cache: KVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Tq, D] reduced to the key channels ``layer`` stores, [B, H, Tq, Dk'] (ThinK:
+    ``KVCache.prune_channels``), or q itself while the layer stores every channel."""
+    channels = cache.key_channels(layer)
+    return q if channels is None else gather_query_channels(q, channels)
+
+
+# The implementations that take keys with fewer channels than the values (Dk != Dv, a
+# channel-pruned cache layer); the others need one head dim (the fused SDPA and block kernels).
+UNEQUAL_DIM_IMPLS = ("decode", "tiled", "reference")
+
+
+def head_dims_reason(impl: str, call: Call) -> str | None:
+    """Why ``impl`` cannot run ``call`` for its head dims (None: it can)."""
+    dk, dv = call.k.shape[-1], call.v.shape[-1]
+    if dk == dv or impl in UNEQUAL_DIM_IMPLS:
+        return None
+    return (
+        f"keys hold {dk} channels and values {dv} (a channel-pruned cache layer); {impl} needs "
+        f"one head dim (unequal dims run on {', '.join(UNEQUAL_DIM_IMPLS)})"
     )
 
 
@@ -204,10 +230,9 @@ def apply_retention(call: Call) -> None:
         return
     kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
     real = kv_pos >= 0
-    keep = keep.expand_as(kv_pos) & real
-    dead = int((real & ~keep).sum(dim=-1).max()) if real.numel() else 0
+    dead = int((real > keep).sum(dim=-1).max()) if real.numel() else 0  # real and not kept
     if dead >= call.cache.page_size:
-        call.cache.evict(call.layer, keep)
+        call.cache.evict(call.layer, keep.expand_as(kv_pos) & real)
 
 
 def make_call(
@@ -318,7 +343,7 @@ def fold_kv_heads(call: Call) -> Call:
     return Call(
         call.q.reshape(batch * n_kv, group, q_len, dim),
         call.k.reshape(batch * n_kv, 1, kv_len, dim),
-        call.v.reshape(batch * n_kv, 1, kv_len, dim),
+        call.v.reshape(batch * n_kv, 1, kv_len, call.v.shape[-1]),
         method,
         call.scale,
         call.q_pos.expand(batch, -1).repeat_interleave(n_kv, dim=0),

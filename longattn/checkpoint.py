@@ -56,7 +56,7 @@ def take(
         saved[name] = getattr(entry, name).narrow(2, p_lo, p_hi - p_lo).clone()
     for name, (_, buf) in entry.projections.items() if refresh else ():
         saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()
-    fields = dict(vars(entry), row_len=entry.row_len.clone(), next_pos=entry.next_pos.clone())
+    fields = dict(vars(entry))  # row_len and next_pos are replaced by an append, never written
     fields["projections"] = dict(entry.projections)
     return Checkpoint(layer, entry, fields, saved, state, (lo, stale_lo, p_lo))
 

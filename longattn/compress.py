@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from longattn.cache import KVCache
+from longattn.cache_channels import gather_query_channels
 from longattn.calibration import for_layer
 from longattn.call import Call
 from longattn.kernels.decode import MAX_DECODE_QUERIES
@@ -121,6 +122,22 @@ def compress(method: Evict, cache: KVCache, layer: int, calibration=None, room: 
     kept = int(keep.sum(dim=-1).max())
     headroom = room + (method.every if method.when == "decode" else 0)
     cache.evict(layer, keep, capacity=max(1, kept + headroom))
+    if cache.key_channels(layer) is None:
+        prune_channels(method, cache, layer, calibration)
+
+
+def prune_channels(method: Evict, cache: KVCache, layer: int, calibration=None) -> None:
+    """Keep only the key channels ``method.key_channels`` chooses (ThinK) over the keys the token
+    eviction kept, and the same channels of the observation window's queries, so that a later
+    compression scores pruned keys with pruned queries; nothing when it returns None."""
+    tracked = cache.state.get(_key(layer))
+    channels = method.key_channels(score_view(method, cache, layer, tracked, calibration))
+    if channels is None:
+        return
+    cache.prune_channels(layer, channels)
+    if tracked is not None:
+        queries = gather_query_channels(tracked.queries, cache.key_channels(layer))
+        cache.state[_key(layer)] = tracked._replace(queries=queries)
 
 
 def score_view(

@@ -209,6 +209,13 @@ class Evict(Method):
     def score(self, view: Any) -> torch.Tensor:  # type: ignore[override]
         raise NotImplementedError
 
+    def key_channels(self, view: Any) -> torch.Tensor | None:
+        """Which key channels the layer keeps from its first compression on: int64 [B, Hkv, Dk']
+        ascending per (row, KV head) with ``Dk' < D``, or None to keep them all (every scorer
+        but ThinK). Read once per layer, on the keys the token eviction kept; not a hook of its
+        own: it rides on ``score``'s schedule (``longattn.compress``)."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class SparsePrefill(Method):

@@ -165,6 +165,19 @@ def check_against_reference(
     return (out.double() - bound.ref.out).abs().max().item() if out.numel() else 0.0
 
 
+def kept_channel_queries(q: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, Tq, D] with the key channels its KV head does not keep set to zero (``channels``
+    [B, Hkv, Dk'] of a channel-pruned cache layer; None: q itself). Its float64 oracle over the
+    full keys is the dot product over the kept channels only, ``q[..., kept] . k[..., kept]``,
+    at the unchanged scale ``1/sqrt(D)``: the definition of attention over a ThinK layer."""
+    if channels is None:
+        return q
+    kept = torch.zeros(*channels.shape[:2], q.shape[-1], dtype=torch.bool, device=q.device)
+    kept.scatter_(-1, channels.to(q.device), True)  # [B, Hkv, D]
+    group = q.shape[1] // channels.shape[1]
+    return q * kept.repeat_interleave(group, dim=1)[:, :, None, :]
+
+
 def assert_attention_close(
     result: AttnOutput | torch.Tensor,
     q: torch.Tensor,
@@ -305,6 +318,11 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     ],
     "tova": ["tova:budget=0.5,sinks=0,recent=4"],
     "knorm": ["knorm:budget=0.5,sinks=2,recent=4"],
+    "think": [
+        "think:keep=0.5,window=8",
+        "think:keep=0.6,budget=0.5,window=8,sinks=2,recent=4,scorer=snapkv:kernel=3;pooling=avg",
+        "think:keep=0.75,budget=0.5,sinks=2,recent=4,window=4,when=decode,every=4,scorer=h2o",
+    ],
     "qfilters": ["qfilters:budget=0.5,sinks=2,recent=4"],
     "expected_attention": [
         "expected_attention:budget=0.5,window=8,sinks=2,recent=4",

@@ -7,6 +7,7 @@ or any cache is touched.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -149,10 +150,28 @@ def check_append_positions(
     if pos.numel() and int(pos.min()) < -1:
         raise ValueError(f"positions must be >= 0 (or -1 for padding), got {int(pos.min())}")
     running = torch.cummax(torch.cat([next_pos.view(-1, 1) - 1, pos], dim=1), dim=1).values
-    real = pos >= 0
-    if not bool((pos > running[:, :-1])[real].all()):
+    # padding (-1) is exempt; an or, not a boolean index (which costs a nonzero and a gather)
+    if not bool(((pos > running[:, :-1]) | (pos < 0)).all()):
         raise ValueError(
             "positions must be strictly increasing along each row and after the positions "
             f"the cache already holds (next free position per row: {next_pos.tolist()})"
         )
     return pos
+
+
+def check_keep(
+    layer: int, keep: Any, heads_shape: tuple[int, int], seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """An eviction's ``keep`` as bool [B, Hkv, seq_len] on ``device`` (from [B, seq_len] or
+    [B, Hkv, seq_len]) for a cache layer of ``heads_shape`` = (B, Hkv), or a clear error."""
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError("keep must be a bool torch.Tensor [B, seq_len] or [B, Hkv, seq_len]")
+    batch, heads = heads_shape
+    if tuple(keep.shape) == (batch, seq_len):
+        keep = keep.unsqueeze(1).expand(batch, heads, -1)
+    elif tuple(keep.shape) != (batch, heads, seq_len):
+        raise ValueError(
+            f"keep for layer {layer} must be [B, seq_len] = {[batch, seq_len]} or "
+            f"[B, Hkv, seq_len] = {[batch, heads, seq_len]}, got {list(keep.shape)}"
+        )
+    return keep.to(device)

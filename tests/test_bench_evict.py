@@ -65,3 +65,16 @@ def test_a_small_run_writes_gated_rows(tmp_path, monkeypatch):
     # sinks + window less the next token's slot, plus fewer than a page of dead keys not yet evicted
     assert 4 + 124 - 1 <= row["kept_tokens"] < 4 + 124 - 1 + 16
     assert row["used_bytes"] < row["dense_used_bytes"]
+
+
+def test_think_runs_with_a_token_scorer_and_its_gate_reads_the_kept_channels():
+    assert "think:scorer=snapkv" in evict.default_methods()
+    tokens = evict.Tokens(256, "smollm2", torch.float32)
+    method = evict.make_method("think:scorer=snapkv", 0.25, 256)
+    cache = evict.build(method, tokens)
+    result = evict.step(method, tokens, cache)
+    assert cache.keys(0).shape[-1] == 38 and cache.values(0).shape[-1] == 64  # floor(0.6 * 64)
+    assert evict.gate(result, tokens, cache) is None
+    bad = result.out.clone()
+    bad[0, 4, 0, 7] += 1e-3
+    assert "exceeds its bound" in evict.gate(result._replace(out=bad), tokens, cache)

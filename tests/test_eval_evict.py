@@ -13,6 +13,7 @@ from longattn.eval.evict_report import summarise, write_report
 from longattn.method import Evict
 from longattn.methods.dense import Dense
 from longattn.methods.streaming_llm import StreamingLLM
+from longattn.methods.think import ThinK
 
 transformers = pytest.importorskip("transformers")
 from longattn.integrations.hf import use  # noqa: E402
@@ -94,6 +95,40 @@ def test_shared_prefill_answers_as_the_method_from_scratch(method):
 
 @pytest.mark.parametrize("method", [METHODS[0], METHODS[3], Dense()], ids=lambda m: m.describe())
 def test_forced_decode_perplexity_equals_one_token_at_a_time(method):
+    _forced_equals_steps(method)
+
+
+THINK = [ThinK(keep=0.5, window=8), ThinK(keep=0.75, budget=0.3, sinks=2, recent=4, window=8,
+                                          scorer="snapkv")]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", THINK, ids=lambda m: m.describe())
+def test_think_from_the_shared_prefill_answers_as_from_scratch_with_fewer_key_channels(method):
+    """ThinK in a model: the shared prefill stands for its own; every layer's keys are pruned to
+    floor(keep * 8) channels at the first decode step, the values keep all 8."""
+    model = tiny_model()
+    want, held, capacity = _from_scratch(model, method, 4)
+    prefilled = evict.shared_prefill(model, PROMPT, window=8)
+    got = evict.answer(model, method, prefilled, 5, base_kib=0)
+    assert got["tokens"] == [int(x.argmax()) for x in want]
+    assert got["kv_capacity_bytes"] == capacity
+    with evict.resumed(model, method, prefilled) as cache:
+        model(input_ids=torch.tensor([[got["tokens"][0]]]), past_key_values=cache, use_cache=True)
+        for layer in range(2):
+            assert cache.kv.keys(layer).shape[-1] == int(method.keep * 8)
+            assert cache.kv.values(layer).shape[-1] == 8
+    dense = evict.answer(model, Dense(), prefilled, 5, base_kib=0)
+    assert got["kv_bytes"] < dense["kv_bytes"]
+
+
+@pytest.mark.parametrize("method", THINK, ids=lambda m: m.describe())
+def test_think_forced_decode_perplexity_equals_one_token_at_a_time(method):
+    _forced_equals_steps(method)
+
+
+def _forced_equals_steps(method):
+    """Teacher-forced decode through the method's cache, 16 tokens a call from the shared prefill
+    (``evict.forced``), equals one token a call from a prefill of its own."""
     model = tiny_model()
     tail = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(2))
     nll = []

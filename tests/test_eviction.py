@@ -10,7 +10,7 @@ import torch
 from longattn import KVCache, attention
 from longattn.compress import ada_budgets, attention_weights, choose, compress, layer_budget
 from longattn.method import Evict
-from longattn.testing import check_against_reference
+from longattn.testing import check_against_reference, kept_channel_queries
 
 IMPLS = ["decode_cpp", "decode", "reference", "tiled", "sparse", "sparse_cpp"]
 
@@ -304,7 +304,8 @@ def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path
         out = attention(q[:, :, step], k[:, :, step], v[:, :, step], method=method, cache=cache)
         held = _held_mask(cache, 0, t + 1)
         visible = _visible(torch.tensor([t]), held, group=2)
-        check_against_reference(out, q[:, :, step], k[:, :, : t + 1], v[:, :, : t + 1], visible,
+        q_kept = kept_channel_queries(q[:, :, step], cache.key_channels(0))  # ThinK's channels
+        check_against_reference(out, q_kept, k[:, :, : t + 1], v[:, :, : t + 1], visible,
                                 16**-0.5)  # fmt: skip
     budget = method.tokens or -(-int(method.budget * 80 * 1e6) // 1_000_000)
     lengths = cache.head_lengths(0)  # [B, Hkv]; AdaKV shares a row's total over its heads

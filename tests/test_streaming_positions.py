@@ -195,3 +195,42 @@ def test_refusals():
         model(ids, attention_mask=mask, past_key_values=cache)
     with hf.use(model, cache_llm), pytest.raises(ValueError, match="use\\(\\) block's cache"):
         model(ids, use_cache=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_rotation_rounds_as_the_half_split_formula(dtype):
+    """``Rotation`` (x * [c, c] + roll(x) * [-s, s]) gives the bits of x1 c - x2 s, x2 c + x1 s."""
+    from longattn.integrations.rope import Rotation
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, generator=gen, dtype=torch.float64).to(dtype)
+    angle = torch.rand(2, 5, 8, generator=gen, dtype=torch.float64) * 1e3
+    cos, sin = angle.cos(), angle.sin()
+    work = torch.promote_types(dtype, torch.float32)
+    c, s = cos[:, None].to(work), sin[:, None].to(work)
+    x1, x2 = x.to(work).chunk(2, dim=-1)
+    expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+    got = Rotation.of(cos, sin, dtype).apply(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match="applied to a"):
+        Rotation.of(cos, sin, dtype).apply(x.double() if dtype != torch.float64 else x.float())
+
+
+def test_the_correction_is_built_once_per_positions_and_rebuilt_when_they_change():
+    from longattn.integrations.rope import Corrections, RopeFrame
+
+    frame = RopeFrame(1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
+    memo = Corrections(frame)
+    model_pos, pos = torch.arange(5, 9)[None], torch.arange(5, 9)[None]
+    first = memo(model_pos, pos, torch.float32)
+    assert memo(model_pos, pos, torch.float32) is first  # same tensors: reused
+    assert memo(model_pos, pos, torch.bfloat16) is not first  # another dtype: rebuilt
+    assert memo(model_pos.clone(), pos, torch.float32) is not first  # other tensors: rebuilt
+    again = memo(model_pos, pos, torch.float32)
+    pos += 1000  # changed in place: the version counter moves, so it is rebuilt
+    moved = memo(model_pos, pos, torch.float32)
+    assert moved is not again
+    x = torch.randn(1, 2, 4, 16)
+    assert torch.equal(moved.apply(x), frame.correct(x, model_pos, pos))
+    assert not torch.equal(moved.apply(x), again.apply(x))

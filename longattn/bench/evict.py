@@ -40,8 +40,9 @@ from longattn.bench.common import (
     format_table,
 )
 from longattn.bench.decode import SHAPES
+from longattn.cache_channels import gather_channels
 from longattn.method import Evict, Method, registry
-from longattn.testing import check_against_reference
+from longattn.testing import check_against_reference, kept_channel_queries
 
 BUDGETS = (0.5, 0.25, 0.1)
 PROMPT_QUERIES = 32
@@ -68,13 +69,18 @@ COLUMNS = [
 ]
 
 
+# ThinK alone keeps every token (its budget must stay 1): here it runs with a token scorer, so that
+# the budget applies and its channel pruning comes on top of SnapKV's eviction
+DEFAULT_SPECS = {"think": "think:scorer=snapkv"}
+
+
 def default_methods() -> list[str]:
     """Every registered eviction method that needs no calibration file, then the uniform policy."""
     names = []
     for name, cls in registry().items():
         fields = {f.name for f in dataclasses.fields(cls)}
         if issubclass(cls, Evict) and "calibration" not in fields:
-            names.append(name)
+            names.append(DEFAULT_SPECS.get(name, name))
     return names + [UNIFORM]
 
 
@@ -131,8 +137,11 @@ def gate(result, tokens: Tokens, cache: KVCache, seen: torch.Tensor | None = Non
     by default what the cache holds after the step."""
     pos = cache.head_positions(0)  # [B, Hkv, S]
     held = pos >= 0
+    channels = cache.key_channels(0)  # a channel-pruned layer (ThinK) holds its kept key channels
     for name, stored in (("k", cache.keys(0)), ("v", cache.values(0))):
-        if not torch.equal(stored[:, :, : pos.shape[-1]][held], tokens.original(pos, name)[held]):
+        want = tokens.original(pos, name)
+        want = want if name == "v" or channels is None else gather_channels(want, channels)
+        if not torch.equal(stored[:, :, : pos.shape[-1]][held], want[held]):
             return f"a held slot's {name} is not the original token of its position"
     if not bool((pos.amax(dim=-1) == cache.n_seen(0) - 1).all()):
         return "a KV head does not hold the token being decoded"
@@ -141,7 +150,8 @@ def gate(result, tokens: Tokens, cache: KVCache, seen: torch.Tensor | None = Non
     visible = (seen >= 0).repeat_interleave(group, dim=1).unsqueeze(2)  # [B, H, 1, S]
     keys, values = tokens.original(seen, "k"), tokens.original(seen, "v")
     try:
-        check_against_reference(result, tokens.step_q, keys, values, visible, tokens.scale)
+        q = kept_channel_queries(tokens.step_q, channels)
+        check_against_reference(result, q, keys, values, visible, tokens.scale)
     except AssertionError as exc:
         return str(exc)
     return None

@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from longattn.api import attention
 from longattn.cache import KVCache
-from longattn.integrations.rope import RopeFrame, place_sinks
+from longattn.integrations.rope import Corrections, RopeFrame, place_sinks
 from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.methods.infini_attention import InfiniAttention
@@ -299,8 +299,9 @@ def make_attention_fn(
     When the keys are the new tokens of ``cache`` (the model was given it as ``past_key_values``) the
     call goes through the ``KVCache``; otherwise (no cache, or transformers' own) ``key`` and ``value``
     already hold every visible token. With a ``frame`` (StreamingLLM ``positions="cache"``) queries and
-    keys are re-rotated in it (``longattn.integrations.rope``).
+    keys are re-rotated in it (``longattn.integrations.rope``), by a rotation built once per forward.
     """
+    corrections = Corrections(frame) if frame is not None else None
 
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         _check_call(module, arch, dropout, kwargs)
@@ -322,7 +323,7 @@ def make_attention_fn(
                 f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
             )
         if frame is not None:
-            query, key = _cache_frame(frame, arch, through_cache, pos, query, key, kwargs)
+            query, key = _cache_frame(corrections, arch, through_cache, pos, query, key, kwargs)
         if not through_cache and pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
@@ -341,11 +342,12 @@ def make_attention_fn(
                 scale=scaling,
             )
         else:
+            top = int(pos.q.max()) if window is not None else 0  # the window's reach only
             res = attention(
                 query,
                 key,
                 value,
-                method=_layer_method(method, window, int(pos.q.max())),
+                method=_layer_method(method, window, top),
                 cache=cache.kv if through_cache else None,
                 layer=layer,
                 scale=scaling,
@@ -360,7 +362,7 @@ def make_attention_fn(
     return attend
 
 
-def _cache_frame(frame, arch, through_cache, pos, query, key, kwargs):
+def _cache_frame(corrections, arch, through_cache, pos, query, key, kwargs):
     """Queries and new keys re-rotated at their original positions with float64 angles (the sinks are
     placed after the call): StreamingLLM's ``positions="cache"`` frame."""
     if not through_cache:
@@ -374,7 +376,8 @@ def _cache_frame(frame, arch, through_cache, pos, query, key, kwargs):
             f"{arch}: StreamingLLM positions='cache' needs unpadded rows and the model's "
             "position_ids in its attention call"
         )
-    return frame.correct(query, model_pos, pos.q), frame.correct(key, model_pos, pos.q)
+    q_turn = corrections(model_pos, pos.q, query.dtype)
+    return q_turn.apply(query), corrections(model_pos, pos.q, key.dtype).apply(key)
 
 
 def _asks_cache_positions(method: Method) -> bool:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # rope types whose frequencies are fixed (no rescaling with the sequence length) and unscaled cos/sin
 FIXED_ROPE_TYPES = ("default", "linear", "llama3")
 STATE_KEY = "streaming_rope_sinks"
+SHIFT_KEY = "streaming_rope_shift"  # the last sink rotation built, reused by the next layers
 
 
 @dataclass(frozen=True)
@@ -67,32 +68,64 @@ class RopeFrame:
         angle = positions[..., None].float() * self.inv_freq.to(positions.device)
         return angle.cos().to(dtype).double(), angle.sin().to(dtype).double()
 
-    def correct(self, x: torch.Tensor, model_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, H, T, D] rotated by the model at ``model_pos`` [1|B, T], re-rotated at ``pos``
-        [B, T] with float64 angles (one rotation by the difference)."""
-        cos_m, sin_m = self._model_cos_sin(model_pos, x.dtype)
+    def correction(
+        self, model_pos: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype
+    ) -> Rotation:
+        """The rotation ``correct`` applies to a ``dtype`` tensor rotated by the model at
+        ``model_pos`` [1|B, T] and wanted at ``pos`` [B, T]: R(pos) M^-1 with float64 angles."""
+        cos_m, sin_m = self._model_cos_sin(model_pos, dtype)
         angle = self._angles(pos)
         cos_p, sin_p = angle.cos(), angle.sin()
         # R(pos) M^-1 with M the model's rotation; its rounded cos and sin make M^-1 = M^T / (c² + s²)
         norm = cos_m.square() + sin_m.square()
         cos_d, sin_d = cos_p * cos_m + sin_p * sin_m, sin_p * cos_m - cos_p * sin_m
-        return _rotate(x, cos_d / norm, sin_d / norm)
+        return Rotation.of(cos_d / norm, sin_d / norm, dtype)
+
+    def correct(self, x: torch.Tensor, model_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, H, T, D] rotated by the model at ``model_pos`` [1|B, T], re-rotated at ``pos``
+        [B, T] with float64 angles (one rotation by the difference)."""
+        return self.correction(model_pos, pos, x.dtype).apply(x)
+
+    def shift_by(self, by: int, dtype: torch.dtype, device: torch.device) -> Rotation:
+        """The rotation by ``by`` positions (float64 angles) for ``dtype`` tensors."""
+        angle = self._angles(torch.tensor([by], device=device))  # [1, D/2]
+        return Rotation.of(angle.cos()[None], angle.sin()[None], dtype)
 
     def shift(self, x: torch.Tensor, by: int) -> torch.Tensor:
         """``x`` [B, H, T, D] rotated further by ``by`` positions (float64 angles)."""
-        angle = self._angles(torch.tensor([by], device=x.device))  # [1, D/2]
-        return _rotate(x, angle.cos()[None], angle.sin()[None])
+        return self.shift_by(by, x.dtype, x.device).apply(x)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin``, back in ``x``'s dtype. cos, sin [B|1, T, D/2] float64.
+@dataclass(frozen=True)
+class Rotation:
+    """A rotary rotation ready to apply: ``x * cos + rotate_half(x) * sin`` as
+    ``x * full_cos + roll(x, D/2) * signed_sin``, full_cos = [c, c] and signed_sin = [-s, s]
+    [B|1, 1, T, D] in the work dtype (float32 at least, float64 for float64 keys), so one rotation
+    is four tensor operations. Element for element it rounds as ``x1 c - x2 s`` and ``x2 c + x1 s``
+    (a negated factor rounds to the negated product), the same bits."""
 
-    Computed in float32 at least (float64 for float64 keys): one rotation rounds once, and rotations
-    never compound (the angles are exact differences), so float32 loses nothing that matters."""
-    work = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(work).chunk(2, dim=-1)  # [B, H, T, D/2] each
-    c, s = cos[:, None].to(work), sin[:, None].to(work)  # [B|1, 1, T, D/2]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    full_cos: torch.Tensor
+    signed_sin: torch.Tensor
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """From float64 cos, sin [B|1, T, D/2] for tensors of ``dtype``.
+
+        Computed in float32 at least (float64 for float64 keys): one rotation rounds once, and
+        rotations never compound (the angles are exact differences), so float32 loses nothing
+        that matters."""
+        work = torch.promote_types(dtype, torch.float32)
+        c, s = cos[:, None].to(work), sin[:, None].to(work)  # [B|1, 1, T, D/2]
+        return cls(torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1), dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, H, T, D] rotated, back in its dtype."""
+        if x.dtype != self.dtype:
+            raise TypeError(f"a rotation for {self.dtype} applied to a {x.dtype} tensor")
+        work = x.to(self.full_cos.dtype)
+        turned = work.roll(work.shape[-1] // 2, dims=-1)  # [x2, x1]
+        return (work * self.full_cos + turned * self.signed_sin).to(x.dtype)
 
 
 def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFrame) -> None:
@@ -103,12 +136,14 @@ def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFra
     The first time tokens are evicted the sinks (still at their own positions) are copied; every later
     placement rotates that copy, so a key is rounded once per placement, never cumulatively.
     """
-    held = kv.positions(layer)[0]  # [T], increasing
-    n_sinks = int((held < sinks).sum())  # sinks a layer's own window evicted are gone
+    held = kv.positions(layer)[0]  # [T], strictly increasing (unpadded rows)
+    # counted by binary search on the sorted positions: two small ops, no [T] temporaries
+    n_sinks = int(torch.searchsorted(held, sinks))  # sinks a layer's own window evicted are gone
     if n_sinks == 0:
         return
     newest = int(held[-1])
-    seen_next = int(((held >= sinks) & (held > newest + 1 - window)).sum())  # its window, no sink
+    # the window the next query sees, no sink: positions >= max(sinks, newest + 2 - window)
+    seen_next = held.shape[0] - int(torch.searchsorted(held, max(sinks, newest + 2 - window)))
     evicted = newest + 1 - n_sinks - seen_next
     state = kv.state.setdefault(STATE_KEY, {})
     pristine, placed = state.get(layer, (None, 0))
@@ -117,5 +152,33 @@ def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFra
     keys = kv.keys(layer)  # [B, Hkv, T, D] view of the storage
     if pristine is None:
         pristine = keys[:, :, :n_sinks].clone()
-    keys[:, :, :n_sinks] = frame.shift(pristine[:, :, pristine.shape[2] - n_sinks :], evicted)
+    # every layer of a step shifts its sinks by the same amount: the rotation is built once
+    known = kv.state.get(SHIFT_KEY)
+    if known is None or known[0] != (evicted, keys.dtype, keys.device):
+        known = (
+            (evicted, keys.dtype, keys.device),
+            frame.shift_by(evicted, keys.dtype, keys.device),
+        )
+        kv.state[SHIFT_KEY] = known
+    keys[:, :, :n_sinks] = known[1].apply(pristine[:, :, pristine.shape[2] - n_sinks :])
     state[layer] = (pristine, evicted)
+
+
+class Corrections:
+    """``RopeFrame.correction`` of the last positions asked for. The layers of one forward get the
+    same position tensors (the same objects), so the rotation is built once per forward, not once
+    per layer; a match needs the same objects at the same version counters (an in-place change
+    rebuilds it) and the same dtype."""
+
+    def __init__(self, frame: RopeFrame):
+        self.frame = frame
+        self._last: tuple | None = None
+
+    def __call__(self, model_pos: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        stamp = (model_pos._version, pos._version, dtype)
+        last = self._last
+        if last is not None and last[0] is model_pos and last[1] is pos and last[2] == stamp:
+            return last[3]
+        rotation = self.frame.correction(model_pos, pos, dtype)
+        self._last = (model_pos, pos, stamp, rotation)
+        return rotation

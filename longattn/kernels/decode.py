@@ -64,7 +64,8 @@ def decode_attention(
 ) -> AttnOutput:
     """Attention of a few queries over all of ``k, v``, masked by positions.
 
-    q [B, H, Tq, D]; k, v [B, Hkv, T, D] (strided views are fine: the last axis must be contiguous);
+    q [B, H, Tq, D]; k, v [B, Hkv, T, D] (strided views are fine: the last axis must be contiguous;
+    keys may hold fewer channels than values, Dk != Dv, where a cache layer's keys were pruned);
     q_pos [Bp, Tq] and kv_pos [Bp, T] or [B, Hkv, T] int64 with -1 for empty slots, or both None for
     "every key is visible". A key is visible to a query when its position is >= 0 and, if ``causal``,
     <= the query's position; ``hidden`` (bool, broadcastable to the folded [B, Hkv, G*Tq, T], True
@@ -91,18 +92,36 @@ def decode_attention(
         ws = workspace if workspace is not None else Workspace()
         shape = torch.broadcast_shapes(hidden.shape, (1, 1, rows, kv_len))
         bias = ws.get("bias", shape, q.dtype, q.device).zero_().masked_fill_(hidden, -torch.inf)
-    # The CPU flash kernel reads each KV head once for its whole folded group and returns the lse.
-    out, lse = flash_with_lse(q_fold, k, v, False, scale, attn_mask=bias)
+    if k.shape[-1] != v.shape[-1]:  # channel-pruned keys: the flash kernel needs one head dim
+        out, lse = _unequal_dims(q_fold, k, v, scale, bias)
+    else:  # the CPU flash kernel reads each KV head once for its folded group, returns the lse
+        out, lse = flash_with_lse(q_fold, k, v, False, scale, attn_mask=bias)
     if hidden is not None:
         empty = hidden.all(dim=-1).expand(batch, n_kv, rows)  # rows that see no key
         if bool(empty.any()):
             out = out.masked_fill(empty.unsqueeze(-1), 0.0)
             lse = lse.masked_fill(empty, -torch.inf)
     return AttnOutput(
-        out.reshape(batch, n_heads, q_len, dim),
+        out.reshape(batch, n_heads, q_len, v.shape[-1]),
         lse.reshape(batch, n_heads, q_len).to(accumulation_dtype(q.dtype)),
         None,
     )
+
+
+def _unequal_dims(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hkv, R, Dv] in q's dtype, lse [B, Hkv, R]) of folded queries q [B, Hkv, R, Dk] over
+    keys k [B, Hkv, T, Dk] and values v [B, Hkv, T, Dv] with Dk != Dv (a channel-pruned cache
+    layer), accumulated in float32 (float64 for float64): two GEMMs reading each KV head once for
+    its group, with a materialised [B, Hkv, R, T] score (R <= group * 16 decode rows)."""
+    acc = accumulation_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)  # [B, Hkv, R, T]
+    if bias is not None:
+        scores = scores + bias.to(acc)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, R]
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)  # a row seeing nothing: 0
+    return torch.matmul(probs, v.to(acc)).to(q.dtype), lse
 
 
 def _hidden_keys(

@@ -89,9 +89,10 @@ def tiled_attention(
     tile_q: int = 512,
     tile_k: int = 512,
 ) -> AttnOutput:
-    """Exact attention. q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; q_pos [Bp, Tq], kv_pos [Bp, Tk] with
-    Bp in {1, B}. ``mask_fn(b, h, q_pos, kv_pos)`` gives visibility (None: all visible); a position of
-    -1 marks a padding slot, which is never attended (a padding query gets zeros and lse = -inf).
+    """Exact attention. q [B, H, Tq, D]; k [B, Hkv, Tk, D]; v [B, Hkv, Tk, Dv]; q_pos [Bp, Tq],
+    kv_pos [Bp, Tk] with Bp in {1, B}. ``mask_fn(b, h, q_pos, kv_pos)`` gives visibility (None: all
+    visible); a position of -1 marks a padding slot, which is never attended (a padding query gets
+    zeros and lse = -inf).
 
     Accumulates in float32 (float64 for float64 input). GQA is handled by folding the query group into
     the tile's rows; K/V are never expanded.
@@ -100,7 +101,8 @@ def tiled_attention(
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     acc_dtype = accumulation_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    v_dim = v.shape[-1]  # may differ from D: a channel-pruned cache layer's keys
+    out = torch.zeros((batch, n_heads, q_len, v_dim), dtype=q.dtype, device=q.device)
     lse = torch.full((batch, n_heads, q_len), -torch.inf, dtype=acc_dtype, device=q.device)
     if q_len == 0 or kv_len == 0:
         return AttnOutput(out, lse, None)
@@ -124,7 +126,7 @@ def tiled_attention(
             (batch, n_kv_heads, rows), -torch.inf, dtype=acc_dtype, device=q.device
         )
         run_sum = torch.zeros_like(run_max)
-        acc = torch.zeros((batch, n_kv_heads, rows, dim), dtype=acc_dtype, device=q.device)
+        acc = torch.zeros((batch, n_kv_heads, rows, v_dim), dtype=acc_dtype, device=q.device)
         for ki, k0 in enumerate(range(0, kv_len, tile_k)):
             if layout is not None and not tile_any[qi, ki]:
                 continue
@@ -156,6 +158,6 @@ def tiled_attention(
         seen = run_sum > 0
         tile_out = acc / torch.where(seen, run_sum, 1.0).unsqueeze(-1)
         tile_lse = torch.where(seen, run_max + torch.log(run_sum), -torch.inf)
-        out[:, :, q0:q1] = tile_out.view(batch, n_heads, q1 - q0, dim).to(q.dtype)
+        out[:, :, q0:q1] = tile_out.view(batch, n_heads, q1 - q0, v_dim).to(q.dtype)
         lse[:, :, q0:q1] = tile_lse.view(batch, n_heads, q1 - q0)
     return AttnOutput(out, lse, None)

@@ -53,6 +53,7 @@ from longattn.methods.static_blocks import StaticBlocks
 from longattn.methods.streaming_llm import StreamingLLM
 from longattn.methods.strided import Strided
 from longattn.methods.taylor import Taylor
+from longattn.methods.think import ThinK
 from longattn.methods.tidal_decode import TidalDecode
 from longattn.methods.tova import TOVA
 from longattn.methods.window_linear import WindowPlusLinear
@@ -111,6 +112,7 @@ __all__ = [
     "StreamingLLM",
     "Strided",
     "Taylor",
+    "ThinK",
     "TidalDecode",
     "TOVA",
     "WindowPlusLinear",
