@@ -28,21 +28,11 @@ import torch
 from longattn import hf
 from longattn.bench.common import cpu_line, environment
 from longattn.eval.models import load
+from longattn.eval.text import leading_ids
 from longattn.integrations.hf import attn_implementation
 from longattn.methods import Dense, StreamingLLM
 
 BASELINE = "hf_dynamic_cache"
-
-
-def text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
-    """[1, n_tokens] ids of the stdlib's Python docs (offline)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
-    if ids.shape[1] < n_tokens:
-        raise ValueError(f"only {ids.shape[1]} tokens of text available, asked for {n_tokens}")
-    return ids
 
 
 def variants(window: int, use=hf.use) -> dict:
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load("smollm2-135m")
     model.set_attn_implementation("sdpa")
-    ids = text_ids(tokenizer, args.prompt + args.new)
+    ids = leading_ids(tokenizer, args.prompt + args.new)
     runs = interleaved(model, ids, args.prompt, args.new, variants(args.window))
     error = gate(runs)
     if error > 1e-4:

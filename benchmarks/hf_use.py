@@ -17,22 +17,14 @@ import json
 import pathlib
 import statistics
 import time
-from pydoc_data.topics import topics
 
 import torch
 
 from longattn import hf
 from longattn.bench.common import ImplLog, cpu_line, environment, format_table
 from longattn.eval.models import load
+from longattn.eval.text import leading_ids
 from longattn.methods import Dense
-
-
-def text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
-    if ids.shape[1] < n_tokens:
-        raise ValueError(f"only {ids.shape[1]} tokens of text available, asked for {n_tokens}")
-    return ids
 
 
 @torch.no_grad()
@@ -71,7 +63,7 @@ def implementations(log: ImplLog) -> str:
 def run(model, tokenizer, n_prefill: int, n_prompt: int, n_new: int, rounds: int) -> list[dict]:
     from transformers import DynamicCache
 
-    long_ids, prompt_ids = text_ids(tokenizer, n_prefill), text_ids(tokenizer, n_prompt)
+    long_ids, prompt_ids = leading_ids(tokenizer, n_prefill), leading_ids(tokenizer, n_prompt)
     times: dict[tuple[str, str], list[float]] = {}
     logits, greedy = {}, {}
     warm = long_ids[:, :256]

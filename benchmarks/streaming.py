@@ -31,7 +31,7 @@ import torch
 from longattn import hf
 from longattn.bench.common import cpu_line, environment
 from longattn.eval.models import load
-from longattn.eval.text import corpus
+from longattn.eval.text import leading_ids
 from longattn.integrations.hf import attn_implementation
 from longattn.methods import StreamingLLM
 
@@ -40,16 +40,6 @@ PAGE = 4096  # bytes of a page as /proc/self/statm counts them (x86-64 Linux)
 
 def rss_mib() -> float:
     return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * PAGE / 2**20
-
-
-def text_ids(tokenizer, n_tokens: int) -> torch.Tensor:
-    """[1, n_tokens] ids of the Python docs, continued with the license texts if they run out."""
-    ids: list[int] = []
-    for name in ("pydoc", "licenses"):
-        ids += tokenizer(corpus(name), return_tensors="pt").input_ids[0].tolist()
-        if len(ids) >= n_tokens:
-            return torch.tensor(ids[:n_tokens])[None]
-    raise ValueError(f"only {len(ids)} tokens of offline text, asked for {n_tokens}")
 
 
 @torch.no_grad()
@@ -295,7 +285,7 @@ def run_parts(wanted: list[str], args, env: dict, out: pathlib.Path) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     model, tokenizer = load("smollm2-135m")
-    ids = text_ids(tokenizer, max(args.tokens, args.window + args.speed_tokens + 1))
+    ids = leading_ids(tokenizer, max(args.tokens, args.window + args.speed_tokens + 1))
     streaming = StreamingLLM(sinks=args.sinks, window=args.window, positions="cache")
     error = gate(model, ids[:, : args.chunk], streaming)
     print(f"gate: max |logits - model's own| / max |logits| = {error:.2e}", flush=True)

@@ -67,3 +67,16 @@ def paragraphs(name: str) -> list[str]:
     """Non-empty paragraphs of a corpus, whitespace-normalised (used as haystack filler)."""
     parts = (" ".join(p.split()) for p in corpus(name).split("\n\n"))
     return [p for p in parts if len(p) > 40]
+
+
+def leading_ids(tokenizer, n_tokens: int, names: tuple[str, ...] = ("pydoc", "licenses")):
+    """[1, n_tokens] token ids of the start of the corpora ``names`` taken in turn (the Python docs,
+    continued with the license texts if they run out), for benchmarks that need one long text."""
+    import torch
+
+    ids: list[int] = []
+    for name in names:
+        ids += tokenizer(corpus(name), return_tensors="pt").input_ids[0].tolist()
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens])[None]
+    raise ValueError(f"only {len(ids)} tokens of offline text, asked for {n_tokens}")
