@@ -239,6 +239,21 @@ def score_text(model, context, input_ids: torch.Tensor, tail: int) -> dict:
 
 
 @torch.no_grad()
+def forward_perplexity(model, input_ids: torch.Tensor, method=None) -> tuple[float, float]:
+    """(perplexity, seconds) of one forward over ``input_ids`` [1, T]: the model's own attention
+    without a cache (``method`` None), else through ``hf.use(model, method)``'s cache."""
+    from longattn.integrations.hf import use
+
+    start = time.perf_counter()
+    if method is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    else:
+        with use(model, method) as cache:
+            logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+    return metrics.perplexity(logits, input_ids), time.perf_counter() - start
+
+
+@torch.no_grad()
 def score_decode(model, context, input_ids: torch.Tensor, tail: int) -> dict:
     """Perplexity of the last ``tail`` tokens by teacher-forced decode through the cache: the prefix
     is prefilled (dense for a select method), then each token is fed alone with the method's

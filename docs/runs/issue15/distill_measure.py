@@ -24,8 +24,9 @@ import torch
 
 from longattn.calibration import Calibration
 from longattn.eval import distill as D
-from longattn.eval.metrics import kv_bytes, kv_capacity_bytes, perplexity
+from longattn.eval.metrics import kv_bytes, kv_capacity_bytes
 from longattn.eval.models import load
+from longattn.eval.runner import forward_perplexity as score
 from longattn.integrations.hf import use
 from longattn.methods.hedgehog import Hedgehog
 from longattn.methods.sliding_window import SlidingWindow
@@ -41,18 +42,6 @@ def cpu_line() -> str:
     flags = fields.get("Flags", "").split()
     wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     return f"{fields.get('Model name', '?').strip()} ({', '.join(wanted)})"
-
-
-@torch.no_grad()
-def score(model, ids: torch.Tensor, method=None) -> tuple[float, float]:
-    """(perplexity, seconds) of one forward over ``ids`` [1, T] (through ``method``'s cache)."""
-    start = time.perf_counter()
-    if method is None:
-        logits = model(input_ids=ids, use_cache=False).logits
-    else:
-        with use(model, method) as cache:
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-    return perplexity(logits, ids), time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from longattn import from_string
 from longattn.bench.common import cpu_line
 from longattn.eval import tasks
-from longattn.eval.metrics import perplexity
 from longattn.eval.models import load
-from longattn.integrations.hf import use
+from longattn.eval.runner import forward_perplexity as score
 
 METHODS = (
     "sla:critical=0.1,marginal=0.9",
@@ -31,17 +29,6 @@ METHODS = (
     "streaming_llm:sinks=64,window=448",
     "block_topk:budget=0.2",
 )
-
-
-@torch.no_grad()
-def score(model, ids: torch.Tensor, method=None) -> tuple[float, float]:
-    start = time.perf_counter()
-    if method is None:
-        logits = model(input_ids=ids, use_cache=False).logits
-    else:
-        with use(model, method) as cache:
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-    return perplexity(logits, ids), time.perf_counter() - start
 
 
 def main() -> None:
