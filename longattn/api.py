@@ -15,6 +15,7 @@ import torch
 
 from longattn import compress, linear, prefill
 from longattn.cache import KVCache
+from longattn.cache_summary import with_summary
 from longattn.call import (
     Call,
     apply_retention,
@@ -23,7 +24,7 @@ from longattn.call import (
     make_cache_call,
     make_call,
 )
-from longattn.kernels import block_sparse
+from longattn.kernels import block_sparse, reference
 from longattn.kernels.decode import (
     MAX_DECODE_QUERIES,
     Workspace,
@@ -34,12 +35,6 @@ from longattn.kernels.decode import (
     gather_selected,
 )
 from longattn.kernels.flex import flex_available, flex_block_attention
-from longattn.kernels.reference import (
-    MAX_BYTES_ENV,
-    max_score_bytes,
-    reference_attention,
-    score_bytes,
-)
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.sparse import block_index_from_mask, sparse_attention
 from longattn.kernels.tiled import tiled_attention, with_padding
@@ -86,11 +81,11 @@ def _reference_can_run(call: Call) -> str | None:
     if call.method.hook not in ("mask", "select", "plan"):
         return f"method {call.method.name!r} states its rule with {call.method.hook!r}"
     b, h, _, tq, tk, _ = call.shape
-    need, cap = score_bytes(b, h, tq, tk, call.q.dtype), max_score_bytes()
+    need, cap = reference.score_bytes(b, h, tq, tk, call.q.dtype), reference.max_score_bytes()
     if need > cap:
         return (
             f"the reference would materialise {need / 2**30:.2f} GiB of scores, over the "
-            f"{cap / 2**30:.2f} GiB cap (${MAX_BYTES_ENV}); use impl='tiled' (or 'auto')"
+            f"{cap / 2**30:.2f} GiB cap (${reference.MAX_BYTES_ENV}); use impl='tiled' (or 'auto')"
         )
     return None
 
@@ -139,7 +134,7 @@ def _selection_mask(call: Call) -> torch.Tensor:
 
 
 def _run_reference(call: Call) -> AttnOutput:
-    return reference_attention(call.q, call.k, call.v, visible_mask(call), call.scale)
+    return reference.reference_attention(call.q, call.k, call.v, visible_mask(call), call.scale)
 
 
 def _sdpa_can_run(call: Call) -> str | None:
@@ -590,6 +585,8 @@ def attention(
             compress.before(evict, cache, layer, q_len, t_new)
         call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
         result = run_call(call, choose_impl(call, impl))
+        if cache.summary(layer) is not None:  # tokens an eviction folded (Evict.compensate)
+            result = with_summary(result, call.q, cache.summary(layer), call.scale)
         apply_retention(call)
         if evict is not None:
             compress.after(evict, call)

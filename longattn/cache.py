@@ -23,6 +23,7 @@ import torch
 
 from longattn.cache_channels import check_channels, gather_channels, prune_layer
 from longattn.cache_pages import metadata_dtype, projected_keys, refresh_pages
+from longattn.cache_summary import Summary, compact, fold
 from longattn.checkpoint import Checkpoint, restore, take
 from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView, tensors_in
@@ -79,6 +80,9 @@ class _Layer:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     # [B, Hkv, Dk'] int64: the key channels stored (``prune_channels``); None: every channel
     channels: torch.Tensor | None = None
+    # one compensation token per (row, KV head) for the tokens evicted with ``summarize``
+    # (``longattn.cache_summary``); replaced, never written in place; None: no token
+    summary: Summary | None = None
 
     @property
     def capacity(self) -> int:
@@ -301,7 +305,7 @@ class KVCache:
             return next_pos.view(-1, 1) + torch.arange(t_new, device=k.device)
         return check_append_positions(positions, next_pos, batch, t_new)
 
-    def evict(self, layer: int, keep: torch.Tensor, *, capacity: int | None = None) -> None:
+    def evict(self, layer: int, keep: torch.Tensor, *, capacity=None, summarize=False) -> None:
         """Drop every token whose ``keep`` entry is False.
 
         keep: bool [B, seq_len] (every KV head alike) or [B, Hkv, seq_len] (per head: the heads of a
@@ -315,6 +319,9 @@ class KVCache:
         layer is resized to exactly that, rounded up to a page: a bounded method holds its budget
         plus less than a page. Without it, storage shrinks to what is kept plus an eighth (not
         below the initial capacity) once it is more than one and a half times that.
+
+        ``summarize``: fold the dropped tokens of each (row, head) into the layer's compensation
+        token, which later attention weighs by its count (``longattn.cache_summary``).
         """
         entry = self._need(layer)
         keep = check_keep(layer, keep, entry.pos.shape[:2], entry.seq_len, entry.pos.device)
@@ -322,31 +329,18 @@ class KVCache:
             isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0
         ):
             raise ValueError(f"evict capacity must be an int > 0 slots, got {capacity!r}")
-        keep = keep & (entry.pos[:, :, : entry.seq_len] >= 0)
+        real = entry.pos[:, :, : entry.seq_len] >= 0
+        keep = keep & real
         lengths = keep.sum(dim=-1).cpu()  # [B, Hkv]
         n_max = int(lengths.max()) if lengths.numel() else 0
         if capacity is not None and capacity < n_max:
             raise ValueError(f"evict capacity {capacity} is below the {n_max} tokens kept")
-        # kept slots first, in their order: a stable sort of the drop flags
-        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
-        # whole key / value rows by one index_select over the (row, head, slot) axis of the
-        # contiguous storage (a gather would read an index as large as the keys)
-        batch, heads, cap, _ = entry.keys.shape
-        base = torch.arange(batch * heads, device=order.device).view(batch, heads, 1) * cap
-        flat = (base + order).reshape(-1)
-        for name in ("keys", "values"):
-            store = getattr(entry, name)
-            dim = store.shape[-1]  # keys may hold fewer channels (prune_channels)
-            kept = store.view(-1, dim).index_select(0, flat)
-            store[:, :, :n_max] = kept.view(batch, heads, n_max, dim)
-        tail = (
-            torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
-        )
-        entry.pos[:, :, :n_max] = entry.pos.gather(2, order)
-        entry.pos.masked_fill_(tail, -1)
-        for stat in entry.stats.values():
-            stat[:, :, :n_max] = stat.gather(2, order)
-            stat.masked_fill_(tail, 0)
+        if summarize:  # before the kept tokens move over the dropped ones
+            seq = entry.seq_len
+            entry.summary = fold(
+                entry.keys[:, :, :seq], entry.values[:, :, :seq], real & ~keep, entry.summary
+            )
+        compact(entry, keep, lengths, n_max)
         entry.row_len = lengths.to(torch.int64)
         entry.seq_len = n_max
         entry.dense = False
@@ -382,6 +376,11 @@ class KVCache:
                 raise ValueError(f"row {b}: positions {missing.tolist()} are not in the cache")
         keep = torch.stack([~torch.isin(held[b], pos[b]) for b in range(held.shape[0])])
         self.evict(layer, keep)
+
+    def summary(self, layer: int) -> Summary | None:
+        """The layer's compensation tokens (``evict(summarize=True)``), or None."""
+        entry = self._get(layer)
+        return None if entry is None else entry.summary
 
     def key_channels(self, layer: int) -> torch.Tensor | None:
         """[B, Hkv, Dk'] int64 key channels ``layer`` stores, or None while it stores them all."""
@@ -431,7 +430,8 @@ class KVCache:
                 ) from None
 
     def nbytes(self) -> int:
-        """Bytes of the keys and values in used slots of every layer (what the tokens need).
+        """Bytes of the keys and values in used slots of every layer (what the tokens need), with
+        the compensation tokens.
 
         ``capacity_nbytes`` is what the storage really holds (allocated slots and metadata)."""
         total = 0
@@ -439,6 +439,7 @@ class KVCache:
             if entry is not None:
                 per_slot = entry.keys[:, :, 0].numel() + entry.values[:, :, 0].numel()
                 total += per_slot * entry.seq_len * entry.keys.element_size()
+                total += 0 if entry.summary is None else entry.summary.nbytes()
         return total
 
     def capacity_nbytes(self) -> int:
@@ -452,6 +453,7 @@ class KVCache:
                 held += [entry.page_count] + [buf for _, buf in entry.projections.values()]
                 held += list(entry.stats.values())
                 total += sum(t.numel() * t.element_size() for t in held)
+                total += 0 if entry.summary is None else entry.summary.nbytes()
         linear = [r.state for key, r in self.state.items() if str(key).startswith("linear/")]
         return total + sum(t.numel() * t.element_size() for t in tensors_in(linear))
 

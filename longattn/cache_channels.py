@@ -68,4 +68,6 @@ def prune_layer(entry: Any, channels: torch.Tensor) -> None:
     entry.page_sum = sums.new_zeros(*sums.shape[:3], kept)
     entry.projections = {}
     entry.channels = index.clone()
+    if entry.summary is not None:  # a compensation token's key keeps the same channels
+        entry.summary = entry.summary._replace(keys=entry.summary.keys.gather(-1, index))
     entry.mark_stale(0, entry.capacity)

@@ -121,7 +121,7 @@ def compress(method: Evict, cache: KVCache, layer: int, calibration=None, room: 
     keep = choose(method, scores.float(), positions, cache.n_seen(layer), layer, cache.n_layers)
     kept = int(keep.sum(dim=-1).max())
     headroom = room + (method.every if method.when == "decode" else 0)
-    cache.evict(layer, keep, capacity=max(1, kept + headroom))
+    cache.evict(layer, keep, capacity=max(1, kept + headroom), summarize=method.compensate)
     if cache.key_channels(layer) is None:
         prune_channels(method, cache, layer, calibration)
 

@@ -170,6 +170,9 @@ class Evict(Method):
                 prefill holds at most budget + one chunk); ``decode``: as ``prefill``, then again
                 every ``every`` decode steps.
     every:      decode steps between compressions for ``when="decode"``.
+    compensate: fold each head's evicted tokens into one compensation token (mean key, mean
+                value), which attention weighs by the number of tokens it stands for
+                (RazorAttention's, arXiv:2407.15891; ``longattn.cache_summary``); any scorer.
     """
 
     budget: float = 0.25
@@ -180,6 +183,7 @@ class Evict(Method):
     window: int = 32
     when: str = "prefill"
     every: int = 16
+    compensate: bool = False
 
     # what ``score`` reads beyond keys, values and positions: "queries" (the observation window),
     # "accumulated" (accumulated attention and last hit, maintained by the library at every call)

@@ -165,6 +165,27 @@ def check_against_reference(
     return (out.double() - bound.ref.out).abs().max().item() if out.numel() else 0.0
 
 
+def with_compensation(
+    k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, summary
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 oracle's inputs for a layer with compensation tokens (``KVCache.summary``): keys
+    k [B, Hkv, Tk, D], values v and ``visible`` [B, H, Tq, Tk] extended by ``n`` copies of each
+    (row, KV head)'s mean key and value, visible to every query of that head: the definition of
+    attention with a compensation token that stands for ``n`` tokens. None: unchanged."""
+    if summary is None:
+        return k, v, visible
+    batch, n_kv = summary.count.shape
+    n = int(summary.count.max())
+    extra_k = summary.keys.to(k.dtype)[:, :, None, :].expand(batch, n_kv, n, k.shape[-1])
+    extra_v = summary.values.to(v.dtype)[:, :, None, :].expand(batch, n_kv, n, v.shape[-1])
+    used = torch.arange(n) < summary.count.unsqueeze(-1)  # [B, Hkv, n]
+    group = visible.shape[1] // n_kv
+    seen = used.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, n]
+    seen = seen.expand(*visible.shape[:3], n)
+    extended = torch.cat([visible.expand(batch, -1, -1, -1), seen], dim=-1)
+    return torch.cat([k, extra_k], dim=2), torch.cat([v, extra_v], dim=2), extended
+
+
 def kept_channel_queries(q: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, Tq, D] with the key channels its KV head does not keep set to zero (``channels``
     [B, Hkv, Dk'] of a channel-pruned cache layer; None: q itself). Its float64 oracle over the

@@ -10,7 +10,7 @@ import torch
 from longattn import KVCache, attention
 from longattn.compress import ada_budgets, attention_weights, choose, compress, layer_budget
 from longattn.method import Evict
-from longattn.testing import check_against_reference, kept_channel_queries
+from longattn.testing import check_against_reference, kept_channel_queries, with_compensation
 
 IMPLS = ["decode_cpp", "decode", "reference", "tiled", "sparse", "sparse_cpp"]
 
@@ -305,8 +305,9 @@ def test_every_eviction_method_evicts_per_head_and_equals_masking(spec, tmp_path
         held = _held_mask(cache, 0, t + 1)
         visible = _visible(torch.tensor([t]), held, group=2)
         q_kept = kept_channel_queries(q[:, :, step], cache.key_channels(0))  # ThinK's channels
-        check_against_reference(out, q_kept, k[:, :, : t + 1], v[:, :, : t + 1], visible,
-                                16**-0.5)  # fmt: skip
+        kx, vx, visible = with_compensation(k[:, :, : t + 1], v[:, :, : t + 1], visible,
+                                            cache.summary(0))  # fmt: skip
+        check_against_reference(out, q_kept, kx, vx, visible, 16**-0.5)
     budget = method.tokens or -(-int(method.budget * 80 * 1e6) // 1_000_000)
     lengths = cache.head_lengths(0)  # [B, Hkv]; AdaKV shares a row's total over its heads
     if (

@@ -26,13 +26,14 @@ class RazorAttention(RetrievalHeads):
                  every layer at once.
     pattern:     explicit retrieval flags (1) per KV head, cycled over each layer's heads, in place
                  of a calibration (tests, ablations).
+    compensate:  fold each non-retrieval head's dropped tokens into one compensation token, the
+                 mean of their (rotated) keys and of their values, which attention weighs by the
+                 number of tokens it stands for (the paper's Eq. 4-5; ``longattn.cache_summary``);
+                 on by default as in the paper, ``compensate=false`` for the ablation.
     Every key scores +inf or -inf, so ``budget``, ``tokens`` and ``allocation`` do not apply.
     Defaults: the paper's 4 sink tokens; ``recent=256`` (see below); ``when="chunk"``.
-    Deviation from paper: no compensation token: the paper replaces a non-retrieval head's dropped
-    tokens by one token holding the mean of their keys and values; the cache cannot insert
-    synthetic tokens yet, so the dropped tokens are simply gone. The local window is a fixed
-    ``recent`` count, not the paper's max(4000, N / compression ratio), which exceeds the whole
-    of a small model's 1-4K contexts. A KV head is a retrieval head when any query head of its
+    Deviation from paper: the local window is a fixed ``recent`` count, not the paper's max(4000,
+    N / compression ratio), which exceeds the whole of a small model's 1-4K contexts. A KV head is a retrieval head when any query head of its
     GQA group scores high (the maximum over the group), since the group shares its cache.
     """
 
@@ -42,5 +43,6 @@ class RazorAttention(RetrievalHeads):
     sinks: int = 4
     recent: int = 256
     when: str = "chunk"
+    compensate: bool = True
 
     command: ClassVar[str] = "razor"
