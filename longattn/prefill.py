@@ -35,6 +35,9 @@ from longattn.types import AttnOutput, BlockIndex, PrefillPlan, PrefillView
 
 log = logging.getLogger("longattn")
 
+# Elements of a narrower dtype widened to float32 at once by ``_pool`` (a cache-sized copy).
+POOL_CHUNK = 1 << 18
+
 # Queries whose exact attention ``block_mass`` computes at once (rows x keys floats per chunk).
 MASS_CHUNK_ELEMENTS = 1 << 24
 
@@ -54,17 +57,19 @@ def dense_reason(method: SparsePrefill, q_len: int, kv_len: int) -> str | None:
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, h, T, D] -> [B, h, ceil(T / block), D] float32 means over each block's rows (the last
-    block over the rows it has). Summed in float32 from views of ``x`` (no padded or widened
-    copy of it)."""
+    block over the rows it has). Summed in float32 from views of ``x``: no padded copy, and a
+    narrower dtype is widened a few blocks at a time (a cache-sized copy), not as a whole."""
     batch, heads, t, dim = x.shape
     full = t // block
     n = -(-t // block)
     sums = torch.empty(batch, heads, n, dim, dtype=torch.float32, device=x.device)
-    if full:
-        whole = x[:, :, : full * block].unflatten(2, (full, block))  # [B, h, full, block, D]
-        torch.sum(whole, dim=3, dtype=torch.float32, out=sums[:, :, :full])
+    step = full if x.dtype == torch.float32 else max(1, POOL_CHUNK // (batch * heads * block * dim))
+    for lo in range(0, full, max(1, step)):
+        hi = min(lo + step, full)
+        rows = x[:, :, lo * block : hi * block].unflatten(2, (hi - lo, block))
+        torch.sum(rows.float(), dim=3, out=sums[:, :, lo:hi])  # [B, h, c, D]
     if n > full:
-        sums[:, :, full] = x[:, :, full * block :].sum(dim=2, dtype=torch.float32)
+        sums[:, :, full] = x[:, :, full * block :].float().sum(dim=2)
     counts = torch.full((n,), float(block), device=x.device)
     counts[-1] = t - (n - 1) * block
     return sums / counts.view(1, 1, n, 1)
