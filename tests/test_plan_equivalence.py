@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from longattn import from_string
+from longattn import from_string, prefill
 from longattn.call import make_call
 from longattn.methods import anchor_attention, dhsa, hip, proxy_attn
 from longattn.methods.block_topk import top_count, top_k_blocks
@@ -314,7 +314,9 @@ def test_top_k_blocks_equals_the_stable_sort_with_forced_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [128, 130, 15])
-def test_pool_equals_the_padded_mean(length, dtype):
+@pytest.mark.parametrize("chunk", [1 << 18, 300])
+def test_pool_equals_the_padded_mean(length, dtype, chunk, monkeypatch):
+    monkeypatch.setattr(prefill, "POOL_CHUNK", chunk)  # 300: one block widened at a time
     x = torch.randn(2, 3, length, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
     torch.testing.assert_close(_pool(x, 16), ref_pool(x, 16), rtol=0, atol=1e-6)
     full = length // 16
