@@ -11,7 +11,7 @@ import torch
 from longattn.method import SparsePrefill, check_positive, register
 from longattn.methods.block_topk import top_count, top_k_blocks
 
-# Keys whose adjacent cosines are computed at once (rows): their normalised copy stays in cache.
+# Keys whose adjacent cosines (or float32 copy) are computed at once (rows): they stay in cache.
 COSINE_ROWS = 1 << 12
 
 
@@ -40,7 +40,9 @@ def chunk_representations(x: torch.Tensor, ids: torch.Tensor, n_chunks: int) -> 
     offset = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * n_chunks
     rows = (ids + offset).flatten()  # [B * h * T] each token's (row, head, chunk)
     sums = torch.zeros(batch * heads * n_chunks, dim, device=x.device)
-    sums.index_add_(0, rows, x.reshape(-1, dim).float())
+    flat = x.reshape(-1, dim)  # a narrower dtype widened a few rows at a time, in token order
+    for lo in range(0, flat.shape[0], COSINE_ROWS):
+        sums.index_add_(0, rows[lo : lo + COSINE_ROWS], flat[lo : lo + COSINE_ROWS].float())
     counts = torch.zeros(batch * heads * n_chunks, device=x.device)
     counts.index_add_(0, rows, torch.ones(rows.shape, device=x.device))
     sums, counts = sums.view(batch, heads, n_chunks, dim), counts.view(batch, heads, n_chunks)

@@ -114,6 +114,7 @@ class HiP(SparsePrefill):
 
     def plan(self, view) -> torch.Tensor:
         q, q_pos = query_blocks(view)  # [B, H, nq, bs, D], [Bp, nq, bs]
+        q = q.float()  # widened once, not in every round (a no-op for float32)
         batch, heads, n_q = q.shape[:3]
         causal = view.causal
         n_cand = causal.long().cumsum(-1).argmax(-1) + 1  # [nq] key blocks up to the diagonal
