@@ -35,6 +35,9 @@ from longattn.types import AttnOutput, BlockIndex, PrefillPlan, PrefillView
 
 log = logging.getLogger("longattn")
 
+# Elements of a narrower dtype widened to float32 at once by ``_pool`` (a cache-sized copy).
+POOL_CHUNK = 1 << 18
+
 # Queries whose exact attention ``block_mass`` computes at once (rows x keys floats per chunk).
 MASS_CHUNK_ELEMENTS = 1 << 24
 
@@ -54,11 +57,19 @@ def dense_reason(method: SparsePrefill, q_len: int, kv_len: int) -> str | None:
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, h, T, D] -> [B, h, ceil(T / block), D] float32 means over each block's rows (the last
-    block over the rows it has)."""
+    block over the rows it has). Summed in float32 from views of ``x``: no padded copy, and a
+    narrower dtype is widened a few blocks at a time (a cache-sized copy), not as a whole."""
     batch, heads, t, dim = x.shape
+    full = t // block
     n = -(-t // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - t))
-    sums = padded.view(batch, heads, n, block, dim).sum(dim=3)
+    sums = torch.empty(batch, heads, n, dim, dtype=torch.float32, device=x.device)
+    step = full if x.dtype == torch.float32 else max(1, POOL_CHUNK // (batch * heads * block * dim))
+    for lo in range(0, full, max(1, step)):
+        hi = min(lo + step, full)
+        rows = x[:, :, lo * block : hi * block].unflatten(2, (hi - lo, block))
+        torch.sum(rows.float(), dim=3, out=sums[:, :, lo:hi])  # [B, h, c, D]
+    if n > full:
+        sums[:, :, full] = x[:, :, full * block :].float().sum(dim=2)
     counts = torch.full((n,), float(block), device=x.device)
     counts[-1] = t - (n - 1) * block
     return sums / counts.view(1, 1, n, 1)
@@ -93,7 +104,7 @@ class _Estimators:
         k = self.cache["k32"]  # [B, Hkv, Tk, D]
         batch, heads, n, dim = q.shape
         rows = q.float().reshape(batch, k.shape[1], -1, dim)  # [B, Hkv, G * n, D]
-        return (rows @ k.transpose(-1, -2)).view(batch, heads, n, -1) * self.scale
+        return (rows @ k.transpose(-1, -2)).view(batch, heads, n, -1).mul_(self.scale)
 
     def pooled_logits(self) -> torch.Tensor:
         """[B, H, nq, nk] float32 ``scale * mean(q) . mean(k)`` per block pair; -inf where the
@@ -113,7 +124,7 @@ class _Estimators:
         qp = self.q_pos[:, -n:][:, None, :, None]
         kp = self.kv_pos[:, None, None, :]
         visible = (kp >= 0) & (qp >= 0) & (kp <= qp)
-        return torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        return torch.softmax(logits.masked_fill_(~visible, -math.inf), dim=-1).nan_to_num_(0.0)
 
     def block_mass(self) -> torch.Tensor:
         """[B, H, nq, nk] float32 exact attention mass: each query's softmax weights summed over

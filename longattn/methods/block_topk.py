@@ -14,6 +14,21 @@ import torch
 from longattn.method import SparsePrefill, register
 
 
+def top_count(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bool like ``scores`` [..., n]: per row the ``counts`` [...] (broadcast, each in [1, n])
+    highest scores, ties towards the earlier column: the first ``counts`` of a stable descending
+    sort, found without sorting. The row's ``counts``-th largest value is the threshold; every
+    score above it is kept, then the earliest scores equal to it until the count is reached."""
+    counts = counts.expand(scores.shape[:-1]).unsqueeze(-1)  # [..., 1]
+    largest = int(counts.max()) if counts.numel() else 1
+    top = torch.topk(scores, largest, dim=-1, sorted=True).values  # [..., largest]
+    threshold = top.gather(-1, counts - 1)  # [..., 1] the counts-th largest
+    above = scores > threshold
+    tied = scores == threshold
+    room = counts - above.sum(-1, keepdim=True)  # how many tied scores still fit
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
 def top_k_blocks(
     scores: torch.Tensor,
     causal: torch.Tensor,
@@ -27,12 +42,8 @@ def top_k_blocks(
     per_row = torch.ceil(causal.sum(-1).double() * fraction).long().clamp(min=1)  # [nq]
     scores = scores.masked_fill(~causal, -math.inf)
     if forced is not None:
-        scores = scores.masked_fill(forced & causal, math.inf)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < per_row.unsqueeze(-1)
-    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    chosen.scatter_(-1, order, rank_kept.expand_as(order))
-    return chosen & causal
+        scores.masked_fill_(forced & causal, math.inf)
+    return top_count(scores, per_row.clamp(max=scores.shape[-1])) & causal
 
 
 def top_p_blocks(mass: torch.Tensor, causal: torch.Tensor, fraction: float) -> torch.Tensor:

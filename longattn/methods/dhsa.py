@@ -9,7 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from longattn.method import SparsePrefill, check_positive, register
-from longattn.methods.block_topk import top_k_blocks
+from longattn.methods.block_topk import top_count, top_k_blocks
+
+# Keys whose adjacent cosines (or float32 copy) are computed at once (rows): they stay in cache.
+COSINE_ROWS = 1 << 12
 
 
 def chunk_ids(k: torch.Tensor, n_chunks: int) -> torch.Tensor:
@@ -17,35 +20,57 @@ def chunk_ids(k: torch.Tensor, n_chunks: int) -> torch.Tensor:
     least similar (cosine) to their predecessor (ties towards the earlier key)."""
     t_k = k.shape[2]
     n_cuts = min(n_chunks, t_k) - 1
-    unit = torch.nn.functional.normalize(k.float(), dim=-1)
-    cosine = (unit[:, :, 1:] * unit[:, :, :-1]).sum(-1)  # [B, Hkv, Tk - 1]
-    cuts = torch.sort(cosine, dim=-1, stable=True).indices[..., :n_cuts] + 1
+    cosine = torch.empty(*k.shape[:2], t_k - 1, device=k.device)  # [B, Hkv, Tk - 1]
+    for lo in range(0, t_k - 1, COSINE_ROWS):
+        hi = min(lo + COSINE_ROWS, t_k - 1)
+        unit = torch.nn.functional.normalize(k[:, :, lo : hi + 1].float(), dim=-1)
+        cosine[..., lo:hi] = (unit[:, :, 1:] * unit[:, :, :-1]).sum(-1)
     starts = torch.zeros(k.shape[:3], dtype=torch.long, device=k.device)
-    starts.scatter_(-1, cuts, 1)
+    if n_cuts > 0:  # the least similar first, ties towards the earlier key
+        starts[..., 1:] = top_count(-cosine, torch.tensor(n_cuts, device=k.device))
     return starts.cumsum(-1)
 
 
 def chunk_representations(x: torch.Tensor, ids: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """x [B, h, T, D], ids [B, h, T] -> [B, h, n_chunks, D] float32: each chunk's mean times the
     square root of its length (``sum / sqrt(n)``), so that long and short chunks compare fairly;
-    zeros for a chunk without tokens."""
+    zeros for a chunk without tokens. Summed row by row in token order (``index_add_`` over the
+    flattened rows: no index expanded over D)."""
     batch, heads, _, dim = x.shape
-    sums = torch.zeros(batch, heads, n_chunks, dim, device=x.device)
-    sums.scatter_add_(2, ids.unsqueeze(-1).expand(*ids.shape, dim), x.float())
-    counts = torch.zeros(batch, heads, n_chunks, device=x.device)
-    counts.scatter_add_(2, ids, torch.ones(ids.shape, device=x.device))
+    offset = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * n_chunks
+    rows = (ids + offset).flatten()  # [B * h * T] each token's (row, head, chunk)
+    sums = torch.zeros(batch * heads * n_chunks, dim, device=x.device)
+    flat = x.reshape(-1, dim)  # a narrower dtype widened a few rows at a time, in token order
+    for lo in range(0, flat.shape[0], COSINE_ROWS):
+        sums.index_add_(0, rows[lo : lo + COSINE_ROWS], flat[lo : lo + COSINE_ROWS].float())
+    counts = torch.zeros(batch * heads * n_chunks, device=x.device)
+    counts.index_add_(0, rows, torch.ones(rows.shape, device=x.device))
+    sums, counts = sums.view(batch, heads, n_chunks, dim), counts.view(batch, heads, n_chunks)
     return sums / counts.clamp(min=1).sqrt().unsqueeze(-1)
 
 
 def spread(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """scores [..., C] and per-block chunk ranges lo, hi [..., n] (inclusive) -> [..., n]: the
-    maximum of the scores over each block's chunks (chunks are contiguous, so a block's are a
-    range)."""
-    best = torch.gather(scores, -1, lo)
-    for step in range(1, int((hi - lo).max()) + 1):
-        at = torch.gather(scores, -1, (lo + step).clamp(max=scores.shape[-1] - 1))
-        best = torch.where(lo + step <= hi, torch.maximum(best, at), best)
-    return best
+    """scores [..., R, C] and per-block chunk ranges lo, hi [..., 1, n] (inclusive, shared by the
+    R rows) -> [..., R, n]: the maximum of the scores over each block's chunks (chunks are
+    contiguous, so a block's are a range). A sparse table: level j holds the maxima of 2^j
+    consecutive scores, and a range is the maximum of two overlapping power-of-two windows
+    (exact: max is order-free)."""
+    length = hi - lo + 1
+    levels = [scores]
+    while (2 << (len(levels) - 1)) <= int(length.max()):
+        prev, half = levels[-1], 1 << (len(levels) - 1)
+        level = prev.clone()
+        torch.maximum(prev[..., :-half], prev[..., half:], out=level[..., :-half])
+        levels.append(level)
+    level = torch.zeros_like(lo)  # floor(log2(length))
+    for j in range(1, len(levels)):
+        level += length >= (1 << j)
+    table = torch.cat(levels, -1)  # [..., R, L * C]
+    width = scores.shape[-1]
+    shape = (*scores.shape[:-1], lo.shape[-1])
+    left = torch.gather(table, -1, (level * width + lo).expand(shape))
+    right = level * width + hi - torch.pow(2, level) + 1
+    return torch.maximum(left, torch.gather(table, -1, right.expand(shape)))
 
 
 @register("dhsa")
@@ -87,20 +112,15 @@ class DHSA(SparsePrefill):
             -1, ids, torch.arange(t_k, device=ids.device).expand_as(ids), "amax"
         )
         future = first.unsqueeze(-2) > last.unsqueeze(-1)  # [B, Hkv, Cq, Ck]
-        sim = sim.masked_fill(future.repeat_interleave(group, dim=1), -math.inf)
+        # -inf on future chunk pairs, as a bias added over each KV head's query heads
+        hidden = torch.zeros(future.shape, device=sim.device).masked_fill_(future, -math.inf)
+        sim = sim.view(batch, n_kv, group, n_chunks, n_chunks).add_(hidden.unsqueeze(2))
+        sim = sim.view(batch, heads, n_chunks, n_chunks)
         bs = view.block_size
         q_first, q_last = self._block_ends(q_ids, bs)  # [B, H, nq]
         k_first, k_last = self._block_ends(ids.repeat_interleave(group, dim=1), bs)  # [B, H, nk]
-        rows = spread(
-            sim.transpose(-1, -2),
-            q_first.unsqueeze(-2).expand(-1, -1, n_chunks, -1),
-            q_last.unsqueeze(-2).expand(-1, -1, n_chunks, -1),
-        )  # [B, H, Ck, nq]
-        scores = spread(
-            rows.transpose(-1, -2),
-            k_first.unsqueeze(-2).expand(-1, -1, rows.shape[-1], -1),
-            k_last.unsqueeze(-2).expand(-1, -1, rows.shape[-1], -1),
-        )  # [B, H, nq, nk]
+        rows = spread(sim.transpose(-1, -2), q_first.unsqueeze(-2), q_last.unsqueeze(-2))
+        scores = spread(rows.transpose(-1, -2), k_first.unsqueeze(-2), k_last.unsqueeze(-2))
         return top_k_blocks(scores, view.causal, self.budget, view.forced)
 
     @staticmethod

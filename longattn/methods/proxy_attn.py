@@ -10,28 +10,44 @@ import torch
 
 from longattn.method import SparsePrefill, check_positive, register
 from longattn.methods.anchor_attention import query_blocks
+from longattn.methods.block_topk import top_count
 
-# Sampled-query x key scores computed at once (floats per chunk of query blocks).
-SCORE_CHUNK_ELEMENTS = 1 << 24
+# Sampled-query x key scores computed at once (floats per chunk of query blocks): a few MiB, so
+# that each product has enough rows to run near the machine's GEMM rate, and its softmax and
+# block sums still read it from cache.
+SCORE_CHUNK_ELEMENTS = 1 << 20
 
 
 def key_block_sum(weights: torch.Tensor, block: int) -> torch.Tensor:
     """[..., Tk] -> [..., ceil(Tk / block)]: the sum over each key block's columns."""
     t_k = weights.shape[-1]
     n_k = -(-t_k // block)
-    padded = torch.nn.functional.pad(weights, (0, n_k * block - t_k))
-    return padded.view(*weights.shape[:-1], n_k, block).sum(-1)
+    if n_k * block != t_k:
+        weights = torch.nn.functional.pad(weights, (0, n_k * block - t_k))
+    return weights.view(*weights.shape[:-1], n_k, block).sum(-1)
 
 
 def top_count_blocks(scores: torch.Tensor, causal: torch.Tensor, counts: torch.Tensor):
     """bool like ``scores`` [B, H, nq, nk]: per row the ``counts`` [B, H, nq] highest-scoring causal
     key blocks (ties towards the earlier block)."""
     masked = scores.masked_fill(~causal, -math.inf)
-    order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    rank_kept = torch.arange(scores.shape[-1], device=scores.device) < counts.unsqueeze(-1)
-    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    chosen.scatter_(-1, order.indices, rank_kept.expand_as(order.indices))
-    return chosen & causal
+    return top_count(masked, counts.clamp(max=scores.shape[-1])) & causal
+
+
+def mask_unseen_(logits: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
+    """-inf into ``logits`` [..., Tk] where the query (``q_pos`` [Bp, ..., 1]) may not see the key
+    (``kv_pos`` [Bp, Tk]: before or at the query, both >= 0), in place. The leading keys every
+    query sees are left alone: a bool-masked fill is slow on CPU, so it covers only the keys
+    from the first that some query does not see (near the diagonal, padding)."""
+    if bool((q_pos < 0).any()):
+        open_keys = 0
+    else:
+        oldest = q_pos.reshape(q_pos.shape[0], -1).amin(-1, keepdim=True)  # [Bp, 1]
+        fine = (kv_pos >= 0) & (kv_pos <= oldest)  # [Bp, Tk]
+        open_keys = int(fine.long().cumprod(-1).sum(-1).min())
+    kp = kv_pos[:, open_keys:].view(kv_pos.shape[0], *([1] * (q_pos.dim() - 2)), -1)
+    hidden = (kp > q_pos) | (kp < 0) | (q_pos < 0)  # [Bp, ..., Tk - open]
+    logits[..., open_keys:].masked_fill_(hidden, -math.inf)
 
 
 def proxy_heads(q: torch.Tensor, k: torch.Tensor, n_proxy: int):
@@ -89,18 +105,27 @@ class ProxyAttn(SparsePrefill):
         q, q_pos = q[..., -n:, :], q_pos[..., -n:]  # the last queries of each block
         q_proxy, k_proxy = proxy_heads(q, view.k, self.proxy_heads)  # [B, P, nq, n, D]
         batch, n_proxy, n_q = q_proxy.shape[:3]
-        t_k = k_proxy.shape[2]
+        bs, t_k = view.block_size, k_proxy.shape[2]
+        q_rows = q_proxy.flatten(2, 3)  # [B, P, nq * n, D]
+        scores = torch.zeros(batch, n_proxy, n_q, -(-t_k // bs), device=q_proxy.device)
         step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * n_proxy * n * t_k))
-        parts = []
         for lo in range(0, n_q, step):
-            logits = q_proxy[:, :, lo : lo + step] @ k_proxy.unsqueeze(2).transpose(-1, -2)
-            qp = q_pos[:, None, lo : lo + step, :, None]  # [Bp, 1, c, n, 1]
-            kp = view.kv_pos[:, None, None, None, :]
-            visible = (kp <= qp) & (kp >= 0) & (qp >= 0)
-            logits = (logits * view.scale).masked_fill(~visible, -math.inf)
-            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [B, P, c, n, Tk]
-            parts.append(key_block_sum(weights, view.block_size).mean(-2))
-        return torch.cat(parts, dim=2)
+            reached = view.causal[lo : lo + step].any(0)  # [nk] key blocks these queries reach
+            if not bool(reached.any()):
+                continue
+            # keys past the last reached block carry no weight: their scores are not computed
+            n_keys = min(t_k, (int(reached.nonzero().max()) + 1) * bs)
+            rows = q_rows[:, :, lo * n : (lo + step) * n]  # [B, P, c * n, D]
+            logits = rows @ k_proxy[:, :, :n_keys].transpose(-1, -2)  # [B, P, c * n, keys]
+            logits = logits.unflatten(2, (-1, n)).mul_(view.scale)  # [B, P, c, n, keys]
+            mask_unseen_(logits, q_pos[:, None, lo : lo + step, :, None], view.kv_pos[:, :n_keys])
+            weights = torch.softmax(logits, dim=-1)
+            unseeing = weights[..., 0].isnan()  # a query that sees no key: no weight (not NaN)
+            if bool(unseeing.any()):
+                weights[unseeing] = 0.0
+            blocks = key_block_sum(weights, bs).mean(-2)  # [B, P, c, nk']
+            scores[:, :, lo : lo + step, : blocks.shape[-1]] = blocks
+        return scores
 
     def _head_fraction(self, view) -> torch.Tensor:
         """[B, H] each head's kept fraction of causal blocks, from the last query block."""
