@@ -37,7 +37,7 @@ from longattn.kernels.decode import (
 from longattn.kernels.flex import flex_available, flex_block_attention
 from longattn.kernels.sdpa import sdpa_attention
 from longattn.kernels.sparse import block_index_from_mask, sparse_attention
-from longattn.kernels.tiled import tiled_attention, with_padding
+from longattn.kernels.tiled import mask_indices, tiled_attention, with_padding
 from longattn.method import Evict, Method, from_string
 from longattn.methods.dense import Dense
 from longattn.types import AttnOutput, BlockIndex, DecodeSelection, accumulation_dtype
@@ -92,13 +92,11 @@ def _reference_can_run(call: Call) -> str | None:
 
 def visible_mask(call: Call) -> torch.Tensor:
     """The method's mask materialised on this call's positions, broadcastable to [B, H, Tq, Tk]."""
-    b, h, _, _, _, _ = call.shape
-    b_idx = torch.arange(b, device=call.q.device).view(-1, 1, 1, 1)
-    h_idx = torch.arange(h, device=call.q.device).view(1, -1, 1, 1)
     if call.method.hook == "select":
         return _selection_mask(call)
     if call.method.hook == "plan":  # the planned blocks, causal within them
         return prefill.plan_visible(call, block_index(call)) & _causal_mask(call)
+    b_idx, h_idx = mask_indices(call.shape[0], call.shape[1], call.q.device)  # [B|H, 1, 1, 1]
     mask_fn = with_padding(call.method.mask) if call.has_padding else call.method.mask
     return mask_fn(b_idx, h_idx, call.q_pos[:, None, :, None], _kv_pos_by_head(call))
 

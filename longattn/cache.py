@@ -242,7 +242,8 @@ class KVCache:
         if need > entry.capacity:
             self._resize(entry, need)
         starts = entry.row_len  # [B, Hkv] (replaced below, never written: no copy)
-        first = int(starts.min())
+        # the heads of one row holding the same tokens all hold seq_len: no read of row_len
+        first = entry.seq_len if entry.uniform and k.shape[0] == 1 else int(starts.min())
         same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
@@ -283,13 +284,16 @@ class KVCache:
         entry.seq_len = s + t_new
         entry.mark_stale(s, entry.seq_len)
 
-    def check_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> _Layer | None:
-        """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device) without
-        changing anything; returns the layer's storage (None while it is empty)."""
+    def check_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, finite: bool = True
+    ) -> _Layer | None:
+        """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device; finite
+        unless the caller checked that) without changing anything; returns the layer's storage
+        (None while it is empty)."""
         entry = self._get(layer)
         # values hold every channel of a channel-pruned layer: appended keys arrive with them all
         held = None if entry is None else (entry.values.shape, entry.keys.dtype, entry.keys.device)
-        check_append_kv(layer, k, v, held)
+        check_append_kv(layer, k, v, held, finite)
         return entry
 
     def check_append(

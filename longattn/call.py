@@ -23,7 +23,13 @@ from longattn.method import Method, from_string
 from longattn.methods.dense import Dense
 from longattn.prefill import calibration_path, dense_reason
 from longattn.types import DecodeSelection
-from longattn.validation import check_finite, check_increasing, check_positions, check_tensors
+from longattn.validation import (
+    check_finite,
+    check_finite_all,
+    check_increasing,
+    check_positions,
+    check_tensors,
+)
 
 log = logging.getLogger("longattn")
 
@@ -74,6 +80,9 @@ def make_cache_call(
     if q_positions is None and kv_positions is None and cache.is_dense(layer):
         return _dense_cache_call(q, k, v, method, scale, cache, layer)
     check_tensors(q, k, v)
+    step = _step_position(q, k, kv_positions, cache, layer) if q_positions is kv_positions else None
+    if step is not None:
+        return _step_call(q, k, v, method, scale, kv_positions, step, cache, layer)
     new_pos = cache.check_append(layer, k, v, kv_positions)  # [B, T_new]
     q_len, t_new = q.shape[2], k.shape[2]
     if q_positions is None or (q_positions is kv_positions and q_len == t_new):
@@ -97,6 +106,64 @@ def make_cache_call(
     q = project_queries(cache, layer, q)  # scale stays 1/sqrt(D) of the full dimension
     return Call(q, cache.keys(layer), cache.values(layer), method, scale, q_pos, kv_pos, default,
                 padded, cache=cache, layer=layer)  # fmt: skip
+
+
+def _step_position(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, cache: KVCache, layer: int
+) -> int | None:
+    """The position of a decode step that ``_step_call`` may take, or None (the general path,
+    which also says what is wrong with a call it refuses): one query and one new token of one
+    row at a real position after what the layer holds, the layer holding tokens, its KV heads
+    alike, on the positions' device. q, k are checked tensors (``check_tensors``)."""
+    if q.shape[0] != 1 or q.shape[2] != 1 or k.shape[2] != 1:
+        return None
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
+        return None
+    if positions.shape not in ((1,), (1, 1)):
+        return None
+    entry = cache._get(layer)  # None while it holds nothing
+    if entry is None or not entry.uniform or positions.device != entry.pos.device:
+        return None
+    if entry.keys.shape[0] != 1:  # the general path names the batch mismatch
+        return None
+    step = int(positions.view(()))
+    # after what the row holds (next_pos is the row's last real position + 1); no padding
+    return step if step >= int(entry.next_pos.view(())) else None
+
+
+def _step_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: Method | str | None,
+    scale: float | None,
+    positions: torch.Tensor,
+    step: int,
+    cache: KVCache,
+    layer: int,
+) -> Call:
+    """``make_cache_call`` for a decode step ``_step_position`` accepted (position ``step``): the
+    same checks with what the cache guarantees read from it (its positions are increasing, its
+    row's next position is known), q, k and v checked finite by one reduction."""
+    cache.check_kv(layer, k, v, finite=False)
+    check_finite_all(("k", k), ("v", v), ("q", q))  # in the general path's order
+    method, scale = _method_and_scale(method, scale, q.shape[-1])
+    _check_method_fits_cache(method, cache, k)
+    limit = method.max_positions
+    if limit is not None and step >= limit:
+        raise ValueError(
+            f"q position {step} is outside method {method.name!r} (positions must be < {limit})"
+        )
+    new_pos = positions.view(1, 1)
+    cache.append_checked(layer, k, v, new_pos)
+    kv_pos = cache.positions(layer)  # [1, Tk]
+    kv_len = kv_pos.shape[-1]
+    padded = int(kv_pos.min()) < 0
+    # increasing real positions in Tk slots ending at Tk - 1 are exactly 0..Tk-1
+    default = not padded and step == kv_len - 1
+    return Call(project_queries(cache, layer, q), cache.keys(layer), cache.values(layer),
+                phase_method(method, 1, kv_len), scale, new_pos, kv_pos, default, padded,
+                cache=cache, layer=layer)  # fmt: skip
 
 
 def _check_limit(method: Method, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
@@ -222,17 +289,22 @@ def apply_retention(call: Call) -> None:
     assert call.cache is not None
     if type(call.method).retain is Method.retain:  # keeps everything
         return
-    newest = call.q_pos.amax(dim=1, keepdim=True)  # [Bp, 1]
+    q_pos = call.q_pos
+    newest = q_pos if q_pos.shape[1] == 1 else q_pos.amax(dim=1, keepdim=True)  # [Bp, 1]
     if call.kv_pos.dim() == 3:  # each KV head its own positions: [B, Hkv, Tk]
         newest = newest.unsqueeze(1)
     keep = call.method.retain(call.kv_pos, newest)
     if keep is None:
         return
     kv_pos = call.kv_pos.expand(call.q.shape[0], *call.kv_pos.shape[1:])  # [B, (Hkv,) Tk]
-    real = kv_pos >= 0
-    dead = int((real > keep).sum(dim=-1).max()) if real.numel() else 0  # real and not kept
+    if not kv_pos.numel():
+        return
+    if not call.has_padding and keep.shape == kv_pos.shape:  # every slot real
+        dead = kv_pos.shape[-1] - int(keep.sum(dim=-1).min())  # Tk minus the fewest kept
+    else:
+        dead = int(((kv_pos >= 0) > keep).sum(dim=-1).max())  # real and not kept
     if dead >= call.cache.page_size:
-        call.cache.evict(call.layer, keep.expand_as(kv_pos) & real)
+        call.cache.evict(call.layer, keep.expand_as(kv_pos) & (kv_pos >= 0))
 
 
 def make_call(

@@ -46,7 +46,8 @@ def take(
         fields["stats"] = {n: t.clone() for n, t in entry.stats.items()}
         fields["projections"] = {n: (m, b.clone()) for n, (m, b) in entry.projections.items()}
         return Checkpoint(layer, entry, fields, {}, state)
-    lo = int(entry.row_len.min())
+    # one row whose heads hold the same tokens: every head holds seq_len (no read of row_len)
+    lo = entry.seq_len if entry.uniform and entry.pos.shape[0] == 1 else int(entry.row_len.min())
     hi = min(entry.seq_len + t_new, entry.capacity)  # seq_len: the longest row's length
     stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
     p_lo = stale_lo // cache.page_size

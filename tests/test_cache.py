@@ -294,3 +294,41 @@ def test_dense_fast_path_refuses_before_appending():
             layer=0,
         )
     assert cache.seq_len(0) == 4 and cache.n_seen(0) == 4 and cache.is_dense(0)
+
+
+def _streaming_cache(positions_list):
+    """A one-row cache layer past its first eviction under StreamingLLM(sinks=2, window=8)."""
+    gen = torch.Generator().manual_seed(7)
+    cache, method = KVCache(1, page_size=4), methods.StreamingLLM(sinks=2, window=8)
+    for p in positions_list:
+        q, k, v = (torch.randn(1, h, 1, 16, generator=gen) for h in (4, 2, 2))
+        pos = torch.tensor([[p]])
+        attention(q, k, v, method=method, cache=cache, q_positions=pos, kv_positions=pos)
+    return cache, method
+
+
+def test_decode_step_equals_the_general_path_and_refuses_alike():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 1, 16, generator=gen) for h in (4, 2, 2))
+    fast, method = _streaming_cache(range(20))
+    slow, _ = _streaming_cache(range(20))
+    assert not fast.is_dense(0) and fast.seq_len(0) < 20  # evicted: not the dense path
+    pos = torch.tensor([[20]])
+    # the same tensor for both: the one-token step path; two tensors: the general path
+    got = attention(q, k, v, method=method, cache=fast, q_positions=pos, kv_positions=pos)
+    want = attention(q, k, v, method=method, cache=slow, q_positions=pos.clone(), kv_positions=pos)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    assert torch.equal(fast.positions(0), slow.positions(0))
+    assert torch.equal(fast.keys(0), slow.keys(0)) and torch.equal(fast.values(0), slow.values(0))
+    assert torch.equal(fast.row_lengths(0), slow.row_lengths(0))
+    before = [t.clone() for t in (fast.keys(0), fast.values(0), fast.positions(0))]
+    with pytest.raises(ValueError, match="strictly increasing"):  # not after what it holds
+        attention(q, k, v, method=method, cache=fast, q_positions=pos, kv_positions=pos)
+    bad = v.clone()
+    bad[0, 1, 0, 3] = float("nan")
+    step = torch.tensor([[21]])
+    with pytest.raises(ValueError, match=r"^v holds a non-finite value"):
+        attention(q, k, bad, method=method, cache=fast, q_positions=step, kv_positions=step)
+    after = (fast.keys(0), fast.values(0), fast.positions(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert fast.n_seen(0) == 21

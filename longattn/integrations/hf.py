@@ -371,7 +371,7 @@ def _cache_frame(corrections, arch, through_cache, pos, query, key, kwargs):
             "model as its cache / past_key_values"
         )
     model_pos = kwargs.get("position_ids")
-    if model_pos is None or not pos.default and bool((pos.q < 0).any()):
+    if model_pos is None or not pos.default and corrections.padded(pos.q):
         raise ValueError(
             f"{arch}: StreamingLLM positions='cache' needs unpadded rows and the model's "
             "position_ids in its attention call"

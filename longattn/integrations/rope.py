@@ -123,9 +123,11 @@ class Rotation:
         """``x`` [B, H, T, D] rotated, back in its dtype."""
         if x.dtype != self.dtype:
             raise TypeError(f"a rotation for {self.dtype} applied to a {x.dtype} tensor")
-        work = x.to(self.full_cos.dtype)
-        turned = work.roll(work.shape[-1] // 2, dims=-1)  # [x2, x1]
-        return (work * self.full_cos + turned * self.signed_sin).to(x.dtype)
+        work = x if x.dtype == self.full_cos.dtype else x.to(self.full_cos.dtype)
+        # [x2, x1]: the halves swapped by one flip (a roll costs two slices and a cat)
+        turned = work.unflatten(-1, (2, work.shape[-1] // 2)).flip(-2).flatten(-2)
+        out = work * self.full_cos + turned * self.signed_sin
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFrame) -> None:
@@ -137,13 +139,15 @@ def place_sinks(kv: KVCache, layer: int, sinks: int, window: int, frame: RopeFra
     placement rotates that copy, so a key is rounded once per placement, never cumulatively.
     """
     held = kv.positions(layer)[0]  # [T], strictly increasing (unpadded rows)
-    # counted by binary search on the sorted positions: two small ops, no [T] temporaries
-    n_sinks = int(torch.searchsorted(held, sinks))  # sinks a layer's own window evicted are gone
+    newest = int(held[-1])
+    # counted by one binary search on the sorted positions, no [T] temporaries: the sinks held
+    # (a layer's own window may have evicted them) and where the window the next query sees
+    # starts, no sink (positions >= max(sinks, newest + 2 - window))
+    bounds = torch.tensor([sinks, max(sinks, newest + 2 - window)], device=held.device)
+    n_sinks, window_start = torch.searchsorted(held, bounds).tolist()
     if n_sinks == 0:
         return
-    newest = int(held[-1])
-    # the window the next query sees, no sink: positions >= max(sinks, newest + 2 - window)
-    seen_next = held.shape[0] - int(torch.searchsorted(held, max(sinks, newest + 2 - window)))
+    seen_next = held.shape[0] - window_start
     evicted = newest + 1 - n_sinks - seen_next
     state = kv.state.setdefault(STATE_KEY, {})
     pristine, placed = state.get(layer, (None, 0))
@@ -173,6 +177,16 @@ class Corrections:
     def __init__(self, frame: RopeFrame):
         self.frame = frame
         self._last: tuple | None = None
+        self._padded: tuple | None = None
+
+    def padded(self, pos: torch.Tensor) -> bool:
+        """Whether ``pos`` holds a padding slot (-1): read once per forward, matched as above."""
+        last = self._padded
+        if last is not None and last[0] is pos and last[1] == pos._version:
+            return last[2]
+        found = bool((pos < 0).any())
+        self._padded = (pos, pos._version, found)
+        return found
 
     def __call__(self, model_pos: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> Rotation:
         stamp = (model_pos._version, pos._version, dtype)

@@ -7,6 +7,7 @@ Dao et al. 2022, arXiv:2205.14135; Rabe & Staats 2021, arXiv:2112.05682.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -64,6 +65,14 @@ def tile_layout(
     real = (q_hi >= 0).view(-1, 1) & (kv_hi >= 0).view(1, -1)  # tiles that hold a real pair
     unpadded = ~q_pad.view(-1, 1) & ~kv_pad.view(1, -1)
     return any_ & real, all_ & any_ & real & unpadded
+
+
+@functools.lru_cache(maxsize=64)
+def mask_indices(batch: int, heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and head indices a mask receives, [B, 1, 1, 1] and [1, H, 1, 1], built once per
+    shape (a decode step asks for the same ones in every layer; masks are pure, never write them)."""
+    rows = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    return rows, torch.arange(heads, device=device).view(1, -1, 1, 1)
 
 
 def with_padding(mask_fn: MaskFn | None) -> MaskFn:
