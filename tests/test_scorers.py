@@ -96,7 +96,7 @@ def _pooled(case, b, kv, votes, kernel, pooling):
     return out
 
 
-def _snapkv(case, kernel=7, pooling="max"):
+def _snapkv(case, kernel=15, pooling="max"):
     out = torch.zeros(BATCH, N_KV, SLOTS, dtype=torch.float64)
     for b in range(BATCH):
         for kv in range(N_KV):
