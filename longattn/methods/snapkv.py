@@ -84,7 +84,7 @@ class SnapKV(Evict):
     (``snapkv:pooling=avg,kernel=5``), here max pooling with kernel 15 is the default: a fact
     spans more tokens than a 5-7 wide window keeps together where numbers are tokenised digit
     by digit (SmolLM2-135M needle at 25 % kept, 2K: kernel 7 8.3 %, kernel 15 the dense
-    accuracy; ``docs/runs/issue13/needle_25pct_kernel.md``).
+    accuracy; ``docs/runs/issue13/needle_25pct_kernel/``).
     """
 
     kernel: int = 15
