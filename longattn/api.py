@@ -583,8 +583,9 @@ def attention(
             compress.before(evict, cache, layer, q_len, t_new)
         call = make_cache_call(q, k, v, method, scale, q_positions, kv_positions, cache, layer)
         result = run_call(call, choose_impl(call, impl))
-        if cache.summary(layer) is not None:  # tokens an eviction folded (Evict.compensate)
-            result = with_summary(result, call.q, cache.summary(layer), call.scale)
+        summary = cache.summary(layer)  # the tokens an eviction folded (Evict.compensate)
+        if summary is not None:
+            result = with_summary(result, call.q, summary, call.scale)
         apply_retention(call)
         if evict is not None:
             compress.after(evict, call)

@@ -149,11 +149,7 @@ def _step_call(
     check_finite_all(("k", k), ("v", v), ("q", q))  # in the general path's order
     method, scale = _method_and_scale(method, scale, q.shape[-1])
     _check_method_fits_cache(method, cache, k)
-    limit = method.max_positions
-    if limit is not None and step >= limit:
-        raise ValueError(
-            f"q position {step} is outside method {method.name!r} (positions must be < {limit})"
-        )
+    _check_last(method, "q", step)
     new_pos = positions.view(1, 1)
     cache.append_checked(layer, k, v, new_pos)
     kv_pos = cache.positions(layer)  # [1, Tk]
@@ -166,17 +162,22 @@ def _step_call(
                 cache=cache, layer=layer)  # fmt: skip
 
 
+def _check_last(method: Method, name: str, last: int) -> None:
+    """Refuse a ``name`` position ``last`` at or past the method's ``max_positions``."""
+    limit = method.max_positions
+    if limit is not None and last >= limit:
+        raise ValueError(
+            f"{name} position {last} is outside method {method.name!r} (positions must be < {limit})"
+        )
+
+
 def _check_limit(method: Method, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
     """Refuse positions at or past the method's ``max_positions`` (padding, -1, is always inside)."""
-    limit = method.max_positions
-    if limit is None:
+    if method.max_positions is None:
         return
     for name, pos in (("q", q_pos), ("kv", kv_pos)):
-        if pos.numel() and int(pos.max()) >= limit:
-            raise ValueError(
-                f"{name} position {int(pos.max())} is outside method {method.name!r} "
-                f"(positions must be < {limit})"
-            )
+        if pos.numel():
+            _check_last(method, name, int(pos.max()))
 
 
 def _dense_cache_call(
@@ -203,11 +204,7 @@ def _dense_cache_call(
     _check_method_fits_cache(method, cache, k)
     end = cache.seq_len(layer) + t_new
     method = phase_method(method, q_len, end)
-    limit = method.max_positions
-    if limit is not None and end > limit:
-        raise ValueError(
-            f"q position {end - 1} is outside method {method.name!r} (positions must be < {limit})"
-        )
+    _check_last(method, "q", end - 1)
     cache.append_checked(layer, k, v, None)
     kv_pos = cache.positions(layer)[:1]  # [1, Tk]: every row holds the same positions
     return Call(

@@ -3,12 +3,12 @@ chunk similarities upsampled to the block grid, top-k."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from longattn.method import SparsePrefill, check_positive, register
+from longattn.methods.anchor_attention import hidden_bias
 from longattn.methods.block_topk import top_count, top_k_blocks
 
 # Keys whose adjacent cosines (or float32 copy) are computed at once (rows): they stay in cache.
@@ -113,7 +113,7 @@ class DHSA(SparsePrefill):
         )
         future = first.unsqueeze(-2) > last.unsqueeze(-1)  # [B, Hkv, Cq, Ck]
         # -inf on future chunk pairs, as a bias added over each KV head's query heads
-        hidden = torch.zeros(future.shape, device=sim.device).masked_fill_(future, -math.inf)
+        hidden = hidden_bias(~future)
         sim = sim.view(batch, n_kv, group, n_chunks, n_chunks).add_(hidden.unsqueeze(2))
         sim = sim.view(batch, heads, n_chunks, n_chunks)
         bs = view.block_size
