@@ -405,7 +405,9 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
     "sla": [
         "sla:block_size=8,critical=0.25,marginal=0.5",
         "sla:block_size=16,critical=0.1,marginal=0.9,sink_blocks=0,feature=taylor",
-        "sla:block_size=8,critical=0.2,marginal=0.7,combine=shared",
+        "sla:block_size=8,critical=0.2,marginal=0.7,feature=elu,combine=shared",
+        "sla:block_size=8,critical=0.25,marginal=0.75,feature=elu",
+        "sla:block_size=8,critical=0.25,marginal=0.75,points=2",
     ],
     "infini_attention": ["infini_attention:segment=16", "infini_attention:segment=7,gate=1.5"],
     "scatterbrain": [

@@ -11,7 +11,9 @@ def test_sla_error_records_every_variant_against_sparse_only():
     records = measure(captured, [0.1, 0.25])
     labels = [r["label"] for r in records]
     assert labels[:2] == ["linear-elu", "linear-taylor"]
-    assert labels[2:] == ["sparse", "sla-elu", "sla-taylor", "sla-elu-mass", "sla-taylor-mass"] * 2
+    expansion = [f"sla-expansion-{n}pt" for n in (1, 4, 8)]
+    forms = ["sparse", "sla-elu", "sla-taylor", "sla-elu-mass", "sla-taylor-mass", *expansion]
+    assert labels[2:] == forms * 2
     for rec in records:
         assert len(rec["layer_err"]) == 2 and all(e > 0 for e in rec["layer_err"])
     for rec in records[2:]:

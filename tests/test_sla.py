@@ -75,7 +75,8 @@ def test_a_later_token_does_not_change_earlier_outputs():
     "method",
     [
         SLA(block_size=8, critical=0.2, marginal=0.6, feature="taylor", combine="shared"),
-        SLA(block_size=8, critical=0.2, marginal=0.6, combine="mass"),
+        SLA(block_size=8, critical=0.2, marginal=0.6, feature="elu", combine="mass"),
+        SLA(block_size=8, critical=0.2, marginal=0.6, feature="expansion", points=3),
     ],
     ids=str,
 )
@@ -89,11 +90,13 @@ def test_chained_calls_across_blocks_equal_one_pass(method):
     torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("combine", ["shared", "mass"])
-def test_a_wrong_variant_fails_the_bound(combine):
+@pytest.mark.parametrize(
+    "feature, combine", [("elu", "shared"), ("elu", "mass"), ("expansion", "mass")]
+)
+def test_a_wrong_variant_fails_the_bound(feature, combine):
     """Leaving the marginal blocks out (sparse-only) is not SLA: its float32 output is far outside
     SLA's derived bound, which holds the right output."""
-    method = SLA(block_size=8, critical=0.2, marginal=0.6, combine=combine)
+    method = SLA(block_size=8, critical=0.2, marginal=0.6, feature=feature, combine=combine)
     q, k, v = make_qkv(1, 4, 2, 96, 96, 32, seed=6)
     assert_linear_method_close(attention(q, k, v, method=method), q, k, v, method)
     wrong = attention(q, k, v, method=dataclasses.replace(method, marginal=0.0)).out
@@ -115,6 +118,7 @@ def test_a_wrong_variant_fails_the_bound(combine):
         (dict(sink_blocks=-1), ValueError),
         (dict(feature="relu"), ValueError),
         (dict(combine="sum"), ValueError),
+        (dict(points=0), ValueError),
         (dict(critical="0.1"), TypeError),
         (dict(marginal=True), TypeError),
     ],
@@ -133,7 +137,9 @@ def test_a_foreign_state_is_refused():
 def test_the_mass_form_weighs_the_linear_average_by_the_pooled_mass():
     """combine="mass" on one query block with one marginal block: the exact part plus the marginal
     keys' linear average weighted by ``block * exp(scale q . mean(k))``."""
-    method = SLA(block_size=4, critical=0.5, marginal=0.5, sink_blocks=0, combine="mass")
+    method = SLA(
+        block_size=4, critical=0.5, marginal=0.5, sink_blocks=0, feature="elu", combine="mass"
+    )
     q, k, v = make_qkv(1, 1, 1, 8, 8, 8, dtype=torch.float64, seed=8)
     out = attention(q, k, v, method=method).out[0, 0, 4:]  # query block 1: blocks 0 and 1
     assert (method.classify(q, k, 0, 1, 1, 8**-0.5)[0, 0, 0] == torch.tensor([1, 2])).all()
@@ -145,3 +151,50 @@ def test_the_mass_form_weighs_the_linear_average_by_the_pooled_mass():
     mass = 4 * torch.exp((q[0, 0, 4:] @ k[0, 0, :4].mean(0)) * 8**-0.5)[:, None]
     expected = (exact @ v[0, 0, 4:] + mass * average) / (exact.sum(-1, keepdim=True) + mass)
     torch.testing.assert_close(out, expected)
+
+
+def test_the_expansion_is_exact_where_the_queries_equal_their_pooled_query():
+    """With every query equal (so equal to the pooled query it is expanded around), each marginal
+    block's expansion is its exact mass and average: SLA with every other block marginal is
+    causal softmax."""
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 16, dtype=torch.float64, seed=9)
+    q = q[:, :, :1].expand_as(q).contiguous()
+    method = SLA(block_size=8, critical=0.1, marginal=0.9, sink_blocks=0, feature="expansion")
+    assert (method.classify(q, k, 0, 0, 7, 0.25) == MARGINAL).any()
+    torch.testing.assert_close(attention(q, k, v, method=method).out, _dense_causal(q, k, v))
+
+
+@pytest.mark.parametrize("points", [1, 4])
+def test_the_expansion_is_the_first_order_estimate_and_a_lower_bound(points):
+    """One query block (block 1) with one marginal block (block 0), expanded around the nearest
+    of block 0's query centres (one point: their mean; four points in a block of four: the
+    queries themselves): the weights of block 0 are ``exp(scale a . k_s + scale (q - a) .
+    k_hat)`` and their sum never exceeds the block's exact mass."""
+    method = SLA(
+        block_size=4, critical=0.5, marginal=0.5, sink_blocks=0, feature="expansion", points=points
+    )
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 8, dtype=torch.float64, seed=8)
+    assert (method.classify(q, k, 0, 1, 1, 8**-0.5)[0, 0, 0] == torch.tensor([1, 2])).all()
+    out = attention(q, k, v, method=method).out[0, 0, 4:]
+    scale, rows, keys = 8**-0.5, q[0, 0, 4:], k[0, 0, :4]
+    centres = q[0, 0, :4].mean(0, keepdim=True) if points == 1 else q[0, 0, :4]
+    anchor = centres[torch.cdist(rows, centres).argmin(-1)]  # [4, D]: each row's point
+    probs = torch.softmax(scale * anchor @ keys.T, -1)
+    k_hat = probs @ keys  # [4, D]
+    lin = torch.exp(scale * anchor @ keys.T + scale * ((rows - anchor) * k_hat).sum(-1, True))
+    assert (lin.sum(-1) <= torch.exp(scale * rows @ keys.T).sum(-1) * (1 + 1e-12)).all()
+    exact = torch.exp(scale * rows @ k[0, 0, 4:].T).tril()
+    expected = (exact @ v[0, 0, 4:] + lin @ v[0, 0, :4]) / (exact.sum(-1) + lin.sum(-1))[:, None]
+    torch.testing.assert_close(out, expected)
+
+
+def test_more_points_than_queries_in_a_block_use_one_per_query():
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 16, dtype=torch.float64, seed=10)
+    many = SLA(block_size=4, critical=0.25, marginal=0.75, points=16)
+    assert many.n_points == 4
+    torch.testing.assert_close(
+        attention(q, k, v, method=many).out,
+        attention(q, k, v, method=dataclasses.replace(many, points=4)).out,
+        rtol=0,
+        atol=0,
+    )

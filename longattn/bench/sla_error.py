@@ -11,6 +11,9 @@ default 2048) and per critical fraction (``--budgets``, default 0.05,0.1): the r
   critical``), elu + 1 or Taylor features, one normaliser (``combine="shared"``);
 - ``sla-elu-mass`` / ``sla-taylor-mass``: the same with ``combine="mass"`` (the linear part
   normalised alone, weighted by the pooled-key estimate of the marginal blocks' exp mass);
+- ``sla-expansion-<n>pt``: each marginal block by its first-order expansion around the nearest
+  of n k-means centres of the previous query block's queries (``feature="expansion"``,
+  ``points=n``);
 - ``linear-elu`` / ``linear-taylor``: linear attention alone over every key (``elu_linear``,
   ``taylor:window=0``), budget-free;
 
@@ -39,6 +42,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+EXPANSION_POINTS = (1, 4, 8)
+
+
 def variants(critical: float) -> list[tuple[str, SLA]]:
     return [
         ("sparse", SLA(critical=critical, marginal=0.0)),
@@ -48,6 +54,11 @@ def variants(critical: float) -> list[tuple[str, SLA]]:
         ("sla-elu-mass", SLA(critical=critical, marginal=1.0 - critical, combine="mass")),
         ("sla-taylor-mass",
          SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="mass")),
+        *[
+            (f"sla-expansion-{n}pt",
+             SLA(critical=critical, marginal=1.0 - critical, feature="expansion", points=n))
+            for n in EXPANSION_POINTS
+        ],
     ]  # fmt: skip
 
 

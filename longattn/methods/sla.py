@@ -15,10 +15,16 @@ import torch
 from longattn.method import Method, check_fraction, check_non_negative, check_positive, register
 from longattn.methods.elu_linear import EluLinear
 from longattn.methods.latte import Rounding, call_scale, magnitude_bound
+from longattn.methods.sla_expansion import (
+    expand_blocks,
+    expansion_logits,
+    expansion_points,
+    expansion_rel,
+)
 from longattn.methods.taylor import Taylor, taylor_projection
 from longattn.types import FeatureView
 
-FEATURES = ("elu", "taylor")
+FEATURES = ("elu", "taylor", "expansion")
 COMBINES = ("shared", "mass")
 CRITICAL, MARGINAL = 2, 1  # block classes; 0 is negligible (or not causal)
 
@@ -76,16 +82,32 @@ class SLA(Method):
 
     Deviation from paper: the paper pools block i's own queries (a whole block at once, as its
     non-causal video models see it) and adds the linear output through a learned projection
-    after fine-tuning (``O = O_sparse + Proj(O_linear)``). Training-free here, ``combine``
-    chooses how the two parts meet over the critical (C) and marginal (M) keys of query t:
+    after fine-tuning (``O = O_sparse + Proj(O_linear)``). Training-free here, ``feature`` is
+    the marginal blocks' estimator:
 
-    - ``"mass"`` (default): ``out_t = (sum_C exp(s_ts) v_s + mu_t a_t) / (sum_C exp(s_ts) +
-      mu_t)`` with ``a_t`` the linear attention over M normalised alone and ``mu_t = sum_{j in
-      M} block * exp(scale q_t . mean(k_j))`` the pooled-key estimate of M's exp mass (the
-      softmax over C and M when ``a_t`` and ``mu_t`` are exact);
-    - ``"shared"``: one normaliser over ``exp(s_ts)`` and ``phi(q_t) . phi(k_s)``, as the linear
-      engine's exact-window form (BASED); on SmolLM2's real q/k/v its linear weights swamp the
-      exact ones (``docs/runs/issue16/sla_error.md``).
+    - ``"expansion"`` (default) estimates marginal block j for query t of block i by the
+      first-order expansion of the block's exact attention around the nearest ``a`` of
+      ``points`` expansion points, the k-means centres of block i - 1's queries
+      (``sla_expansion.expansion_points``; complete before block i's first query): with ``P_s =
+      softmax_s(scale a . k_s)`` over the block's keys, its mass is ``exp(mu_tj)``, ``mu_tj =
+      logsumexp_s(scale a . k_s) + scale (q_t - a) . sum_s P_s k_s`` (exact at ``q_t = a``,
+      below the exact mass elsewhere by convexity), and its average ``v_hat_j = sum_s P_s v_s``:
+      ``out_t = (sum_C exp(s_ts) v_s + sum_j exp(mu_tj) v_hat_j) / (sum_C exp(s_ts) + sum_j
+      exp(mu_tj))``, already in the units of ``exp(score)`` (``combine`` does not apply). A
+      linear attention over per-block summaries: a marginal block costs ``points b (2 D + Dv)``
+      once per query block and ``points (D + Dv)`` per query, against ``b (D + Dv)`` per query
+      when exact (b = 64, D = Dv, 8 points: about a third). The library's training-free
+      marginal branch, not the paper's: on SmolLM2's q/k/v it halves sparse-only's error where
+      the untrained feature maps below barely change it (``docs/runs/issue16/sla_error.md``).
+    - ``"elu"`` (elu + 1) and ``"taylor"`` (BASED's second-order Taylor map): linear attention
+      with untrained features; ``combine`` chooses how the two parts meet over the critical (C)
+      and marginal (M) keys of query t. ``"mass"`` (default): ``out_t = (sum_C exp(s_ts) v_s +
+      mu_t a_t) / (sum_C exp(s_ts) + mu_t)`` with ``a_t`` the linear attention over M
+      normalised alone and ``mu_t = sum_{j in M} block * exp(scale q_t . mean(k_j))`` the
+      pooled-key estimate of M's exp mass (the softmax over C and M when ``a_t`` and ``mu_t``
+      are exact); ``"shared"``: one normaliser over ``exp(s_ts)`` and ``phi(q_t) . phi(k_s)``,
+      as the linear engine's exact-window form (BASED), whose linear weights swamp the exact
+      ones on SmolLM2's q/k/v.
 
     ``marginal=0`` is block-sparse attention on the same critical set.
     """
@@ -94,11 +116,12 @@ class SLA(Method):
     critical: float = 0.05
     marginal: float = 0.85
     sink_blocks: int = 1
-    feature: str = "elu"
+    feature: str = "expansion"
     combine: str = "mass"
+    points: int = 8
 
     def __post_init__(self) -> None:
-        check_positive("SLA", block_size=self.block_size)
+        check_positive("SLA", block_size=self.block_size, points=self.points)
         check_non_negative("SLA", sink_blocks=self.sink_blocks)
         check_fraction("SLA", critical=self.critical)
         if isinstance(self.marginal, bool) or not isinstance(self.marginal, (int, float)):
@@ -119,6 +142,11 @@ class SLA(Method):
     def is_causal(self) -> bool:
         return True
 
+    @property
+    def n_points(self) -> int:
+        """The expansion points per query block: ``points``, at most one per query of a block."""
+        return min(self.points, self.block_size)
+
     def classify(
         self, q: torch.Tensor, k: torch.Tensor, q_start: int, first: int, last: int, scale: float
     ) -> torch.Tensor:
@@ -128,10 +156,7 @@ class SLA(Method):
         block, (batch, n_heads, _, dim), n_kv = self.block_size, q.shape, k.shape[1]
         n_blocks = -(-k.shape[2] // block)
         rows = torch.arange(first, last + 1)  # query block indices i
-        lo = max(first - 1, 0) * block - q_start
-        q_bar = block_means(q[:, :, lo : last * block - q_start], block)  # blocks max(i-1,0)..
-        if first == 0:  # block 0 sees its diagonal block only: its pooled query is unused
-            q_bar = torch.cat([q_bar.new_zeros(batch, n_heads, 1, dim), q_bar], dim=2)
+        q_bar = self.pooled_queries(q, q_start, first, last)
         k_bar = block_means(k, block)  # [B, Hkv, nfull, D]
         # elementwise product and an inner sum: the same rounding whatever the call's shape
         prod = q_bar.view(batch, n_kv, -1, len(rows), 1, dim) * k_bar[:, :, None, None]
@@ -151,6 +176,17 @@ class SLA(Method):
         cls = torch.where(rank < n_crit, CRITICAL, torch.where(rank < n_kept, MARGINAL, 0))
         cls = torch.where(forced, CRITICAL, cls)
         return cls.masked_fill(cols[None, :] > rows[:, None], 0).to(torch.int8)
+
+    def pooled_queries(self, q: torch.Tensor, q_start: int, first: int, last: int) -> torch.Tensor:
+        """[B, H, last - first + 1, D] float32: for query block i, the mean of the queries of
+        block i - 1 (zeros for block 0, which has no earlier block), ``q`` holding the queries
+        from position ``q_start`` on. The pooled query that ranks block i's key blocks."""
+        block = self.block_size
+        lo = max(first - 1, 0) * block - q_start
+        q_bar = block_means(q[:, :, lo : last * block - q_start], block)  # blocks max(i-1,0)..
+        if first == 0:
+            q_bar = torch.cat([q_bar.new_zeros(*q.shape[:2], 1, q.shape[-1]), q_bar], dim=2)
+        return q_bar
 
     def forward(self, q, k, v, state, view=None):
         acc = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -178,19 +214,26 @@ class SLA(Method):
         first, last = start // block, (length - 1) // block
         classes = self.classify(q_ctx, k, q_start, first, last, scale)  # [B, H, nsel, nk]
         ka, va = k.to(acc), v.to(acc)
-        phi_k = features(ka, self.feature, scale)  # [B, Hkv, T, F]
-        kv_sums, k_sums = _block_states(phi_k, va, block)  # [B, Hkv, nk, F * Dv], [.., F]
-        k_bar = _full_block_means(ka, block) if self.combine == "mass" else None
+        if self.feature == "expansion":
+            points = expansion_points(q_ctx, q_start, first, last, block, self.n_points).to(acc)
+            sums = None
+        else:
+            phi_k = features(ka, self.feature, scale)  # [B, Hkv, T, F]
+            kv_sums, k_sums = _block_states(phi_k, va, block)  # [B, Hkv, nk, F * Dv], [.., F]
+            k_bar = _full_block_means(ka, block) if self.combine == "mass" else None
+            sums = (kv_sums, k_sums, k_bar)
         outs = []
         for i in range(first, last + 1):
             lo, hi = max(start, i * block), min(length, (i + 1) * block)
             rows = q_ctx[:, :, lo - q_start : hi - q_start].to(acc)
             rows = rows.reshape(batch, n_kv, -1, hi - lo, dim)  # [B, Hkv, G, r, D]
             cls = classes[:, :, i - first].view(batch, n_kv, -1, classes.shape[-1])
+            if sums is None:  # the expansion points of block i: [B, Hkv, G, c, D]
+                block_sums = points[:, :, i - first].view(batch, n_kv, -1, self.n_points, dim)
+            else:
+                block_sums = sums
             outs.append(
-                self._block_rows(
-                    rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, (kv_sums, k_sums, k_bar), scale
-                )  # fmt: skip
+                self._block_rows(rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, block_sums, scale)
             )
         return torch.cat(outs, dim=3).reshape(batch, n_heads, length - start, dim_v)
 
@@ -208,6 +251,16 @@ class SLA(Method):
         if not bool(marg.any()):
             weights = torch.exp(scores - top).masked_fill(~crit, 0.0)
             return (weights @ v_c) / weights.sum(-1, keepdim=True)
+        if self.feature == "expansion":  # sums: the expansion points [B, Hkv, G, c, D]
+            n_prev = lo // block  # the complete blocks before this query block
+            mu, v_hat = expand_blocks(rows, sums, k, v, block, n_prev, scale)
+            off = (marg[..., :n_prev] == 0).repeat(1, 1, 1, self.n_points)  # point-major
+            mu = mu.masked_fill(off[..., None, :], -math.inf)  # [.., r, c * n_prev]
+            shift = torch.maximum(top, mu.amax(-1, keepdim=True))
+            weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
+            lin = torch.exp(mu - shift)
+            num = weights @ v_c + lin @ v_hat
+            return num / (weights.sum(-1, keepdim=True) + lin.sum(-1, keepdim=True))
         kv_sums, k_sums, k_bar = sums
         feat, dim_v = k_sums.shape[-1], v.shape[-1]
         phi_q = features(rows, self.feature, scale)  # [B, Hkv, G, r, F]
@@ -258,11 +311,16 @@ class SLA(Method):
         a = abs(scale) * float(_grouped(q.double().abs(), k.double().abs()).max()) if length else 0
         rho_exact = (r.gamma(dim) + 4 * r.u) * a + r.eta + r.u
         sums = r.gamma(self.block_size + n_blocks + 2)
-        if self.feature == "elu":
+        if self.feature == "expansion":
+            rho_lin = expansion_rel(q, k, self.block_size, self.n_points, scale, r, a)
+            rho_lin += r.gamma(n_blocks + 2)
+        elif self.feature == "elu":
             rho_lin = 2 * r.eta + r.gamma(dim) + sums
         else:
             rho_lin = _taylor_rel(q, k, scale, r, sums)
-        if self.combine == "mass":  # the weights over the marginal keys normalised alone
+        if (
+            self.combine == "mass" and self.feature != "expansion"
+        ):  # the weights over the marginal keys normalised alone
             block = self.block_size
             rho_mass = 3 * (r.gamma(dim) + r.gamma(block + 1) + 4 * r.u) * a + 3 * r.eta
             rho_mass += r.gamma(n_blocks + 2) + r.u * (2 * math.log(block * n_blocks + 1) + 3)
@@ -286,10 +344,16 @@ class SLA(Method):
         crit, marg = (tok == CRITICAL) & causal, (tok == MARGINAL) & causal
         scores = scale * _grouped(q, k)  # [B, H, T, T]
         shift = scores.masked_fill(~crit, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
-        kern = _grouped(features(q, self.feature, scale), features(k, self.feature, scale))
-        if self.combine == "shared":
+        if self.feature == "expansion":
+            logits = expansion_logits(q, k, block, self.n_points, scale)
+            logits = logits.masked_fill(~marg, -math.inf)
+            shift = torch.maximum(shift, logits.amax(-1, keepdim=True))
+            linear = torch.exp(logits - shift)
+        elif self.combine == "shared":
+            kern = _grouped(features(q, self.feature, scale), features(k, self.feature, scale))
             linear = kern * torch.exp(-shift)
         else:  # kern normalised over the marginal keys, times their estimated mass
+            kern = _grouped(features(q, self.feature, scale), features(k, self.feature, scale))
             kern = kern.masked_fill(~marg, 0.0)
             kern = kern / kern.sum(-1, keepdim=True).clamp(min=1e-300)
             linear = kern * torch.exp(self._marginal_lse(q, k, tok, scale) - shift)
