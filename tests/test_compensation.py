@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from longattn import KVCache, attention
+from longattn.cache_channels import gather_channels, gather_query_channels
 from longattn.method import from_string
 from longattn.methods import RazorAttention
 from longattn.testing import check_against_reference, with_compensation
@@ -108,3 +109,22 @@ def test_the_field_parses_and_refuses_a_non_bool():
     assert from_string("snapkv").compensate is False  # other scorers: opt in
     with pytest.raises(TypeError, match="compensate"):
         RazorAttention(pattern=(1,), compensate=1)
+
+
+def test_a_channel_pruned_layer_scores_its_compensation_token_on_the_kept_channels():
+    """ThinK with ``compensate``: the token's key keeps the channels the layer keeps, so each
+    decode step is the oracle over the held keys' kept channels plus the token."""
+    q, k, v = _qkv(t=64)
+    method = from_string("think:keep=0.5,scorer=snapkv,budget=0.5,compensate=true")
+    cache = KVCache(1, page_size=4)
+    attention(q[:, :, :56], k[:, :, :56], v[:, :, :56], method=method, cache=cache)
+    for t in range(56, 64):
+        out = _step(q, k, v, t, method, cache)
+        channels, summary = cache.key_channels(0), cache.summary(0)
+        assert channels is not None and channels.shape[-1] == 8
+        assert summary is not None and summary.keys.shape[-1] == 8 and summary.count.gt(0).all()
+        visible = _visible_held(cache, t, t + 1, group=2)
+        kept = gather_channels(k[:, :, : t + 1], channels)
+        kx, vx, vis = with_compensation(kept, v[:, :, : t + 1], visible, summary)
+        q_kept = gather_query_channels(q[:, :, t : t + 1], channels)
+        check_against_reference(out, q_kept, kx, vx, vis, 16**-0.5)

@@ -48,10 +48,12 @@ EXPANSION_POINTS = (1, 4, 8)
 def variants(critical: float) -> list[tuple[str, SLA]]:
     return [
         ("sparse", SLA(critical=critical, marginal=0.0)),
-        ("sla-elu", SLA(critical=critical, marginal=1.0 - critical, combine="shared")),
+        ("sla-elu",
+         SLA(critical=critical, marginal=1.0 - critical, feature="elu", combine="shared")),
         ("sla-taylor",
          SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="shared")),
-        ("sla-elu-mass", SLA(critical=critical, marginal=1.0 - critical, combine="mass")),
+        ("sla-elu-mass",
+         SLA(critical=critical, marginal=1.0 - critical, feature="elu", combine="mass")),
         ("sla-taylor-mass",
          SLA(critical=critical, marginal=1.0 - critical, feature="taylor", combine="mass")),
         *[

@@ -19,6 +19,7 @@ from longattn.eval.models import load
 from longattn.eval.runner import forward_perplexity as score
 
 METHODS = (
+    "sla:critical=0.1,marginal=0.9,feature=elu",
     "sla:critical=0.1,marginal=0.9",
     "sla:critical=0.1,marginal=0.0",
     "combiner:region=64",

@@ -16,7 +16,7 @@ model, tok = models.load("smollm2-135m")
 T = 2048
 ids = torch.tensor([tasks.text_window(tok, "pydoc", T, 0)])
 cap = capture_qkv(model, ids, [3, 12, 21])
-m = SLA(critical=0.1, marginal=0.9, combine="mass")
+m = SLA(critical=0.1, marginal=0.9, feature="elu", combine="mass")
 for layer, (q, k, v) in cap.items():
     q, k, v = (t.double() for t in (q, k, v))
     scale = 64**-0.5

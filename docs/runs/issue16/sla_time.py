@@ -21,7 +21,7 @@ def sdpa():
 
 for name, fn in [
     ("sdpa", sdpa),
-    ("sla", lambda: attention(q, k, v, method=SLA()).out),
+    ("sla", lambda: attention(q, k, v, method=SLA(feature="elu")).out),
     ("sparse", lambda: attention(q, k, v, method=SLA(marginal=0.0)).out),
     ("sdpa", sdpa),
 ]:
