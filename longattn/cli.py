@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shapes",
         default=None,
         help="prefill suite: comma-separated head shapes of the synthetic mode (default "
-        "32/8/d128,8/8/d64)",
+        "32/8/d128,8/8/d64); kernels suite: the shapes of the grid (H/Hkv/dD)",
     )
     bench.set_defaults(func=_bench)
     docs = sub.add_parser("docs", help="generate the method reference (docs/methods.md)")

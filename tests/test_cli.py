@@ -85,3 +85,11 @@ def test_bench_decode_reports_no_timing_for_a_red_gate(monkeypatch):
     )  # fmt: skip
     assert [r["gate"] for r in rows[2:]] == [False, False]
     assert not any("ms" in r or "gbps" in r for r in rows[2:])
+
+
+def test_bench_kernels_runs_only_the_named_shapes(tmp_path):
+    out = tmp_path / "kernels.jsonl"
+    argv = ["bench", "kernels", "--efficiency", "--quick", "--no-flex", "--length", "256"]
+    assert main([*argv, "--shapes", "8/8/d64", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {(r["H"], r["Hkv"], r["D"]) for r in rows} == {(8, 8, 64)}

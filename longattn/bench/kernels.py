@@ -311,6 +311,10 @@ def run_cli(args) -> int:
         grid["dtypes"] = args.dtypes.split(",")
     if getattr(args, "cases", None):
         grid["cases"] = args.cases.split(",")
+    if getattr(args, "shapes", None):
+        from longattn.bench.prefill import SHAPES
+
+        grid["shapes"] = [SHAPES[name.strip()] for name in args.shapes.split(",")]
     out = args.out or "results/bench_kernels.jsonl"
     print(
         f"longattn bench kernels ({'quick' if args.quick else 'full'}"
