@@ -15,30 +15,45 @@ from longattn.methods.anchor_attention import (
     key_rows,
     query_blocks,
 )
-from longattn.methods.block_topk import top_count
 
 # Score of a chunk whose representative key no query of the block may see: below every real score,
 # above the empty chunks (-inf), so a real chunk always outranks an empty one.
 UNSEEN = torch.finfo(torch.float32).min
 
 
-class Queries(NamedTuple):
-    """A plan's query blocks, one row per (batch row, head, query block): N = B * H * nq."""
+# Rows x chunk slots of one group of query blocks searched at once (``query_groups``): its
+# bookkeeping tensors and its queries stay in cache through all of the group's rounds.
+GROUP_ELEMENTS = 1 << 16
 
-    t: torch.Tensor  # [N, D, bs] float32, each block's queries transposed for the product
+
+class Queries(NamedTuple):
+    """A group's query blocks, one row per (batch row, head, query block): N = B * H * n."""
+
+    t: torch.Tensor  # [B * H, n, D, bs] float32, each block's queries transposed for the product
     pos: torch.Tensor  # [N, bs] their positions, -1 on padding
     lowest: torch.Tensor  # [N, 1] the oldest position of the block; -1 when it holds padding
     highest: torch.Tensor  # [N, 1] the newest position of the block
-    segment: int  # nq: the rows of one batch row and head
 
 
-def flat_queries(view) -> Queries:
-    """The ``Queries`` of a plan call (widened to float32 once, not in every round)."""
-    q, q_pos = query_blocks(view)  # [B, H, nq, bs, D], [Bp, nq, bs]
+def group_queries(q: torch.Tensor, q_pos: torch.Tensor) -> Queries:
+    """The ``Queries`` of query blocks q [B, H, n, bs, D], q_pos [Bp, n, bs] (widened to float32
+    once, not in every round)."""
     pos = flat_positions(q_pos, q.shape[0], q.shape[1])  # [N, bs]
     lowest = torch.where((pos >= 0).all(-1), pos.amin(-1), -1).unsqueeze(-1)
-    q_t = q.flatten(0, 2).float().transpose(-1, -2)  # [N, D, bs]
-    return Queries(q_t, pos, lowest, pos.amax(-1, True), q.shape[2])
+    q_t = q.flatten(0, 1).float().transpose(-1, -2)  # [B * H, n, D, bs]
+    return Queries(q_t, pos, lowest, pos.amax(-1, True))
+
+
+def query_groups(k_row: torch.Tensor, segments: int) -> list[tuple[int, int]]:
+    """Ranges [lo, hi) of query blocks, each as many as keep ``segments`` (B * H) x blocks x
+    2 ``k_row`` (the widest row's chunk halves) within ``GROUP_ELEMENTS``, at least one."""
+    groups, lo, widest = [], 0, 0
+    for i, k in enumerate(k_row.tolist()):
+        widest = max(widest, k)
+        if i > lo and segments * (i + 1 - lo) * 2 * widest > GROUP_ELEMENTS:
+            groups.append((lo, i))
+            lo, widest = i, k
+    return [*groups, (lo, len(k_row))]
 
 
 def initial_chunks(n_cand: torch.Tensor, k_row: torch.Tensor, width: int):
@@ -62,13 +77,10 @@ def search_round(view, queries: Queries, start, end, scores, k_row, empty):
     size = end - start
     mid = start + ((size + 1) >> 1)
     fresh = size > (0 if scores is None else 1)  # the chunks whose halves are scored now
-    halves = chunk_scores(view, queries, (start, mid, end), fresh)  # [N, C, 2]
-    unseen = torch.full_like(halves, -math.inf)
-    if scores is not None:
-        unseen[..., 0] = torch.where(size == 1, scores, -math.inf)
-    halves = torch.where(fresh.unsqueeze(-1), halves, unseen).flatten(-2)  # [N, 2C] block order
-    bounds = torch.stack([start, mid], -1).flatten(-2), torch.stack([mid, end], -1).flatten(-2)
-    return keep_best(halves, *bounds, k_row, empty)
+    first, second = chunk_scores(view, queries, (start, mid, end), fresh).unbind(-1)
+    kept = -math.inf if scores is None else torch.where(size == 1, scores, -math.inf)
+    halves = torch.cat([torch.where(fresh, first, kept), torch.where(fresh, second, -math.inf)], -1)
+    return keep_best(halves, torch.cat([start, mid], -1), torch.cat([mid, end], -1), k_row, empty)
 
 
 def pack(todo: torch.Tensor):
@@ -96,7 +108,7 @@ def chunk_scores(view, queries: Queries, bounds, fresh) -> torch.Tensor:
     start, mid, end = (x.gather(-1, chunk) for x in bounds)  # [N, W]
     lo = torch.stack([start, mid], -1) * bs  # [N, W, 2]
     hi = (torch.stack([mid, end], -1) * bs).clamp(0, t_k)
-    rep = ((lo + hi - 1) >> 1).clamp(0, t_k - 1).view(*view.q.shape[:2], -1)  # [B, H, nq * 2W]
+    rep = ((lo + hi - 1) >> 1).clamp(0, t_k - 1).view(*view.q.shape[:2], -1)  # [B, H, n * 2W]
     rows = key_rows(view.k, rep).view(n_rows, -1)  # [N, 2W] rows of the flat keys
     kv_pos = view.kv_pos.view(view.kv_pos.shape[0], 1, -1).expand(*rep.shape[:2], -1)
     rep_pos = torch.gather(kv_pos, -1, rep).view(n_rows, -1)  # [N, 2W]
@@ -109,6 +121,20 @@ def chunk_scores(view, queries: Queries, bounds, fresh) -> torch.Tensor:
     best = torch.where(hi.view(n_rows, -1) <= lo.view(n_rows, -1), -math.inf, best)
     at = slot.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, 2)
     return best.view(n_rows, width, 2).gather(1, at)  # [N, C, 2]
+
+
+def search(view, queries: Queries, n_cand, k_row, segments: int):
+    """The search of one group of query blocks (``n_cand`` [n] candidate blocks, ``k_row`` [n]
+    kept per row): the final (start, end) [N, C] chunks, one block each, in rows of ``queries``
+    (``segments`` = B * H rows per query block)."""
+    width = int(k_row.max())
+    start, end = initial_chunks(n_cand, k_row, width)  # [n, C]
+    start, end = (x.repeat(segments, 1) for x in (start, end))  # [N, C]
+    k_row, n_cand = k_row.repeat(segments), n_cand.repeat(segments)
+    scores = None
+    while int((end - start).max()) > 1:
+        start, end, scores = search_round(view, queries, start, end, scores, k_row, n_cand)
+    return start, end
 
 
 def row_chunks(count: torch.Tensor, step: int, segment: int):
@@ -136,10 +162,11 @@ def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tenso
     maxima (over the contiguous queries) computed in cache. The few ``some`` keys' product
     columns are copied out in the loop and their masked maxima taken after it."""
     n_rows, width = rows.shape
-    dim, bs = queries.t.shape[1:]
+    dim, bs = queries.t.shape[2:]
     keys = k.reshape(-1, dim)  # [B * Hkv * Tk, D]
     step = max(1, CHUNK_ELEMENTS // (bs * width))
-    runs, run = row_chunks(count, step, queries.segment)
+    segment = queries.t.shape[1]
+    runs, run = row_chunks(count, step, segment)
     n, c = some.nonzero(as_tuple=True)  # [S] in row order
     first, _, used = (torch.tensor(x, device=n.device) for x in zip(*runs))
     # each picked key's product row in its run's [c * W', bs] products
@@ -156,7 +183,8 @@ def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tenso
         if widened is not gathered:
             keys_part = widened[: index.numel()].copy_(keys_part)  # to float32, in cache
         logits = products[: index.numel() * bs].view(size, used, bs)
-        torch.bmm(keys_part.view(size, used, dim), queries.t[first : first + size], out=logits)
+        q_t = queries.t[first // segment, first % segment : first % segment + size]
+        torch.bmm(keys_part.view(size, used, dim), q_t, out=logits)
         torch.amax(logits, dim=-1, out=best[first : first + size, :used])
         lo, hi = bounds[part], bounds[part + 1]
         if hi > lo:
@@ -167,19 +195,29 @@ def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tenso
     return best
 
 
+def ranking_keys(scores: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """int64 like ``scores`` float32: per chunk a key in the order of its score (-0.0 as 0.0),
+    ties towards the earlier chunk (the smaller ``start``). Distinct for the distinct starts of a
+    row's non-empty chunks: their top-k by key is the stable top-k by score."""
+    bits = (scores + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # a float's order as a signed integer's
+    return (ordered.long() << 32) | (0xFFFFFFFF - start)
+
+
 def keep_best(scores, start, end, k_row, empty):
-    """Per row the ``k_row`` best chunks (ties towards the earlier), compacted into
-    ``scores.shape[-1] // 2`` slots in block order with their scores; the unused slots empty
-    (start = end = ``empty``, score -inf)."""
+    """Per row of ``scores`` [N, 2C] the ``k_row`` [N] best chunks (ties towards the earlier),
+    best first in C slots, as (start, end, scores); the slots past ``k_row`` empty (start = end =
+    ``empty`` [N], score -inf). A row has at least ``k_row`` non-empty chunks (each kept chunk
+    has a non-empty half), all scored above the empty ones (-inf): no empty chunk is kept."""
     width = scores.shape[-1] // 2
-    chosen = top_count(scores, k_row)  # [N, 2C], k_row [N] per row
-    slot = torch.where(chosen, chosen.cumsum(-1) - 1, width)  # its place in block order
-    shape = (*scores.shape[:-1], width + 1)  # a last column takes the chunks not kept
-    empty = empty.unsqueeze(-1).expand(shape).contiguous()
-    kept_start = empty.scatter(-1, slot, start)[..., :width]
-    kept_end = empty.scatter(-1, slot, end)[..., :width]
-    unused = torch.full(shape, -math.inf, device=scores.device)
-    return kept_start, kept_end, unused.scatter_(-1, slot, scores)[..., :width]
+    order = torch.topk(ranking_keys(scores, start), width, dim=-1).indices  # [N, C] best first
+    used = torch.arange(width, device=scores.device) < k_row.unsqueeze(-1)
+    empty = empty.unsqueeze(-1)
+    return (
+        torch.where(used, start.gather(-1, order), empty),
+        torch.where(used, end.gather(-1, order), empty),
+        torch.where(used, scores.gather(-1, order), -math.inf),
+    )
 
 
 @register("hip")
@@ -199,22 +237,18 @@ class HiP(SparsePrefill):
     """
 
     def plan(self, view) -> torch.Tensor:
-        queries = flat_queries(view)
-        batch, heads = view.q.shape[:2]
+        q, q_pos = query_blocks(view)  # [B, H, nq, bs, D], [Bp, nq, bs]
+        batch, heads, n_q = q.shape[:3]
         causal = view.causal
-        n_q, n_k = causal.shape
+        n_k = causal.shape[1]
         n_cand = causal.long().cumsum(-1).argmax(-1) + 1  # [nq] key blocks up to the diagonal
         k_row = torch.ceil(causal.sum(-1).double() * self.budget).long().clamp(min=1)
         k_row = torch.minimum(k_row, n_cand)
-        width = int(k_row.max())
-        start, end = initial_chunks(n_cand, k_row, width)
-        # one row per (batch row, head, query block), as ``queries``: [N, C]
-        start, end = (x.repeat(batch * heads, 1) for x in (start, end))
-        k_row, n_cand = k_row.repeat(batch * heads), n_cand.repeat(batch * heads)
-        scores = None
-        while int((end - start).max()) > 1:
-            start, end, scores = search_round(view, queries, start, end, scores, k_row, n_cand)
-        found = (end - start == 1) & (start < n_k)
-        layout = torch.zeros(start.shape[0], n_k + 1, dtype=torch.bool, device=causal.device)
-        layout.scatter_(-1, torch.where(found, start, n_k), True)
-        return layout[:, :n_k].view(batch, heads, n_q, n_k) & causal
+        layout = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=causal.device)
+        for lo, hi in query_groups(k_row, batch * heads):  # the rows are independent
+            queries = group_queries(q[:, :, lo:hi], q_pos[:, lo:hi])
+            start, end = search(view, queries, n_cand[lo:hi], k_row[lo:hi], batch * heads)
+            found = (end - start == 1) & (start < n_k)
+            kept = torch.where(found, start, n_k).view(batch, heads, hi - lo, -1)
+            layout[:, :, lo:hi].scatter_(-1, kept, True)
+        return layout[..., :n_k] & causal
