@@ -25,6 +25,8 @@ UNSEEN = torch.finfo(torch.float32).min
 # bookkeeping tensors and its queries stay in cache through all of the group's rounds.
 GROUP_ELEMENTS = 1 << 16
 
+RUN_ROWS = 32
+
 
 class Queries(NamedTuple):
     """A group's query blocks, one row per (batch row, head, query block): N = B * H * n."""
@@ -77,9 +79,10 @@ def search_round(view, queries: Queries, start, end, scores, k_row, empty):
     size = end - start
     mid = start + ((size + 1) >> 1)
     fresh = size > (0 if scores is None else 1)  # the chunks whose halves are scored now
-    first, second = chunk_scores(view, queries, (start, mid, end), fresh).unbind(-1)
+    first, second = chunk_scores(view, queries, (start, mid, end), fresh)
     kept = -math.inf if scores is None else torch.where(size == 1, scores, -math.inf)
-    halves = torch.cat([torch.where(fresh, first, kept), torch.where(fresh, second, -math.inf)], -1)
+    second = torch.where(fresh & (mid < end), second, -math.inf)  # an empty half: -inf
+    halves = torch.cat([torch.where(fresh, first, kept), second], -1)
     return keep_best(halves, torch.cat([start, mid], -1), torch.cat([mid, end], -1), k_row, empty)
 
 
@@ -95,32 +98,36 @@ def pack(todo: torch.Tensor):
     return cols.scatter_(-1, slot, column)[:, :width], count, slot
 
 
-def chunk_scores(view, queries: Queries, bounds, fresh) -> torch.Tensor:
-    """[N, C, 2] float32: for each ``fresh`` [N, C] chunk, its two halves [start, mid) and
-    [mid, end) (``bounds``, each [N, C]) scored by their middle key ``k_rep``: the best
+def chunk_scores(view, queries: Queries, bounds, fresh):
+    """(first, second) [N, C] float32: for each ``fresh`` [N, C] chunk, its halves [start, mid)
+    and [mid, end) (``bounds``, each [N, C]) scored by their middle key ``k_rep``: the best
     ``scale * q . k_rep`` over the query block's queries; UNSEEN where no query of the block may
-    see it; -inf for an empty half. The other chunks' entries are undefined. The fresh chunks of
-    each row are packed to its front (``pack``) and only they are scored."""
+    see it. Undefined for the other chunks and for an empty second half (mid = end). The fresh
+    chunks of each row are packed to its front (``pack``) and only they are scored."""
     t_k, bs = view.k.shape[2], view.block_size
     cols, count, slot = pack(fresh)  # [N, W], [N], [N, C]
     n_rows, width = cols.shape
     chunk = cols.clamp(0, fresh.shape[-1] - 1)
-    start, mid, end = (x.gather(-1, chunk) for x in bounds)  # [N, W]
-    lo = torch.stack([start, mid], -1) * bs  # [N, W, 2]
-    hi = (torch.stack([mid, end], -1) * bs).clamp(0, t_k)
-    rep = ((lo + hi - 1) >> 1).clamp(0, t_k - 1).view(*view.q.shape[:2], -1)  # [B, H, n * 2W]
-    rows = key_rows(view.k, rep).view(n_rows, -1)  # [N, 2W] rows of the flat keys
-    kv_pos = view.kv_pos.view(view.kv_pos.shape[0], 1, -1).expand(*rep.shape[:2], -1)
-    rep_pos = torch.gather(kv_pos, -1, rep).view(n_rows, -1)  # [N, 2W]
+    edges = torch.stack([x.gather(-1, chunk) for x in bounds], -1) * bs  # [N, W, 3]
+    hi = edges[..., 1:].clamp(0, t_k)
+    rep = ((edges[..., :2] + hi - 1) >> 1).clamp(0, t_k - 1)  # [N, W, 2] the halves' middles
+    rows = key_rows(view.k, rep.view(*view.q.shape[:2], -1)).view(n_rows, -1)  # [N, 2W]
+    rep_pos = positions(view.kv_pos, rep.view(*view.q.shape[:2], -1)).view(n_rows, -1)
     nobody = (rep_pos < 0) | (rep_pos > queries.highest)
     filled = torch.arange(2 * width, device=fresh.device) < 2 * count.unsqueeze(-1)
     some = filled & ~nobody & (rep_pos > queries.lowest)  # seen by some queries of the block
     best = block_maxima(view.k, queries, rows, 2 * count, some, rep_pos) * view.scale
     # the scale is positive: scaling the maxima equals the maxima of the scaled scores
-    best = torch.where(nobody | (best == -math.inf), UNSEEN, best)
-    best = torch.where(hi.view(n_rows, -1) <= lo.view(n_rows, -1), -math.inf, best)
-    at = slot.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, 2)
-    return best.view(n_rows, width, 2).gather(1, at)  # [N, C, 2]
+    best = torch.where(nobody | (best == -math.inf), UNSEEN, best)  # [N, 2W]
+    at = slot.clamp(0, width - 1) * 2  # [N, C] each fresh chunk's first half in ``best``
+    return best.gather(-1, at), best.gather(-1, at + 1)
+
+
+def positions(kv_pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The positions [B, H, n] of the key slots ``idx`` [B, H, n] (``kv_pos`` [Bp, Tk])."""
+    if kv_pos.shape[0] == 1:  # one row of positions for every batch row: a flat lookup
+        return kv_pos[0].index_select(0, idx.reshape(-1)).view(idx.shape)
+    return torch.gather(kv_pos.unsqueeze(1).expand(*idx.shape[:2], -1), -1, idx)
 
 
 def search(view, queries: Queries, n_cand, k_row, segments: int):
@@ -164,7 +171,7 @@ def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tenso
     n_rows, width = rows.shape
     dim, bs = queries.t.shape[2:]
     keys = k.reshape(-1, dim)  # [B * Hkv * Tk, D]
-    step = max(1, CHUNK_ELEMENTS // (bs * width))
+    step = max(1, min(RUN_ROWS, CHUNK_ELEMENTS // (bs * width)))
     segment = queries.t.shape[1]
     runs, run = row_chunks(count, step, segment)
     n, c = some.nonzero(as_tuple=True)  # [S] in row order
