@@ -27,6 +27,10 @@ GROUP_ELEMENTS = 1 << 16
 
 RUN_ROWS = 32
 
+# The fewest key rows of a product: narrower products take another kernel whose rounding differs
+# (its sums in another order), so every score is computed by the same kernel whatever the run.
+MIN_WIDTH = 4
+
 
 class Queries(NamedTuple):
     """A group's query blocks, one row per (batch row, head, query block): N = B * H * n."""
@@ -91,7 +95,7 @@ def pack(todo: torch.Tensor):
     count [N]: how many; slot [N, C]: each set column's place in ``cols``, W elsewhere)."""
     n_rows, width_in = todo.shape
     count = todo.sum(-1)
-    width = max(1, int(count.max()))
+    width = max(MIN_WIDTH // 2, int(count.max()))
     slot = torch.where(todo, todo.cumsum(-1) - 1, width)
     cols = torch.full((n_rows, width + 1), width_in, device=todo.device)
     column = torch.arange(width_in, device=todo.device).expand(n_rows, -1)
@@ -145,25 +149,27 @@ def search(view, queries: Queries, n_cand, k_row, segments: int):
 
 
 def row_chunks(count: torch.Tensor, step: int, segment: int):
-    """Runs of at most ``step`` rows that stay inside one ``segment`` of rows (one batch row and
-    head: the rows in it need similar widths, a run across two would be padded to the wider):
-    (first, size, width) per run, ``width`` the most columns a row of it uses (``count`` [N]),
-    and ``run`` [N] int64, each row's run."""
-    row = torch.arange(count.numel(), device=count.device)
+    """Runs of at most ``step`` rows, of near-equal sizes, each inside one ``segment`` of rows (a
+    batch row and head, whose query blocks are one view): (first, size, width) per run, and
+    ``run`` [N] int64, each row's run. ``width``: the most columns a row of the run uses
+    (``count`` [N]), at least ``MIN_WIDTH`` (0 when none does)."""
     per_segment = -(-segment // step)
+    step = -(-segment // per_segment)
+    row = torch.arange(count.numel(), device=count.device)
     run = row // segment * per_segment + row % segment // step
     n_runs = count.numel() // segment * per_segment
     widths = torch.zeros(n_runs, dtype=count.dtype, device=count.device)
-    widths = widths.scatter_reduce_(0, run, count, "amax").tolist()
+    widths = widths.scatter_reduce_(0, run, count, "amax")
+    widths = torch.where(widths > 0, widths.clamp(min=MIN_WIDTH), 0).tolist()
     firsts = [s + j * step for s in range(0, count.numel(), segment) for j in range(per_segment)]
     sizes = [min(step, segment - j * step) for j in range(per_segment)] * (n_runs // per_segment)
     return list(zip(firsts, sizes, widths)), run
 
 
 def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tensor:
-    """[N, W] float32: for each key row of ``rows`` [N, W] (the first ``count`` [N] of a row; -inf
-    after them) the best ``q . k`` over the row's query block, over the queries that may see it
-    where ``some``.
+    """[N, W] float32: for each key row of ``rows`` [N, W] (W >= ``MIN_WIDTH``; the first
+    ``count`` [N] of a row) the best ``q . k`` over the row's query block, over the queries that
+    may see it where ``some``; undefined after ``count``.
 
     In runs of rows, into workspaces: the keys gathered, the product [c, W', bs] and its
     maxima (over the contiguous queries) computed in cache. The few ``some`` keys' product
@@ -171,31 +177,36 @@ def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tenso
     n_rows, width = rows.shape
     dim, bs = queries.t.shape[2:]
     keys = k.reshape(-1, dim)  # [B * Hkv * Tk, D]
-    step = max(1, min(RUN_ROWS, CHUNK_ELEMENTS // (bs * width)))
     segment = queries.t.shape[1]
+    step = max(1, min(RUN_ROWS, CHUNK_ELEMENTS // (bs * width)))
     runs, run = row_chunks(count, step, segment)
+    first, size, used = (torch.tensor(x, device=rows.device) for x in zip(*runs))
+    inside = torch.arange(width, device=rows.device) < used[run].unsqueeze(-1)  # [N, W]
+    index = rows[inside]  # the key rows of every run, in order
+    offsets = [0, *(size * used).cumsum(0).tolist()]
     n, c = some.nonzero(as_tuple=True)  # [S] in row order
-    first, _, used = (torch.tensor(x, device=n.device) for x in zip(*runs))
-    # each picked key's product row in its run's [c * W', bs] products
-    local = (n - first[run[n]]) * used[run[n]] + c
+    local = (n - first[run[n]]) * used[run[n]] + c  # its row of its run's [c * W', bs] products
     bounds = [0, *torch.bincount(run[n], minlength=len(runs)).cumsum(0).tolist()]
-    columns = torch.empty(n.numel(), bs, device=n.device)
-    best = torch.full((n_rows, width), -math.inf, device=n.device)
+    columns = torch.empty(n.numel(), bs, device=rows.device)
+    maxima = torch.empty(offsets[-1], device=rows.device)  # [M] the runs' maxima, in order
     gathered = keys.new_empty(step * width, dim)
     widened = gathered if keys.dtype == torch.float32 else gathered.float()
-    products = torch.empty(step * width * bs, device=n.device)
+    products = torch.empty(step * width * bs, device=rows.device)
     for part, (first, size, used) in enumerate(runs):
-        index = rows[first : first + size, :used].reshape(-1)
-        keys_part = torch.index_select(keys, 0, index, out=gathered[: index.numel()])
+        lo, hi = offsets[part], offsets[part + 1]
+        if hi == lo:
+            continue
+        keys_part = torch.index_select(keys, 0, index[lo:hi], out=gathered[: hi - lo])
         if widened is not gathered:
-            keys_part = widened[: index.numel()].copy_(keys_part)  # to float32, in cache
-        logits = products[: index.numel() * bs].view(size, used, bs)
+            keys_part = widened[: hi - lo].copy_(keys_part)  # to float32, in cache
+        logits = products[: (hi - lo) * bs].view(size, used, bs)
         q_t = queries.t[first // segment, first % segment : first % segment + size]
         torch.bmm(keys_part.view(size, used, dim), q_t, out=logits)
-        torch.amax(logits, dim=-1, out=best[first : first + size, :used])
-        lo, hi = bounds[part], bounds[part + 1]
-        if hi > lo:
-            torch.index_select(logits.view(-1, bs), 0, local[lo:hi], out=columns[lo:hi])
+        torch.amax(logits, dim=-1, out=maxima[lo:hi].view(size, used))
+        if bounds[part + 1] > bounds[part]:
+            picked = slice(bounds[part], bounds[part + 1])
+            torch.index_select(logits.view(-1, bs), 0, local[picked], out=columns[picked])
+    best = torch.empty(n_rows, width, device=rows.device).masked_scatter_(inside, maxima)
     pos = queries.pos[n]  # [S, bs]
     seen = (rep_pos[n, c].unsqueeze(-1) <= pos) & (pos >= 0)
     best[n, c] = columns.masked_fill_(~seen, -math.inf).amax(-1)
