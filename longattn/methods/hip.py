@@ -219,22 +219,30 @@ def ranking_keys(scores: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     row's non-empty chunks: their top-k by key is the stable top-k by score."""
     bits = (scores + 0.0).view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # a float's order as a signed integer's
-    return (ordered.long() << 32) | (0xFFFFFFFF - start)
+    return (ordered.long() << 32) | (0xFFFFFFFE - start)  # below the padding of keep_best
 
 
 def keep_best(scores, start, end, k_row, empty):
-    """Per row of ``scores`` [N, 2C] the ``k_row`` [N] best chunks (ties towards the earlier),
-    best first in C slots, as (start, end, scores); the slots past ``k_row`` empty (start = end =
-    ``empty`` [N], score -inf). A row has at least ``k_row`` non-empty chunks (each kept chunk
-    has a non-empty half), all scored above the empty ones (-inf): no empty chunk is kept."""
+    """Per row of ``scores`` [N, 2C] the ``k_row`` [N] best chunks (ties towards the earlier) in
+    C slots, in no particular order, as (start, end, scores); the other slots empty (start = end
+    = ``empty`` [N], score -inf). A row has at least ``k_row`` non-empty chunks (each kept chunk
+    has a non-empty half), all scored above the empty ones (-inf): no empty chunk is kept.
+
+    One unsorted top-C per row: each row's C - ``k_row`` free slots are taken first by as many
+    keys above every real one, so the rest is its ``k_row`` best."""
     width = scores.shape[-1] // 2
-    order = torch.topk(ranking_keys(scores, start), width, dim=-1).indices  # [N, C] best first
-    used = torch.arange(width, device=scores.device) < k_row.unsqueeze(-1)
+    free = torch.arange(width, device=scores.device) < (width - k_row).unsqueeze(-1)  # [N, C]
+    top = torch.iinfo(torch.int64)
+    padding = torch.where(free, top.max, top.min)
+    keys = torch.cat([ranking_keys(scores, start), padding], -1)  # [N, 3C]
+    order = torch.topk(keys, width, dim=-1, sorted=False).indices  # [N, C]
+    real = order < 2 * width
+    order = order.clamp(0, 2 * width - 1)
     empty = empty.unsqueeze(-1)
     return (
-        torch.where(used, start.gather(-1, order), empty),
-        torch.where(used, end.gather(-1, order), empty),
-        torch.where(used, scores.gather(-1, order), -math.inf),
+        torch.where(real, start.gather(-1, order), empty),
+        torch.where(real, end.gather(-1, order), empty),
+        torch.where(real, scores.gather(-1, order), -math.inf),
     )
 
 
