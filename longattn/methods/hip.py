@@ -25,6 +25,7 @@ UNSEEN = torch.finfo(torch.float32).min
 # bookkeeping tensors and its queries stay in cache through all of the group's rounds.
 GROUP_ELEMENTS = 1 << 16
 
+# Rows of one batched product (a run): a run is as wide as its widest row, so longer runs pad more.
 RUN_ROWS = 32
 
 # The fewest key rows of a product: narrower products take another kernel whose rounding differs
