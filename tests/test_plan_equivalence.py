@@ -275,6 +275,8 @@ def chunks(request, monkeypatch):
     if request.param == "tiny":
         monkeypatch.setattr(anchor_attention, "CHUNK_ELEMENTS", 700)
         monkeypatch.setattr(hip, "CHUNK_ELEMENTS", 700)
+        monkeypatch.setattr(hip, "GROUP_ELEMENTS", 64)  # a group per query block or two
+        monkeypatch.setattr(hip, "RUN_ROWS", 3)
         monkeypatch.setattr(proxy_attn, "SCORE_CHUNK_ELEMENTS", 700)
         monkeypatch.setattr(dhsa, "COSINE_ROWS", 7)
     return request.param
@@ -289,6 +291,33 @@ def test_plan_equals_the_materialised_reference(spec, case, chunks):
     expected = REFERENCES[method.name](view, method)
     assert chosen.any() and not chosen.all()
     assert torch.equal(chosen, expected)
+
+
+def test_hip_ranking_keys_order_as_a_stable_descending_sort():
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randint(-2, 3, (4, 30), generator=gen).float()  # many ties
+    scores[0, :4] = torch.tensor([0.0, -0.0, hip.UNSEEN, -math.inf])
+    scores[1, 3:9] = -0.0
+    start = torch.randperm(30, generator=gen).expand(4, -1)  # the chunks in any slot order
+    order = torch.argsort(hip.ranking_keys(scores, start), dim=-1, descending=True)
+    by_start = torch.argsort(start, dim=-1)  # the chunks in block order
+    ranked = torch.sort(scores.gather(-1, by_start), dim=-1, descending=True, stable=True)
+    assert torch.equal(order, by_start.gather(-1, ranked.indices))
+
+
+def test_hip_keep_best_is_the_stable_top_count():
+    gen = torch.Generator().manual_seed(8)
+    scores = torch.randint(0, 4, (6, 12), generator=gen).float()  # many ties
+    start = torch.arange(12).expand(6, -1) * 2  # block order
+    k_row = torch.tensor([1, 2, 3, 4, 5, 6])
+    kept = hip.keep_best(scores, start, start + 1, k_row, torch.full((6,), 99))
+    chosen = ref_top_count(scores, k_row)
+    for row in range(6):
+        real = kept[0][row] != 99  # the slots in any order, the unused ones empty
+        assert sorted(kept[0][row][real].tolist()) == start[row][chosen[row]].tolist()
+        assert torch.equal(kept[1][row][real], kept[0][row][real] + 1)
+        assert torch.equal(kept[2][row][real], scores[row, kept[0][row][real] // 2])
+        assert (kept[1][row][~real] == 99).all() and (kept[2][row][~real] == -math.inf).all()
 
 
 def test_top_count_is_the_head_of_a_stable_sort():
