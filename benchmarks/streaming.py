@@ -5,7 +5,8 @@ needed) in ``--chunk``-token calls through ``hf.use(model, StreamingLLM(sinks, w
 positions="cache"))``, past the model's 8,192 positions, and records per ``--segment`` tokens the
 perplexity, the process RSS and the cache's bytes (used and allocated). Baselines in the same run:
 window-only attention (``sinks=0``, expected to collapse once the first tokens leave the window) over
-the same text, and, for speed, sliding-window recompute (each new token re-encodes the last
+the same text, Infini-attention with segments of ``--window`` tokens (a compressive memory in place of
+the evicted tokens, about the same bytes), and, for speed, sliding-window recompute (each new token re-encodes the last
 ``window`` tokens from scratch with the model's own SDPA), timed on ``--speed-tokens`` tokens against
 StreamingLLM fed the same tokens one at a time (interleaved rounds, so the ratio is like for like).
 Gate: before any eviction the first chunk's logits agree with the model's own forward to 1e-5
@@ -33,7 +34,7 @@ from longattn.bench.common import cpu_line, environment
 from longattn.eval.models import load
 from longattn.eval.text import leading_ids
 from longattn.integrations.hf import attn_implementation
-from longattn.methods import StreamingLLM
+from longattn.methods import InfiniAttention, StreamingLLM
 
 PAGE = 4096  # bytes of a page as /proc/self/statm counts them (x86-64 Linux)
 
@@ -242,7 +243,7 @@ def markdown(runs: dict, fast: dict | None, env: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-VARIANTS = ("streaming_llm", "window_only", "speed")
+VARIANTS = ("streaming_llm", "window_only", "infini_attention", "speed")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,6 +295,9 @@ def run_parts(wanted: list[str], args, env: dict, out: pathlib.Path) -> None:
     methods = {
         "streaming_llm": streaming,
         "window_only": StreamingLLM(sinks=0, window=args.window, positions="cache"),
+        # segment-local softmax + a compressive memory: at most ``window`` held tokens plus one
+        # memory matrix per head, about StreamingLLM's ``sinks + window`` tokens of memory
+        "infini_attention": InfiniAttention(segment=args.window),
     }
     for name in wanted:
         path = out / f"{name}.jsonl"
