@@ -24,7 +24,7 @@ import torch
 from longattn.cache_channels import check_channels, gather_channels, prune_layer
 from longattn.cache_pages import metadata_dtype, projected_keys, refresh_pages
 from longattn.cache_summary import Summary, compact, fold
-from longattn.checkpoint import Checkpoint, restore, take
+from longattn.checkpoint import Checkpoint, restore, shortest_row, take
 from longattn.kernels.selection import row_mass, top_index_cpp
 from longattn.types import SelectView, tensors_in
 from longattn.validation import check_append_kv, check_append_positions, check_keep
@@ -241,9 +241,7 @@ class KVCache:
         need = entry.seq_len + t_new
         if need > entry.capacity:
             self._resize(entry, need)
-        starts = entry.row_len  # [B, Hkv] (replaced below, never written: no copy)
-        # the heads of one row holding the same tokens all hold seq_len: no read of row_len
-        first = entry.seq_len if entry.uniform and k.shape[0] == 1 else int(starts.min())
+        first = shortest_row(entry)
         same = first == entry.seq_len
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
@@ -255,7 +253,8 @@ class KVCache:
             entry.pos[:, :, first : first + t_new].copy_(head_pos)
         else:  # each (row, head) continues at its own next slot
             # index_put_, not scatter_: scatter_ on bf16 storage costs ~0.7 ms a call on CPU
-            slots = starts.to(k.device).unsqueeze(-1) + torch.arange(t_new, device=k.device)
+            # row_len: [B, Hkv], replaced (not written) further down
+            slots = entry.row_len.to(k.device).unsqueeze(-1) + torch.arange(t_new, device=k.device)
             b_idx = torch.arange(k.shape[0], device=k.device).view(-1, 1, 1)
             h_idx = torch.arange(k.shape[1], device=k.device).view(1, -1, 1)
             where = (b_idx, h_idx, slots)  # [B, Hkv, T_new] slots; k, v [B, Hkv, T_new, D]

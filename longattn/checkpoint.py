@@ -30,6 +30,12 @@ class Checkpoint:
     starts: tuple[int, int, int] = (0, 0, 0)  # first saved slot, first stale slot, first page
 
 
+def shortest_row(entry: Any) -> int:
+    """The fewest slots a (row, KV head) of a cache layer uses: ``seq_len`` for one row whose
+    heads hold the same tokens (no read of ``row_len``: a decode step's tensor reads cost)."""
+    return entry.seq_len if entry.uniform and entry.pos.shape[0] == 1 else int(entry.row_len.min())
+
+
 def take(
     cache: Any, entry: Any, layer: int, t_new: int, refresh: bool, whole: bool = False
 ) -> Checkpoint:
@@ -46,8 +52,7 @@ def take(
         fields["stats"] = {n: t.clone() for n, t in entry.stats.items()}
         fields["projections"] = {n: (m, b.clone()) for n, (m, b) in entry.projections.items()}
         return Checkpoint(layer, entry, fields, {}, state)
-    # one row whose heads hold the same tokens: every head holds seq_len (no read of row_len)
-    lo = entry.seq_len if entry.uniform and entry.pos.shape[0] == 1 else int(entry.row_len.min())
+    lo = shortest_row(entry)
     hi = min(entry.seq_len + t_new, entry.capacity)  # seq_len: the longest row's length
     stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
     p_lo = stale_lo // cache.page_size
