@@ -76,12 +76,14 @@ def expand_blocks(rows, points, k, v, block: int, n: int, scale: float):
 
 
 def assigned_points(q: torch.Tensor, block: int, n_points: int):
-    """Float64 [B, H, T, c, D] the expansion points of each query's block and [B, H, T] the index
-    of the query's nearest one (the choice ``expand_blocks`` makes)."""
+    """Float64: the expansion points of every query block [B, H, nq, c, D] and each query's
+    nearest one [B, H, T, D] (the choice ``expand_blocks`` makes)."""
     length = q.shape[2]
     points = expansion_points(q, 0, 0, (length - 1) // block, block, n_points)
     per_query = points[:, :, torch.arange(length) // block]  # [B, H, T, c, D]
-    return per_query.double(), nearest(q[..., None, :], per_query)[..., 0]
+    index = nearest(q[..., None, :], per_query)  # [B, H, T, 1]
+    anchor = torch.gather(per_query, 3, index[..., None].expand(*index.shape, q.shape[-1]))
+    return points.double(), anchor[:, :, :, 0].double()
 
 
 def expansion_logits(q, k, block: int, n_points: int, scale: float) -> torch.Tensor:
@@ -92,9 +94,7 @@ def expansion_logits(q, k, block: int, n_points: int, scale: float) -> torch.Ten
     marginal); -inf on the keys of a last, partial block."""
     length = k.shape[2]
     n_full, group = length // block, q.shape[1] // k.shape[1]
-    points, index = assigned_points(q, block, n_points)
-    anchor = torch.gather(points, 3, index[..., None, None].expand(*index.shape, 1, q.shape[-1]))
-    anchor = anchor[:, :, :, 0]  # [B, H, T, D]
+    _, anchor = assigned_points(q, block, n_points)  # [B, H, T, D]
     keys = k.repeat_interleave(group, 1)  # [B, H, T, D]
     out = scale * anchor @ keys.transpose(-1, -2)  # [B, H, T, T]
     probs = torch.softmax(out[..., : n_full * block].unflatten(-1, (n_full, block)), -1)
@@ -118,18 +118,17 @@ def expansion_rel(q, k, block: int, n_points: int, scale: float, r: Rounding, a:
     three additions by ``3u (log b + A' + B + a)``, the subtraction of the row's shift (at most
     the largest score or mu) by ``u (log b + 2 A' + B + a)``, the exp by eta. The average
     ``v_hat`` adds p."""
-    block_dim = q.shape[-1]
+    dim = q.shape[-1]
     length, n_kv = k.shape[2], k.shape[1]
     if length == 0:
         return 0.0
-    points, index = assigned_points(q, block, n_points)
-    anchor = torch.gather(points, 3, index[..., None, None].expand(*index.shape, 1, block_dim))
-    rows = lambda x: x.reshape(x.shape[0], n_kv, -1, block_dim)  # noqa: E731
+    points, anchor = assigned_points(q, block, n_points)
+    rows = lambda x: x.reshape(x.shape[0], n_kv, -1, dim)  # noqa: E731
     a_point = abs_scores(rows(points.flatten(2, 3)), k.double(), scale)
-    b_delta = abs_scores(rows(q.double() - anchor[:, :, :, 0]), k.double(), scale)
-    e_logit = (r.gamma(block_dim) + 2 * r.u) * a_point
+    b_delta = abs_scores(rows(q.double() - anchor), k.double(), scale)
+    e_logit = (r.gamma(dim) + 2 * r.u) * a_point
     w = 2 * e_logit + 2 * r.u * a_point + r.eta
     p = 2 * w + 2 * r.gamma(block) + r.u
-    e_mu = e_logit + (p + r.gamma(block_dim) + 2 * r.u) * (a + a_point) + w + r.gamma(block)
+    e_mu = e_logit + (p + r.gamma(dim) + 2 * r.u) * (a + a_point) + w + r.gamma(block)
     e_mu += r.u * (4 * math.log(block) + 5 * a_point + 4 * (b_delta + a))
     return e_mu + r.eta + p
