@@ -6,7 +6,8 @@ positions="cache"))``, past the model's 8,192 positions, and records per ``--seg
 perplexity, the process RSS and the cache's bytes (used and allocated). Baselines in the same run:
 window-only attention (``sinks=0``, expected to collapse once the first tokens leave the window) over
 the same text, Infini-attention with segments of ``--window`` tokens (a compressive memory in place of
-the evicted tokens, about the same bytes), and, for speed, sliding-window recompute (each new token re-encodes the last
+the evicted tokens, about the same bytes; ``positions="segment"``, so it too runs past the model's
+positions), and, for speed, sliding-window recompute (each new token re-encodes the last
 ``window`` tokens from scratch with the model's own SDPA), timed on ``--speed-tokens`` tokens against
 StreamingLLM fed the same tokens one at a time (interleaved rounds, so the ratio is like for like).
 Gate: before any eviction the first chunk's logits agree with the model's own forward to 1e-5
@@ -297,7 +298,8 @@ def run_parts(wanted: list[str], args, env: dict, out: pathlib.Path) -> None:
         "window_only": StreamingLLM(sinks=0, window=args.window, positions="cache"),
         # segment-local softmax + a compressive memory: at most ``window`` held tokens plus one
         # memory matrix per head, about StreamingLLM's ``sinks + window`` tokens of memory
-        "infini_attention": InfiniAttention(segment=args.window),
+        # rotated at offsets inside their segment: no position past the segment, unbounded
+        "infini_attention": InfiniAttention(segment=args.window, positions="segment"),
     }
     for name in wanted:
         path = out / f"{name}.jsonl"

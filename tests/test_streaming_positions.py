@@ -183,7 +183,10 @@ def test_refusals():
     model = tiny_llama(dtype=torch.float32)
     cache_llm = StreamingLLM(sinks=2, window=8, positions="cache")
     wrapped = Intersection(cache_llm, SlidingWindow(window=8))
-    with pytest.raises(ValueError, match="StreamingLLM's own policy"), hf.use(model, wrapped):
+    with (
+        pytest.raises(ValueError, match="StreamingLLM's / InfiniAttention's own policies"),
+        hf.use(model, wrapped),
+    ):
         pass
     dynamic = tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ValueError, match="rope_type is 'dynamic'"), hf.use(dynamic, cache_llm):

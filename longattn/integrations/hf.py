@@ -158,7 +158,8 @@ def positions_mask(
 
 def positions_mask_unbounded(*args, config=None, **kwargs) -> TokenPositions:
     """``positions_mask`` without the ``max_position_embeddings`` limit: StreamingLLM with
-    ``positions="cache"`` keeps every query-key distance below sinks + window + the call's tokens."""
+    ``positions="cache"`` keeps every query-key distance below sinks + window + the call's tokens,
+    InfiniAttention with ``positions="segment"`` every rotary position below its segment."""
     return positions_mask(*args, **kwargs)
 
 
@@ -298,10 +299,12 @@ def make_attention_fn(
 
     When the keys are the new tokens of ``cache`` (the model was given it as ``past_key_values``) the
     call goes through the ``KVCache``; otherwise (no cache, or transformers' own) ``key`` and ``value``
-    already hold every visible token. With a ``frame`` (StreamingLLM ``positions="cache"``) queries and
-    keys are re-rotated in it (``longattn.integrations.rope``), by a rotation built once per forward.
+    already hold every visible token. With a ``frame`` (StreamingLLM ``positions="cache"``,
+    InfiniAttention ``positions="segment"``) queries and keys are re-rotated in it
+    (``longattn.integrations.rope``), by a rotation built once per forward.
     """
-    corrections = Corrections(frame) if frame is not None else None
+    segment = method.segment if isinstance(method, InfiniAttention) else None
+    corrections = Corrections(frame, wrap=segment) if frame is not None else None
 
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         _check_call(module, arch, dropout, kwargs)
@@ -323,7 +326,9 @@ def make_attention_fn(
                 f"got q {tuple(query.shape)} and k {tuple(key.shape)}"
             )
         if frame is not None:
-            query, key = _cache_frame(corrections, arch, through_cache, pos, query, key, kwargs)
+            query, key = _rotary_frame(
+                corrections, arch, through_cache, pos, query, key, kwargs, segment is not None
+            )
         if not through_cache and pos.default:
             layer_method = _layer_method(method, window, key.shape[2] - 1)
             # Dense with default positions is exactly what PyTorch's fused kernel computes.
@@ -355,55 +360,62 @@ def make_attention_fn(
                 # through the cache the new tokens are the queries; else the keys have their own
                 kv_positions=pos.q if through_cache else pos.kv,
             )
-        if frame is not None:
+        if frame is not None and segment is None:  # StreamingLLM's cache frame
             place_sinks(cache.kv, layer, method.sinks, method.window, frame)
         return res.out.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
     return attend
 
 
-def _cache_frame(corrections, arch, through_cache, pos, query, key, kwargs):
-    """Queries and new keys re-rotated at their original positions with float64 angles (the sinks are
-    placed after the call): StreamingLLM's ``positions="cache"`` frame."""
-    if not through_cache:
+def _rotary_frame(corrections, arch, through_cache, pos, query, key, kwargs, segment: bool):
+    """Queries and new keys re-rotated with float64 angles: at their original positions
+    (StreamingLLM's ``positions="cache"`` frame; its sinks are placed after the call), or at their
+    offsets inside their segment (InfiniAttention's ``positions="segment"``)."""
+    policy = "InfiniAttention positions='segment'" if segment else "StreamingLLM positions='cache'"
+    # without the cache, the keys must be the queries' own tokens (one whole-sequence forward)
+    own_tokens = segment and pos.default and query.shape[2] == key.shape[2]
+    if not through_cache and not own_tokens:
         raise ValueError(
-            f"{arch}: StreamingLLM positions='cache' needs the use() block's cache: pass it to the "
-            "model as its cache / past_key_values"
+            f"{arch}: {policy} needs the use() block's cache: pass it to the model as its "
+            "cache / past_key_values"
         )
     model_pos = kwargs.get("position_ids")
     if model_pos is None or not pos.default and corrections.padded(pos.q):
         raise ValueError(
-            f"{arch}: StreamingLLM positions='cache' needs unpadded rows and the model's "
-            "position_ids in its attention call"
+            f"{arch}: {policy} needs unpadded rows and the model's position_ids in its "
+            "attention call"
         )
     q_turn = corrections(model_pos, pos.q, query.dtype)
     return q_turn.apply(query), corrections(model_pos, pos.q, key.dtype).apply(key)
 
 
-def _asks_cache_positions(method: Method) -> bool:
-    """Whether ``method`` or a method inside it (a wrapper's fields) has ``positions="cache"``."""
-    if getattr(method, "positions", None) == "cache":
+def _asks_frame(method: Method) -> bool:
+    """Whether ``method`` or a method inside it (a wrapper's fields) asks for a rotary frame:
+    StreamingLLM ``positions="cache"`` or InfiniAttention ``positions="segment"``."""
+    if getattr(method, "positions", None) in ("cache", "segment"):
         return True
     inner = [getattr(method, f.name) for f in dataclasses.fields(method)]
     inner += [m for value in inner if isinstance(value, tuple) for m in value]
-    return any(isinstance(m, Method) and _asks_cache_positions(m) for m in inner)
+    return any(isinstance(m, Method) and _asks_frame(m) for m in inner)
 
 
 def _position_frame(model: torch.nn.Module, method: Method) -> RopeFrame | None:
-    """The rotary frame of StreamingLLM ``positions="cache"`` (None for original positions);
-    ``ValueError`` for that policy on another method or on a RoPE it cannot re-rotate."""
-    if not _asks_cache_positions(method):
+    """The rotary frame of StreamingLLM ``positions="cache"`` or InfiniAttention
+    ``positions="segment"`` (None for original positions); ``ValueError`` for such a policy on a
+    wrapped method or on a RoPE it cannot re-rotate."""
+    if not _asks_frame(method):
         return None
     arch = _architecture(model)
-    if not isinstance(method, StreamingLLM):
+    if not isinstance(method, (StreamingLLM, InfiniAttention)):
         raise ValueError(
-            f"positions='cache' is StreamingLLM's own policy; {method.describe()!r} is not "
-            "StreamingLLM (use StreamingLLM itself, not wrapped or combined)"
+            f"positions='cache' / 'segment' are StreamingLLM's / InfiniAttention's own policies; "
+            f"{method.describe()!r} is neither (use the method itself, not wrapped or combined)"
         )
     rotaries = [m for m in model.modules() if hasattr(m, "inv_freq")]
     if len(rotaries) != 1:
         raise ValueError(
-            f"{arch}: positions='cache' needs one rotary embedding, found {len(rotaries)}"
+            f"{arch}: positions={method.positions!r} needs one rotary embedding, found "
+            f"{len(rotaries)}"
         )
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -442,8 +454,10 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
     soft-capping, learned sink logits, non-causal attention, an InfiniAttention segment longer than
     the model's positions, dropout in training mode, and inputs longer than
     ``config.max_position_embeddings`` (except under StreamingLLM ``positions="cache"``, whose
-    positions stay inside the cache: it needs unpadded rows, the use() block's cache and a
-    Llama-style RoPE with fixed frequencies, and is refused on other methods).
+    positions stay inside the cache, and InfiniAttention ``positions="segment"``, whose positions
+    stay inside a segment: they need unpadded rows, the use() block's cache (InfiniAttention also
+    runs one whole-sequence forward without it) and a Llama-style RoPE with fixed frequencies, and
+    are refused on other methods).
     """
     if isinstance(method, str):
         method = from_string(method)

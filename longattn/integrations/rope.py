@@ -9,6 +9,8 @@ the window: a query at original ``p`` sits at slot ``p - evicted`` and sees sink
 distance. Only the sinks move (from a pristine copy, so rotations never accumulate rounding), and the
 angles are float64 (the model's float32 angle at a large position is off by up to
 ``p * omega * 2**-24`` rad; it is undone exactly and replaced), so the stream has no position limit.
+InfiniAttention's ``positions="segment"`` uses the same re-rotation with every token at its offset
+inside its segment (``Corrections(frame, wrap=segment)``), no sinks.
 Pure torch; ``longattn.integrations.hf`` builds the frame from the model and calls it.
 """
 
@@ -42,19 +44,19 @@ class RopeFrame:
         rope_type = getattr(rotary, "rope_type", None)
         if not isinstance(rope_type, str) or rope_type not in FIXED_ROPE_TYPES:
             raise ValueError(
-                f"{arch}: positions='cache' re-rotates RoPE of types {', '.join(FIXED_ROPE_TYPES)}; "
+                f"{arch}: re-rotated positions ('cache', 'segment') need RoPE of types {', '.join(FIXED_ROPE_TYPES)}; "
                 f"this model's rope_type is {rope_type!r}"
             )
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
         inv_freq = getattr(rotary, "inv_freq", None)
         if scaling != 1.0 or not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
             raise ValueError(
-                f"{arch}: positions='cache' needs one unscaled frequency vector per model "
+                f"{arch}: re-rotated positions need one unscaled frequency vector per model "
                 f"(attention_scaling={scaling})"
             )
         if 2 * inv_freq.numel() != head_dim:
             raise ValueError(
-                f"{arch}: positions='cache' needs RoPE over the whole head ({head_dim} dims), "
+                f"{arch}: re-rotated positions need RoPE over the whole head ({head_dim} dims), "
                 f"this model rotates {2 * inv_freq.numel()} (partial rotary)"
             )
         return cls(inv_freq.detach().float().clone())
@@ -172,10 +174,12 @@ class Corrections:
     """``RopeFrame.correction`` of the last positions asked for. The layers of one forward get the
     same position tensors (the same objects), so the rotation is built once per forward, not once
     per layer; a match needs the same objects at the same version counters (an in-place change
-    rebuilds it) and the same dtype."""
+    rebuilds it) and the same dtype. With ``wrap`` the positions wanted are taken modulo ``wrap``
+    (InfiniAttention's segment frame: each token at its offset inside its segment)."""
 
-    def __init__(self, frame: RopeFrame):
+    def __init__(self, frame: RopeFrame, wrap: int | None = None):
         self.frame = frame
+        self.wrap = wrap
         self._last: tuple | None = None
         self._padded: tuple | None = None
 
@@ -193,6 +197,7 @@ class Corrections:
         last = self._last
         if last is not None and last[0] is model_pos and last[1] is pos and last[2] == stamp:
             return last[3]
-        rotation = self.frame.correction(model_pos, pos, dtype)
+        wanted = pos if self.wrap is None else pos.remainder(self.wrap)
+        rotation = self.frame.correction(model_pos, wanted, dtype)
         self._last = (model_pos, pos, stamp, rotation)
         return rotation

@@ -14,6 +14,8 @@ from longattn.methods.elu_linear import EluLinear
 from longattn.methods.latte import Rounding, abs_scores, call_scale, layer_tensor, magnitude_bound
 from longattn.types import FeatureView
 
+POSITION_POLICIES = ("original", "segment")
+
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
     """elu(x) + 1, the memory's feature map (positive)."""
@@ -46,6 +48,14 @@ class InfiniAttention(Method):
 
     The first segment has no memory: its output is A_local alone. The state (``InfiniState``)
     is the memory and the current segment's keys and values: O(segment + D Dv) per KV head.
+    ``positions`` is the rotary position policy, which a model integration applies (the
+    attention above is the same under both): ``"original"`` rotates queries and keys at the
+    tokens' original positions, so a model stops at its ``max_position_embeddings``;
+    ``"segment"`` rotates each token at its offset inside its segment (position mod
+    ``segment``, float64 angles), so positions stay below ``segment`` and the stream is
+    unbounded. RoPE scores depend only on position differences, so the local softmax is the
+    same under both; the memory then holds keys rotated in their segment's frame.
+
     Deviation from paper: training-free on a pretrained model, so the gate is a fixed logit
     (default -2: about 12 % memory) instead of a learned per-head scalar, and only the linear
     memory update (no delta rule).
@@ -54,11 +64,17 @@ class InfiniAttention(Method):
     segment: int = 2048
     gate: float = -2.0
     calibration: str = ""
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         check_positive("InfiniAttention", segment=self.segment)
         if not math.isfinite(self.gate):
             raise ValueError(f"InfiniAttention.gate must be a finite logit, got {self.gate}")
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(
+                f"InfiniAttention positions must be one of {', '.join(POSITION_POLICIES)}, "
+                f"got {self.positions!r}"
+            )
 
     @property
     def is_causal(self) -> bool:
