@@ -26,7 +26,7 @@ from longattn.cache_pages import metadata_dtype, projected_keys, refresh_pages
 from longattn.cache_summary import Summary, compact, fold
 from longattn.checkpoint import Checkpoint, restore, shortest_row, take
 from longattn.kernels.selection import row_mass, top_index_cpp
-from longattn.types import SelectView, tensors_in
+from longattn.types import SelectView, recurrent_state_nbytes
 from longattn.validation import check_append_kv, check_append_positions, check_keep
 
 MIN_CAPACITY = 256
@@ -457,8 +457,7 @@ class KVCache:
                 held += list(entry.stats.values())
                 total += sum(t.numel() * t.element_size() for t in held)
                 total += 0 if entry.summary is None else entry.summary.nbytes()
-        linear = [r.state for key, r in self.state.items() if str(key).startswith("linear/")]
-        return total + sum(t.numel() * t.element_size() for t in tensors_in(linear))
+        return total + recurrent_state_nbytes(self.state)
 
     def reset(self) -> None:
         """Forget every layer and the selection state (storage is released)."""

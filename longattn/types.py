@@ -40,6 +40,13 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
     return list(found.values())
 
 
+def recurrent_state_nbytes(state: dict) -> int:
+    """Bytes of the recurrent states that state-carrying methods (linear attention, SLA,
+    Infini-attention) keep in a cache's ``state`` under ``"linear/<layer>"`` keys."""
+    held = [r.state for key, r in state.items() if str(key).startswith("linear/")]
+    return sum(t.numel() * t.element_size() for t in tensors_in(held))
+
+
 class AttnOutput(NamedTuple):
     """Result of every attention call, whatever the method.
 

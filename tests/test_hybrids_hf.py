@@ -77,3 +77,16 @@ def test_the_real_model_runs_128_tokens_and_decodes_from_the_state(real_model, m
             steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     assert torch.isfinite(whole).all()
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-3)
+
+
+@torch.no_grad()
+def test_the_caches_bytes_count_the_recurrent_state():
+    """Infini-attention holds its memory, normaliser and open segment per layer: those are the
+    cache's used bytes (and its capacity), not 0."""
+    model = tiny_llama()  # float64, 2 layers, 2 KV heads of 16 dims
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(3))
+    with hf.use(model, InfiniAttention(segment=16)) as cache:
+        model(ids, past_key_values=cache)
+        kv_heads, dim, held = 2, 16, 40 % 16
+        per_layer = kv_heads * (dim * dim + dim + 2 * held * dim) * 8  # memory, norm, k and v
+        assert cache.nbytes() == cache.capacity_nbytes() == 2 * per_layer

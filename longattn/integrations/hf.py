@@ -27,6 +27,7 @@ from longattn.methods.infini_attention import InfiniAttention
 from longattn.methods.intersection import Intersection
 from longattn.methods.sliding_window import SlidingWindow
 from longattn.methods.streaming_llm import StreamingLLM
+from longattn.types import recurrent_state_nbytes
 
 CAPTURE_NAME = "longattn_capture"
 
@@ -278,8 +279,9 @@ class LongattnCache(Cache):
         super().reset()
 
     def nbytes(self) -> int:
-        """Bytes of keys and values in the backing ``KVCache``'s used slots."""
-        return self.kv.nbytes()
+        """Bytes of keys and values in the backing ``KVCache``'s used slots, plus the recurrent
+        states of state-carrying methods (SLA, Infini-attention, linear attention): all in use."""
+        return self.kv.nbytes() + recurrent_state_nbytes(self.kv.state)
 
     def capacity_nbytes(self) -> int:
         """Bytes the backing ``KVCache`` really holds (allocated storage and metadata)."""
