@@ -1,0 +1,66 @@
+"""Key maxima in one C++ kernel (``csrc/key_maxima.cpp``): for rows of queries and, per row, a list of
+key rows, each key's best dot product over the row's queries (optionally only over the queries at
+or after a position). A plan estimator that scores a few representative keys against whole query
+blocks (HiP's hierarchical search) reaches it through ``PrefillView.key_maxima``; its own PyTorch
+computation of the same maxima stays the definition and the fallback.
+
+The kernel fuses the key gather (bfloat16 keys widened to float32 per row), the products (a
+register-blocked fused multiply-add loop over the head dimension, starting from 0 in the order
+d = 0 .. D-1 for every score: the same key against the same queries gives bit-identical scores in
+every call, whatever the other keys of the call) and the maxima, parallel over rows. Its sums
+round in another order than a BLAS product, so its maxima differ from a PyTorch product's by
+rounding: each score by at most ``gamma(D) sum_d |q_d k_d|`` from the exact one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from longattn.kernels import extension
+
+NAME = "key_maxima"
+DTYPES = (torch.float32, torch.bfloat16)
+
+log = logging.getLogger("longattn")
+_said: set[str] = set()
+
+
+def unavailable(k: torch.Tensor) -> str | None:
+    """Why the C++ key-maxima kernel cannot run on keys ``k`` here (None: it can). Builds it once."""
+    if k.device.type != "cpu":
+        return f"the C++ key-maxima kernel runs on CPU only, not {k.device.type}"
+    if k.dtype not in DTYPES:
+        return f"the C++ key-maxima kernel runs float32 and bfloat16 keys, not {k.dtype}"
+    return extension.unavailable(NAME)
+
+
+def key_maxima(
+    k: torch.Tensor,
+    q_t: torch.Tensor,
+    q_pos: torch.Tensor,
+    rows: torch.Tensor,
+    count: torch.Tensor,
+    some: torch.Tensor,
+    rep_pos: torch.Tensor,
+) -> torch.Tensor | None:
+    """[N, W] float32: for each row n and each of its first ``count[n]`` key rows ``rows[n, w]``
+    (rows of ``k.reshape(-1, D)``), ``max_j q_t[n, :, j] . key``; where ``some[n, w]`` only over
+    the queries j with ``q_pos[n, j] >= max(rep_pos[n, w], 0)`` (-inf if none); -inf after
+    ``count``. Or None where the kernel cannot run (the reason logged once at debug level): the
+    caller computes the maxima itself.
+
+    k [B, Hkv, Tk, D] float32 / bfloat16 (any strides, read in place when its last axis is
+    contiguous); q_t [N, D, bs] float32 (each row's queries as columns); q_pos [N, bs],
+    rows [N, W], count [N], rep_pos [N, W] int64; some [N, W] bool."""
+    reason = unavailable(k)
+    if reason is not None:
+        if reason not in _said:
+            _said.add(reason)
+            log.debug("key maxima in PyTorch: %s", reason)
+        return None
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    args = (q_t, q_pos, rows, count.long(), some, rep_pos)
+    return extension.load(NAME).key_maxima(k, *(x.contiguous() for x in args))
