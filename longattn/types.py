@@ -234,6 +234,11 @@ class PrefillView:
     block's queries (the oracle; O(Tq x Tk) work).
     calibration: the method's per-layer calibration tensors for ``layer`` (name -> [Hkv, ...]),
     loaded and checked against the call's shape by the library, or None.
+    key_maxima(k, q_t [N, D, bs], q_pos [N, bs], rows [N, W], count [N], some [N, W],
+    rep_pos [N, W]) -> [N, W] float32 or None: per row of queries (as columns) and each of its
+    first ``count`` key rows (of ``k.reshape(-1, D)``), the best ``q . k`` over the row's queries,
+    where ``some`` only over those at positions >= max(rep_pos, 0); the library's C++ kernel
+    (``longattn.kernels.key_maxima``), None where it cannot run (the hook computes them itself).
     """
 
     q: torch.Tensor
@@ -250,6 +255,7 @@ class PrefillView:
     last_weights: Callable[[int], torch.Tensor]
     block_mass: Callable[[], torch.Tensor]
     calibration: dict[str, torch.Tensor] | None = None
+    key_maxima: Callable[..., torch.Tensor | None] | None = None
 
 
 class PrefillPlan(NamedTuple):

@@ -2,7 +2,8 @@
 dhsa, proxy_attn, anchor_attention) choose exactly the blocks of a straightforward reference of
 the same arithmetic: every score matrix materialised, masks filled, a stable descending sort.
 Small inputs, odd lengths, GQA, fewer queries than keys, padding, bf16; the chunk sizes are also
-shrunk so that every chunked loop runs many times, with ragged ends."""
+shrunk so that every chunked loop runs many times, with ragged ends. HiP runs with the library's
+C++ key maxima and with its own PyTorch ones."""
 
 import math
 
@@ -11,6 +12,7 @@ import torch
 
 from longattn import from_string, prefill
 from longattn.call import make_call
+from longattn.kernels import key_maxima
 from longattn.methods import anchor_attention, dhsa, hip, proxy_attn
 from longattn.methods.block_topk import top_count, top_k_blocks
 from longattn.prefill import _pool, make_view
@@ -282,9 +284,32 @@ def chunks(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}/{c[4]}-{c[6]}")
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.fixture(params=["native", "torch"])
+def maxima(request, monkeypatch):
+    """HiP's key maxima by the library's C++ kernel (which must run), or by its PyTorch path."""
+    if request.param == "native":
+        assert key_maxima.unavailable(torch.zeros(1, 1, 1, 4)) is None
+    else:
+        monkeypatch.setattr(key_maxima, "unavailable", lambda k: "disabled (test)")
+    return request.param
+
+
+CASE_IDS = lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}/{c[4]}-{c[6]}"  # noqa: E731
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.startswith("hip")])
 def test_plan_equals_the_materialised_reference(spec, case, chunks):
+    _check_plan(spec, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.startswith("hip")])
+def test_hip_plan_equals_the_materialised_reference(spec, case, chunks, maxima):
+    _check_plan(spec, case)
+
+
+def _check_plan(spec, case):
     method = from_string(spec)
     view = _view(case, method)
     chosen = method.plan(view)

@@ -47,7 +47,7 @@ def group_queries(q: torch.Tensor, q_pos: torch.Tensor) -> Queries:
     once, not in every round)."""
     pos = flat_positions(q_pos, q.shape[0], q.shape[1])  # [N, bs]
     lowest = torch.where((pos >= 0).all(-1), pos.amin(-1), -1).unsqueeze(-1)
-    q_t = q.flatten(0, 1).float().transpose(-1, -2)  # [B * H, n, D, bs]
+    q_t = q.flatten(0, 1).float().transpose(-1, -2).contiguous()  # [B * H, n, D, bs]
     return Queries(q_t, pos, lowest, pos.amax(-1, True))
 
 
@@ -121,7 +121,7 @@ def chunk_scores(view, queries: Queries, bounds, fresh):
     nobody = (rep_pos < 0) | (rep_pos > queries.highest)
     filled = torch.arange(2 * width, device=fresh.device) < 2 * count.unsqueeze(-1)
     some = filled & ~nobody & (rep_pos > queries.lowest)  # seen by some queries of the block
-    best = block_maxima(view.k, queries, rows, 2 * count, some, rep_pos) * view.scale
+    best = key_maxima(view, queries, rows, 2 * count, some, rep_pos) * view.scale
     # the scale is positive: scaling the maxima equals the maxima of the scaled scores
     best = torch.where(nobody | (best == -math.inf), UNSEEN, best)  # [N, 2W]
     at = slot.clamp(0, width - 1) * 2  # [N, C] each fresh chunk's first half in ``best``
@@ -165,6 +165,16 @@ def row_chunks(count: torch.Tensor, step: int, segment: int):
     firsts = [s + j * step for s in range(0, count.numel(), segment) for j in range(per_segment)]
     sizes = [min(step, segment - j * step) for j in range(per_segment)] * (n_runs // per_segment)
     return list(zip(firsts, sizes, widths)), run
+
+
+def key_maxima(view, queries: Queries, rows, count, some, rep_pos) -> torch.Tensor:
+    """``block_maxima`` by the library's kernel (``view.key_maxima``) where it runs, else here."""
+    if view.key_maxima is not None:
+        q_t = queries.t.flatten(0, 1)  # [N, D, bs]
+        best = view.key_maxima(view.k, q_t, queries.pos, rows, count, some, rep_pos)
+        if best is not None:
+            return best
+    return block_maxima(view.k, queries, rows, count, some, rep_pos)
 
 
 def block_maxima(k, queries: Queries, rows, count, some, rep_pos) -> torch.Tensor:

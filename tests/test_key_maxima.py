@@ -1,0 +1,150 @@
+"""The C++ key-maxima kernel (``kernels/key_maxima.py``) against HiP's PyTorch maxima and the
+float64 exact ones, its fixed arithmetic (a key's score does not depend on the other keys of the
+call), and the fallback with its reason.
+
+Bound: both paths accumulate the D products of a score in float32 from inputs widened exactly
+(bfloat16 and float32 are exact in float32), in any order: each score is within
+``gamma(D) sum_d |q_d k_d|`` of the exact one (Higham, ch. 3; ``gamma(n) = n u / (1 - n u)``,
+``u`` float32's unit roundoff), and a maximum moves by at most its terms' largest error, so the
+kernel's maxima are within ``gamma(D) A`` of the exact ones (``A`` the row's largest
+``sum_d |q_d k_d|``) and within ``2 gamma(D) A`` of the PyTorch path's.
+"""
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+
+from longattn import from_string
+from longattn.call import make_call
+from longattn.kernels import extension, key_maxima
+from longattn.methods import hip
+from longattn.prefill import make_view
+from longattn.testing import make_qkv
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++)")
+
+
+def test_the_kernel_builds():
+    assert extension.unavailable(key_maxima.NAME) is None
+    assert key_maxima.unavailable(torch.zeros(1, 1, 1, 4)) is None
+    assert key_maxima.unavailable(torch.zeros(1, 1, 1, 4, dtype=torch.bfloat16)) is None
+
+
+def _inputs(dtype, bs=16, dim=24, width=12, seed=0):
+    """Query blocks (batch row 1 left-padded: its first block holds positions -1), random key rows
+    per row, random representative positions and ``some`` marks, and counts with a row of 0."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, n_kv, n_blocks, t_k = 2, 4, 2, 5, 90
+    q = torch.randn(batch, heads, n_blocks, bs, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, n_kv, t_k, dim, generator=gen).to(dtype)
+    q_pos = torch.arange(n_blocks * bs).view(1, n_blocks, bs).repeat(batch, 1, 1)
+    q_pos[1, 0, :7] = -1
+    queries = hip.group_queries(q, q_pos)
+    n_rows = batch * heads * n_blocks
+    rows = torch.randint(0, batch * n_kv * t_k, (n_rows, width), generator=gen)
+    count = torch.randint(1, width + 1, (n_rows,), generator=gen)
+    count[3], count[5] = 0, width
+    rep_pos = torch.randint(-1, n_blocks * bs, (n_rows, width), generator=gen)
+    used = torch.arange(width) < count.unsqueeze(-1)
+    some = (torch.rand(n_rows, width, generator=gen) < 0.3) & used  # as HiP marks them
+    some[5, 0], rep_pos[5, 0] = True, n_blocks * bs  # seen by no query of the row: -inf
+    return k, queries, rows, count, some, rep_pos
+
+
+def _native(k, queries, rows, count, some, rep_pos):
+    got = key_maxima.key_maxima(k, queries.t.flatten(0, 1), queries.pos, rows, count, some, rep_pos)
+    assert got is not None
+    return got
+
+
+def _exact(k, queries, rows, some, rep_pos):
+    """float64 maxima and the row's largest sum_d |q_d k_d| (the bound's A), [N, W]."""
+    dim = k.shape[-1]
+    keys = k.reshape(-1, dim).double()[rows]  # [N, W, D]
+    q_t = queries.t.flatten(0, 1).double()  # [N, D, bs]
+    scores = keys @ q_t
+    mags = keys.abs() @ q_t.abs()
+    pos = queries.pos.unsqueeze(1)  # [N, 1, bs]
+    seen = ~some.unsqueeze(-1) | ((pos >= rep_pos.clamp(min=0).unsqueeze(-1)) & (pos >= 0))
+    return scores.masked_fill(~seen, -math.inf).amax(-1), mags.amax(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bs", [16, 13])
+def test_native_maxima_equal_the_torch_path_within_rounding(dtype, bs):
+    k, queries, rows, count, some, rep_pos = _inputs(dtype, bs=bs)
+    got = _native(k, queries, rows, count, some, rep_pos)
+    torch_path = hip.block_maxima(k, queries, rows, count, some, rep_pos)
+    exact, mags = _exact(k, queries, rows, some, rep_pos)
+    used = torch.arange(rows.shape[1]) < count.unsqueeze(-1)
+    assert used.sum() < used.numel() and not used[3].any()
+    assert torch.isneginf(got[~used]).all()  # past count, and the row of count 0
+    assert torch.isneginf(got[5, 0]) and torch.isneginf(torch_path[5, 0])
+    u = torch.finfo(torch.float32).eps / 2
+    gamma = k.shape[-1] * u / (1 - k.shape[-1] * u)
+    finite = used & torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(got) & used, finite)
+    err = (got.double() - exact).abs()[finite]
+    assert (err <= gamma * mags[finite]).all()
+    diff = (got - torch_path).double().abs()[finite]
+    assert (diff <= 2 * gamma * mags[finite]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_keys_score_does_not_depend_on_the_other_keys(dtype):
+    """The same key against the same queries gives the same bits whatever the other keys, its
+    slot and the row's count (HiP compares a kept score with fresh ones)."""
+    k, queries, rows, count, some, rep_pos = _inputs(dtype, width=23)
+    count = torch.full_like(count, rows.shape[1])
+    first = _native(k, queries, rows, count, some, rep_pos)
+    gen = torch.Generator().manual_seed(1)
+    order = torch.argsort(torch.rand(rows.shape, generator=gen), dim=-1)
+    shuffled = [x.gather(-1, order) for x in (rows, some, rep_pos)]
+    again = _native(k, queries, shuffled[0], count, *shuffled[1:])
+    assert torch.equal(again, first.gather(-1, order))
+    for width in (1, 5, 7):  # fewer keys: other register blocks
+        part = _native(k, queries, rows[:, :width], count.clamp(max=width), some[:, :width],
+                       rep_pos[:, :width])  # fmt: skip
+        assert torch.equal(part, first[:, :width])
+
+
+def test_keys_read_through_strides():
+    """Keys that are a view (a cache's slice) are read in place, as their contiguous copy."""
+    k, queries, rows, count, some, rep_pos = _inputs(torch.float32)
+    wide = torch.randn(k.shape[0], k.shape[1], k.shape[2] + 9, k.shape[3] * 2)
+    wide[:, :, 3 : 3 + k.shape[2], : k.shape[3]] = k
+    view = wide[:, :, 3 : 3 + k.shape[2], : k.shape[3]]
+    assert not view.is_contiguous()
+    assert torch.equal(_native(view, queries, rows, count, some, rep_pos),
+                       _native(k, queries, rows, count, some, rep_pos))  # fmt: skip
+
+
+def test_bad_rows_are_refused():
+    k, queries, rows, count, some, rep_pos = _inputs(torch.float32)
+    rows[0, 0] = k.shape[0] * k.shape[1] * k.shape[2]
+    with pytest.raises(RuntimeError, match="outside k"):
+        _native(k, queries, rows, count, some, rep_pos)
+
+
+def test_without_the_kernel_the_reason_is_given_and_hip_computes_the_maxima(monkeypatch):
+    assert "float64" in key_maxima.unavailable(torch.zeros(1, 1, 1, 4, dtype=torch.float64))
+    k, queries, rows, count, some, rep_pos = _inputs(torch.float64)
+    args = (queries.t.flatten(0, 1), queries.pos, rows, count, some, rep_pos)
+    assert key_maxima.key_maxima(k, *args) is None
+    monkeypatch.setattr(extension, "unavailable", lambda name: "no C++ compiler found (test)")
+    assert "no C++ compiler" in key_maxima.unavailable(torch.zeros(1, 1, 1, 4))
+    assert key_maxima.key_maxima(k.float(), *args) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hip_selects_the_same_blocks_with_either_maxima(dtype):
+    """On random inputs the two paths' rounding never reorders HiP's choices."""
+    method = from_string("hip:block_size=16,budget=0.2")
+    q, k, v = make_qkv(1, 4, 2, 1024, 1024, 32, dtype=dtype, seed=3)
+    view = make_view(make_call(q, k, v, method))
+    native = method.plan(view)
+    fallback = method.plan(dataclasses.replace(view, key_maxima=None))
+    assert native.any() and torch.equal(native, fallback)
