@@ -42,12 +42,15 @@ class Queries(NamedTuple):
     highest: torch.Tensor  # [N, 1] the newest position of the block
 
 
-def group_queries(q: torch.Tensor, q_pos: torch.Tensor) -> Queries:
+def group_queries(q: torch.Tensor, q_pos: torch.Tensor, contiguous: bool = False) -> Queries:
     """The ``Queries`` of query blocks q [B, H, n, bs, D], q_pos [Bp, n, bs] (widened to float32
-    once, not in every round)."""
+    once, not in every round). ``contiguous``: the transposed queries copied as such, as the
+    library's key-maxima kernel reads them (transposed in the input dtype, then widened: the
+    strided copy moves half the bytes in bf16); else a view, as ``torch.bmm`` reads them."""
     pos = flat_positions(q_pos, q.shape[0], q.shape[1])  # [N, bs]
     lowest = torch.where((pos >= 0).all(-1), pos.amin(-1), -1).unsqueeze(-1)
-    q_t = q.flatten(0, 1).float().transpose(-1, -2).contiguous()  # [B * H, n, D, bs]
+    q_t = q.flatten(0, 1).transpose(-1, -2)  # [B * H, n, D, bs]
+    q_t = q_t.contiguous().float() if contiguous else q_t.float()
     return Queries(q_t, pos, lowest, pos.amax(-1, True))
 
 
@@ -283,7 +286,7 @@ class HiP(SparsePrefill):
         k_row = torch.minimum(k_row, n_cand)
         layout = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=causal.device)
         for lo, hi in query_groups(k_row, batch * heads):  # the rows are independent
-            queries = group_queries(q[:, :, lo:hi], q_pos[:, lo:hi])
+            queries = group_queries(q[:, :, lo:hi], q_pos[:, lo:hi], view.key_maxima is not None)
             start, end = search(view, queries, n_cand[lo:hi], k_row[lo:hi], batch * heads)
             found = (end - start == 1) & (start < n_k)
             kept = torch.where(found, start, n_k).view(batch, heads, hi - lo, -1)
