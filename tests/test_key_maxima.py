@@ -42,7 +42,8 @@ def _inputs(dtype, bs=16, dim=24, width=12, seed=0):
     k = torch.randn(batch, n_kv, t_k, dim, generator=gen).to(dtype)
     q_pos = torch.arange(n_blocks * bs).view(1, n_blocks, bs).repeat(batch, 1, 1)
     q_pos[1, 0, :7] = -1
-    queries = hip.group_queries(q, q_pos, contiguous=True)
+    buffer = torch.empty(batch * heads * (n_blocks + 1) * dim * bs)  # a plan's: room to spare
+    queries = hip.group_queries(q, q_pos, buffer)
     n_rows = batch * heads * n_blocks
     rows = torch.randint(0, batch * n_kv * t_k, (n_rows, width), generator=gen)
     count = torch.randint(1, width + 1, (n_rows,), generator=gen)

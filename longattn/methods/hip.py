@@ -42,15 +42,17 @@ class Queries(NamedTuple):
     highest: torch.Tensor  # [N, 1] the newest position of the block
 
 
-def group_queries(q: torch.Tensor, q_pos: torch.Tensor, contiguous: bool = False) -> Queries:
+def group_queries(q: torch.Tensor, q_pos: torch.Tensor, out: torch.Tensor | None = None) -> Queries:
     """The ``Queries`` of query blocks q [B, H, n, bs, D], q_pos [Bp, n, bs] (widened to float32
-    once, not in every round). ``contiguous``: the transposed queries copied as such, as the
-    library's key-maxima kernel reads them (transposed in the input dtype, then widened: the
-    strided copy moves half the bytes in bf16); else a view, as ``torch.bmm`` reads them."""
+    once, not in every round). With ``out`` (flat float32, at least B * H * n * D * bs elements)
+    the transposed queries are copied into its front, contiguous, as the library's key-maxima
+    kernel reads them (transposed and widened in one pass, into memory reused by every group of a
+    plan: a fresh multi-MB tensor per group costs its page faults); else a view, as
+    ``torch.bmm`` reads them."""
     pos = flat_positions(q_pos, q.shape[0], q.shape[1])  # [N, bs]
     lowest = torch.where((pos >= 0).all(-1), pos.amin(-1), -1).unsqueeze(-1)
     q_t = q.flatten(0, 1).transpose(-1, -2)  # [B * H, n, D, bs]
-    q_t = q_t.contiguous().float() if contiguous else q_t.float()
+    q_t = q_t.float() if out is None else out[: q_t.numel()].view(q_t.shape).copy_(q_t)
     return Queries(q_t, pos, lowest, pos.amax(-1, True))
 
 
@@ -285,8 +287,13 @@ class HiP(SparsePrefill):
         k_row = torch.ceil(causal.sum(-1).double() * self.budget).long().clamp(min=1)
         k_row = torch.minimum(k_row, n_cand)
         layout = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=causal.device)
-        for lo, hi in query_groups(k_row, batch * heads):  # the rows are independent
-            queries = group_queries(q[:, :, lo:hi], q_pos[:, lo:hi], view.key_maxima is not None)
+        groups = query_groups(k_row, batch * heads)
+        buffer = None  # the key-maxima kernel's contiguous queries, one buffer for every group
+        if view.key_maxima is not None:
+            most = max(hi - lo for lo, hi in groups)
+            buffer = q.new_empty(batch * heads * most * q[0, 0, 0].numel(), dtype=torch.float32)
+        for lo, hi in groups:  # the rows are independent
+            queries = group_queries(q[:, :, lo:hi], q_pos[:, lo:hi], buffer)
             start, end = search(view, queries, n_cand[lo:hi], k_row[lo:hi], batch * heads)
             found = (end - start == 1) & (start < n_k)
             kept = torch.where(found, start, n_k).view(batch, heads, hi - lo, -1)
