@@ -47,6 +47,11 @@ def recurrent_state_nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_in(held))
 
 
+def _key_dtype(bound: int) -> torch.dtype:
+    """The narrowest integer dtype holding 0 .. bound - 1 (narrow keys: a faster top-k)."""
+    return torch.int16 if bound <= 2**15 else torch.int32 if bound <= 2**31 else torch.int64
+
+
 class AttnOutput(NamedTuple):
     """Result of every attention call, whatever the method.
 
@@ -350,8 +355,11 @@ class BlockIndex:
             )
         counts = layout.sum(-1)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
-        # A stable sort of "not visited" puts the visited block ids first, in increasing order.
-        order = torch.sort((~layout).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+        # Keys j for visited blocks, n_kv + j for the others: the ``width`` smallest, in order, are
+        # the visited block ids first, increasing (distinct keys: no tie to break)
+        ids = torch.arange(n_kv, device=layout.device, dtype=_key_dtype(2 * n_kv))
+        order = torch.topk(torch.where(layout, ids, ids + n_kv), width, dim=-1, largest=False)
+        order = order.indices
         slot = torch.arange(width, device=layout.device)
         used = slot < counts.unsqueeze(-1)
         kv_blocks = torch.where(used, order, -1)
