@@ -297,8 +297,8 @@ def run_parts(wanted: list[str], args, env: dict, out: pathlib.Path) -> None:
         "streaming_llm": streaming,
         "window_only": StreamingLLM(sinks=0, window=args.window, positions="cache"),
         # segment-local softmax + a compressive memory: at most ``window`` held tokens plus one
-        # memory matrix per head, about StreamingLLM's ``sinks + window`` tokens of memory
-        # rotated at offsets inside their segment: no position past the segment, unbounded
+        # memory matrix per head, about StreamingLLM's ``sinks + window`` tokens of memory; tokens
+        # rotated at their offsets inside their segment, so the stream is unbounded
         "infini_attention": InfiniAttention(segment=args.window, positions="segment"),
     }
     for name in wanted:

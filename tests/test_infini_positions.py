@@ -11,36 +11,9 @@ transformers = pytest.importorskip("transformers")
 from longattn import hf  # noqa: E402
 from longattn.method import from_string  # noqa: E402
 from longattn.methods import InfiniAttention  # noqa: E402
+from tests.test_streaming_positions import TINY, rotate, tiny_llama, tokens  # noqa: E402
 
-VOCAB, LIMIT, SEGMENT = 96, 48, 16
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=LIMIT,
-)
-
-
-def tiny_llama(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    config = transformers.LlamaConfig(**TINY)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def tokens(length: int) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Llama RoPE (rotate_half) of x [..., T, D] at ``positions`` [T], float64."""
-    angle = positions.double()[:, None] * inv_freq.double()
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+LIMIT, SEGMENT = TINY["max_position_embeddings"], 16
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +83,7 @@ def streamed(model, ids: torch.Tensor, method: InfiniAttention, chunk: int) -> t
 @pytest.mark.parametrize("chunk", [1, 5, 16])
 def test_segment_positions_equal_the_float64_reference_past_the_models_positions(chunk):
     model = tiny_llama()
-    ids = tokens(LIMIT + 2 * SEGMENT + 3)  # past max_position_embeddings
+    ids = tokens(1, LIMIT + 2 * SEGMENT + 3)  # past max_position_embeddings
     method = InfiniAttention(segment=SEGMENT, gate=0.0, positions="segment")
     ref = reference_logits(model, ids, SEGMENT, 0.0)
     bound = float64_bound(model, ref)
@@ -121,7 +94,7 @@ def test_segment_positions_equal_the_float64_reference_past_the_models_positions
 @torch.no_grad()
 def test_one_forward_without_the_cache_equals_the_reference():
     model = tiny_llama()
-    ids = tokens(LIMIT + SEGMENT)
+    ids = tokens(1, LIMIT + SEGMENT)
     method = InfiniAttention(segment=SEGMENT, gate=0.0, positions="segment")
     ref = reference_logits(model, ids, SEGMENT, 0.0)
     with hf.use(model, method):
@@ -132,7 +105,7 @@ def test_one_forward_without_the_cache_equals_the_reference():
 @torch.no_grad()
 def test_the_policies_differ_after_the_first_segment_and_original_stops_at_the_limit():
     model = tiny_llama()
-    ids = tokens(LIMIT)
+    ids = tokens(1, LIMIT)
     ref = reference_logits(model, ids, SEGMENT, 0.0)
     bound = float64_bound(model, ref)
     original = streamed(model, ids, InfiniAttention(segment=SEGMENT, gate=0.0), chunk=8)
@@ -141,7 +114,7 @@ def test_the_policies_differ_after_the_first_segment_and_original_stops_at_the_l
     # later: the memory's keys (and the local pairs' angles) are rotated elsewhere
     assert (original[SEGMENT:] - ref[SEGMENT:]).abs().max() > 1e3 * bound
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        streamed(model, tokens(LIMIT + 8), InfiniAttention(segment=SEGMENT), chunk=8)
+        streamed(model, tokens(1, LIMIT + 8), InfiniAttention(segment=SEGMENT), chunk=8)
 
 
 def test_policy_values_strings_and_refusals():
@@ -152,8 +125,8 @@ def test_policy_values_strings_and_refusals():
     for bad in ("cache", "", "Segment"):
         with pytest.raises(ValueError, match="positions"):
             InfiniAttention(positions=bad)
-    model = tiny_llama(torch.float32)
-    ids = tokens(12)
+    model = tiny_llama(dtype=torch.float32)
+    ids = tokens(1, 12)
     mask = torch.ones_like(ids).repeat(2, 1)
     mask[1, :3] = 0
     with torch.no_grad(), hf.use(model, method) as cache:

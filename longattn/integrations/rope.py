@@ -44,8 +44,8 @@ class RopeFrame:
         rope_type = getattr(rotary, "rope_type", None)
         if not isinstance(rope_type, str) or rope_type not in FIXED_ROPE_TYPES:
             raise ValueError(
-                f"{arch}: re-rotated positions ('cache', 'segment') need RoPE of types {', '.join(FIXED_ROPE_TYPES)}; "
-                f"this model's rope_type is {rope_type!r}"
+                f"{arch}: re-rotated positions ('cache', 'segment') need RoPE of types "
+                f"{', '.join(FIXED_ROPE_TYPES)}; this model's rope_type is {rope_type!r}"
             )
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
         inv_freq = getattr(rotary, "inv_freq", None)
