@@ -246,12 +246,17 @@ def attention_weights(
     n_kv, length = keys.shape[1], keys.shape[2]
     group = n_heads // n_kv
     dtype = accumulation_dtype(keys.dtype)
+    if length == 0:
+        return q.new_zeros((batch, n_heads, n, 0), dtype=dtype)
     rows = q.to(dtype).reshape(batch, n_kv, group * n, dim)  # [B, Hkv, G*n, D], row = g * n + t
-    scores = torch.matmul(rows, keys.to(dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*n, T]
+    scores = torch.matmul(rows, keys.to(dtype).transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*n, T]
     qp = q_pos.repeat(1, group).view(batch, 1, group * n, 1)
-    kp = positions.unsqueeze(2)  # [B, Hkv, 1, T]
-    visible = (kp >= 0) & (kp <= qp) & (qp >= 0)
-    probs = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+    # an empty slot (-1) is moved past every query, so one comparison masks it and the future
+    kp = positions.masked_fill(positions < 0, torch.iinfo(positions.dtype).max).unsqueeze(2)
+    probs = torch.softmax(scores.masked_fill_(kp > qp, -torch.inf), dim=-1)
+    first = kp.amin(dim=-1, keepdim=True)  # [B, Hkv, 1, 1] the earliest held position
+    if not bool(((qp >= 0) & (qp >= first)).all()):
+        probs.nan_to_num_(0.0)  # rows that see no key
     return probs.view(batch, n_heads, n, length)
 
 
@@ -260,20 +265,36 @@ def _accumulate(
 ) -> None:
     """Add this call's attention to each held key's accumulated attention (summed over the query
     heads of its KV head) and record the latest query under which it drew at least the mean
-    weight; computed WEIGHT_CHUNK queries at a time."""
+    weight (1 / the number of keys it gave a nonzero weight); computed WEIGHT_CHUNK queries at a
+    time, each chunk over the slots up to the last one it can see (a prompt's chunk skips the
+    causal future)."""
     keys, positions = cache.keys(layer), cache.head_positions(layer)
     batch, n_kv = keys.shape[:2]
     total = cache.stat(layer, "accumulated").clone()
     last = cache.stat(layer, "last_hit").clone()  # position + 1 (0: never)
+    held = positions >= 0
     for start in range(0, q.shape[2], WEIGHT_CHUNK):
         qc, pc = q[:, :, start : start + WEIGHT_CHUNK], q_pos[:, start : start + WEIGHT_CHUNK]
-        probs = attention_weights(qc, pc, keys=keys, positions=positions, scale=scale)
-        grouped = probs.view(batch, n_kv, -1, probs.shape[-1])  # [B, Hkv, G*c, T]
-        total += grouped.sum(dim=2).float()
-        seen = (grouped > 0).sum(dim=-1, keepdim=True).clamp(min=1)
-        hit = (grouped > 0) & (grouped * seen >= 1)
+        cut = _visible_extent(held & (positions <= pc.max()))
+        if cut == 0:
+            continue
+        probs = attention_weights(
+            qc, pc, keys=keys[:, :, :cut], positions=positions[:, :, :cut], scale=scale
+        )
+        grouped = probs.view(batch, n_kv, -1, cut)  # [B, Hkv, G*c, cut]
+        total[..., :cut] += grouped.sum(dim=2)
+        # weights are >= 0, so their signs sum to the number of keys given a nonzero weight
+        seen = torch.sign(grouped).sum(dim=-1, keepdim=True).clamp_(min=1)
+        hit = grouped * seen >= 1  # implies a nonzero weight
         group = grouped.shape[2] // pc.shape[1]
         qp = pc.repeat(1, group).view(batch, 1, -1, 1).float() + 1
-        last = torch.maximum(last, torch.where(hit, qp, 0.0).amax(dim=2))
+        latest = torch.where(hit, qp, 0.0).amax(dim=2)
+        last[..., :cut] = torch.maximum(last[..., :cut], latest)
     cache.set_stat(layer, "accumulated", total)
     cache.set_stat(layer, "last_hit", last)
+
+
+def _visible_extent(visible: torch.Tensor) -> int:
+    """One past the last slot that ``visible`` [B, Hkv, T] marks in any row or head (0: none)."""
+    columns = visible.flatten(0, -2).any(dim=0).nonzero()
+    return int(columns[-1]) + 1 if columns.numel() else 0

@@ -168,3 +168,14 @@ def test_report_tables_compare_with_the_dense_row(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| snapkv | 0.25 | 2 | 50.0 | -50.0 | 100.0 | 0.250 |" in text
     assert "best at 25 % = snapkv (-50.0 points vs dense, n=2): within 2 points missed" in text
+
+
+def test_the_default_method_list_is_every_eviction_method_one_prefill_serves():
+    from longattn.eval.evict import default_specs, method_grid
+
+    specs = default_specs()
+    assert specs[0] == "dense" and "snapkv" in specs and "think:scorer=snapkv" in specs
+    assert "duo_attention" not in specs and "razor_attention" not in specs  # compress in prefill
+    grid = method_grid(specs, [0.5, 0.1])
+    assert len(grid) == 1 + 2 * (len(specs) - 1)
+    assert {m.budget for m in grid[1:]} == {0.5, 0.1}

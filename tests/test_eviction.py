@@ -337,3 +337,62 @@ def test_streaming_in_chunks_holds_about_the_window_plus_one_chunk():
         attention(q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], method=method, cache=cache)
     assert cache.seq_len(0) == 4 + 256 - 1
     assert cache.capacity(0) <= 4 + 256 + 128 + 32  # the need of one call, to a page or two
+
+
+def _accumulated_reference(keys, positions, q, q_pos, scale):
+    """float64 accumulated attention and latest hit (position + 1) per held key, from the whole
+    [B, H, n, S] weight matrix at once."""
+    group = q.shape[1] // keys.shape[1]
+    kk = keys.double().repeat_interleave(group, dim=1)
+    kp = positions.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, H, 1, S]
+    qp = q_pos[:, None, :, None]  # [B, 1, n, 1]
+    visible = (kp >= 0) & (kp <= qp)
+    s = (q.double() @ kk.transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~visible, -torch.inf), dim=-1).nan_to_num(0.0)
+    nonzero = (p > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+    hit = p * nonzero >= 1
+    latest = torch.where(hit, qp.double() + 1, 0.0)
+    shape = (keys.shape[0], keys.shape[1], group, *p.shape[2:])
+    return p.view(shape).sum(dim=(2, 3)), latest.view(shape).amax(dim=(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_accumulated_attention_matches_the_whole_weight_matrix(dtype):
+    """The prompt's chunked, causally cut accumulation (three chunks) and a later decode call over
+    per-head evicted slots (empty slots included) equal the float64 whole-matrix sums."""
+    from longattn.compress import WEIGHT_CHUNK, _accumulate
+
+    t = 2 * WEIGHT_CHUNK + 88
+    q, k, v = _qkv(batch=2, heads=6, n_kv=2, t=t + 3, dim=16, seed=3, dtype=dtype)
+    cache = KVCache(1, page_size=16)
+    cache.append(0, k[:, :, :t], v[:, :, :t])
+    prompt_pos = torch.arange(t).expand(2, -1)
+    _accumulate(cache, 0, q[:, :, :t], prompt_pos, 0.25)
+    total, last = _accumulated_reference(cache.keys(0), cache.head_positions(0), q[:, :, :t],
+                                         prompt_pos, 0.25)  # fmt: skip
+    # the statistic is stored in float32 (one rounding per chunk); float32 weights add a relative
+    # error of a few units of eps(float32) times the score range (|s| < 8 here)
+    rtol = 2.0**-21 if dtype == torch.float64 else 2.0**-16
+    got = cache.stat(0, "accumulated").double()
+    assert torch.allclose(got, total, atol=1e-12, rtol=rtol), (got - total).abs().max()
+    if dtype == torch.float64:
+        assert torch.equal(cache.stat(0, "last_hit").double(), last)
+    keep = torch.rand(2, 2, t, generator=torch.Generator().manual_seed(4)) < 0.4
+    keep[1, 0] = False  # one (row, head) keeps nothing: its slots stay empty
+    cache.evict(0, keep)
+    before = cache.stat(0, "accumulated").clone(), cache.stat(0, "last_hit").clone()
+    cache.append(0, k[:, :, t:], v[:, :, t:])
+    step_pos = torch.arange(t, t + 3).expand(2, -1)
+    _accumulate(cache, 0, q[:, :, t:], step_pos, 0.25)
+    keys, pos = cache.keys(0), cache.head_positions(0)
+    added, step_last = _accumulated_reference(keys, pos, q[:, :, t:], step_pos, 0.25)
+    held = pos >= 0
+    old_total = torch.zeros_like(added)
+    old_total[..., : before[0].shape[-1]] = before[0].double()
+    old_last = torch.zeros_like(step_last)
+    old_last[..., : before[1].shape[-1]] = before[1].double()
+    got = cache.stat(0, "accumulated").double()
+    assert torch.allclose(got[held], (old_total + added)[held], atol=1e-12, rtol=rtol)
+    if dtype == torch.float64:
+        assert torch.equal(cache.stat(0, "last_hit").double()[held],
+                           torch.maximum(old_last, step_last)[held])  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -74,7 +75,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--budgets",
         help="the eviction eval: comma-separated kept fractions, e.g. 0.5,0.25,0.1; every method "
         "is an eviction method run at each budget from one shared prefill per prompt "
-        "(longattn/eval/evict.py); tasks passkey, needle, ppl",
+        "(longattn/eval/evict.py); tasks passkey, needle, ppl; without --methods: dense and "
+        "every eviction method that one prefill can serve, at its defaults",
     )
 
 
@@ -140,7 +142,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def run_evict_command(args: argparse.Namespace) -> int:
     """``longattn eval --budgets ...``: the eviction eval (``longattn.eval.evict``)."""
-    from longattn.eval.evict import run_evict_eval
+    from longattn.eval.evict import default_specs, run_evict_eval, window_of
 
     start = time.perf_counter()
 
@@ -151,6 +153,8 @@ def run_evict_command(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
+        if args.methods is None:
+            config = dataclasses.replace(config, methods=default_specs(window_of(config)))
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
         counts = run_evict_eval(
             config, budgets, force=args.force, resume=args.resume, progress=show

@@ -196,6 +196,26 @@ def forced(model, method: Method, prefilled: Prefilled, tail: torch.Tensor, base
             "forced_tok_s": (n - 1) / seconds if n > 1 else None}  # fmt: skip
 
 
+def default_specs(window: int = SHARED_WINDOW) -> list[str]:
+    """What ``longattn eval --budgets`` runs without ``--methods``: dense, then every registered
+    eviction method the shared prefill can serve, at its defaults (ThinK with SnapKV scoring its
+    tokens, since ThinK alone keeps every token). Methods that compress during the prefill
+    (DuoAttention, RazorAttention) need their own runs."""
+    from longattn.method import registry
+
+    specs = ["dense"]
+    for name, cls in sorted(registry().items()):
+        if not issubclass(cls, Evict):
+            continue
+        spec = "think:scorer=snapkv" if name == "think" else name
+        try:
+            check_shareable(from_string(spec), window)
+        except ValueError:
+            continue
+        specs.append(spec)
+    return specs
+
+
 def method_grid(
     specs: list[str], budgets: list[float], window: int = SHARED_WINDOW
 ) -> list[Method]:
