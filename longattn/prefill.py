@@ -272,33 +272,59 @@ def check_columns(method: SparsePrefill, columns, view: PrefillView) -> torch.Te
             f"{name}.plan's PrefillPlan.columns must be [1 or {batch}, 1 or {heads}, {n_q}, n], "
             f"got {list(columns.shape)}"
         )
-    if columns.numel() and (int(columns.min()) < -1 or int(columns.max()) >= kv_len):
+    rows = columns[:, :, :1] if columns.stride(2) == 0 else columns  # broadcast: one list each
+    if rows.numel() and (int(rows.min()) < -1 or int(rows.max()) >= kv_len):
         raise ValueError(
             f"{name}.plan's PrefillPlan.columns must be key slots in [0, {kv_len}) or -1, got "
-            f"{int(columns.min())}..{int(columns.max())}"
+            f"{int(rows.min())}..{int(rows.max())}"
         )
     return columns
 
 
-def tidy_columns(columns: torch.Tensor, visited: torch.Tensor, block: int) -> torch.Tensor | None:
-    """int64 [Bi, Hi, nq, n'] the columns no visited block covers, each once, ascending, -1 after
-    the used slots, trimmed to the widest row; None when none is left. ``visited`` bool
-    [Bv, Hv, nq, nk] the final block layout."""
-    shape = torch.broadcast_shapes(columns.shape[:2], visited.shape[:2])
-    cols = columns.expand(*shape, *columns.shape[2:])
-    covered = torch.gather(
-        visited.expand(*shape, *visited.shape[2:]), -1, cols.clamp(min=0) // block
-    )
+def tidy_columns(
+    columns: torch.Tensor, visited: torch.Tensor, block: int, causal: torch.Tensor
+) -> torch.Tensor | None:
+    """int64 [Bo, Ho, nq, n'] the columns that no visited block covers and that some query of
+    their query block can see, each once, ascending, -1 after the used slots, trimmed to the
+    widest row; None when none is left. ``visited`` bool [Bv, Hv, nq, nk] the final block
+    layout; ``causal`` bool [nq, nk] the blocks holding a causal pair.
+
+    Each row is sorted and its repeats dropped once (once per head for columns broadcast over the
+    query blocks, as vertical-slash plans give them), so that its columns fall into one run per
+    key block; a query block's row is then the runs of the key blocks it may read, copied in
+    order (one gather and one scatter over the output), without sorting the output."""
     unused = torch.iinfo(torch.int64).max
-    cols = torch.where((cols < 0) | covered, unused, cols).sort(dim=-1).values
-    repeat = torch.zeros_like(cols, dtype=torch.bool)
-    repeat[..., 1:] = cols[..., 1:] == cols[..., :-1]
-    cols = torch.where(repeat | (cols == unused), unused, cols).sort(dim=-1).values
-    width = int((cols != unused).sum(-1).max()) if cols.numel() else 0
+    # one list for every query block (vertical-slash plans): sorted once per head
+    shared = columns.shape[2] > 1 and (
+        columns.stride(2) == 0 or bool((columns == columns[:, :, :1]).all())
+    )
+    rows = columns[:, :, :1] if shared else columns  # [Bc, Hc, R, n]
+    rows = torch.where(rows < 0, unused, rows).sort(dim=-1).values
+    repeat = torch.zeros_like(rows, dtype=torch.bool)
+    repeat[..., 1:] = rows[..., 1:] == rows[..., :-1]
+    rows = rows.masked_fill(repeat, unused).sort(dim=-1).values  # unique, ascending, then unused
+    n_q, n_k = visited.shape[2:]
+    key_block = torch.where(rows == unused, n_k, rows // block)
+    count = torch.zeros(*rows.shape[:3], n_k + 1, dtype=torch.int64, device=rows.device)
+    count = count.scatter_add_(-1, key_block, torch.ones_like(key_block))[..., :n_k]
+    source = count.cumsum(-1) - count  # where each key block's run starts in its row
+    shape = (*torch.broadcast_shapes(rows.shape[:2], visited.shape[:2]), n_q, n_k)
+    kept = (count * (causal & ~visited)).expand(shape)  # [Bo, Ho, nq, nk] columns per run
+    dest = kept.cumsum(-1) - kept  # where each run starts in its output row
+    width = int(kept.sum(-1).max()) if kept.numel() else 0
     if width == 0:
         return None
-    cols = cols[..., :width]
-    return torch.where(cols == unused, -1, cols)
+    base = torch.arange(math.prod(rows.shape[:3]), device=rows.device).view(*rows.shape[:3], 1)
+    source = source + base * rows.shape[-1]  # into rows.flatten()
+    runs = kept.flatten().nonzero().squeeze(-1)
+    length = kept.flatten()[runs]
+    run = torch.repeat_interleave(torch.arange(runs.numel(), device=rows.device), length)
+    within = torch.arange(run.numel(), device=rows.device) - (length.cumsum(0) - length)[run]
+    src = source.expand(shape).flatten()[runs][run] + within
+    dst = ((runs // n_k) * width + dest.flatten()[runs])[run] + within
+    out = torch.full((math.prod(shape[:3]) * width,), -1, dtype=torch.int64, device=rows.device)
+    out[dst] = rows.flatten()[src]
+    return out.view(*shape[:3], width)
 
 
 def plan_index(call) -> BlockIndex:
@@ -317,7 +343,7 @@ def plan_index(call) -> BlockIndex:
     partial = chosen & ~view.causal_full
     call.derived["plan_view"] = view
     if columns is not None:
-        columns = tidy_columns(columns, chosen, method.block_size)
+        columns = tidy_columns(columns, chosen, method.block_size, view.causal)
     call.derived["plan_columns"] = columns
     return BlockIndex.from_block_mask(
         chosen, method.block_size, partial=partial, q_len=call.q.shape[2], kv_len=call.k.shape[2]

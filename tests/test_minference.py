@@ -55,6 +55,35 @@ def test_columns_are_each_once_and_never_inside_a_visited_block():
     assert bool((ordered | ~used[..., 1:]).all())  # ascending, -1 only after the used slots
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3), (1, 3), (2, 1)])
+def test_tidy_columns_equals_a_set_by_set_reference(shared, shape):
+    """Per row: the distinct columns (>= 0) whose key block is causal for the row's query block
+    and not visited, ascending, -1 after; the width is the widest row's."""
+    from longattn.prefill import tidy_columns
+
+    gen = torch.Generator().manual_seed(7)
+    n_q, n_k, block, n = 6, 6, 4, 15
+    rows = 1 if shared else n_q
+    columns = torch.randint(-1, n_k * block, (*shape, rows, n), generator=gen)
+    columns = columns.expand(*shape, n_q, n)
+    visited = torch.rand(2, 3, n_q, n_k, generator=gen) < 0.4
+    causal = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    got = tidy_columns(columns, visited, block, causal)
+    want = []
+    for b, h, qb in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(n_q)):
+        cols = {int(c) for c in columns[b % shape[0], h % shape[1], qb] if c >= 0}
+        want.append(
+            sorted(c for c in cols if causal[qb, c // block] and not visited[b, h, qb, c // block])
+        )
+    width = max(map(len, want))
+    expect = torch.full((2 * 3 * n_q, width), -1, dtype=torch.int64)
+    for i, cols in enumerate(want):
+        expect[i, : len(cols)] = torch.tensor(cols, dtype=torch.int64)
+    assert got is not None and torch.equal(got.reshape(-1, got.shape[-1]), expect)
+    assert tidy_columns(torch.full_like(columns, -1), visited, block, causal) is None
+
+
 def _dense(q, k, v):
     return longattn.attention(q.double(), k.double(), v.double(), impl="reference").out
 
@@ -290,8 +319,10 @@ def test_flexprefill_tau_switches_between_query_aware_and_vertical_slash():
     expected = top_p_blocks(estimate, view.causal, 0.6)
     expected = expected | view.forced
     assert torch.equal(aware.state.layout()[0], expected & view.causal)
-    slash = longattn.attention(q, k, v, method=FlexPrefill(block_size=16, gamma=0.6, tau=0.0))
-    assert isinstance(slash.state, PrefillPlan)  # every head runs vertical-slash, with columns
+    # every head runs vertical-slash; at gamma 0.2 its diagonals leave causal blocks unvisited,
+    # so columns remain (at 0.6 they cover every causal block and the plan keeps none)
+    slash = longattn.attention(q, k, v, method=FlexPrefill(block_size=16, gamma=0.2, tau=0.0))
+    assert isinstance(slash.state, PrefillPlan)
 
 
 def test_flexprefill_gamma_one_query_aware_is_dense():

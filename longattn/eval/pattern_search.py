@@ -79,7 +79,7 @@ def _planned(view, method: MInference) -> tuple[torch.Tensor, torch.Tensor | Non
     """(blocks [B, H, nq, nk], columns [B, H, nq, n] or None) as ``plan_index`` finalises them."""
     plan = method.plan(view)
     blocks = ((plan.blocks | view.forced) & view.causal).expand(*view.q.shape[:2], -1, -1)
-    return blocks, prefill.tidy_columns(plan.columns, blocks, method.block_size)
+    return blocks, prefill.tidy_columns(plan.columns, blocks, method.block_size, view.causal)
 
 
 def _per_block(x: torch.Tensor, block: int, dim: int) -> torch.Tensor:

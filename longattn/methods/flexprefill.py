@@ -79,6 +79,6 @@ class FlexPrefill(SparsePrefill):
             cumulative_count(diagonals, self.gamma),
         )
         pick = query_aware[:, :, None, None]  # [B, H, 1, 1]
-        return PrefillPlan(
-            torch.where(pick, aware_blocks, vs_blocks), vs_cols.masked_fill(pick, -1)
-        )
+        # the columns are one list per head, broadcast over the query blocks: kept so
+        cols = vs_cols[:, :, :1].masked_fill(pick, -1).expand_as(vs_cols)
+        return PrefillPlan(torch.where(pick, aware_blocks, vs_blocks), cols)
