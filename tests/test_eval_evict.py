@@ -176,6 +176,7 @@ def test_the_default_method_list_is_every_eviction_method_one_prefill_serves():
     specs = default_specs()
     assert specs[0] == "dense" and "snapkv" in specs and "think:scorer=snapkv" in specs
     assert "duo_attention" not in specs and "razor_attention" not in specs  # compress in prefill
+    assert "qfilters" not in specs  # its calibration file has no default
     grid = method_grid(specs, [0.5, 0.1])
     assert len(grid) == 1 + 2 * (len(specs) - 1)
     assert {m.budget for m in grid[1:]} == {0.5, 0.1}
