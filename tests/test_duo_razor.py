@@ -240,7 +240,7 @@ def test_a_short_calibration_writes_a_loadable_file_and_resumes(tmp_path):
                     tmp_path / "b.ckpt")  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["duo_attention", "razor_attention"])
+@pytest.mark.parametrize("method", ["duo_attention", "razor_attention", "qfilters"])
 def test_the_shipped_smollm2_calibrations_fit_the_model(method):
     from longattn.eval.calibrate import SHIPPED
 
@@ -276,3 +276,23 @@ def test_calibrate_commands_refuse_bad_input_before_loading_a_model(tmp_path, ca
     assert exit_info.value.code == 2
     code = main(["calibrate", "razor", "--model", "no-such-model", "--out", str(tmp_path / "r")])
     assert code == 2 and "no-such-model" in capsys.readouterr().err
+    code = main(["calibrate", "qfilters", "--model", "no-such-model", "--out", str(tmp_path / "q")])
+    assert code == 2 and "no-such-model" in capsys.readouterr().err
+
+
+def test_the_shipped_qfilters_directions_are_unit_vectors_that_score_keys():
+    """The shipped Q-Filters file: one unit direction per (layer, KV head), usable as is."""
+    from longattn import KVCache, attention
+    from longattn.eval.calibrate import SHIPPED
+    from longattn.methods.qfilters import QFilters
+
+    filters = calibration.load(SHIPPED["qfilters"]).tensors["filter"]
+    assert filters.shape == (30, 3, 64)
+    torch.testing.assert_close(filters.norm(dim=-1), torch.ones(30, 3))
+    method = QFilters(budget=0.25, calibration=str(SHIPPED["qfilters"]))
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 9, 200, 64, generator=gen), torch.randn(1, 3, 201, 64, generator=gen)
+    cache = KVCache(30)
+    attention(q, k[:, :, :200], k[:, :, :200], method=method, cache=cache, layer=29)
+    attention(q[:, :, -1:], k[:, :, 200:], k[:, :, 200:], method=method, cache=cache, layer=29)
+    assert int(cache.head_lengths(29).max()) < 100  # compressed to its budget at the first step

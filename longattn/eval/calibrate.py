@@ -1,11 +1,14 @@
-"""``longattn calibrate duo|razor``: the retrieval-head calibrations of DuoAttention and
-RazorAttention on a real model, written as ``longattn.calibration`` files.
+"""``longattn calibrate duo|razor|qfilters``: the retrieval-head calibrations of DuoAttention and
+RazorAttention and the Q-Filters directions on a real model, written as ``longattn.calibration``
+files.
 
 DuoAttention (Xiao et al. 2024, arXiv:2410.10819): per-KV-head gates optimised on synthetic
 multi-passkey retrieval (real text as haystack, passkeys of random words at random depths, then the
 questions and answers) against the full-attention model's last hidden states on the answer part.
 RazorAttention (Tang et al. 2024, arXiv:2407.15891): echo and induction scores of every head on a
 repeated random-token sequence, one forward pass.
+Q-Filters (Godey et al. 2025, arXiv:2503.02812): per KV head, the leading right singular vector of
+its queries on real text (one forward pass), signed against the mean query.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 SHIPPED = {
     "duo_attention": DATA / "duo_smollm2.safetensors",
     "razor_attention": DATA / "razor_smollm2.safetensors",
+    "qfilters": DATA / "qfilters_smollm2.safetensors",
 }
 
 # the paper's passkey alphabet and prompts (shortened passkeys for a small model and short context)
@@ -196,4 +200,21 @@ def run_razor(
     captured = capture_qkv(model, ids)
     first = 0 if tokenizer.bos_token_id is None else 1
     cal = calibrate_razor_attention(captured, period, first, model_name)
+    return cal.save(out), time.perf_counter() - start
+
+
+def run_qfilters(
+    model_name: str, out: pathlib.Path, length: int = 2048, corpus: str = "licenses"
+) -> tuple[pathlib.Path, float]:
+    """Q-Filters directions of every layer from the queries of ``length`` tokens of ``corpus``
+    (one forward pass); write ``out``."""
+    from longattn.calibration import calibrate_qfilters
+    from longattn.eval.models import load
+    from longattn.eval.text import leading_ids
+    from longattn.integrations.hf import capture_qkv
+
+    start = time.perf_counter()
+    model, tokenizer = load(model_name)
+    captured = capture_qkv(model, leading_ids(tokenizer, length, (corpus,)))
+    cal = calibrate_qfilters(captured, model_name)
     return cal.save(out), time.perf_counter() - start

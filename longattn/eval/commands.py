@@ -215,7 +215,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_calibrate_commands(sub) -> None:
-    """``longattn calibrate duo|razor|minference``: calibrations on a real model, offline."""
+    """``longattn calibrate duo|razor|minference|qfilters``: calibrations on a real model, offline."""
     cal = sub.add_parser("calibrate", help="calibrate a method on a real model (safetensors file)")
     which = cal.add_subparsers(dest="calibration", required=True)
     duo = which.add_parser(
@@ -247,7 +247,11 @@ def add_calibrate_commands(sub) -> None:
     mi.add_argument("--last-q", type=positive_int, default=64, help="estimating queries (64)")
     mi.add_argument("--no-progress", dest="progress", action="store_false")
     mi.set_defaults(func=run_calibrate_command)
-    for p in (duo, razor, mi):
+    qf = which.add_parser("qfilters", help="Q-Filters directions from real queries")
+    qf.add_argument("--length", type=positive_int, default=2048, help="calibration tokens (2048)")
+    qf.add_argument("--corpus", default="licenses", help="pydoc, licenses or kjv (licenses)")
+    qf.set_defaults(func=run_calibrate_command)
+    for p in (duo, razor, mi, qf):
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
@@ -271,6 +275,8 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
                 block_size=args.block_size, last_q=args.last_q,
             )  # fmt: skip
             path, seconds = run_minference(settings, out, progress=args.progress)
+        elif args.calibration == "qfilters":
+            path, seconds = calibrate.run_qfilters(args.model, out, args.length, args.corpus)
         else:
             path, seconds = calibrate.run_razor(
                 args.model, out, args.length, args.repeats, args.seed
