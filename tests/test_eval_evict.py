@@ -170,6 +170,18 @@ def test_report_tables_compare_with_the_dense_row(tmp_path):
     assert "best at 25 % = snapkv (-50.0 points vs dense, n=2): within 2 points missed" in text
 
 
+def test_a_cell_the_dense_model_fails_decides_no_target(tmp_path):
+    cases = [{"case": f"{label}|needle|4096|0", "method": label, "name": label.split(":")[0],
+              "budget": budget, "task": "needle", "length": 4096, "sample": 0, "score": 0.0,
+              "kv_capacity_bytes": 2**20, "kv_bytes": 1, "decode_tok_s": 1.0}
+             for label, budget in [("dense", None), ("snapkv:budget=0.25", 0.25)]]  # fmt: skip
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    text = write_report(tmp_path).read_text()
+    assert "Dense answers none of these 1 prompts" in text
+    assert "needle 4096: not decided, dense answers none of the prompts" in text
+    assert "within 2 points met" not in text and "within 10 points met" not in text
+
+
 def test_the_default_method_list_is_every_eviction_method_one_prefill_serves():
     from longattn.eval.evict import default_specs, method_grid
 
