@@ -74,14 +74,20 @@ COLUMNS = [
 DEFAULT_SPECS = {"think": "think:scorer=snapkv"}
 
 
-def default_methods() -> list[str]:
-    """Every registered eviction method that needs no calibration file, then the uniform policy."""
+def eviction_specs() -> list[str]:
+    """Every registered eviction method that needs no calibration file, at its defaults (ThinK
+    with a token scorer, ``DEFAULT_SPECS``)."""
     names = []
     for name, cls in registry().items():
         fields = {f.name for f in dataclasses.fields(cls)}
         if issubclass(cls, Evict) and "calibration" not in fields:
             names.append(DEFAULT_SPECS.get(name, name))
-    return names + [UNIFORM]
+    return names
+
+
+def default_methods() -> list[str]:
+    """Every eviction method that needs no calibration file, then the uniform policy."""
+    return eviction_specs() + [UNIFORM]
 
 
 def make_method(spec: str, budget: float, kv_len: int) -> Method:

@@ -197,29 +197,21 @@ def forced(model, method: Method, prefilled: Prefilled, tail: torch.Tensor, base
 
 
 def default_specs(window: int = SHARED_WINDOW) -> list[str]:
-    """What ``longattn eval --budgets`` runs without ``--methods``: dense, then every registered
-    eviction method the shared prefill can serve, at its defaults (ThinK with SnapKV scoring its
-    tokens, since ThinK alone keeps every token). Left out: methods that compress during the
-    prefill (DuoAttention, RazorAttention: their own runs) and methods whose calibration file has
-    no default (QFilters: ``--methods qfilters:calibration=<file>``)."""
-    from longattn.method import registry
+    """What ``longattn eval --budgets`` runs without ``--methods``: dense, then every eviction
+    method that needs no calibration file (``bench.evict.eviction_specs``: ThinK with SnapKV
+    scoring its tokens) and that the shared prefill can serve. Left out: methods with a
+    calibration file (QFilters: ``--methods qfilters:calibration=<file>``) and methods that
+    compress during the prefill (DuoAttention, RazorAttention: their own runs)."""
+    from longattn.bench.evict import eviction_specs
 
     specs = ["dense"]
-    for name, cls in sorted(registry().items()):
-        if not issubclass(cls, Evict) or _needs_calibration(cls):
-            continue
-        spec = "think:scorer=snapkv" if name == "think" else name
+    for spec in eviction_specs():
         try:
             check_shareable(from_string(spec), window)
         except ValueError:
             continue
         specs.append(spec)
     return specs
-
-
-def _needs_calibration(cls: type) -> bool:
-    """Whether ``cls`` has a ``calibration`` file field without a default file."""
-    return any(f.name == "calibration" and not f.default for f in dataclasses.fields(cls))
 
 
 def method_grid(
