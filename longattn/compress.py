@@ -275,7 +275,9 @@ def _accumulate(
     held = positions >= 0
     for start in range(0, q.shape[2], WEIGHT_CHUNK):
         qc, pc = q[:, :, start : start + WEIGHT_CHUNK], q_pos[:, start : start + WEIGHT_CHUNK]
-        cut = _visible_extent(held & (positions <= pc.max()))
+        # a decode step sees what is held: only a prompt's chunk has a causal future to skip
+        prompt = pc.shape[1] > MAX_DECODE_QUERIES
+        cut = _visible_extent(held & (positions <= pc.max())) if prompt else keys.shape[2]
         if cut == 0:
             continue
         probs = attention_weights(
