@@ -75,12 +75,17 @@ class FeatureView(NamedTuple):
     scale:       the call's softmax scale (``1/sqrt(D)`` by default): a map that mimics
                  ``exp(scale q.k)`` applies ``scale ** 0.5`` to each side.
     calibration: this layer's tensors from the method's calibration file, or None without one.
+    expansion:   for a ``forward`` method, the library's C++ attention over classified key blocks
+                 (``longattn.kernels.expansion.expansion_attention``: exact critical blocks,
+                 first-order expansions of marginal ones), or None; it returns None where it
+                 cannot run and the method computes the same attention itself.
     """
 
     role: str
     layer: int
     scale: float
     calibration: dict[str, torch.Tensor] | None = None
+    expansion: Callable[..., torch.Tensor | None] | None = None
 
 
 class DecodeSelection(NamedTuple):

@@ -20,6 +20,7 @@ from longattn.methods.sla_expansion import (
     expansion_logits,
     expansion_points,
     expansion_rel,
+    row_points,
 )
 from longattn.methods.taylor import Taylor, taylor_projection
 from longattn.types import FeatureView
@@ -99,6 +100,9 @@ class SLA(Method):
       when exact (b = 64, D = Dv, 8 points: about a third). The library's training-free
       marginal branch, not the paper's: on SmolLM2's q/k/v it halves sparse-only's error where
       the untrained feature maps below barely change it (``docs/runs/issue16/sla_error.md``).
+      Called through ``attention`` in float32 or bfloat16 on CPU, the exact and expanded blocks
+      run in one C++ pass per query block (``longattn.kernels.expansion``, given in the view);
+      the PyTorch form below is the definition, float64's path and the fallback.
     - ``"elu"`` (elu + 1) and ``"taylor"`` (BASED's second-order Taylor map): linear attention
       with untrained features; ``combine`` chooses how the two parts meet over the critical (C)
       and marginal (M) keys of query t. ``"mass"`` (default): ``out_t = (sum_C exp(s_ts) v_s +
@@ -198,11 +202,30 @@ class SLA(Method):
         k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         q_ctx = torch.cat([state.q, q], dim=2)
         q_start = start - state.q.shape[2]
-        out = self._attend(q_ctx, k_all, v_all, q_start, start, scale, acc)
+        out = self._native(q_ctx, k_all, v_all, q_start, start, scale, acc, view)
+        if out is None:
+            out = self._attend(q_ctx, k_all, v_all, q_start, start, scale, acc)
         end, block = k_all.shape[2], self.block_size
         keep = max(end // block - 1, 0) * block  # the previous block's start
         tail = q_ctx[:, :, max(keep - q_start, 0) :]
         return out.to(v.dtype), SLAState(k_all, v_all, tail)
+
+    def _native(self, q_ctx, k, v, q_start, start, scale, acc, view):
+        """``_attend`` by the library's C++ kernel (``view.expansion``) for the expansion form in
+        float32 accumulation, or None where it does not run: the same classes, points and each
+        row's nearest point, computed here, then one pass per query block."""
+        kernel = getattr(view, "expansion", None)
+        if kernel is None or self.feature != "expansion" or acc != torch.float32:
+            return None
+        block, length = self.block_size, k.shape[2]
+        if length == start:
+            return None
+        first, last = start // block, (length - 1) // block
+        classes = self.classify(q_ctx, k, q_start, first, last, scale)
+        points = expansion_points(q_ctx, q_start, first, last, block, self.n_points)
+        rows = q_ctx[:, :, start - q_start :]
+        owner = row_points(rows, points, start - first * block, block)
+        return kernel(rows, k, v, classes, points, owner, start, first, block, scale)
 
     def _attend(self, q_ctx, k, v, q_start, start, scale, acc):
         """Outputs [B, H, T - start, Dv] (acc) of the queries at positions start..T - 1."""

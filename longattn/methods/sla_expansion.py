@@ -19,8 +19,13 @@ def nearest(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     (ties to the lower index), by ``|p|^2 - 2 x . p`` in float64 on the float32-rounded values:
     every product is exact and a sum's rounding (~1e-14 relative) cannot reorder points unless
     they are that close, so every call shape and dtype choose alike."""
-    rows, pts = x.float().double(), points.float().double()
-    return ((pts * pts).sum(-1)[..., None, :] - 2 * rows @ pts.transpose(-1, -2)).argmin(-1)
+    return _nearest64(x.float().double(), points.float().double())
+
+
+def _nearest64(rows: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """``nearest`` on float64 tensors that hold float32 values (no conversion); ``2 * (x . p)``
+    equals ``(2 x) . p`` exactly, without a doubled copy of the rows."""
+    return ((pts * pts).sum(-1)[..., None, :] - 2 * (rows @ pts.transpose(-1, -2))).argmin(-1)
 
 
 def expansion_points(
@@ -38,7 +43,7 @@ def expansion_points(
     start = torch.linspace(0, block - 1, n_points).round().long()
     points = x[:, :, :, start]  # [B, H, n, c, D]
     for _ in range(KMEANS_STEPS):
-        owner = nearest(x, points)  # [B, H, n, b]
+        owner = _nearest64(x, points)  # [B, H, n, b]
         member = (owner[..., None] == torch.arange(n_points)).double()  # [B, H, n, b, c]
         count = member.sum(3)[..., None]  # [B, H, n, c, 1]
         total = member.transpose(-1, -2) @ x  # [B, H, n, c, D]
@@ -47,6 +52,17 @@ def expansion_points(
     if first == 0:
         points = torch.cat([points.new_zeros(*points.shape[:2], 1, *points.shape[3:]), points], 2)
     return points
+
+
+def row_points(rows: torch.Tensor, points: torch.Tensor, lead: int, block: int) -> torch.Tensor:
+    """int64 [B, H, T]: for rows [B, H, T, D] whose first is row ``lead`` of the first of the
+    query blocks of ``points`` [B, H, n, c, D], each row's nearest point of its block (``nearest``,
+    the choice ``expand_blocks`` makes)."""
+    batch, n_heads, length, dim = rows.shape
+    n = points.shape[2]
+    x = torch.nn.functional.pad(rows.float(), (0, 0, lead, n * block - lead - length))
+    owner = nearest(x.view(batch, n_heads, n, block, dim), points).flatten(2)
+    return owner[..., lead : lead + length]
 
 
 def expand_blocks(rows, points, k, v, block: int, n: int, scale: float):

@@ -1,0 +1,307 @@
+// Attention over classified key blocks on CPU, float32, in one pass per query block: exact
+// softmax weights on the critical blocks, the first-order expansion of each marginal block around
+// the row's expansion point (one pseudo key per marginal block and point), nothing on the rest.
+//
+// Per work item (batch, query head, query block i), with the block's c expansion points a_p:
+//  1. for each marginal block j (complete, before the item's first row's block): L = a K_j^T
+//     (c x bs), w = exp(scale L - max) per point, z = sum w, k_hat = w K_j / z, v_hat = w V_j / z,
+//     base = log z + max - scale a . k_hat (GEMMs: at::native::cpublas::brgemm, as block_sparse);
+//  2. the rows owned by point p (gathered): scores scale q . k_hat + base over the marginal blocks
+//     (one GEMM per point), merged into each row's online softmax (running max, sum, accumulator)
+//     with the values v_hat;
+//  3. each critical block: S = Q K_j^T, the causal mask on the block that holds the rows' own
+//     positions, the same online softmax, P V_j.
+// A row's output is the accumulator over the sum. Positions are the default layout: query row t
+// of the call is at position start + t, key s at position s.
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int8_t CRITICAL = 2, MARGINAL = 1;
+constexpr int64_t RUN = 4;             // consecutive key blocks per GEMM
+constexpr int64_t CHUNK = 256;         // score columns per tile (>= RUN * 64)
+
+struct Problem {
+  int64_t B, H, Hkv, Tq, Tk, Tp, D, Dv, bs, nkb, nsel, c, first, start;
+  float scale;
+  const float* q;        // [B, H, Tq, D]
+  const float* kt;       // [B, Hkv, D, Tp]: K^T, zero-padded to Tp = nkb * bs keys
+  const float* kv;       // [B, Hkv, Tp, D + Dv]: each key followed by its value, zero-padded
+  const int8_t* cls;     // [B, H, nsel, nkb]
+  const float* points;   // [B, H, nsel, c, D]
+  const int64_t* owner;  // [B, H, Tq]: each row's point
+  float* out;            // [B, H, Tq, Dv]
+};
+
+// One worker's online-softmax state over the rows of an item, and its scratch tiles.
+struct Rows {
+  std::vector<float> acc, m, l, s, tmp, qg, lg, khv, pkt, pv, base;
+  std::vector<int64_t> idx;
+};
+
+// The first index >= j whose class differs from cls[j] or that is not consecutive, at most RUN on.
+inline int64_t run_end(const int8_t* cls, int64_t j, int64_t n, int8_t kind) {
+  int64_t e = j + 1;
+  while (e < n && e - j < RUN && cls[e] == kind) ++e;
+  return e;
+}
+
+// s[0:n] = s * scale + bias (bias may be null); returns the maximum.
+inline float scale_max(float* s, int64_t n, float scale, const float* bias) {
+  const V vs = vset(scale);
+  V vm = vset(NEG_INF);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V x = bias ? vfma(vload(s + j), vs, vload(bias + j)) : vmul(vload(s + j), vs);
+    vstore(s + j, x);
+    vm = vmax(vm, x);
+  }
+  float mx = vhmax(vm);
+  for (; j < n; ++j) {
+    s[j] = bias ? s[j] * scale + bias[j] : s[j] * scale;
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+
+// s[0:n] = exp(s - m); returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+  const V vneg = vset(-m);
+  V acc = vzero();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = vexp(vadd(vload(s + j), vneg));
+    vstore(s + j, e);
+    acc = vadd(acc, e);
+  }
+  float sum = vsum(acc);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Merge a tile of raw scores s [n, width] (ld) for rows `row[0..n)` into their running state:
+// e = exp(scale * s + bias - m_new), accumulator rescaled; e left in s for the P V product.
+void merge_scores(Rows& w, float* s, int64_t ld, int64_t n, int64_t width, const int64_t* row,
+                  float scale, const float* bias, const int64_t* limit, int64_t Dv) {
+  for (int64_t u = 0; u < n; ++u) {
+    float* sr = s + u * ld;
+    const int64_t r = row ? row[u] : u;
+    const int64_t lim = limit ? limit[u] : width;
+    const float mx = scale_max(sr, lim, scale, bias);
+    const float m_new = std::max(w.m[r], mx);
+    if (m_new == NEG_INF) {
+      std::fill(sr, sr + width, 0.0f);
+      continue;
+    }
+    const float sum = exp_sum(sr, lim, m_new);
+    std::fill(sr + lim, sr + width, 0.0f);
+    const float alpha = w.m[r] == NEG_INF ? 0.0f : std::exp(w.m[r] - m_new);
+    if (alpha != 1.0f)
+      for (int64_t d = 0; d < Dv; ++d) w.acc[r * Dv + d] *= alpha;
+    w.l[r] = w.l[r] * alpha + sum;
+    w.m[r] = m_new;
+  }
+}
+
+// Step 1: the summaries of every marginal block of the item, per point: pkt [c][D][nm] (k_hat
+// transposed), pv [c][nm][Dv], base [c][nm]. Returns nm.
+int64_t summaries(const Problem& p, Rows& w, int64_t b, int64_t h, int64_t sel, int64_t n_prev) {
+  const int64_t D = p.D, Dv = p.Dv, E = D + Dv, bs = p.bs, c = p.c, hkv = h / (p.H / p.Hkv);
+  const int8_t* cls = p.cls + ((b * p.H + h) * p.nsel + sel) * p.nkb;
+  w.idx.clear();
+  for (int64_t j = 0; j < n_prev; ++j)
+    if (cls[j] == MARGINAL) w.idx.push_back(j);
+  const int64_t nm = static_cast<int64_t>(w.idx.size());
+  if (nm == 0) return 0;
+  w.pkt.resize(c * D * nm);
+  w.pv.resize(c * nm * Dv);
+  w.base.resize(c * nm);
+  const float* a = p.points + ((b * p.H + h) * p.nsel + sel) * c * D;
+  const float* kt = p.kt + (b * p.Hkv + hkv) * D * p.Tp;
+  const float* kv = p.kv + (b * p.Hkv + hkv) * p.Tp * E;
+  float* lg = w.lg.data();    // [c, CHUNK]
+  float* khv = w.khv.data();  // [c, D + Dv]
+  float top[64], z[64];
+  for (int64_t jj = 0; jj < nm;) {
+    const int64_t j0 = w.idx[jj];
+    const int64_t n_run = run_end(cls, j0, n_prev, MARGINAL) - j0;
+    at::native::cpublas::brgemm(c, n_run * bs, D, D, p.Tp, CHUNK, false, a, kt + j0 * bs, lg,
+                                false);
+    for (int64_t u = 0; u < n_run; ++u, ++jj) {
+      for (int64_t pt = 0; pt < c; ++pt) {
+        float* row = lg + pt * CHUNK + u * bs;
+        top[pt] = scale_max(row, bs, p.scale, nullptr);
+        z[pt] = exp_sum(row, bs, top[pt]);
+      }
+      at::native::cpublas::brgemm(c, E, bs, CHUNK, E, E, false, lg + u * bs,
+                                  kv + (j0 + u) * bs * E, khv, false);
+      for (int64_t pt = 0; pt < c; ++pt) {
+        const float inv = 1.0f / z[pt];
+        const float* kh = khv + pt * E;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = kh[d] * inv;
+          w.pkt[(pt * D + d) * nm + jj] = x;
+          dot += a[pt * D + d] * x;
+        }
+        for (int64_t d = 0; d < Dv; ++d) w.pv[(pt * nm + jj) * Dv + d] = kh[D + d] * inv;
+        w.base[pt * nm + jj] = std::log(z[pt]) + top[pt] - p.scale * dot;
+      }
+    }
+  }
+  return nm;
+}
+
+// Step 2: the rows of each point against its pseudo keys.
+void marginal_rows(const Problem& p, Rows& w, const float* qp, const int64_t* own, int64_t rows,
+                   int64_t nm) {
+  const int64_t D = p.D, Dv = p.Dv;
+  std::vector<int64_t> mine;
+  for (int64_t pt = 0; pt < p.c; ++pt) {
+    mine.clear();
+    for (int64_t r = 0; r < rows; ++r)
+      if (own[r] == pt) mine.push_back(r);
+    const int64_t n = static_cast<int64_t>(mine.size());
+    if (n == 0) continue;
+    for (int64_t u = 0; u < n; ++u)
+      std::copy(qp + mine[u] * D, qp + (mine[u] + 1) * D, w.qg.data() + u * D);
+    for (int64_t c0 = 0; c0 < nm; c0 += CHUNK) {
+      const int64_t width = std::min(CHUNK, nm - c0);
+      float* s = w.s.data();
+      at::native::cpublas::brgemm(n, width, D, D, nm, CHUNK, false, w.qg.data(),
+                                  w.pkt.data() + pt * D * nm + c0, s, false);
+      merge_scores(w, s, CHUNK, n, width, mine.data(), p.scale, w.base.data() + pt * nm + c0,
+                   nullptr, Dv);
+      float* t = w.tmp.data();
+      at::native::cpublas::brgemm(n, Dv, width, CHUNK, Dv, Dv, false, s,
+                                  w.pv.data() + (pt * nm + c0) * Dv, t, false);
+      for (int64_t u = 0; u < n; ++u)
+        for (int64_t d = 0; d < Dv; ++d) w.acc[mine[u] * Dv + d] += t[u * Dv + d];
+    }
+  }
+}
+
+// Step 3: the critical blocks, exact, in runs of consecutive blocks; `lo` is the position of
+// the item's first row.
+void critical_rows(const Problem& p, Rows& w, const float* qp, int64_t b, int64_t h, int64_t sel,
+                   int64_t lo, int64_t rows) {
+  const int64_t D = p.D, Dv = p.Dv, E = D + Dv, bs = p.bs, hkv = h / (p.H / p.Hkv);
+  const int8_t* cls = p.cls + ((b * p.H + h) * p.nsel + sel) * p.nkb;
+  const float* kt = p.kt + (b * p.Hkv + hkv) * D * p.Tp;
+  const float* kv = p.kv + (b * p.Hkv + hkv) * p.Tp * E;
+  const int64_t last = std::min(p.nkb, (lo + rows - 1) / bs + 1);  // blocks a row can see
+  int64_t limit[64];
+  for (int64_t j = 0; j < last;) {
+    if (cls[j] != CRITICAL) {
+      ++j;
+      continue;
+    }
+    const int64_t e = run_end(cls, j, last, CRITICAL), k0 = j * bs, width = (e - j) * bs;
+    for (int64_t r = 0; r < rows; ++r)
+      limit[r] = std::clamp<int64_t>(std::min(lo + r + 1, p.Tk) - k0, 0, width);
+    float* s = w.s.data();
+    at::native::cpublas::brgemm(rows, width, D, D, p.Tp, CHUNK, false, qp, kt + k0, s, false);
+    merge_scores(w, s, CHUNK, rows, width, nullptr, p.scale, nullptr, limit, Dv);
+    at::native::cpublas::brgemm(rows, Dv, width, CHUNK, E, Dv, true, s, kv + k0 * E + D,
+                                w.acc.data(), false);
+    j = e;
+  }
+}
+
+void run(const Problem& p) {
+  const int64_t n_items = p.B * p.H * p.nsel;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      Rows w;
+      const int64_t bs = p.bs;
+      w.acc.resize(bs * p.Dv);
+      w.m.resize(bs);
+      w.l.resize(bs);
+      w.s.resize(bs * CHUNK);
+      w.tmp.resize(bs * p.Dv);
+      w.qg.resize(bs * p.D);
+      w.lg.resize(p.c * CHUNK);
+      w.khv.resize(p.c * (p.D + p.Dv));
+      // the last query blocks cost most: take items from the end
+      for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
+        const int64_t item = n_items - 1 - i;
+        const int64_t sel = item % p.nsel, bh = item / p.nsel, b = bh / p.H, h = bh % p.H;
+        const int64_t blk = p.first + sel;
+        const int64_t lo = std::max(p.start, blk * bs), hi = std::min(p.Tk, (blk + 1) * bs);
+        const int64_t rows = hi - lo;
+        if (rows <= 0) continue;
+        const float* qp = p.q + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.D;
+        const int64_t* own = p.owner + (b * p.H + h) * p.Tq + (lo - p.start);
+        std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+        std::fill(w.m.begin(), w.m.end(), NEG_INF);
+        std::fill(w.l.begin(), w.l.end(), 0.0f);
+        const int64_t nm = summaries(p, w, b, h, sel, lo / bs);
+        if (nm > 0) marginal_rows(p, w, qp, own, rows, nm);
+        critical_rows(p, w, qp, b, h, sel, lo, rows);
+        float* o = p.out + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.Dv;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float inv = w.l[r] > 0 ? 1.0f / w.l[r] : 0.0f;
+          for (int64_t d = 0; d < p.Dv; ++d) o[r * p.Dv + d] = w.acc[r * p.Dv + d] * inv;
+        }
+      }
+    }
+  });
+  at::native::cpublas::brgemm_release(false);
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& kv,
+                  const at::Tensor& cls, const at::Tensor& points, const at::Tensor& owner,
+                  int64_t start, int64_t Tk, int64_t first, int64_t bs, double scale) {
+  for (const auto* t : {&q, &kt, &kv, &points})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "expansion: float32");
+  TORCH_CHECK(cls.scalar_type() == at::kChar && cls.is_contiguous(), "expansion: int8 classes");
+  TORCH_CHECK(owner.scalar_type() == at::kLong && owner.is_contiguous(), "expansion: owner");
+  Problem p;
+  p.B = q.size(0), p.H = q.size(1), p.Tq = q.size(2), p.D = q.size(3);
+  p.Hkv = kv.size(1), p.Tp = kv.size(2), p.Dv = kv.size(3) - p.D, p.bs = bs;
+  p.nkb = p.Tp / bs, p.nsel = cls.size(2), p.c = points.size(3);
+  p.first = first, p.start = start, p.Tk = Tk;
+  TORCH_CHECK(bs <= 64 && p.c <= 64 && p.nkb * bs == p.Tp, "expansion: block and points <= 64");
+  TORCH_CHECK(cls.size(3) == p.nkb && kt.size(3) == p.Tp, "expansion: shapes");
+  p.scale = static_cast<float>(scale);
+  auto out = at::empty({p.B, p.H, p.Tq, p.Dv}, q.options());
+  p.q = q.data_ptr<float>(), p.kt = kt.data_ptr<float>(), p.kv = kv.data_ptr<float>();
+  p.cls = cls.data_ptr<int8_t>(), p.points = points.data_ptr<float>();
+  p.owner = owner.data_ptr<int64_t>(), p.out = out.data_ptr<float>();
+  run(p);
+  return out;
+}
+
+// Whether oneDNN's float32 brgemm runs here: "" if it does, else the error text.
+std::string probe() {
+  try {
+    float a[16] = {0}, b[16] = {0}, c[16];
+    at::native::cpublas::brgemm(4, 4, 4, 4, 4, 4, false, a, b, c, false);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "exact critical blocks + expanded marginal blocks, float32");
+  m.def("probe", &probe, "empty string when the float32 brgemm runs here, else the reason");
+}
