@@ -44,10 +44,19 @@ struct Problem {
   float* out;            // [B, H, Tq, Dv]
 };
 
-// One worker's online-softmax state over the rows of an item, and its scratch tiles.
+// The pseudo keys of one (query head, query block): per point, the expanded marginal blocks:
+// pkt [c][D][nm] (k_hat transposed), pv [c][nm][Dv], base [c][nm]; slot[j] is block j's index
+// among them (-1: not marginal for this pair).
+struct Pseudo {
+  std::vector<float> pkt, pv, base;
+  std::vector<int64_t> slot;
+  int64_t nm = 0;
+};
+
+// One worker's online-softmax state over the rows of a query block, and its scratch tiles.
 struct Rows {
-  std::vector<float> acc, m, l, s, tmp, qg, lg, khv, pkt, pv, base;
-  std::vector<int64_t> idx;
+  std::vector<float> acc, m, l, s, tmp, qg, a, lg, khv;
+  std::vector<Pseudo> pairs;
 };
 
 // The first index >= j whose class differs from cls[j] or that is not consecutive, at most RUN on.
@@ -117,59 +126,90 @@ void merge_scores(Rows& w, float* s, int64_t ld, int64_t n, int64_t width, const
   }
 }
 
-// Step 1: the summaries of every marginal block of the item, per point: pkt [c][D][nm] (k_hat
-// transposed), pv [c][nm][Dv], base [c][nm]. Returns nm.
-int64_t summaries(const Problem& p, Rows& w, int64_t b, int64_t h, int64_t sel, int64_t n_prev) {
-  const int64_t D = p.D, Dv = p.Dv, E = D + Dv, bs = p.bs, c = p.c, hkv = h / (p.H / p.Hkv);
-  const int8_t* cls = p.cls + ((b * p.H + h) * p.nsel + sel) * p.nkb;
-  w.idx.clear();
-  for (int64_t j = 0; j < n_prev; ++j)
-    if (cls[j] == MARGINAL) w.idx.push_back(j);
-  const int64_t nm = static_cast<int64_t>(w.idx.size());
-  if (nm == 0) return 0;
-  w.pkt.resize(c * D * nm);
-  w.pv.resize(c * nm * Dv);
-  w.base.resize(c * nm);
-  const float* a = p.points + ((b * p.H + h) * p.nsel + sel) * c * D;
-  const float* kt = p.kt + (b * p.Hkv + hkv) * D * p.Tp;
-  const float* kv = p.kv + (b * p.Hkv + hkv) * p.Tp * E;
-  float* lg = w.lg.data();    // [c, CHUNK]
-  float* khv = w.khv.data();  // [c, D + Dv]
-  float top[64], z[64];
-  for (int64_t jj = 0; jj < nm;) {
-    const int64_t j0 = w.idx[jj];
-    const int64_t n_run = run_end(cls, j0, n_prev, MARGINAL) - j0;
-    at::native::cpublas::brgemm(c, n_run * bs, D, D, p.Tp, CHUNK, false, a, kt + j0 * bs, lg,
-                                false);
-    for (int64_t u = 0; u < n_run; ++u, ++jj) {
-      for (int64_t pt = 0; pt < c; ++pt) {
-        float* row = lg + pt * CHUNK + u * bs;
-        top[pt] = scale_max(row, bs, p.scale, nullptr);
-        z[pt] = exp_sum(row, bs, top[pt]);
-      }
-      at::native::cpublas::brgemm(c, E, bs, CHUNK, E, E, false, lg + u * bs,
-                                  kv + (j0 + u) * bs * E, khv, false);
-      for (int64_t pt = 0; pt < c; ++pt) {
-        const float inv = 1.0f / z[pt];
-        const float* kh = khv + pt * E;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float x = kh[d] * inv;
-          w.pkt[(pt * D + d) * nm + jj] = x;
-          dot += a[pt * D + d] * x;
+// An item: batch row b, KV head hkv, query blocks sel0 .. sel0 + nr - 1 (selection indices), for
+// every query head of the KV head's group; pair (g, u) is query head hkv * G + g, block sel0 + u.
+struct Item {
+  int64_t b, hkv, sel0, nr;
+};
+
+inline int64_t first_row(const Problem& p, int64_t sel) {
+  return std::max(p.start, (p.first + sel) * p.bs);
+}
+
+// Step 1: the summaries of the item's marginal blocks for every pair at once: the points of all
+// pairs stacked (M = G * nr * c rows), so each GEMM over a run of key blocks is one tall product.
+void summaries(const Problem& p, Rows& w, const Item& it) {
+  const int64_t D = p.D, Dv = p.Dv, E = D + Dv, bs = p.bs, c = p.c, G = p.H / p.Hkv;
+  const int64_t n_pairs = G * it.nr, M = n_pairs * c;
+  std::vector<uint8_t> needed(p.nkb, 0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u = 0; u < it.nr; ++u) {
+      const int64_t h = it.hkv * G + g, sel = it.sel0 + u;
+      const int8_t* cls = p.cls + ((it.b * p.H + h) * p.nsel + sel) * p.nkb;
+      Pseudo& ps = w.pairs[g * it.nr + u];
+      ps.slot.assign(p.nkb, -1);
+      ps.nm = 0;
+      for (int64_t j = 0, n_prev = first_row(p, sel) / bs; j < n_prev; ++j)
+        if (cls[j] == MARGINAL) {
+          ps.slot[j] = ps.nm++;
+          needed[j] = 1;
         }
-        for (int64_t d = 0; d < Dv; ++d) w.pv[(pt * nm + jj) * Dv + d] = kh[D + d] * inv;
-        w.base[pt * nm + jj] = std::log(z[pt]) + top[pt] - p.scale * dot;
+      ps.pkt.resize(c * D * ps.nm);
+      ps.pv.resize(c * ps.nm * Dv);
+      ps.base.resize(c * ps.nm);
+      const float* pts = p.points + ((it.b * p.H + h) * p.nsel + sel) * c * D;
+      std::copy(pts, pts + c * D, w.a.data() + (g * it.nr + u) * c * D);
+    }
+  const float* kt = p.kt + (it.b * p.Hkv + it.hkv) * D * p.Tp;
+  const float* kv = p.kv + (it.b * p.Hkv + it.hkv) * p.Tp * E;
+  float* lg = w.lg.data();    // [M, CHUNK]
+  float* khv = w.khv.data();  // [M, D + Dv]
+  std::vector<float> top(M), z(M);
+  for (int64_t j0 = 0; j0 < p.nkb;) {
+    if (!needed[j0]) {
+      ++j0;
+      continue;
+    }
+    int64_t j1 = j0 + 1;
+    while (j1 < p.nkb && j1 - j0 < RUN && needed[j1]) ++j1;
+    at::native::cpublas::brgemm(M, (j1 - j0) * bs, D, D, p.Tp, CHUNK, false, w.a.data(),
+                                kt + j0 * bs, lg, false);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t u0 = (j - j0) * bs;
+      for (int64_t m = 0; m < M; ++m) {
+        float* row = lg + m * CHUNK + u0;
+        top[m] = scale_max(row, bs, p.scale, nullptr);
+        z[m] = exp_sum(row, bs, top[m]);
+      }
+      at::native::cpublas::brgemm(M, E, bs, CHUNK, E, E, false, lg + u0, kv + j * bs * E, khv,
+                                  false);
+      for (int64_t q = 0; q < n_pairs; ++q) {
+        Pseudo& ps = w.pairs[q];
+        const int64_t jj = ps.slot[j], nm = ps.nm;
+        if (jj < 0) continue;
+        for (int64_t pt = 0; pt < c; ++pt) {
+          const int64_t m = q * c + pt;
+          const float inv = 1.0f / z[m];
+          const float *kh = khv + m * E, *a = w.a.data() + m * D;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = kh[d] * inv;
+            ps.pkt[(pt * D + d) * nm + jj] = x;
+            dot += a[d] * x;
+          }
+          for (int64_t d = 0; d < Dv; ++d) ps.pv[(pt * nm + jj) * Dv + d] = kh[D + d] * inv;
+          ps.base[pt * nm + jj] = std::log(z[m]) + top[m] - p.scale * dot;
+        }
       }
     }
+    j0 = j1;
   }
-  return nm;
 }
 
 // Step 2: the rows of each point against its pseudo keys.
-void marginal_rows(const Problem& p, Rows& w, const float* qp, const int64_t* own, int64_t rows,
-                   int64_t nm) {
-  const int64_t D = p.D, Dv = p.Dv;
+void marginal_rows(const Problem& p, Rows& w, const Pseudo& ps, const float* qp,
+                   const int64_t* own, int64_t rows) {
+  const int64_t D = p.D, Dv = p.Dv, nm = ps.nm;
   std::vector<int64_t> mine;
   for (int64_t pt = 0; pt < p.c; ++pt) {
     mine.clear();
@@ -183,12 +223,12 @@ void marginal_rows(const Problem& p, Rows& w, const float* qp, const int64_t* ow
       const int64_t width = std::min(CHUNK, nm - c0);
       float* s = w.s.data();
       at::native::cpublas::brgemm(n, width, D, D, nm, CHUNK, false, w.qg.data(),
-                                  w.pkt.data() + pt * D * nm + c0, s, false);
-      merge_scores(w, s, CHUNK, n, width, mine.data(), p.scale, w.base.data() + pt * nm + c0,
+                                  ps.pkt.data() + pt * D * nm + c0, s, false);
+      merge_scores(w, s, CHUNK, n, width, mine.data(), p.scale, ps.base.data() + pt * nm + c0,
                    nullptr, Dv);
       float* t = w.tmp.data();
       at::native::cpublas::brgemm(n, Dv, width, CHUNK, Dv, Dv, false, s,
-                                  w.pv.data() + (pt * nm + c0) * Dv, t, false);
+                                  ps.pv.data() + (pt * nm + c0) * Dv, t, false);
       for (int64_t u = 0; u < n; ++u)
         for (int64_t d = 0; d < Dv; ++d) w.acc[mine[u] * Dv + d] += t[u * Dv + d];
     }
@@ -222,43 +262,61 @@ void critical_rows(const Problem& p, Rows& w, const float* qp, int64_t b, int64_
   }
 }
 
+// One query block of an item, after its summaries: the marginal rows, the critical blocks, out.
+void block_rows(const Problem& p, Rows& w, const Pseudo& ps, int64_t b, int64_t h, int64_t sel) {
+  const int64_t bs = p.bs, lo = first_row(p, sel);
+  const int64_t rows = std::min(p.Tk, (p.first + sel + 1) * bs) - lo;
+  if (rows <= 0) return;
+  const float* qp = p.q + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.D;
+  const int64_t* own = p.owner + (b * p.H + h) * p.Tq + (lo - p.start);
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), NEG_INF);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  if (ps.nm > 0) marginal_rows(p, w, ps, qp, own, rows);
+  critical_rows(p, w, qp, b, h, sel, lo, rows);
+  float* o = p.out + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.Dv;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = w.l[r] > 0 ? 1.0f / w.l[r] : 0.0f;
+    for (int64_t d = 0; d < p.Dv; ++d) o[r * p.Dv + d] = w.acc[r * p.Dv + d] * inv;
+  }
+}
+
 void run(const Problem& p) {
-  const int64_t n_items = p.B * p.H * p.nsel;
+  const int64_t G = p.H / p.Hkv, bs = p.bs;
+  // query blocks per item: a tall summary GEMM (G * nr * c rows of points), its pseudo keys
+  // (nr * G * c * nkb * (D + Dv + 1) floats) kept to a few MB at long lengths
+  const int64_t nr = std::clamp<int64_t>(1024 / std::max<int64_t>(p.nkb, 1), 1, 4);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t hkv = 0; hkv < p.Hkv; ++hkv)
+      for (int64_t s0 = 0; s0 < p.nsel; s0 += nr)
+        items.push_back({b, hkv, s0, std::min(nr, p.nsel - s0)});
+  // the last query blocks cost most: start with them
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.sel0 > y.sel0; });
+  const int64_t n_items = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       Rows w;
-      const int64_t bs = p.bs;
+      const int64_t M = G * nr * p.c;
       w.acc.resize(bs * p.Dv);
       w.m.resize(bs);
       w.l.resize(bs);
       w.s.resize(bs * CHUNK);
       w.tmp.resize(bs * p.Dv);
       w.qg.resize(bs * p.D);
-      w.lg.resize(p.c * CHUNK);
-      w.khv.resize(p.c * (p.D + p.Dv));
-      // the last query blocks cost most: take items from the end
+      w.a.resize(M * p.D);
+      w.lg.resize(M * CHUNK);
+      w.khv.resize(M * (p.D + p.Dv));
+      w.pairs.resize(G * nr);
       for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) {
-        const int64_t item = n_items - 1 - i;
-        const int64_t sel = item % p.nsel, bh = item / p.nsel, b = bh / p.H, h = bh % p.H;
-        const int64_t blk = p.first + sel;
-        const int64_t lo = std::max(p.start, blk * bs), hi = std::min(p.Tk, (blk + 1) * bs);
-        const int64_t rows = hi - lo;
-        if (rows <= 0) continue;
-        const float* qp = p.q + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.D;
-        const int64_t* own = p.owner + (b * p.H + h) * p.Tq + (lo - p.start);
-        std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-        std::fill(w.m.begin(), w.m.end(), NEG_INF);
-        std::fill(w.l.begin(), w.l.end(), 0.0f);
-        const int64_t nm = summaries(p, w, b, h, sel, lo / bs);
-        if (nm > 0) marginal_rows(p, w, qp, own, rows, nm);
-        critical_rows(p, w, qp, b, h, sel, lo, rows);
-        float* o = p.out + ((b * p.H + h) * p.Tq + (lo - p.start)) * p.Dv;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float inv = w.l[r] > 0 ? 1.0f / w.l[r] : 0.0f;
-          for (int64_t d = 0; d < p.Dv; ++d) o[r * p.Dv + d] = w.acc[r * p.Dv + d] * inv;
-        }
+        const Item& it = items[i];
+        summaries(p, w, it);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t u = 0; u < it.nr; ++u)
+            block_rows(p, w, w.pairs[g * it.nr + u], it.b, it.hkv * G + g, it.sel0 + u);
       }
     }
   });
