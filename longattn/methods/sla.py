@@ -162,10 +162,15 @@ class SLA(Method):
         rows = torch.arange(first, last + 1)  # query block indices i
         q_bar = self.pooled_queries(q, q_start, first, last)
         k_bar = block_means(k, block)  # [B, Hkv, nfull, D]
-        # elementwise product and an inner sum: the same rounding whatever the call's shape
-        prod = q_bar.view(batch, n_kv, -1, len(rows), 1, dim) * k_bar[:, :, None, None]
+        # elementwise products and an inner sum: the same rounding whatever the call's shape; in
+        # runs of query blocks, so that the products held stay near 2**24 floats
         logits = torch.full((batch, n_heads, len(rows), n_blocks), -math.inf)
-        logits[..., : k_bar.shape[2]] = prod.sum(-1).view(batch, n_heads, len(rows), -1) * scale
+        q_bar = q_bar.view(batch, n_kv, -1, len(rows), 1, dim)
+        step = max(1, 2**24 // max(1, q_bar.shape[:3].numel() * k_bar.shape[2] * dim))
+        for lo in range(0, len(rows) if k_bar.shape[2] else 0, step):
+            prod = q_bar[:, :, :, lo : lo + step] * k_bar[:, :, None, None]
+            sums = prod.sum(-1).view(batch, n_heads, -1, k_bar.shape[2])
+            logits[:, :, lo : lo + step, : k_bar.shape[2]] = sums * scale
         cols = torch.arange(n_blocks)
         forced = (cols[None, :] == rows[:, None]) | (  # the diagonal and the sinks before it
             (cols[None, :] < self.sink_blocks) & (cols[None, :] < rows[:, None])
