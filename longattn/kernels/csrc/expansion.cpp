@@ -2,15 +2,18 @@
 // softmax weights on the critical blocks, the first-order expansion of each marginal block around
 // the row's expansion point (one pseudo key per marginal block and point), nothing on the rest.
 //
-// Per work item (batch, query head, query block i), with the block's c expansion points a_p:
-//  1. for each marginal block j (complete, before the item's first row's block): L = a K_j^T
-//     (c x bs), w = exp(scale L - max) per point, z = sum w, k_hat = w K_j / z, v_hat = w V_j / z,
+// Work items: (batch, KV head, a run of up to 4 query blocks), for every query head of the KV
+// head's group, threads pulling them from an atomic counter, the last query blocks first. Per item:
+//  1. the summaries of every marginal (query block, key block) pair, with the c expansion points a
+//     of all its query heads and blocks stacked into one tall GEMM per run of key blocks: L = a
+//     K_j^T, w = exp(scale L - max) per point, z = sum w, k_hat = w K_j / z, v_hat = w V_j / z,
 //     base = log z + max - scale a . k_hat (GEMMs: at::native::cpublas::brgemm, as block_sparse);
+// then per query head and block:
 //  2. the rows owned by point p (gathered): scores scale q . k_hat + base over the marginal blocks
 //     (one GEMM per point), merged into each row's online softmax (running max, sum, accumulator)
 //     with the values v_hat;
-//  3. each critical block: S = Q K_j^T, the causal mask on the block that holds the rows' own
-//     positions, the same online softmax, P V_j.
+//  3. the critical blocks in runs of consecutive blocks: S = Q K^T, the causal mask by position,
+//     the same online softmax, P V.
 // A row's output is the accumulator over the sum. Positions are the default layout: query row t
 // of the call is at position start + t, key s at position s.
 
@@ -283,9 +286,10 @@ void block_rows(const Problem& p, Rows& w, const Pseudo& ps, int64_t b, int64_t 
 
 void run(const Problem& p) {
   const int64_t G = p.H / p.Hkv, bs = p.bs;
-  // query blocks per item: a tall summary GEMM (G * nr * c rows of points), its pseudo keys
-  // (nr * G * c * nkb * (D + Dv + 1) floats) kept to a few MB at long lengths
-  const int64_t nr = std::clamp<int64_t>(1024 / std::max<int64_t>(p.nkb, 1), 1, 4);
+  // query blocks per item: a tall summary GEMM (G * nr * c rows of points); its pseudo keys,
+  // nr * G * c * nkb * (D + Dv + 1) floats a worker, kept near 2**22 x G * c (50 MB at 9 / 3
+  // heads, 8 points, d 64) at long lengths
+  const int64_t nr = std::clamp<int64_t>(4096 / std::max<int64_t>(p.nkb, 1), 1, 4);
   std::vector<Item> items;
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t hkv = 0; hkv < p.Hkv; ++hkv)
