@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longattn import KVCache, attention
+from longattn import attention
 from longattn.kernels import expansion
 from longattn.methods import SLA
 from longattn.testing import assert_linear_method_close, make_qkv
@@ -38,19 +38,6 @@ def test_the_kernel_matches_the_torch_form_within_the_bound(case, dtype):
     got = attention(q, k, v, method=method)
     assert_linear_method_close(got, q, k, v, method)
     torch.testing.assert_close(got.out, _torch_form(method, q, k, v), rtol=0, atol=2e-2)
-
-
-def test_the_kernel_continues_chunked_calls():
-    """Chained calls (query blocks split across calls, the first rows of a call inside a block) give
-    the one-pass outputs: the kernel is told where the call's rows start."""
-    method = SLA(block_size=8, critical=0.2, marginal=0.6, points=3)
-    q, k, v = make_qkv(2, 4, 2, 70, 70, 16, seed=5)
-    whole = attention(q, k, v, method=method).out
-    cache, outs = KVCache(1), []
-    for lo, hi in [(0, 5), (5, 8), (8, 30), (30, 31), (31, 70)]:
-        s = slice(lo, hi)
-        outs.append(attention(q[:, :, s], k[:, :, s], v[:, :, s], method=method, cache=cache).out)
-    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_a_dropped_marginal_block_fails_the_bound():
