@@ -40,9 +40,13 @@ def unavailable(q: torch.Tensor, block: int, n_points: int) -> str | None:
     if block > MAX_BLOCK or n_points > MAX_BLOCK:
         return f"the C++ expansion kernel takes blocks and points up to {MAX_BLOCK}, got {block}"
     reason = extension.unavailable(NAME)
-    if reason is None and NAME not in _refusal:
-        _refusal[NAME] = extension.load(NAME).probe()
-    return reason or _refusal.get(NAME) or None
+    if reason is not None:
+        return reason
+    if NAME not in _refusal:
+        _refusal[NAME] = extension.load(NAME).probe("float32")
+    if _refusal[NAME]:
+        return f"oneDNN's float32 brgemm refuses to run on this CPU ({_refusal[NAME][:200]})"
+    return None
 
 
 def expansion_attention(
@@ -68,7 +72,7 @@ def expansion_attention(
     if reason is not None:
         if reason not in _said:
             _said.add(reason)
-            log.debug("SLA expansion in PyTorch: %s", reason)
+            log.debug("expansion attention left to the caller's PyTorch form: %s", reason)
         return None
     length = k.shape[2]
     pad = -(-length // block) * block - length

@@ -207,33 +207,28 @@ class SLA(Method):
         k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         q_ctx = torch.cat([state.q, q], dim=2)
         q_start = start - state.q.shape[2]
-        out = self._native(q_ctx, k_all, v_all, q_start, start, scale, acc, view)
-        if out is None:
-            out = self._attend(q_ctx, k_all, v_all, q_start, start, scale, acc)
+        out = self._attend(q_ctx, k_all, v_all, q_start, start, scale, acc, view)
         end, block = k_all.shape[2], self.block_size
         keep = max(end // block - 1, 0) * block  # the previous block's start
         tail = q_ctx[:, :, max(keep - q_start, 0) :]
         return out.to(v.dtype), SLAState(k_all, v_all, tail)
 
-    def _native(self, q_ctx, k, v, q_start, start, scale, acc, view):
-        """``_attend`` by the library's C++ kernel (``view.expansion``) for the expansion form in
-        float32 accumulation, or None where it does not run: the same classes, points and each
-        row's nearest point, computed here, then one pass per query block."""
+    def _native(self, q_ctx, k, v, classes, points, q_start, start, scale, acc, view):
+        """``_attend``'s outputs by the library's C++ kernel (``view.expansion``) for the expansion
+        form in float32 accumulation, from the classes and points ``_attend`` computed and each
+        row's nearest point; None where it does not run."""
         kernel = getattr(view, "expansion", None)
-        if kernel is None or self.feature != "expansion" or acc != torch.float32:
+        if kernel is None or points is None or acc != torch.float32:
             return None
-        block, length = self.block_size, k.shape[2]
-        if length == start:
-            return None
-        first, last = start // block, (length - 1) // block
-        classes = self.classify(q_ctx, k, q_start, first, last, scale)
-        points = expansion_points(q_ctx, q_start, first, last, block, self.n_points)
+        block = self.block_size
+        first = start // block
         rows = q_ctx[:, :, start - q_start :]
         owner = row_points(rows, points, start - first * block, block)
         return kernel(rows, k, v, classes, points, owner, start, first, block, scale)
 
-    def _attend(self, q_ctx, k, v, q_start, start, scale, acc):
-        """Outputs [B, H, T - start, Dv] (acc) of the queries at positions start..T - 1."""
+    def _attend(self, q_ctx, k, v, q_start, start, scale, acc, view=None):
+        """Outputs [B, H, T - start, Dv] (acc) of the queries at positions start..T - 1: by the
+        C++ kernel where the view offers it and it runs (``_native``), else in PyTorch."""
         block, length = self.block_size, k.shape[2]
         batch, n_heads, _, dim = q_ctx.shape
         n_kv, dim_v = k.shape[1], v.shape[-1]
@@ -241,10 +236,15 @@ class SLA(Method):
             return q_ctx.new_zeros(batch, n_heads, 0, dim_v, dtype=acc)
         first, last = start // block, (length - 1) // block
         classes = self.classify(q_ctx, k, q_start, first, last, scale)  # [B, H, nsel, nk]
-        ka, va = k.to(acc), v.to(acc)
+        points = None
         if self.feature == "expansion":
-            points = expansion_points(q_ctx, q_start, first, last, block, self.n_points).to(acc)
-            sums = None
+            points = expansion_points(q_ctx, q_start, first, last, block, self.n_points)
+            out = self._native(q_ctx, k, v, classes, points, q_start, start, scale, acc, view)
+            if out is not None:
+                return out
+        ka, va = k.to(acc), v.to(acc)
+        if points is not None:
+            points, sums = points.to(acc), None
         else:
             phi_k = features(ka, self.feature, scale)  # [B, Hkv, T, F]
             kv_sums, k_sums = _block_states(phi_k, va, block)  # [B, Hkv, nk, F * Dv], [.., F]

@@ -28,6 +28,7 @@
 #include <mutex>
 #include <vector>
 
+#include "brgemm_probe.h"
 #include "simd.h"
 
 namespace {
@@ -522,26 +523,6 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     TORCH_CHECK(false, "block_sparse: unsupported dtype ", st);
   }
   return {out, lse};
-}
-
-// Whether the brgemm micro-kernel runs this dtype here: "" if it does, else the error text.
-std::string probe(const std::string& dtype) {
-  try {
-    float c[4 * 4];
-    if (dtype == "float32") {
-      float a[4 * 4] = {0}, b[4 * 4] = {0};
-      at::native::cpublas::brgemm(4, 4, 4, 4, 4, 4, false, a, b, c, false);
-    } else {
-      at::BFloat16 a[4 * 4], b[4 * 4];
-      std::fill(a, a + 16, at::BFloat16(0.0f));
-      std::fill(b, b + 16, at::BFloat16(0.0f));
-      at::native::cpublas::brgemm(4, 4, 4, 4, 4, 4, false, a, b, c, true);
-      at::native::cpublas::brgemm_release(true);
-    }
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

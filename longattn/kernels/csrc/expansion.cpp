@@ -23,10 +23,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <string>
 #include <cmath>
 #include <vector>
 
+#include "brgemm_probe.h"
 #include "simd.h"
 
 namespace {
@@ -62,10 +62,12 @@ struct Rows {
   std::vector<Pseudo> pairs;
 };
 
-// The first index >= j whose class differs from cls[j] or that is not consecutive, at most RUN on.
-inline int64_t run_end(const int8_t* cls, int64_t j, int64_t n, int8_t kind) {
+// The end of the run of consecutive entries equal to `kind` that starts at j (flags[j] == kind),
+// at most RUN entries long and before n.
+template <typename T>
+inline int64_t run_end(const T* flags, int64_t j, int64_t n, T kind) {
   int64_t e = j + 1;
-  while (e < n && e - j < RUN && cls[e] == kind) ++e;
+  while (e < n && e - j < RUN && flags[e] == kind) ++e;
   return e;
 }
 
@@ -173,8 +175,7 @@ void summaries(const Problem& p, Rows& w, const Item& it) {
       ++j0;
       continue;
     }
-    int64_t j1 = j0 + 1;
-    while (j1 < p.nkb && j1 - j0 < RUN && needed[j1]) ++j1;
+    const int64_t j1 = run_end(needed.data(), j0, p.nkb, uint8_t{1});
     at::native::cpublas::brgemm(M, (j1 - j0) * bs, D, D, p.Tp, CHUNK, false, w.a.data(),
                                 kt + j0 * bs, lg, false);
     for (int64_t j = j0; j < j1; ++j) {
@@ -350,20 +351,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& k
   return out;
 }
 
-// Whether oneDNN's float32 brgemm runs here: "" if it does, else the error text.
-std::string probe() {
-  try {
-    float a[16] = {0}, b[16] = {0}, c[16];
-    at::native::cpublas::brgemm(4, 4, 4, 4, 4, 4, false, a, b, c, false);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "exact critical blocks + expanded marginal blocks, float32");
-  m.def("probe", &probe, "empty string when the float32 brgemm runs here, else the reason");
+  m.def("probe", &probe, "empty string when brgemm runs the dtype, else the reason");
 }
