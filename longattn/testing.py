@@ -420,6 +420,7 @@ METHOD_EXAMPLES: dict[str, list[str]] = {
         "combiner:region=16",
         "combiner:region=7",
         "combiner:region=4,factorization=logsparse",
+        "combiner:region=4,factorization=axial",
     ],
     # feature maps: small feature sizes and windows that the test lengths cross
     "performer": ["performer:features=32,chunk_size=16", "performer:features=16,causal=false"],

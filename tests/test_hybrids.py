@@ -35,6 +35,8 @@ def normalised(weights, v, shape):
         methods.SEA(fraction=1.0, estimator="elu"),
         methods.Combiner(region=1),
         methods.Combiner(region=64),
+        methods.Combiner(region=1, factorization="axial"),
+        methods.Combiner(region=64, factorization="axial"),
         methods.WindowPlusLinear(window=64, features=4),
     ],
     ids=lambda m: m.describe(),
@@ -106,6 +108,39 @@ def test_logsparse_equals_fixed_up_to_three_regions():
     assert not torch.allclose(log, attention(q, k, v, method=methods.Combiner(region=8)).out)
 
 
+def test_axial_reads_each_earlier_row_at_the_querys_column():
+    """The definition, query by query: the own row up to the query exactly, and each earlier row
+    a through all its keys read at q_ac, weighed by lse_ac + scale (q - q_ac) . khat_ac."""
+    r, scale = 4, 16**-0.5
+    q, k, v = make_qkv(1, 4, 2, 22, 22, 16, dtype=torch.float64, seed=11)
+    out = attention(q, k, v, method=methods.Combiner(region=r, factorization="axial")).out
+    for head, i in [(0, 0), (1, 7), (2, 13), (3, 19), (3, 21)]:
+        kv, row, col = head // 2, i // r, i % r
+        logits = list(scale * k[0, kv, row * r : i + 1] @ q[0, head, i])
+        values = list(v[0, kv, row * r : i + 1])
+        for a in range(row):
+            row_a = slice(a * r, a * r + r)
+            keys, vals, q_ac = k[0, kv, row_a], v[0, kv, row_a], q[0, head, a * r + col]
+            p = torch.softmax(scale * keys @ q_ac, 0)
+            lse = torch.logsumexp(scale * keys @ q_ac, 0)
+            logits.append(lse + scale * (q[0, head, i] - q_ac) @ (p @ keys))
+            values.append(p @ vals)
+        expected = torch.softmax(torch.stack(logits), 0) @ torch.stack(values)
+        torch.testing.assert_close(out[0, head, i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_axial_is_dense_when_each_columns_queries_repeat_down_the_rows():
+    """q_bc = q_ac for all rows: every row's abstraction is read at the query itself, so the
+    expansion is exact and every earlier row contributes exactly what dense attention gives it;
+    "fixed" (read at the row's mean query) is not."""
+    q, k, v = make_qkv(1, 4, 2, 45, 45, 16, dtype=torch.float64, seed=12)
+    q = q[:, :, :6].repeat(1, 1, 8, 1)[:, :, :45]  # period 6 = region: equal down each column
+    axial = attention(q, k, v, method=methods.Combiner(region=6, factorization="axial")).out
+    torch.testing.assert_close(axial, dense_causal(q, k, v), rtol=1e-10, atol=1e-10)
+    fixed = attention(q, k, v, method=methods.Combiner(region=6)).out
+    assert not torch.allclose(fixed, dense_causal(q, k, v))
+
+
 def _wrong(method, q, k, v, **variant):
     scale = q.shape[-1] ** -0.5
     q32, k32, v32 = (t.float() for t in (q, k, v))
@@ -119,12 +154,20 @@ def _combiner_local_only(method, q, k, v):
     return method._mix(w_d, torch.zeros_like(w_r), v32, regions).reshape(q.shape)
 
 
+def _axial_read_at_the_mean(method, q, k, v):
+    """Each earlier row read at its mean query (the "fixed" abstraction), not at the column's."""
+    fixed = methods.Combiner(region=method.region)
+    return attention(*(t.float() for t in (q, k, v)), method=fixed).out
+
+
 @pytest.mark.parametrize(
     "name, wrong",
     [
         ("scatterbrain-double-count", lambda m, q, k, v: _wrong(m, q, k, v, low_rank_on_support=True)),
         ("sea-dropped-key", lambda m, q, k, v: _wrong(m, q, k, v, drop_one=True)),
         ("combiner-no-regions", _combiner_local_only),
+        ("combiner_axial-no-regions", _combiner_local_only),
+        ("combiner_axial-read-at-the-mean", _axial_read_at_the_mean),
     ],
 )  # fmt: skip
 def test_a_wrong_variant_fails_the_bound(name, wrong):
@@ -132,6 +175,7 @@ def test_a_wrong_variant_fails_the_bound(name, wrong):
         "scatterbrain": methods.Scatterbrain(n_features=16, n_buckets=4),
         "sea": methods.SEA(top_k=8, n_features=16),
         "combiner": methods.Combiner(region=8),
+        "combiner_axial": methods.Combiner(region=8, factorization="axial"),
     }[name.split("-")[0]]
     q, k, v = make_qkv(1, 4, 2, 64, 64, 32, seed=4)
     view = FeatureView("query", 0, 32**-0.5)
@@ -144,9 +188,14 @@ def test_a_wrong_variant_fails_the_bound(name, wrong):
 
 @pytest.mark.parametrize(
     "method",
-    [methods.Scatterbrain(n_features=8, n_buckets=4), methods.SEA(top_k=4), methods.Combiner(region=5)],
-    ids=lambda m: m.name,
-)  # fmt: skip
+    [
+        methods.Scatterbrain(n_features=8, n_buckets=4),
+        methods.SEA(top_k=4),
+        methods.Combiner(region=5),
+        methods.Combiner(region=5, factorization="axial"),
+    ],
+    ids=lambda m: m.describe(),
+)
 def test_future_keys_do_not_change_past_outputs(method):
     q, k, v = make_qkv(1, 4, 2, 40, 40, 16, dtype=torch.float64, seed=5)
     k2, v2, q2 = k.clone(), v.clone(), q.clone()
@@ -164,6 +213,7 @@ def test_chunked_calls_through_a_cache_equal_one_pass_in_float32():
         methods.Scatterbrain(n_features=16),
         methods.SEA(top_k=9),
         methods.Combiner(region=16),
+        methods.Combiner(region=16, factorization="axial"),
     ):
         whole = attention(q, k, v, method=method).out
         cache, outs = KVCache(1), []
@@ -188,7 +238,7 @@ def test_chunked_calls_through_a_cache_equal_one_pass_in_float32():
         (methods.SEA, {"fraction": 1.5}, "1.5"),
         (methods.SEA, {"estimator": "cnn"}, "cnn"),
         (methods.Combiner, {"region": 0}, "region"),
-        (methods.Combiner, {"factorization": "axial"}, "axial"),
+        (methods.Combiner, {"factorization": "vertical"}, "vertical"),
         (methods.WindowPlusLinear, {"window": 0}, "window"),
     ],
 )

@@ -1,5 +1,5 @@
-"""Combiner (fixed factorisation): exact attention inside a query's region, region abstractions
-(local conditional expectations) for every earlier region."""
+"""Combiner (fixed, logsparse and axial factorisations): exact attention inside a query's region,
+abstractions (local conditional expectations) of the earlier regions."""
 
 from __future__ import annotations
 
@@ -13,19 +13,22 @@ from longattn.method import Method, check_positive, register
 from longattn.methods.latte import Rounding, call_scale, magnitude_bound
 from longattn.methods.scatterbrain import grouped, query_chunks, run_held
 
-FACTORIZATIONS = ("fixed", "logsparse")
+FACTORIZATIONS = ("fixed", "logsparse", "axial")
 
 
 class Regions(NamedTuple):
     """The abstractions of S spans of complete regions, per (batch, KV head, query head of the
     group): ``base`` [B, Hkv, G, S] = ``lse_j - scale qbar_j . khat_j``, ``khat`` [B, Hkv, G, S,
     D] the softmax-weighted mean key, ``vbar`` [B, Hkv, G, S, Dv] the softmax-weighted mean value;
-    ``visible`` [R + 1, S] bool: the spans a query in region b reads (row b)."""
+    ``visible`` [R + 1, S] bool: the spans a query in region b reads (row b); ``column`` [S] or
+    None: the one offset within its region of the queries that read span s ("axial"), None where
+    every query of a region in ``visible`` reads it."""
 
     base: torch.Tensor
     khat: torch.Tensor
     vbar: torch.Tensor
     visible: torch.Tensor
+    column: torch.Tensor | None = None
 
 
 def log_spans(n_full: int) -> list[tuple[int, int]]:
@@ -44,12 +47,13 @@ def log_spans(n_full: int) -> list[tuple[int, int]]:
 
 
 def summarise(qg, k_r, v_r, scale):
-    """Abstractions of spans: qg [B, Hkv, G, S, n, D] their queries, k_r / v_r [B, Hkv, 1, S, n,
-    D] their keys and values -> (base, khat, vbar) as in ``Regions``."""
-    qbar = qg.mean(4)  # [B, Hkv, G, S, D]
-    logits = scale * (k_r @ qbar.unsqueeze(-1)).squeeze(-1)  # [B, Hkv, G, S, n]
+    """Abstractions of spans: qg [B, Hkv, G, S.., n, D] their queries (read at their mean),
+    k_r / v_r [B, Hkv, 1, S.., n', D] their keys and values (broadcast against qg over S..) ->
+    (base, khat, vbar) as in ``Regions``, over S.."""
+    qbar = qg.mean(-2)  # [B, Hkv, G, S.., D]
+    logits = scale * (k_r @ qbar.unsqueeze(-1)).squeeze(-1)  # [B, Hkv, G, S.., n']
     lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse.unsqueeze(-1)).unsqueeze(-2)  # [B, Hkv, G, S, 1, n]
+    p = torch.exp(logits - lse.unsqueeze(-1)).unsqueeze(-2)  # [B, Hkv, G, S.., 1, n']
     khat, vbar = (p @ k_r).squeeze(-2), (p @ v_r).squeeze(-2)
     return lse - scale * (qbar * khat).sum(-1), khat, vbar
 
@@ -59,9 +63,12 @@ def summarise(qg, k_r, v_r, scale):
 class Combiner(Method):
     """Combiner: the positions are cut into contiguous regions of ``region`` tokens; a query
     attends exactly to the keys of its own region up to itself and, through one abstraction
-    each, to every earlier region (``factorization="fixed"``) or to logsparse spans of earlier
+    each, to every earlier region (``factorization="fixed"``), to logsparse spans of earlier
     regions (``"logsparse"``: going back from the query's region, one region, then two, four,
-    ...: O(log(T / region)) abstractions per query). Ren et al. 2021, arXiv:2107.05768.
+    ...: O(log(T / region)) abstractions per query), or (``"axial"``, the paper's Combiner-Axial,
+    its row-major form: the sequence as a matrix with rows of ``region`` tokens) to every
+    earlier row through that row's abstraction at the query's column. Ren et al. 2021,
+    arXiv:2107.05768.
 
     A span j's (a region's, for "fixed") local conditional expectation is read at its mean
     query qbar_j:
@@ -69,14 +76,23 @@ class Combiner(Method):
     ``khat_j = sum p_j(s) k_s`` and mean value ``vbar_j = sum p_j(s) v_s``. Query t weighs the
     region by the first-order expansion of the region's log-sum-exp around qbar_j,
     ``lse_j + scale (q_t - qbar_j) . khat_j`` (exact when q_t = qbar_j), and reads ``vbar_j``;
-    one softmax over the direct keys and the span logits. ``region`` >= T is dense causal
-    attention, and so is ``region=1`` with "fixed".
+    one softmax over the direct keys and the span logits. With "axial", the query at (row b,
+    column c) reads, for each earlier row a, the span "row a at column c": all of row a's keys
+    read at the one query q_ac in place of qbar_j (``region`` abstractions per row; each query
+    reads T / region of them). ``region`` >= T is dense causal attention, and so is
+    ``region=1`` with "fixed" or "axial"; "axial" is exact too when every column's queries are
+    equal down the rows.
     Causal: a region is abstracted only once it is complete and before the query's own region.
     The state is every query, key and value seen (``HeldState``; the abstractions need a
     region's queries); a call with fewer queries than keys and no cache reads the library's
     zero padding as the missing queries.
     Deviation from paper: training-free; Combiner learns the abstraction (its p(s | region) is
-    a trained attention), here it is read off the model's own queries; no axial factorisation.
+    a trained attention, the abstraction's key max pooling or learned), here it is read off the
+    model's own queries and keys. "axial" is the paper's omega_axial-rowmajor (section 4.3,
+    Figure 1(F)); that row a's abstraction for column c is read at the one query q_ac (the full
+    row a) is from the authors' code (google-research/combiner, ``axial_rowmajor``; the paper
+    says only that it depends on the row and the column). Its axial-vertical and
+    axial-horizontal factorisations (Figure 2) and the MLM forms are not implemented.
     """
 
     region: int = 64
@@ -124,17 +140,29 @@ class Combiner(Method):
         return out.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
 
     def regions(self, q, k, v, scale) -> Regions:
-        """The abstractions of q [B, H, T, D], k, v [B, Hkv, T, D]: each complete region
-        (fixed) or each logsparse span of complete regions."""
+        """The abstractions of q [B, H, T, D], k, v [B, Hkv, T, D]: each complete region (fixed),
+        each complete region once per offset within it (axial) or each logsparse span of
+        complete regions."""
+        if self.factorization == "logsparse":
+            return self._log_regions(q, k, v, scale)
         n_kv, n_full, size = k.shape[1], k.shape[2] // self.region, self.region
         rows = torch.arange(n_full + 1, device=k.device)[:, None]  # query regions b
+        cut = n_full * size
+        qg = grouped(q[:, :, :cut], n_kv).unflatten(3, (n_full, size))  # [B,Hkv,G,R,r,D]
+        k_r = k[:, :, :cut].unflatten(2, (n_full, size)).unsqueeze(2)  # [B,Hkv,1,R,r,D]
+        v_r = v[:, :, :cut].unflatten(2, (n_full, size)).unsqueeze(2)
+        visible = torch.arange(n_full, device=k.device)[None, :] < rows  # [R + 1, R]
         if self.factorization == "fixed":
-            cut = n_full * size
-            qg = grouped(q[:, :, :cut], n_kv).unflatten(3, (n_full, size))  # [B,Hkv,G,R,r,D]
-            k_r = k[:, :, :cut].unflatten(2, (n_full, size)).unsqueeze(2)  # [B,Hkv,1,R,r,D]
-            v_r = v[:, :, :cut].unflatten(2, (n_full, size)).unsqueeze(2)
-            visible = torch.arange(n_full, device=k.device)[None, :] < rows  # [R + 1, R]
             return Regions(*summarise(qg, k_r, v_r, scale), visible)
+        # axial: region a read at each of its queries q_ac alone, span a * r + c
+        parts = summarise(qg.unsqueeze(-2), k_r.unsqueeze(4), v_r.unsqueeze(4), scale)
+        base, khat, vbar = (x.flatten(3, 4) for x in parts)  # [B, Hkv, G, R r(, D)]
+        column = torch.arange(cut, device=k.device) % size
+        return Regions(base, khat, vbar, visible.repeat_interleave(size, dim=1), column)
+
+    def _log_regions(self, q, k, v, scale) -> Regions:
+        """``regions`` for "logsparse": one abstraction per span of ``log_spans``."""
+        n_kv, n_full, size = k.shape[1], k.shape[2] // self.region, self.region
         spans = log_spans(n_full)
         parts = []
         for lo, hi in spans:  # spans differ in length: one at a time
@@ -162,6 +190,8 @@ class Combiner(Method):
         direct = (k_reg[None, :] == q_reg[:, None]) & (pos[None, :] <= pos[start:, None])
         n_full = regions.base.shape[-1]
         earlier = regions.visible[q_reg]  # [Tq, S]
+        if regions.column is not None:  # axial: query (b, c) reads region a's abstraction at c
+            earlier = earlier & (regions.column[None, :] == pos[start:, None] % self.region)
         qg = grouped(q, n_kv)  # [B, Hkv, G, Tq, D]
         d_logit = (scale * qg @ k.unsqueeze(2).transpose(-1, -2)).masked_fill(~direct, -torch.inf)
         r_logit = regions.base.unsqueeze(-2) + scale * qg @ regions.khat.transpose(-1, -2)
@@ -190,7 +220,7 @@ class Combiner(Method):
         T + T / r positive terms): ``gamma(T + T / r + 2)`` each; ``magnitude_bound``."""
         r = Rounding.of(q.dtype)
         # r: the most tokens one abstraction summarises (a logsparse span: fewer than T)
-        size = self.region if self.factorization == "fixed" else max(k.shape[2], 1)
+        size = max(k.shape[2], 1) if self.factorization == "logsparse" else self.region
         scale = call_scale(view, q.shape[-1])
         kmax = k.double().abs().amax(dim=(0, 1, 2))  # [D]
         big_q = abs(scale) * float((q.double().abs() @ kmax).max()) if q.numel() else 0.0
