@@ -16,6 +16,7 @@ cache exactly as it was.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,16 @@ class _Layer:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_head_index(batch: int, heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The row and KV head indices [B, 1, 1], [1, Hkv, 1] of a per-head append's ``index_put_``
+    (kept: a decode step pays microseconds for each tensor it builds)."""
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1),
+    )
 
 
 class KVCache:
@@ -246,22 +257,24 @@ class KVCache:
         if entry.dense:  # still dense if every row continues at its next slot with no padding
             expect = torch.arange(entry.seq_len, entry.seq_len + t_new, device=pos.device)
             entry.dense = same and bool((pos == expect).all())
-        head_pos = pos.unsqueeze(1).expand(-1, entry.keys.shape[1], -1)  # [B, Hkv, T_new]
+        head_pos = pos.unsqueeze(1)  # [B, 1, T_new], broadcast over the KV heads
         if same:
             entry.keys[:, :, first : first + t_new].copy_(k)
             entry.values[:, :, first : first + t_new].copy_(v)
             entry.pos[:, :, first : first + t_new].copy_(head_pos)
         else:  # each (row, head) continues at its own next slot
             # index_put_, not scatter_: scatter_ on bf16 storage costs ~0.7 ms a call on CPU
-            # row_len: [B, Hkv], replaced (not written) further down
-            slots = entry.row_len.to(k.device).unsqueeze(-1) + torch.arange(t_new, device=k.device)
-            b_idx = torch.arange(k.shape[0], device=k.device).view(-1, 1, 1)
-            h_idx = torch.arange(k.shape[1], device=k.device).view(1, -1, 1)
-            where = (b_idx, h_idx, slots)  # [B, Hkv, T_new] slots; k, v [B, Hkv, T_new, D]
+            # row_len: [B, Hkv] on the CPU, replaced (not written) further down
+            slots = entry.row_len.unsqueeze(-1)
+            slots = slots if k.device.type == "cpu" else slots.to(k.device)
+            slots = slots if t_new == 1 else slots + torch.arange(t_new, device=k.device)
+            where = (*_row_head_index(k.shape[0], k.shape[1], k.device), slots)  # [B, Hkv, T_new]
             entry.keys.index_put_(where, k)
             entry.values.index_put_(where, v)
             entry.pos.index_put_(where, head_pos)
-        real_max = pos.amax(dim=1).cpu()  # padding is -1, below every real position
+        # padding is -1, below every real position
+        real_max = pos.view(-1) if t_new == 1 else pos.amax(dim=1)
+        real_max = real_max if real_max.device.type == "cpu" else real_max.cpu()
         entry.next_pos = torch.maximum(entry.next_pos, real_max + 1)
         entry.row_len = entry.row_len + t_new
         entry.n_seen += t_new

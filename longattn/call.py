@@ -113,22 +113,23 @@ def _step_position(
 ) -> int | None:
     """The position of a decode step that ``_step_call`` may take, or None (the general path,
     which also says what is wrong with a call it refuses): one query and one new token of one
-    row at a real position after what the layer holds, the layer holding tokens, its KV heads
-    alike, on the positions' device. q, k are checked tensors (``check_tensors``)."""
+    row, at a real position after what the layer holds (``positions`` None: the row's next
+    position), the layer holding tokens (its KV heads alike or not), on the positions' device.
+    q, k are checked tensors (``check_tensors``)."""
     if q.shape[0] != 1 or q.shape[2] != 1 or k.shape[2] != 1:
         return None
+    entry = cache._get(layer)  # None while it holds nothing
+    if entry is None or entry.keys.shape[0] != 1:  # the general path names a batch mismatch
+        return None
+    following = int(entry.next_pos.view(()))  # the row's last real position + 1
+    if positions is None:
+        return following
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
         return None
-    if positions.shape not in ((1,), (1, 1)):
-        return None
-    entry = cache._get(layer)  # None while it holds nothing
-    if entry is None or not entry.uniform or positions.device != entry.pos.device:
-        return None
-    if entry.keys.shape[0] != 1:  # the general path names the batch mismatch
+    if positions.shape not in ((1,), (1, 1)) or positions.device != entry.pos.device:
         return None
     step = int(positions.view(()))
-    # after what the row holds (next_pos is the row's last real position + 1); no padding
-    return step if step >= int(entry.next_pos.view(())) else None
+    return step if step >= following else None  # after what the row holds; no padding
 
 
 def _step_call(
@@ -137,7 +138,7 @@ def _step_call(
     v: torch.Tensor,
     method: Method | str | None,
     scale: float | None,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     step: int,
     cache: KVCache,
     layer: int,
@@ -150,13 +151,18 @@ def _step_call(
     method, scale = _method_and_scale(method, scale, q.shape[-1])
     _check_method_fits_cache(method, cache, k)
     _check_last(method, "q", step)
-    new_pos = positions.view(1, 1)
+    # the row's next position (replaced, never written, by the append) or the caller's
+    given = cache._get(layer).next_pos.to(k.device) if positions is None else positions
+    new_pos = given.view(1, 1)
     cache.append_checked(layer, k, v, new_pos)
-    kv_pos = cache.positions(layer)  # [1, Tk]
+    if cache.is_uniform(layer):
+        kv_pos = cache.positions(layer)  # [1, Tk]
+        padded = int(kv_pos.min()) < 0
+        # increasing real positions in Tk slots ending at Tk - 1 are exactly 0..Tk-1
+        default = not padded and step == kv_pos.shape[-1] - 1
+    else:  # [1, Hkv, Tk]: taken as padded (a shorter head ends in empty slots) without a read
+        kv_pos, padded, default = cache.head_positions(layer), True, False
     kv_len = kv_pos.shape[-1]
-    padded = int(kv_pos.min()) < 0
-    # increasing real positions in Tk slots ending at Tk - 1 are exactly 0..Tk-1
-    default = not padded and step == kv_len - 1
     return Call(project_queries(cache, layer, q), cache.keys(layer), cache.values(layer),
                 phase_method(method, 1, kv_len), scale, new_pos, kv_pos, default, padded,
                 cache=cache, layer=layer)  # fmt: skip
@@ -193,9 +199,13 @@ def _dense_cache_call(
     default positions: the same checks, without per-call position tensors to validate (the new tokens
     take positions ``n..``, the queries are the last of them, nothing is padded)."""
     check_tensors(q, k, v)
-    check_finite("q", q)
-    cache.check_kv(layer, k, v)
     q_len, t_new = q.shape[2], k.shape[2]
+    if q_len == t_new == 1:  # a decode step: q, k and v checked finite by one reduction
+        cache.check_kv(layer, k, v, finite=False)
+        check_finite_all(("q", q), ("k", k), ("v", v))
+    else:
+        check_finite("q", q)
+        cache.check_kv(layer, k, v)
     if q_len > t_new:
         raise ValueError(
             f"q has {q_len} queries but only {t_new} tokens are appended; pass q_positions"

@@ -2,8 +2,11 @@
 bit for bit as it was (``KVCache.checkpoint`` / ``KVCache.rollback``).
 
 A checkpoint keeps the layer's fields (tensor references, counters, flags) and copies of only what a
-call can overwrite in place: the slots the append writes and, when the call may refresh page
-metadata (a select method), the stale pages and projections. A growth or shrink replaces the
+call can overwrite in place: the slots below the longest row that the append writes (a shorter
+row's next slots) and, when the call may refresh page metadata (a select method), the stale pages
+and projections. Slots past the longest row are empty (position -1, contents meaningless): a
+rollback marks the ones the append wrote empty again instead of copying them first, so a decode
+step's checkpoint copies nothing. A growth or shrink replaces the
 tensors instead of writing them, so restoring the references undoes it. O(new tokens + stale
 pages), not O(cache) -- except for a call that may compress the layer (an eviction method), whose
 checkpoint copies the whole layer (``whole``).
@@ -27,13 +30,16 @@ class Checkpoint:
     fields: dict[str, Any] | None
     saved: dict[str, torch.Tensor]
     state: dict[str, Any]
-    starts: tuple[int, int, int] = (0, 0, 0)  # first saved slot, first stale slot, first page
+    # first saved slot, first stale slot, first page, first empty slot, end of the append's slots
+    starts: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
 
 def shortest_row(entry: Any) -> int:
     """The fewest slots a (row, KV head) of a cache layer uses: ``seq_len`` for one row whose
     heads hold the same tokens (no read of ``row_len``: a decode step's tensor reads cost)."""
-    return entry.seq_len if entry.uniform and entry.pos.shape[0] == 1 else int(entry.row_len.min())
+    if entry.uniform and entry.pos.shape[0] == 1:
+        return entry.seq_len
+    return int(entry.row_len.min())
 
 
 def take(
@@ -57,14 +63,19 @@ def take(
     stale_lo = lo if entry.stale is None or not refresh else min(lo, entry.stale[0])
     p_lo = stale_lo // cache.page_size
     p_hi = -(-hi // cache.page_size) if refresh else p_lo  # an append alone only marks pages stale
-    saved = {name: getattr(entry, name).narrow(2, lo, hi - lo).clone() for name in SLOT_TENSORS}
+    held_hi = max(lo, min(hi, entry.seq_len))  # the written slots a view shows
+    saved = {
+        name: getattr(entry, name).narrow(2, lo, held_hi - lo).clone()
+        for name in SLOT_TENSORS
+        if held_hi > lo
+    }
     for name in ("page_bounds", "page_sum", "page_count") if p_hi > p_lo else ():
         saved[name] = getattr(entry, name).narrow(2, p_lo, p_hi - p_lo).clone()
     for name, (_, buf) in entry.projections.items() if refresh else ():
         saved[f"projection:{name}"] = buf[:, :, stale_lo:hi].clone()
     fields = dict(vars(entry))  # row_len and next_pos are replaced by an append, never written
     fields["projections"] = dict(entry.projections)
-    return Checkpoint(layer, entry, fields, saved, state, (lo, stale_lo, p_lo))
+    return Checkpoint(layer, entry, fields, saved, state, (lo, stale_lo, p_lo, held_hi, hi))
 
 
 def restore(cache: Any, point: Checkpoint) -> None:
@@ -77,7 +88,9 @@ def restore(cache: Any, point: Checkpoint) -> None:
     moved = {n for n in LAYER_TENSORS if getattr(entry, n) is not point.fields[n]}
     vars(entry).update(point.fields)
     cache._layers[point.layer] = entry
-    lo, stale_lo, p_lo = point.starts
+    lo, stale_lo, p_lo, empty_lo, hi = point.starts
+    if "pos" not in moved and hi > empty_lo:  # the tail the append wrote: empty again
+        entry.pos[:, :, empty_lo:hi] = -1
     for name, saved in point.saved.items():
         if name.startswith("projection:"):
             buf = entry.projections[name.split(":", 1)[1]][1]

@@ -332,3 +332,51 @@ def test_decode_step_equals_the_general_path_and_refuses_alike():
     after = (fast.keys(0), fast.values(0), fast.positions(0))
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert fast.n_seen(0) == 21
+
+
+def _head_wise_cache(seed=11):
+    """A one-row layer whose KV heads hold different numbers of tokens (a head-wise eviction)."""
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(1, 2, 12, 16, generator=gen) for _ in range(2))
+    cache = KVCache(1, page_size=4)
+    cache.append(0, k, v)
+    keep = torch.ones(1, 2, 12, dtype=torch.bool)
+    keep[0, 0, [1, 4, 5]] = False  # head 0 keeps 9 tokens, head 1 keeps 11
+    keep[0, 1, 7] = False
+    cache.evict(0, keep)
+    return cache
+
+
+def _layer_state(cache):
+    return [t.clone() for t in (cache.keys(0), cache.values(0), cache.head_positions(0))] + [
+        cache.head_lengths(0),
+        cache.n_seen(0),
+    ]
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default positions", "one tensor"])
+def test_head_wise_decode_step_equals_the_general_path_and_rolls_back(given):
+    gen = torch.Generator().manual_seed(5)
+    fast, slow = _head_wise_cache(), _head_wise_cache()
+    assert not fast.is_uniform(0)
+    for step in range(12, 15):
+        q, k, v = (torch.randn(1, h, 1, 16, generator=gen) for h in (4, 2, 2))
+        pos = torch.tensor([[step]])
+        # no positions or one tensor for both: the one-token step path; two tensors: the general
+        fast_pos = {"q_positions": pos, "kv_positions": pos} if given else {}
+        before = _layer_state(fast)
+        with pytest.raises(ValueError, match="unknown impl"):  # refused after the append
+            attention(q, k, v, cache=fast, impl="no-such-impl", **fast_pos)
+        after = _layer_state(fast)
+        assert all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(before, after)
+        )
+        tail = fast._layers[0].pos[:, :, fast.seq_len(0) :]
+        assert bool((tail == -1).all())  # the slots the refused append wrote are empty again
+        got = attention(q, k, v, cache=fast, **fast_pos)
+        want = attention(q, k, v, cache=slow, q_positions=pos.clone(), kv_positions=pos)
+        assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+        for a, b in zip(_layer_state(fast), _layer_state(slow)):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert fast.head_lengths(0).tolist() == [[12, 14]]
