@@ -172,7 +172,7 @@ def _decode_cpp_can_run(call: Call) -> str | None:
             f"for one query (or whose every held key up to the queries is visible); not "
             f"{call.method.name!r} here"
         )
-    return _decode_can_run(call) or decode_cpp_unavailable(call.q, call.k.dtype)
+    return _decode_can_run(call) or decode_cpp_unavailable(call.q, call.k.dtype, call.v.shape[-1])
 
 
 def _causal_positions(call: Call) -> torch.Tensor | None:

@@ -241,7 +241,7 @@ def project_queries(cache: KVCache, layer: int, q: torch.Tensor) -> torch.Tensor
 
 # The implementations that take keys with fewer channels than the values (Dk != Dv, a
 # channel-pruned cache layer); the others need one head dim (the fused SDPA and block kernels).
-UNEQUAL_DIM_IMPLS = ("decode", "tiled", "reference")
+UNEQUAL_DIM_IMPLS = ("decode_cpp", "decode", "tiled", "reference")
 
 
 def head_dims_reason(impl: str, call: Call) -> str | None:

@@ -14,7 +14,7 @@ from longattn.methods import SnapKV, ThinK
 from longattn.testing import check_against_reference, kept_channel_queries, make_qkv, score_view
 
 DTYPES = [torch.float32, torch.bfloat16]
-PRUNED_IMPLS = ["auto", "decode", "tiled", "reference"]  # the ones that take Dk != Dv
+PRUNED_IMPLS = ["auto", "decode_cpp", "decode", "tiled", "reference"]  # the ones that take Dk != Dv
 
 
 def _causal(q_pos, kv_len, batch, heads):
@@ -92,7 +92,7 @@ def test_a_dropped_channel_or_the_pruned_scale_would_fail_the_oracle():
             )
 
 
-@pytest.mark.parametrize("impl", ["decode_cpp", "sdpa", "sparse", "sparse_cpp", "flex"])
+@pytest.mark.parametrize("impl", ["sdpa", "sparse", "sparse_cpp", "flex"])
 def test_kernels_needing_one_head_dim_refuse_a_pruned_layer_and_leave_it_unchanged(impl):
     cache, q, k, v, _ = _pruned_cache(torch.float32)
     t = cache.seq_len(0)
@@ -259,20 +259,21 @@ def test_a_layer_is_pruned_once_and_select_methods_refuse_it():
     assert cache.seq_len(0) == t
 
 
-def test_auto_routes_a_pruned_decode_step_past_the_cpp_kernel_with_a_logged_reason(caplog):
+def test_auto_runs_a_pruned_decode_step_on_the_cpp_kernel(caplog):
     cache, q, k, v, _ = _pruned_cache(torch.float32)
     t = cache.seq_len(0)
     with caplog.at_level("DEBUG", logger="longattn"):
         attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], cache=cache)
     chose = [r.getMessage() for r in caplog.records if "impl=auto chose" in r.getMessage()]
-    assert chose and "'decode'" in chose[-1] and "decode_cpp: keys hold 12 channels" in chose[-1]
+    assert chose and "chose 'decode_cpp'" in chose[-1]
 
 
-@pytest.mark.parametrize("kernel", ["decode", "tiled"])
-def test_unequal_dim_kernels_hide_padding_and_empty_slots(kernel):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["decode_cpp", "decode", "tiled"])
+def test_unequal_dim_kernels_hide_padding_and_empty_slots(kernel, dtype):
     """The decode and tiled kernels with Dk != Dv: empty key slots and padded queries are hidden,
     a query that sees no key gets zeros and lse = -inf, the rest equals the oracle."""
-    from longattn.kernels.decode import decode_attention
+    from longattn.kernels.decode import decode_attention, decode_dense_cpp
     from longattn.kernels.tiled import tiled_attention
     from longattn.methods import Dense
 
@@ -282,7 +283,10 @@ def test_unequal_dim_kernels_hide_padding_and_empty_slots(kernel):
     kv_pos = torch.arange(20).expand(2, 20).clone()
     kv_pos[1, 5:9] = -1
     q_pos = torch.tensor([[17, 18, 19], [-1, 18, 19]])
-    if kernel == "decode":
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if kernel == "decode_cpp":  # keys of 10 channels: the kernel's run-time head dim path
+        out = decode_dense_cpp(q, k, v, scale=0.3, q_pos=q_pos, kv_pos=kv_pos)
+    elif kernel == "decode":
         out = decode_attention(q, k, v, scale=0.3, q_pos=q_pos, kv_pos=kv_pos)
     else:
         out = tiled_attention(q, k, v, scale=0.3, q_pos=q_pos, kv_pos=kv_pos,

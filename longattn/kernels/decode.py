@@ -182,14 +182,18 @@ def gather_selected(
     return k_sel.view(shape), v_sel.view(shape), pos
 
 
-def decode_cpp_unavailable(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
-    """Why the C++ decode kernels cannot take ``q`` (None: they can; builds them on first use)."""
+def decode_cpp_unavailable(
+    q: torch.Tensor, kv_dtype: torch.dtype | None = None, value_dim: int | None = None
+) -> str | None:
+    """Why the C++ decode kernels cannot take ``q`` (None: they can; builds them on first use);
+    ``value_dim``: the values' head dim where it exceeds the keys' (a channel-pruned layer)."""
     if q.device.type != "cpu":
         return f"the C++ decode kernel runs on CPU, not {q.device.type}"
     if q.dtype not in CPP_DTYPES or (kv_dtype is not None and kv_dtype != q.dtype):
         return f"the C++ decode kernel runs float32 and bfloat16, not {q.dtype}"
-    if q.shape[-1] > CPP_MAX_DIM:
-        return f"the C++ decode kernel takes head dim <= {CPP_MAX_DIM}, got {q.shape[-1]}"
+    dim = max(q.shape[-1], value_dim or 0)
+    if dim > CPP_MAX_DIM:
+        return f"the C++ decode kernel takes head dim <= {CPP_MAX_DIM}, got {dim}"
     return extension.unavailable("decode")
 
 
@@ -207,9 +211,10 @@ def decode_dense_cpp(
     kv_pos: torch.Tensor,
     causal: bool = True,
 ) -> AttnOutput:
-    """``decode_attention`` by the C++ kernel: q [B, H, Tq, D] over k, v [B, Hkv, T, D] (strided
-    views of a cache are read in place), q_pos [Bp, Tq], kv_pos [Bp, T] or [B, Hkv, T] (each KV head
-    its own positions) int64 (-1 = empty slot)."""
+    """``decode_attention`` by the C++ kernel: q [B, H, Tq, Dk] over k [B, Hkv, T, Dk], v [B,
+    Hkv, T, Dv] (Dk <= Dv: a channel-pruned layer's keys; strided views of a cache are read in
+    place), q_pos [Bp, Tq], kv_pos [Bp, T] or [B, Hkv, T] (each KV head its own positions) int64
+    (-1 = empty slot)."""
     out, lse = extension.load("decode").decode_dense(
         _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), q_pos, kv_pos, scale, causal
     )

@@ -42,7 +42,8 @@ inline float to_float(bf16 x) { return static_cast<float>(x); }
 // The problem, with every stride in elements.
 template <typename T>
 struct Problem {
-  int64_t B, H, Hkv, Tq, D, Dp, nc;  // Dp = D rounded up to W, nc = Dp / W
+  int64_t B, H, Hkv, Tq, D, Dp, nc;  // values: Dp = D rounded up to W, nc = Dp / W
+  int64_t Dk, Dkp, nck;               // queries and keys (Dk < D: a channel-pruned cache layer)
   int64_t Hi, Gs, R;                  // streams per batch row, query heads per stream, rows per stream
   const T* q;
   int64_t qsB, qsH, qsT;
@@ -59,12 +60,13 @@ struct Problem {
   int64_t unit;  // slots per entry (1 for dense)
   float scale2;  // scale * log2(e)
   bool causal;
-  Mask mask[MAX_D / W];  // lanes of each W-chunk of D that exist
+  Mask mask[MAX_D / W];   // lanes of each W-chunk of D that exist
+  Mask kmask[MAX_D / W];  // the same for Dk
 };
 
 struct Scratch {
-  std::vector<float> q, s;  // q: [R, Dp] scaled rows; s: [R, TILE] scores then probabilities
-  std::vector<bf16> qb;     // [R, Dp] the unscaled rows of a bf16 query (for qk_rows_dot)
+  std::vector<float> q, s;  // q: [R, Dkp] scaled rows; s: [R, TILE] scores then probabilities
+  std::vector<bf16> qb;     // [R, Dkp] the unscaled rows of a bf16 query (for qk_rows_dot)
   std::vector<int64_t> qp;  // [R] query position per row (-1: padding row)
 };
 
@@ -75,6 +77,16 @@ inline V load_chunk(const Problem<T>& P, const T* p, int64_t c) {
     return vload(p + c * W);
   } else {
     return vload(p + c * W, P.mask[c]);
+  }
+}
+
+// The same for a key row (Dk channels).
+template <int NC, typename T>
+inline V load_key(const Problem<T>& P, const T* p, int64_t c) {
+  if constexpr (NC > 0) {
+    return vload(p + c * W);
+  } else {
+    return vload(p + c * W, P.kmask[c]);
   }
 }
 
@@ -107,7 +119,7 @@ struct Ahead {
 template <int NC, int NR, typename T>
 inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int nj, float* s,
                     const Ahead<T>* ahead) {
-  const int64_t nc = NC > 0 ? NC : P.nc, Dp = P.Dp;
+  const int64_t nc = NC > 0 ? NC : P.nck, Dp = P.Dkp;
   int j = 0;
   for (; j + 2 <= nj; j += 2) {
     if (ahead) {
@@ -120,7 +132,7 @@ inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int
     const T* k1 = kp[j + 1];
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) {
-      const V x0 = load_chunk<NC>(P, k0, c), x1 = load_chunk<NC>(P, k1, c);
+      const V x0 = load_key<NC>(P, k0, c), x1 = load_key<NC>(P, k1, c);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) {
         const V qi = vload(q + i * Dp + c * W);
@@ -141,7 +153,7 @@ inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int
     for (int i = 0; i < NR; ++i) a0[i] = vzero();
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) {
-      const V x0 = load_chunk<NC>(P, kp[j], c);
+      const V x0 = load_key<NC>(P, kp[j], c);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) a0[i] = vfma(vload(q + i * Dp + c * W), x0, a0[i]);
     }
@@ -159,7 +171,7 @@ constexpr bool kDotBf16 = LA_DPBF16 && std::is_same_v<T, bf16> && NC > 0 && NC %
 template <int NC, int NR>
 inline void qk_rows_dot(const Problem<bf16>& P, const bf16* q, const bf16* const* kp, int nj,
                         float* s, const Ahead<bf16>* ahead) {
-  const int64_t Dp = P.Dp;
+  const int64_t Dp = P.Dkp;
   auto ld = [](const bf16* x) { return (__m512bh)_mm512_loadu_si512(x); };
   int j = 0;
   for (; j + 2 <= nj; j += 2) {
@@ -207,11 +219,11 @@ inline void qk_block(const Problem<T>& P, const Scratch& S, int64_t r, const T* 
                      float* s, const Ahead<T>* ahead) {
 #if LA_DPBF16
   if constexpr (kDotBf16<T, NC>) {
-    qk_rows_dot<NC, NR>(P, S.qb.data() + r * P.Dp, kp, nj, s + r * TILE, ahead);
+    qk_rows_dot<NC, NR>(P, S.qb.data() + r * P.Dkp, kp, nj, s + r * TILE, ahead);
     return;
   }
 #endif
-  qk_rows<NC, NR>(P, S.q.data() + r * P.Dp, kp, nj, s + r * TILE, ahead);
+  qk_rows<NC, NR>(P, S.q.data() + r * P.Dkp, kp, nj, s + r * TILE, ahead);
 }
 
 // acc[i] += sum_j p[i][j] v_j for NR rows; two W-chunks of D at a time (2 * NR FMA chains), the
@@ -369,10 +381,10 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
     for (int64_t t = 0; t < P.Tq; ++t) {
       const int64_t r = g * P.Tq + t;
       const T* src = P.q + b * P.qsB + (h0 + g) * P.qsH + t * P.qsT;
-      float* dst = S.q.data() + r * P.Dp;
-      for (int64_t d = 0; d < P.D; ++d) dst[d] = to_float(src[d]) * P.scale2;
-      for (int64_t d = P.D; d < P.Dp; ++d) dst[d] = 0.f;
-      if constexpr (kDotBf16<T, NC>) std::copy(src, src + P.D, S.qb.data() + r * P.Dp);
+      float* dst = S.q.data() + r * P.Dkp;
+      for (int64_t d = 0; d < P.Dk; ++d) dst[d] = to_float(src[d]) * P.scale2;
+      for (int64_t d = P.Dk; d < P.Dkp; ++d) dst[d] = 0.f;
+      if constexpr (kDotBf16<T, NC>) std::copy(src, src + P.Dk, S.qb.data() + r * P.Dkp);
       S.qp[r] = P.qpos[qb * P.qpsB + t * P.qpsT];
       min_qp = std::min(min_qp, S.qp[r]);
     }
@@ -381,8 +393,9 @@ void run_item(const Problem<T>& P, Scratch& S, int64_t b, int64_t ih, int64_t e0
   const T* vbase = P.v + b * P.vsB + kv * P.vsH;
   const int64_t* pbase = P.kpos + b * P.kpsB + kv * P.kpsH;
   const int64_t* ibase = P.index ? P.index + b * P.isB + ih * P.isH : nullptr;
-  const int lines = static_cast<int>((P.D * sizeof(T) + 63) / 64);
-  const int64_t far = std::max<int64_t>(1, FAR_BYTES / static_cast<int64_t>(P.D * sizeof(T)));
+  const int64_t row_bytes = std::max(P.D, P.Dk) * static_cast<int64_t>(sizeof(T));
+  const int lines = static_cast<int>((row_bytes + 63) / 64);
+  const int64_t far = std::max<int64_t>(1, FAR_BYTES / row_bytes);
   // Tiles are filled one ahead of use; while a tile's scores are computed, rows further on are
   // prefetched key by key (see Ahead), so that memory loads overlap the arithmetic.
   struct List {
@@ -498,6 +511,10 @@ void run(Problem<T>& P, T* out, float* lse) {
     const int64_t lanes = std::min<int64_t>(W, P.D - c * W);
     P.mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
   }
+  for (int64_t c = 0; c < P.nck; ++c) {
+    const int64_t lanes = std::min<int64_t>(W, P.Dk - c * W);
+    P.kmask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
+  }
   const int64_t streams = P.B * P.Hi;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Enough items to balance the threads, none smaller than ~256 key slots.
@@ -507,12 +524,17 @@ void run(Problem<T>& P, T* out, float* lse) {
   while (chunks > 1 && (streams * chunks) % threads) --chunks;
   const int64_t per_chunk = (P.n + chunks - 1) / chunks;
   const int64_t part_size = 2 * P.R + P.R * P.Dp;
-  auto run_one = P.D == 128 ? &run_item<8, T> : P.D == 64 ? &run_item<4, T> : &run_item<0, T>;
+  // compile-time head dims for the common shapes; keys narrower than values (a channel-pruned
+  // layer) take the run-time path
+  auto run_one = P.Dk != P.D    ? &run_item<0, T>
+                 : P.D == 128 ? &run_item<8, T>
+                 : P.D == 64  ? &run_item<4, T>
+                              : &run_item<0, T>;
   std::vector<float> parts(static_cast<size_t>(streams * chunks * part_size));
   at::parallel_for(0, streams * chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch S;
-    S.q.resize(P.R * P.Dp);
-    S.qb.resize(P.R * P.Dp);
+    S.q.resize(P.R * P.Dkp);
+    S.qb.resize(P.R * P.Dkp);
     S.s.resize(P.R * TILE);
     S.qp.resize(P.R);
     for (int64_t item = begin; item < end; ++item) {
@@ -541,10 +563,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "decode kernel: float32 or bfloat16 only, got ", q.scalar_type());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode kernel: the head axis must be contiguous");
-  TORCH_CHECK(k.sizes() == v.sizes(), "decode kernel: k and v differ in shape");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2),
+              "decode kernel: k and v differ in shape (up to the head dim)");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "decode kernel: q and k differ");
+  TORCH_CHECK(k.size(3) <= v.size(3), "decode kernel: keys wider than values");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode kernel: H must be a multiple of Hkv");
-  TORCH_CHECK(q.size(3) <= MAX_D, "decode kernel: head dim up to ", MAX_D);
+  TORCH_CHECK(v.size(3) <= MAX_D, "decode kernel: head dim up to ", MAX_D);
   TORCH_CHECK(q_pos.scalar_type() == at::kLong && q_pos.dim() == 2 && q_pos.size(1) == q.size(2),
               "decode kernel: q_pos must be int64 [Bp, Tq]");
   TORCH_CHECK(q_pos.size(0) == 1 || q_pos.size(0) == q.size(0), "decode kernel: q_pos batch");
@@ -558,7 +582,10 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   P.B = q.size(0);
   P.H = q.size(1);
   P.Tq = q.size(2);
-  P.D = q.size(3);
+  P.D = v.size(3);
+  P.Dk = k.size(3);
+  P.Dkp = (P.Dk + W - 1) / W * W;
+  P.nck = P.Dkp / W;
   P.Hkv = k.size(1);
   P.Dp = (P.D + W - 1) / W * W;
   P.nc = P.Dp / W;
@@ -595,8 +622,10 @@ void dispatch(const at::Tensor& q, F fn) {
     fn(bf16(0.f));
 }
 
-std::vector<at::Tensor> finish(const at::Tensor& q, const std::function<void(void*, float*)>& fn) {
-  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+// out [B, H, Tq, Dv] (Dv: the values' head dim) and lse [B, H, Tq], filled by fn.
+std::vector<at::Tensor> finish(const at::Tensor& q, int64_t dv,
+                               const std::function<void(void*, float*)>& fn) {
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), dv}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   fn(out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
@@ -614,7 +643,7 @@ std::vector<at::Tensor> decode_dense(const at::Tensor& q, const at::Tensor& k,
                   (kv_pos.size(0) == 1 || kv_pos.size(0) == q.size(0)) &&
                   (!per_head || (kv_pos.size(0) == q.size(0) && kv_pos.size(1) == k.size(1))),
               "decode kernel: kv_pos must be int64 [Bp, T] or [B, Hkv, T]");
-  return finish(q, [&](void* out, float* lse) {
+  return finish(q, v.size(3), [&](void* out, float* lse) {
     dispatch(q, [&](auto zero) {
       using scalar_t = decltype(zero);
       auto P = make_problem<scalar_t>(q, k, v, q_pos, kv_pos, scale, causal);
@@ -651,7 +680,7 @@ std::vector<at::Tensor> decode_selected(const at::Tensor& q, const at::Tensor& k
     TORCH_CHECK(lo >= -1 && hi < keys.size(2) / unit, "decode kernel: index out of range [",
                 lo, ", ", hi, "] for ", keys.size(2) / unit, " entries");
   }
-  return finish(q, [&](void* out, float* lse) {
+  return finish(q, values.size(3), [&](void* out, float* lse) {
     dispatch(q, [&](auto zero) {
       using scalar_t = decltype(zero);
       auto P = make_problem<scalar_t>(q, keys, values, q_pos, positions, scale, causal);
