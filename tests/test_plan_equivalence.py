@@ -1,5 +1,5 @@
 """The plan estimators that work in cache-sized chunks (block_topk's pooling and top-k, hip,
-dhsa, proxy_attn, anchor_attention) choose exactly the blocks of a straightforward reference of
+dhsa, proxy_attn, anchor_attention, sale) choose exactly the blocks of a straightforward reference of
 the same arithmetic: every score matrix materialised, masks filled, a stable descending sort.
 Small inputs, odd lengths, GQA, fewer queries than keys, padding, bf16; the chunk sizes are also
 shrunk so that every chunked loop runs many times, with ragged ends. HiP runs with the library's
@@ -13,7 +13,7 @@ import torch
 from longattn import from_string, prefill
 from longattn.call import make_call
 from longattn.kernels import key_maxima
-from longattn.methods import anchor_attention, dhsa, hip, proxy_attn
+from longattn.methods import anchor_attention, dhsa, hip, proxy_attn, sale
 from longattn.methods.block_topk import top_count, top_k_blocks
 from longattn.prefill import _pool, make_view
 from longattn.testing import make_qkv
@@ -37,6 +37,8 @@ SPECS = [
     "proxy_attn:block_size=16,budget=0.9,proxy_heads=2",
     "anchor_attention:block_size=16,theta=1",
     "anchor_attention:block_size=16,theta=3,budget=0.5",
+    "sale:block_size=16,threshold=0.05",
+    "sale:block_size=16,bits=4,threshold=0.2,budget=0.5",
 ]
 
 
@@ -262,12 +264,35 @@ def ref_proxy(view, method):
     return ref_top_count(scores.masked_fill(~view.causal, -math.inf), counts) & view.causal
 
 
+def ref_sale(view, method):
+    """Every pair's score from the quantised operands, ``((P k_scale) q_scale) scale - anchor``,
+    masked by position and pooled to its block maximum."""
+    bs, heads, t_q, t_k = view.block_size, view.q.shape[1], view.q.shape[2], view.k.shape[2]
+    q_int, q_scale = sale.quantise_blocks(view.q, bs, method.bits)  # [B, H, nq, bs, D]
+    k_int, k_scale = sale.quantise_blocks(view.k, bs, method.bits)  # [B, Hkv, nk, bs, D]
+    group = heads // view.k.shape[1]
+    q_deq = q_int.flatten(2, 3)[:, :, :t_q]
+    k_ints = k_int.flatten(2, 3)[:, :, :t_k].repeat_interleave(group, 1)
+    prod = q_deq @ k_ints.transpose(-1, -2)  # [B, H, Tq, Tk] exact integer products
+    k_s = k_scale.repeat_interleave(bs, -1)[..., :t_k].repeat_interleave(group, 1)
+    q_s = q_scale.repeat_interleave(bs, -1)[..., :t_q]
+    anchor = ref_anchor_logits(view)[..., :t_q]
+    rel = (prod * k_s.unsqueeze(-2)) * q_s.unsqueeze(-1) * view.scale - anchor.unsqueeze(-1)
+    qp, kp = view.q_pos[:, None, :, None], view.kv_pos[:, None, None, :]
+    rel = rel.masked_fill(~((kp <= qp) & (kp >= 0) & (qp >= 0)), -math.inf)
+    margin = ref_block_pool(ref_block_pool(rel, bs, -math.inf, torch.amax).transpose(-1, -2), bs,
+                            -math.inf, torch.amax).transpose(-1, -2)  # fmt: skip
+    torch.testing.assert_close(method.margins(view), margin)
+    return (margin >= math.log(method.threshold)) & ref_top_k(margin, view.causal, method.budget)
+
+
 REFERENCES = {
     "block_topk": ref_block_topk,
     "hip": ref_hip,
     "dhsa": ref_dhsa,
     "proxy_attn": ref_proxy,
     "anchor_attention": ref_anchor,
+    "sale": ref_sale,
 }
 
 
@@ -280,6 +305,7 @@ def chunks(request, monkeypatch):
         monkeypatch.setattr(hip, "GROUP_ELEMENTS", 64)  # a group per query block or two
         monkeypatch.setattr(hip, "RUN_ROWS", 3)
         monkeypatch.setattr(proxy_attn, "SCORE_CHUNK_ELEMENTS", 700)
+        monkeypatch.setattr(sale, "SCORE_CHUNK_ELEMENTS", 700)
         monkeypatch.setattr(dhsa, "COSINE_ROWS", 7)
     return request.param
 

@@ -41,8 +41,8 @@ class SALE(SparsePrefill):
     ``budget`` fraction of causal blocks per row is kept, best first (1 is no cap).
 
     The integer products are exact in float32 (``|sum| <= 127^2 * D < 2^24`` for D <= 1040), so
-    they run as a float GEMM on integer values, chunked over query blocks (O(Tq x Tk) work, never
-    O(Tq x Tk) memory).
+    they run as a float GEMM on integer values, chunked over query blocks, over the causal key
+    blocks only (O(Tq x Tk) work, never O(Tq x Tk) memory).
     Deviation from paper: the anchor is computed in full precision with AnchorAttention's rule;
     the paper's offline per-head threshold calibration and its fused CUDA selection kernel are not
     reproduced (one threshold for all heads).
@@ -66,7 +66,15 @@ class SALE(SparsePrefill):
         return margin_blocks(margin, view.causal, math.log(self.threshold), self.budget)
 
     def margins(self, view) -> torch.Tensor:
-        """[B, H, nq, nk] the best estimated ``s - anchor`` over each block's visible pairs."""
+        """[B, H, nq, nk] the best estimated ``s - anchor`` over each block's visible pairs (-inf
+        where none is visible).
+
+        The scales are positive, so within a block pair the best ``c P_ij - anchor_i`` (``c`` the
+        two blocks' scales times the softmax scale, ``P`` the integer products) is reached at each
+        row's best ``P_ij``: the products are reduced over each key block's keys first, unmasked
+        where every pair of the block is visible (``view.causal_full``), masked by position only for
+        the other causal blocks (the diagonal, padding), never computed past a chunk's last causal
+        key block."""
         bs = view.block_size
         batch, heads, t_q, dim = view.q.shape
         n_kv, t_k = view.k.shape[1], view.k.shape[2]
@@ -76,23 +84,41 @@ class SALE(SparsePrefill):
         k_int, k_scale = quantise_blocks(view.k, bs, self.bits)  # [B, Hkv, nk, bs, D]
         n_q, n_k = q_int.shape[2], k_int.shape[2]
         k_int = k_int.view(batch, n_kv, n_k * bs, dim)
-        k_scale = k_scale.repeat_interleave(bs, -1).unsqueeze(-2)  # [B, Hkv, 1, nk * bs]
-        pad = n_k * bs - t_k
-        kv_pos = torch.nn.functional.pad(view.kv_pos, (0, pad), value=-1)  # [Bp, nk * bs]
+        kv_pos = torch.nn.functional.pad(view.kv_pos, (0, n_k * bs - t_k), value=-1)
+        kv_pos = kv_pos.view(-1, n_k, bs)  # [Bp, nk, bs]
         q_pos = torch.nn.functional.pad(view.q_pos, (0, n_q * bs - t_q), value=-1)
         q_pos = q_pos.view(-1, n_q, bs)
+        causal, full = view.causal, view.causal_full  # [nq, nk]
+        # the last causal key block of each query block (causal blocks are a prefix of the row)
+        reach = torch.where(causal.any(-1), causal.long().cumsum(-1).argmax(-1) + 1, 0)
+        margins = torch.full((batch, heads, n_q, n_k), -math.inf, device=view.q.device)
         step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * bs * n_k * bs))
-        parts = []
         for lo in range(0, n_q, step):
-            chunk = q_int[:, :, lo : lo + step]  # [B, H, c, bs, D]
-            c = chunk.shape[2]
-            folded = chunk.reshape(batch, n_kv, group * c * bs, dim)
-            s = (folded @ k_int.transpose(-1, -2)) * k_scale  # [B, Hkv, G c bs, nk bs]
-            s = s.view(batch, heads, c, bs, -1) * q_scale[:, :, lo : lo + c, None, None]
-            s = s * view.scale - anchor[:, :, lo : lo + c].unsqueeze(-1)
-            qp = q_pos[:, None, lo : lo + c, :, None]
-            kp = kv_pos[:, None, None, None, :]
-            visible = (kp <= qp) & (kp >= 0) & (qp >= 0)
-            s = s.masked_fill(~visible, -math.inf).amax(-2)  # [B, H, c, nk bs]
-            parts.append(s.view(batch, heads, c, n_k, bs).amax(-1))
-        return torch.cat(parts, dim=2)
+            hi = min(n_q, lo + step)
+            width = int(reach[lo:hi].max())  # key blocks this chunk computes
+            if width == 0:
+                continue
+            c = hi - lo
+            folded = q_int[:, :, lo:hi].reshape(batch, n_kv, group * c * bs, dim)
+            prod = folded @ k_int[:, :, : width * bs].transpose(-1, -2)  # [B, Hkv, G c bs, w bs]
+            prod = prod.view(batch, heads, c, bs, width, bs)
+            best = prod.amax(-1)  # [B, H, c, bs, w] each row's best product per key block
+            edge = (causal[lo:hi, :width] & ~full[lo:hi, :width]).nonzero()  # [E, 2]
+            if edge.numel():  # the blocks with hidden pairs: their maxima over the visible ones
+                qb, kb = edge[:, 0], edge[:, 1]
+                qp = q_pos[:, lo + qb].unsqueeze(-1)  # [Bp, E, bs, 1]
+                kp = kv_pos[:, kb].unsqueeze(-2)  # [Bp, E, 1, bs]
+                seen = (kp <= qp) & (kp >= 0) & (qp >= 0)  # [Bp, E, bs, bs]
+                pairs = prod[:, :, qb, :, kb]  # [E, B, H, bs, bs]
+                pairs = pairs.permute(1, 2, 0, 3, 4).masked_fill(~seen.unsqueeze(1), -math.inf)
+                best[:, :, qb, :, kb] = pairs.amax(-1).permute(2, 0, 1, 3)  # [E, B, H, bs]
+            scale = (
+                q_scale[:, :, lo:hi, None] * k_scale.repeat_interleave(group, 1)[:, :, None, :width]
+            )
+            rel = best * (scale * view.scale).unsqueeze(-2) - anchor[:, :, lo:hi].unsqueeze(-1)
+            # a row that sees none of a block, and a padding row (the tail of the last query
+            # block, whose block may count as fully visible), adds nothing
+            hidden = torch.isneginf(best) | (q_pos[:, None, lo:hi, :, None] < 0)
+            rel = rel.masked_fill_(hidden, -math.inf).amax(-2)  # [B, H, c, w]
+            margins[:, :, lo:hi, :width] = rel.masked_fill(~causal[lo:hi, :width], -math.inf)
+        return margins
