@@ -193,6 +193,17 @@ class KVCache:
         """[B, Hkv] int64 slots in use per row and KV head."""
         return self._need(layer).row_len.clone()
 
+    def device(self, layer: int) -> torch.device | None:
+        """The device of ``layer``'s storage; None while it holds nothing."""
+        entry = self._get(layer)
+        return None if entry is None else entry.pos.device
+
+    def next_positions(self, layer: int) -> torch.Tensor | None:
+        """[B] int64 (CPU) each row's last real position + 1, the default position of its next
+        token; None while ``layer`` holds nothing. Replaced, never written, by an append."""
+        entry = self._get(layer)
+        return None if entry is None else entry.next_pos
+
     def n_seen(self, layer: int) -> int:
         """Tokens ever appended to ``layer`` (per row; evicted tokens included), or seen by a linear
         method's recurrent state (``longattn.linear.LinearRecord``)."""

@@ -118,15 +118,15 @@ def _step_position(
     q, k are checked tensors (``check_tensors``)."""
     if q.shape[0] != 1 or q.shape[2] != 1 or k.shape[2] != 1:
         return None
-    entry = cache._get(layer)  # None while it holds nothing
-    if entry is None or entry.keys.shape[0] != 1:  # the general path names a batch mismatch
+    nexts = cache.next_positions(layer)  # None while it holds nothing
+    if nexts is None or nexts.shape[0] != 1:  # the general path names a batch mismatch
         return None
-    following = int(entry.next_pos.view(()))  # the row's last real position + 1
+    following = int(nexts.view(()))  # the row's last real position + 1
     if positions is None:
         return following
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
         return None
-    if positions.shape not in ((1,), (1, 1)) or positions.device != entry.pos.device:
+    if positions.shape not in ((1,), (1, 1)) or positions.device != cache.device(layer):
         return None
     step = int(positions.view(()))
     return step if step >= following else None  # after what the row holds; no padding
@@ -152,7 +152,7 @@ def _step_call(
     _check_method_fits_cache(method, cache, k)
     _check_last(method, "q", step)
     # the row's next position (replaced, never written, by the append) or the caller's
-    given = cache._get(layer).next_pos.to(k.device) if positions is None else positions
+    given = cache.next_positions(layer).to(k.device) if positions is None else positions
     new_pos = given.view(1, 1)
     cache.append_checked(layer, k, v, new_pos)
     if cache.is_uniform(layer):
