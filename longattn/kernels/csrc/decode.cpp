@@ -70,23 +70,15 @@ struct Scratch {
   std::vector<int64_t> qp;  // [R] query position per row (-1: padding row)
 };
 
-// NC > 0: D == NC * W, known at compile time (full unrolling, unmasked loads); NC == 0: any D.
+// Chunk c of a row whose lanes ``mask`` gives per chunk (P.mask: a value row, P.kmask: a key row).
+// NC > 0: the head dim is NC * W, known at compile time (full unrolling, unmasked loads); NC == 0:
+// any head dim.
 template <int NC, typename T>
-inline V load_chunk(const Problem<T>& P, const T* p, int64_t c) {
+inline V load_chunk(const T* p, int64_t c, const Mask* mask) {
   if constexpr (NC > 0) {
     return vload(p + c * W);
   } else {
-    return vload(p + c * W, P.mask[c]);
-  }
-}
-
-// The same for a key row (Dk channels).
-template <int NC, typename T>
-inline V load_key(const Problem<T>& P, const T* p, int64_t c) {
-  if constexpr (NC > 0) {
-    return vload(p + c * W);
-  } else {
-    return vload(p + c * W, P.kmask[c]);
+    return vload(p + c * W, mask[c]);
   }
 }
 
@@ -132,7 +124,7 @@ inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int
     const T* k1 = kp[j + 1];
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) {
-      const V x0 = load_key<NC>(P, k0, c), x1 = load_key<NC>(P, k1, c);
+      const V x0 = load_chunk<NC>(k0, c, P.kmask), x1 = load_chunk<NC>(k1, c, P.kmask);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) {
         const V qi = vload(q + i * Dp + c * W);
@@ -153,7 +145,7 @@ inline void qk_rows(const Problem<T>& P, const float* q, const T* const* kp, int
     for (int i = 0; i < NR; ++i) a0[i] = vzero();
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) {
-      const V x0 = load_key<NC>(P, kp[j], c);
+      const V x0 = load_chunk<NC>(kp[j], c, P.kmask);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) a0[i] = vfma(vload(q + i * Dp + c * W), x0, a0[i]);
     }
@@ -239,7 +231,7 @@ inline void pv_rows(const Problem<T>& P, const float* p, const T* const* vp, int
       a1[i] = vload(acc + i * Dp + (c + 1) * W);
     }
     for (int j = 0; j < nj; ++j) {
-      const V x0 = load_chunk<NC>(P, vp[j], c), x1 = load_chunk<NC>(P, vp[j], c + 1);
+      const V x0 = load_chunk<NC>(vp[j], c, P.mask), x1 = load_chunk<NC>(vp[j], c + 1, P.mask);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) {
         const V pi = vset(p[i * TILE + j]);
@@ -256,7 +248,7 @@ inline void pv_rows(const Problem<T>& P, const float* p, const T* const* vp, int
     V a0[NR];
     for (int i = 0; i < NR; ++i) a0[i] = vload(acc + i * Dp + c * W);
     for (int j = 0; j < nj; ++j) {
-      const V x0 = load_chunk<NC>(P, vp[j], c);
+      const V x0 = load_chunk<NC>(vp[j], c, P.mask);
       for (int i = 0; i < NR; ++i) a0[i] = vfma(vset(p[i * TILE + j]), x0, a0[i]);
     }
     for (int i = 0; i < NR; ++i) vstore(acc + i * Dp + c * W, a0[i]);
