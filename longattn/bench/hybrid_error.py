@@ -12,7 +12,7 @@ float64 on the same q/k/v, for:
 - ``sea`` (top-k from a Performer estimate with F features) vs the estimator alone (``performer``
   with that F as the attention) and, for context only, exact softmax on the exact top-k (an
   oracle, not in the ratio);
-- ``combiner`` (region r; fixed or logsparse) vs its direct part alone (softmax inside each
+- ``combiner`` (region r; fixed, logsparse or axial) vs its direct part alone (softmax inside each
   query's region);
 - ``window_linear`` (window W, Taylor d') vs the window alone and ``taylor`` (same d', no window).
 
@@ -45,7 +45,12 @@ SCATTERBRAIN = [  # Scatterbrain's fields per budget
     dict(n_features=128, sparse="topk_blocks", block_size=64, n_blocks=8),
 ]  # fmt: skip
 SEA_BUDGETS = [(32, 64), (32, 256)]  # (F, top-k)
-COMBINER = [(64, "fixed"), (256, "fixed"), (64, "logsparse")]  # (region, factorization)
+COMBINER = [
+    (64, "fixed"),
+    (256, "fixed"),
+    (64, "logsparse"),
+    (64, "axial"),
+]  # (region, factorization)
 WINDOWS = [64, 256]  # Taylor d' = 16 (BASED)
 
 
