@@ -6,7 +6,8 @@ head-wise eviction policy really frees memory (``head_positions``, ``head_length
 of a row holds the same tokens, ``positions`` and ``row_lengths`` give them per row). Capacity grows
 by doubling (rounded to whole pages), so appending one token per step reallocates O(log T) times;
 after an eviction it follows what is kept (see ``evict``). Rows and heads may hold different numbers
-of tokens; empty tail slots have position -1. Page metadata (per-page key min / max /
+of tokens; empty tail slots have position -1, and past the longest row zero keys and values (as
+allocated; what an eviction frees there is zeroed). Page metadata (per-page key min / max /
 sum / count, and any requested low-dimensional projections of the keys) is updated for the touched pages
 at every append, so selection never rescans all keys.
 

@@ -94,7 +94,8 @@ def with_summary(result: AttnOutput, q: torch.Tensor, summary: Summary, scale: f
 def compact(entry: Any, keep: torch.Tensor, lengths: torch.Tensor, n_max: int) -> None:
     """Move the kept slots of a cache layer (``longattn.cache._Layer``) to the front of their
     (row, KV head), in their order, with their positions and per-slot statistics; the tail
-    becomes empty slots (position -1, statistics 0). ``keep`` bool [B, Hkv, seq_len], ``lengths``
+    becomes empty slots (position -1, statistics 0; past the longest row also zero keys and
+    values, as a fresh allocation holds: ``longattn.checkpoint`` relies on it). ``keep`` bool [B, Hkv, seq_len], ``lengths``
     [B, Hkv] its counts, ``n_max`` their maximum."""
     # kept slots first, in their order: a stable sort of the drop flags
     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
@@ -108,6 +109,7 @@ def compact(entry: Any, keep: torch.Tensor, lengths: torch.Tensor, n_max: int) -
         dim = store.shape[-1]  # keys may hold fewer channels (prune_channels)
         kept = store.view(-1, dim).index_select(0, flat)
         store[:, :, :n_max] = kept.view(batch, heads, n_max, dim)
+        store[:, :, n_max : keep.shape[-1]] = 0  # past the longest row: zeros, as allocated
     tail = torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
     entry.pos[:, :, :n_max] = entry.pos.gather(2, order)
     entry.pos.masked_fill_(tail, -1)

@@ -4,9 +4,9 @@ bit for bit as it was (``KVCache.checkpoint`` / ``KVCache.rollback``).
 A checkpoint keeps the layer's fields (tensor references, counters, flags) and copies of only what a
 call can overwrite in place: the slots below the longest row that the append writes (a shorter
 row's next slots) and, when the call may refresh page metadata (a select method), the stale pages
-and projections. Slots past the longest row are empty (position -1, contents meaningless): a
-rollback marks the ones the append wrote empty again instead of copying them first, so a decode
-step's checkpoint copies nothing. A growth or shrink replaces the
+and projections. Slots past the longest row hold zero keys and values and position -1 (as
+allocated; an eviction zeroes what it frees there): a rollback writes the ones the append wrote
+back to that instead of copying them first, so a decode step's checkpoint copies nothing. A growth or shrink replaces the
 tensors instead of writing them, so restoring the references undoes it. O(new tokens + stale
 pages), not O(cache) -- except for a call that may compress the layer (an eviction method), whose
 checkpoint copies the whole layer (``whole``).
@@ -89,8 +89,9 @@ def restore(cache: Any, point: Checkpoint) -> None:
     vars(entry).update(point.fields)
     cache._layers[point.layer] = entry
     lo, stale_lo, p_lo, empty_lo, hi = point.starts
-    if "pos" not in moved and hi > empty_lo:  # the tail the append wrote: empty again
-        entry.pos[:, :, empty_lo:hi] = -1
+    for name, empty in (("keys", 0), ("values", 0), ("pos", -1)) if hi > empty_lo else ():
+        if name not in moved:  # the slots the append wrote past the longest row: empty again
+            getattr(entry, name)[:, :, empty_lo:hi] = empty
     for name, saved in point.saved.items():
         if name.startswith("projection:"):
             buf = entry.projections[name.split(":", 1)[1]][1]

@@ -335,7 +335,8 @@ def test_decode_step_equals_the_general_path_and_refuses_alike():
 
 
 def _head_wise_cache(seed=11):
-    """A one-row layer whose KV heads hold different numbers of tokens (a head-wise eviction)."""
+    """A one-row layer whose KV heads hold different numbers of tokens (a head-wise eviction;
+    the slots it frees past the longest row are zeroed, as allocated)."""
     gen = torch.Generator().manual_seed(seed)
     k, v = (torch.randn(1, 2, 12, 16, generator=gen) for _ in range(2))
     cache = KVCache(1, page_size=4)
@@ -372,8 +373,10 @@ def test_head_wise_decode_step_equals_the_general_path_and_rolls_back(given):
             torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
             for a, b in zip(before, after)
         )
-        tail = fast._layers[0].pos[:, :, fast.seq_len(0) :]
-        assert bool((tail == -1).all())  # the slots the refused append wrote are empty again
+        entry = fast._layers[0]  # past the longest row: as allocated, the refused append undone
+        tail = slice(fast.seq_len(0), None)
+        assert bool((entry.pos[:, :, tail] == -1).all())
+        assert not entry.keys[:, :, tail].any() and not entry.values[:, :, tail].any()
         got = attention(q, k, v, cache=fast, **fast_pos)
         want = attention(q, k, v, cache=slow, q_positions=pos.clone(), kv_positions=pos)
         assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
