@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longattn import KVCache, attention, from_string, methods
-from longattn.api import choose_impl, make_call
+from longattn.api import block_index, choose_impl, make_call
 from longattn.methods.block_topk import top_k_blocks, top_p_blocks
 from longattn.prefill import causal_layout
 from longattn.testing import assert_attention_close, make_qkv
@@ -206,3 +206,14 @@ def test_last_blocks_must_be_a_non_negative_int():
         from_string("block_topk:last_blocks=-1")
     with pytest.raises(TypeError, match="last_blocks must be int"):
         methods.BlockTopK(last_blocks=1.5)
+
+
+def test_a_plan_mostly_of_diagonal_blocks_runs_on_a_sparse_kernel():
+    """At a low density most visited blocks are the diagonal ones (partial): the tiled executor,
+    faster for mask methods with many partial blocks, cannot run a plan, so auto keeps a sparse
+    kernel rather than the float64 reference."""
+    q, k, v = make_qkv(1, 4, 2, 1024, 1024, 16, seed=1)
+    call = make_call(q, k, v, from_string("block_topk:block_size=64,budget=0.05"))
+    index = block_index(call)
+    assert int(index.partial.sum()) > index.visited // 2  # the case the rule is about
+    assert choose_impl(call).name in ("sparse_cpp", "sparse")
