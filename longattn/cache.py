@@ -17,14 +17,13 @@ cache exactly as it was.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from longattn.cache_channels import check_channels, gather_channels, prune_layer
-from longattn.cache_pages import metadata_dtype, projected_keys, refresh_pages
+from longattn.cache_layer import Layer, allocate, resize, row_head_index
+from longattn.cache_pages import projected_keys, refresh_pages
 from longattn.cache_summary import Summary, compact, fold
 from longattn.checkpoint import Checkpoint, restore, shortest_row, take
 from longattn.kernels.selection import row_mass, top_index_cpp
@@ -32,73 +31,6 @@ from longattn.types import SelectView, recurrent_state_nbytes
 from longattn.validation import check_append_kv, check_append_positions, check_keep
 
 MIN_CAPACITY = 256
-
-
-@dataclass
-class _Layer:
-    keys: torch.Tensor  # [B, Hkv, cap, D]
-    values: torch.Tensor  # [B, Hkv, cap, D]
-    pos: torch.Tensor  # [B, Hkv, cap] int64, -1 = empty
-    # row_len and next_pos are replaced, never written in place: a checkpoint keeps references
-    row_len: torch.Tensor  # [B, Hkv] int64 slots used per row and head (cpu)
-    next_pos: torch.Tensor  # [B] int64 next default position per row (cpu)
-    # [B, Hkv, cap / page, 2 * D]: per page the element-wise key min (first D) and max (last D), side
-    # by side so that page bounds stream as one contiguous tensor; bfloat16 rounded outward (min
-    # down, max up: still bounds of the keys, half the bytes of float32 to read per selection),
-    # float64 for a float64 cache
-    page_bounds: torch.Tensor
-    page_sum: torch.Tensor  # float32
-    page_count: torch.Tensor  # [B, Hkv, cap / page] int64
-    projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # slots [lo, hi) whose page metadata and projections are out of date: refreshed when a select
-    # hook asks for them, so dense decode never pays for metadata it does not read
-    stale: tuple[int, int] | None = None
-
-    def mark_stale(self, lo: int, hi: int) -> None:
-        self.stale = (
-            (lo, hi) if self.stale is None else (min(lo, self.stale[0]), max(hi, self.stale[1]))
-        )
-
-    @property
-    def page_min(self) -> torch.Tensor:
-        return self.page_bounds[..., : self.page_bounds.shape[-1] // 2]
-
-    @property
-    def page_max(self) -> torch.Tensor:
-        return self.page_bounds[..., self.page_bounds.shape[-1] // 2 :]
-
-    n_seen: int = 0
-    seq_len: int = 0
-    # every row holds exactly positions 0..seq_len-1 in slots 0..seq_len-1 (no padding, no eviction):
-    # the cache-owned fast path appends and attends without per-call position checks
-    dense: bool = True
-    # every KV head of a row holds the same tokens in the same slots
-    uniform: bool = True
-    # evicted at least once: storage grows by an eighth (not by doubling), so a compressed layer's
-    # capacity stays near what it holds
-    bounded: bool = False
-    # per-slot statistics [B, Hkv, cap] kept by eviction policies (accumulated attention, ...),
-    # moved with their tokens by every eviction and resize
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    # [B, Hkv, Dk'] int64: the key channels stored (``prune_channels``); None: every channel
-    channels: torch.Tensor | None = None
-    # one compensation token per (row, KV head) for the tokens evicted with ``summarize``
-    # (``longattn.cache_summary``); replaced, never written in place; None: no token
-    summary: Summary | None = None
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-
-@functools.lru_cache(maxsize=64)
-def _row_head_index(batch: int, heads: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The row and KV head indices [B, 1, 1], [1, Hkv, 1] of a per-head append's ``index_put_``
-    (kept: a decode step pays microseconds for each tensor it builds)."""
-    return (
-        torch.arange(batch, device=device).view(-1, 1, 1),
-        torch.arange(heads, device=device).view(1, -1, 1),
-    )
 
 
 class KVCache:
@@ -124,19 +56,19 @@ class KVCache:
         self.n_layers = n_layers
         self.page_size = page_size
         self.initial_capacity = initial_capacity
-        self._layers: list[_Layer | None] = [None] * n_layers
+        self._layers: list[Layer | None] = [None] * n_layers
         self.state: dict[str, Any] = {}
         self.workspace: Any = None  # created by the decode path on first use
 
     # ------------------------------------------------------------------ reading
-    def _get(self, layer: int) -> _Layer | None:
+    def _get(self, layer: int) -> Layer | None:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer must be an int, got {layer!r}")
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} is out of range for a cache of {self.n_layers} layers")
         return self._layers[layer]
 
-    def _need(self, layer: int) -> _Layer:
+    def _need(self, layer: int) -> Layer:
         entry = self._get(layer)
         if entry is None:
             raise ValueError(f"layer {layer} of the cache is empty (nothing appended yet)")
@@ -172,7 +104,7 @@ class KVCache:
         return entry is None or entry.uniform
 
     @staticmethod
-    def _need_uniform(layer: int, entry: _Layer, what: str) -> None:
+    def _need_uniform(layer: int, entry: Layer, what: str) -> None:
         if not entry.uniform:
             raise ValueError(
                 f"layer {layer} keeps different tokens per KV head (a head-wise eviction): "
@@ -280,7 +212,7 @@ class KVCache:
             slots = entry.row_len.unsqueeze(-1)
             slots = slots if k.device.type == "cpu" else slots.to(k.device)
             slots = slots if t_new == 1 else slots + torch.arange(t_new, device=k.device)
-            where = (*_row_head_index(k.shape[0], k.shape[1], k.device), slots)  # [B, Hkv, T_new]
+            where = (*row_head_index(k.shape[0], k.shape[1], k.device), slots)  # [B, Hkv, T_new]
             entry.keys.index_put_(where, k)
             entry.values.index_put_(where, v)
             entry.pos.index_put_(where, head_pos)
@@ -293,7 +225,7 @@ class KVCache:
         entry.seq_len = need
         entry.mark_stale(first, entry.seq_len)
 
-    def _append_dense(self, entry: _Layer, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _append_dense(self, entry: Layer, k: torch.Tensor, v: torch.Tensor) -> None:
         if not entry.dense:
             raise ValueError("append_checked(pos=None) needs a dense layer (see is_dense)")
         s, t_new = entry.seq_len, k.shape[2]
@@ -310,7 +242,7 @@ class KVCache:
 
     def check_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, finite: bool = True
-    ) -> _Layer | None:
+    ) -> Layer | None:
         """Validate the tensors of an append to ``layer`` (types, shapes, dtype, device; finite
         unless the caller checked that) without changing anything; returns the layer's storage
         (None while it is empty)."""
@@ -565,57 +497,20 @@ class KVCache:
         entry.stats = {**entry.stats, name: full}
 
     # ------------------------------------------------------------------ internals
-    def _allocate(self, k: torch.Tensor, t_new: int) -> _Layer:
-        batch, heads, _, dim = k.shape
-        cap = self._round(max(self.initial_capacity, t_new))
-        pages = cap // self.page_size
-        dev = k.device
-        return _Layer(
-            # zeros, not garbage: a gathered page's unused tail is masked, but 0 * NaN would leak
-            keys=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
-            values=torch.zeros(batch, heads, cap, dim, dtype=k.dtype, device=dev),
-            pos=torch.full((batch, heads, cap), -1, dtype=torch.int64, device=dev),
-            row_len=torch.zeros(batch, heads, dtype=torch.int64),
-            next_pos=torch.zeros(batch, dtype=torch.int64),
-            page_bounds=torch.zeros(
-                batch, heads, pages, 2 * dim, dtype=metadata_dtype(k.dtype), device=dev
-            ),
-            page_sum=torch.zeros(batch, heads, pages, dim, dtype=torch.float32, device=dev),
-            page_count=torch.zeros(batch, heads, pages, dtype=torch.int64, device=dev),
-        )
+    def _allocate(self, k: torch.Tensor, t_new: int) -> Layer:
+        return allocate(k, self._round(max(self.initial_capacity, t_new)), self.page_size)
 
     def _round(self, n: int) -> int:
         return -(-n // self.page_size) * self.page_size
 
-    def _resize(self, entry: _Layer, need: int, exact: bool = False) -> None:
+    def _resize(self, entry: Layer, need: int, exact: bool = False) -> None:
         """Reallocate to ``need`` slots (``exact``), or grow to at least double (by an eighth for a
         layer an eviction bounded); the used slots are kept."""
         step = max(self.page_size, entry.capacity // 8) if entry.bounded else entry.capacity
         cap = self._round(need if exact else max(need, entry.capacity + step))
-        used = entry.seq_len
-        pages_used = -(-used // self.page_size)
+        resize(entry, cap, self.page_size)
 
-        def bigger(old: torch.Tensor, axis: int, size: int, fill: float | None, keep: int):
-            shape = list(old.shape)
-            shape[axis] = size
-            new = torch.empty(shape, dtype=old.dtype, device=old.device)
-            if fill is not None:
-                new.fill_(fill)
-            new.narrow(axis, 0, keep).copy_(old.narrow(axis, 0, keep))
-            return new
-
-        pages = cap // self.page_size
-        entry.keys = bigger(entry.keys, 2, cap, 0.0, used)
-        entry.values = bigger(entry.values, 2, cap, 0.0, used)
-        entry.pos = bigger(entry.pos, 2, cap, -1, used)
-        entry.page_bounds = bigger(entry.page_bounds, 2, pages, 0.0, pages_used)
-        entry.page_sum = bigger(entry.page_sum, 2, pages, 0.0, pages_used)
-        entry.page_count = bigger(entry.page_count, 2, pages, 0, pages_used)
-        entry.stats = {n: bigger(t, 2, cap, 0.0, used) for n, t in entry.stats.items()}
-        for name, (matrix, buf) in list(entry.projections.items()):
-            entry.projections[name] = (matrix, bigger(buf, 2, cap, 0.0, used))
-
-    def _sync(self, entry: _Layer) -> None:
+    def _sync(self, entry: Layer) -> None:
         """Bring the page metadata and projections up to date with the stored keys."""
         if entry.stale is not None:
             lo, hi = entry.stale

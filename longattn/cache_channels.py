@@ -57,7 +57,7 @@ def gather_query_channels(q: torch.Tensor, channels: torch.Tensor) -> torch.Tens
 
 
 def prune_layer(entry: Any, channels: torch.Tensor) -> None:
-    """Reduce the storage of a cache layer (``longattn.cache._Layer``) to key ``channels``
+    """Reduce the storage of a cache layer (``longattn.cache_layer.Layer``) to key ``channels``
     [B, Hkv, Dk'] (checked): keys, page key bounds and sums are reallocated at the new width
     (the page metadata is marked stale, recomputed when read); key projections are dropped."""
     index = channels.to(entry.keys.device)

@@ -92,7 +92,7 @@ def with_summary(result: AttnOutput, q: torch.Tensor, summary: Summary, scale: f
 
 
 def compact(entry: Any, keep: torch.Tensor, lengths: torch.Tensor, n_max: int) -> None:
-    """Move the kept slots of a cache layer (``longattn.cache._Layer``) to the front of their
+    """Move the kept slots of a cache layer (``longattn.cache_layer.Layer``) to the front of their
     (row, KV head), in their order, with their positions and per-slot statistics; the tail
     becomes empty slots (position -1, statistics 0; past the longest row also zero keys and
     values, as a fresh allocation holds: ``longattn.checkpoint`` relies on it). ``keep`` bool [B, Hkv, seq_len], ``lengths``
