@@ -32,7 +32,7 @@ from longattn.bench.common import (
     format_table,
     median_ms,
 )
-from longattn.cache import metadata_dtype
+from longattn.cache_pages import metadata_dtype
 from longattn.testing import assert_attention_close
 
 SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}
