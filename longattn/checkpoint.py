@@ -6,10 +6,10 @@ call can overwrite in place: the slots below the longest row that the append wri
 row's next slots) and, when the call may refresh page metadata (a select method), the stale pages
 and projections. Slots past the longest row hold zero keys and values and position -1 (as
 allocated; an eviction zeroes what it frees there): a rollback writes the ones the append wrote
-back to that instead of copying them first, so a decode step's checkpoint copies nothing. A growth or shrink replaces the
-tensors instead of writing them, so restoring the references undoes it. O(new tokens + stale
-pages), not O(cache) -- except for a call that may compress the layer (an eviction method), whose
-checkpoint copies the whole layer (``whole``).
+back to that instead of copying them first, so a decode step's checkpoint copies nothing. A
+growth or shrink replaces the tensors instead of writing them, so restoring the references undoes
+it. O(new tokens + stale pages), not O(cache) -- except for a call that may compress the layer
+(an eviction method), whose checkpoint copies the whole layer (``whole``).
 """
 
 from __future__ import annotations

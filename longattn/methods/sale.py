@@ -89,8 +89,9 @@ class SALE(SparsePrefill):
         q_pos = torch.nn.functional.pad(view.q_pos, (0, n_q * bs - t_q), value=-1)
         q_pos = q_pos.view(-1, n_q, bs)
         causal, full = view.causal, view.causal_full  # [nq, nk]
-        # the last causal key block of each query block (causal blocks are a prefix of the row)
+        # one past each query block's last causal key block: no later key block is computed
         reach = torch.where(causal.any(-1), causal.long().cumsum(-1).argmax(-1) + 1, 0)
+        k_scale = k_scale.repeat_interleave(group, 1)  # [B, H, nk], each query head's
         margins = torch.full((batch, heads, n_q, n_k), -math.inf, device=view.q.device)
         step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * bs * n_k * bs))
         for lo in range(0, n_q, step):
@@ -112,9 +113,7 @@ class SALE(SparsePrefill):
                 pairs = prod[:, :, qb, :, kb]  # [E, B, H, bs, bs]
                 pairs = pairs.permute(1, 2, 0, 3, 4).masked_fill(~seen.unsqueeze(1), -math.inf)
                 best[:, :, qb, :, kb] = pairs.amax(-1).permute(2, 0, 1, 3)  # [E, B, H, bs]
-            scale = (
-                q_scale[:, :, lo:hi, None] * k_scale.repeat_interleave(group, 1)[:, :, None, :width]
-            )
+            scale = q_scale[:, :, lo:hi, None] * k_scale[:, :, None, :width]  # [B, H, c, w]
             rel = best * (scale * view.scale).unsqueeze(-2) - anchor[:, :, lo:hi].unsqueeze(-1)
             # a row that sees none of a block, and a padding row (the tail of the last query
             # block, whose block may count as fully visible), adds nothing
