@@ -497,16 +497,18 @@ void merge(const Problem<T>& P, int64_t b, int64_t ih, int64_t chunks, const flo
   }
 }
 
+// mask[c]: the lanes of W-chunk c of a row of dim elements that exist, for its nc chunks.
+inline void lane_masks(Mask* mask, int64_t nc, int64_t dim) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t lanes = std::min<int64_t>(W, dim - c * W);
+    mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
+  }
+}
+
 template <typename T>
 void run(Problem<T>& P, T* out, float* lse) {
-  for (int64_t c = 0; c < P.nc; ++c) {
-    const int64_t lanes = std::min<int64_t>(W, P.D - c * W);
-    P.mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
-  }
-  for (int64_t c = 0; c < P.nck; ++c) {
-    const int64_t lanes = std::min<int64_t>(W, P.Dk - c * W);
-    P.kmask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
-  }
+  lane_masks(P.mask, P.nc, P.D);
+  lane_masks(P.kmask, P.nck, P.Dk);
   const int64_t streams = P.B * P.Hi;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Enough items to balance the threads, none smaller than ~256 key slots.
@@ -937,10 +939,7 @@ at::Tensor row_mass(const at::Tensor& rows, const at::Tensor& table, const at::T
   M.present = present.data_ptr<bool>();
   M.psB = present.stride(0);
   M.psN = present.stride(1);
-  for (int64_t c = 0; c < M.nc; ++c) {
-    const int64_t lanes = std::min<int64_t>(W, M.E - c * W);
-    M.mask[c] = static_cast<Mask>(lanes == W ? 0xFFFF : (1u << lanes) - 1);
-  }
+  lane_masks(M.mask, M.nc, M.E);
   const int64_t Ep = M.nc * W;
   // the rows times scale * log2(e), zero padded to whole vectors
   std::vector<float> rbuf(M.BH * M.R * Ep, 0.f);
