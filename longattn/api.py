@@ -350,10 +350,10 @@ def _block_can_run(call: Call) -> str | None:
 def _sparse_auto(call: Call) -> str | None:
     # Partial blocks cost the sparse kernel a materialised, masked pass each; when most visited
     # blocks are partial (strided columns, 2-D neighbourhoods) the tiled executor is faster
-    # (`longattn bench`: strided at 8K, 4.5 s sparse vs 1.2 s tiled). Only a mask method can go
-    # there: a plan method's index (most of it diagonal blocks at a low density) stays here, where
-    # the alternative is the float64 reference.
-    if call.method.hook != "mask" or _empty(call) is not None:
+    # (`longattn bench`: strided at 8K, 4.5 s sparse vs 1.2 s tiled). Only a call the tiled
+    # executor takes (its rule, `_mask_hook`) goes there: a plan method's index (most of it
+    # diagonal blocks at a low density) stays here, where the alternative is the float64 reference.
+    if _mask_hook(call) is not None or _empty(call) is not None:
         return None
     index = block_index(call)
     visited = index.visited

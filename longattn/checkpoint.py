@@ -37,9 +37,7 @@ class Checkpoint:
 def shortest_row(entry: Any) -> int:
     """The fewest slots a (row, KV head) of a cache layer uses: ``seq_len`` for one row whose
     heads hold the same tokens (no read of ``row_len``: a decode step's tensor reads cost)."""
-    if entry.uniform and entry.pos.shape[0] == 1:
-        return entry.seq_len
-    return int(entry.row_len.min())
+    return entry.seq_len if entry.uniform and entry.pos.shape[0] == 1 else int(entry.row_len.min())
 
 
 def take(
