@@ -27,7 +27,7 @@ import pathlib
 import torch
 
 from longattn import calibration
-from longattn.kernels import key_maxima, vertical
+from longattn.kernels import int_margins, key_maxima, vertical
 from longattn.kernels.tiled import tile_layout
 from longattn.method import SparsePrefill
 from longattn.methods.dense import Dense
@@ -173,6 +173,7 @@ def make_view(call) -> PrefillView:
         block_mass=est.block_mass,
         calibration=plan_calibration(method, call.k.shape[1], call.k.shape[3], call.layer),
         key_maxima=key_maxima.key_maxima,
+        int_margins=int_margins.int_margins,
     )
 
 

@@ -249,6 +249,12 @@ class PrefillView:
     first ``count`` key rows (of ``k.reshape(-1, D)``), the best ``q . k`` over the row's queries,
     where ``some`` only over those at positions >= max(rep_pos, 0); the library's C++ kernel
     (``longattn.kernels.key_maxima``), None where it cannot run (the hook computes them itself).
+    int_margins(q_int [B, H, nq, bs, D], k_int [B, Hkv, nk, bs, D], q_scale [B, H, nq],
+    k_scale [B, Hkv, nk], anchor [B, H, nq * bs], q_pos [Bp, nq * bs], kv_pos [Bp, nk * bs],
+    causal, full, scale) -> [B, H, nq, nk] float32 or None: per causal block pair, the best
+    ``P_ij * q_scale * k_scale * scale - anchor_i`` over its visible pairs, ``P`` the products of
+    integer-valued (|x| <= 127) query and key rows; the library's C++ kernel
+    (``longattn.kernels.int_margins``, 8-bit dot products), None where it cannot run.
     """
 
     q: torch.Tensor
@@ -266,6 +272,7 @@ class PrefillView:
     block_mass: Callable[[], torch.Tensor]
     calibration: dict[str, torch.Tensor] | None = None
     key_maxima: Callable[..., torch.Tensor | None] | None = None
+    int_margins: Callable[..., torch.Tensor | None] | None = None
 
 
 class PrefillPlan(NamedTuple):

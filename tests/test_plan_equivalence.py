@@ -3,7 +3,8 @@ dhsa, proxy_attn, anchor_attention, sale) choose exactly the blocks of a straigh
 the same arithmetic: every score matrix materialised, masks filled, a stable descending sort.
 Small inputs, odd lengths, GQA, fewer queries than keys, padding, bf16; the chunk sizes are also
 shrunk so that every chunked loop runs many times, with ragged ends. HiP runs with the library's
-C++ key maxima and with its own PyTorch ones."""
+C++ key maxima and with its own PyTorch ones, SALE with the library's integer-margin kernel (where
+the CPU has AVX-512 VNNI) and with its PyTorch margins."""
 
 import math
 
@@ -12,7 +13,7 @@ import torch
 
 from longattn import from_string, prefill
 from longattn.call import make_call
-from longattn.kernels import key_maxima
+from longattn.kernels import int_margins, key_maxima
 from longattn.methods import anchor_attention, dhsa, hip, proxy_attn, sale
 from longattn.methods.block_topk import top_count, top_k_blocks
 from longattn.prefill import _pool, make_view
@@ -323,9 +324,28 @@ def maxima(request, monkeypatch):
 CASE_IDS = lambda c: f"{c[0]}x{c[1]}/{c[2]}x{c[3]}/{c[4]}-{c[6]}"  # noqa: E731
 
 
+@pytest.fixture(params=["native", "torch"])
+def margins(request, monkeypatch):
+    """SALE's margins by the library's C++ kernel (skipped on a CPU without AVX-512 VNNI), or by
+    its PyTorch path."""
+    if request.param == "native":
+        reason = int_margins.unavailable(torch.zeros(1, 1, 1, 4))
+        if reason is not None:
+            pytest.skip(reason)
+    else:
+        monkeypatch.setattr(int_margins, "unavailable", lambda q: "disabled (test)")
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("spec", [s for s in SPECS if not s.startswith("hip")])
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.startswith(("hip", "sale"))])
 def test_plan_equals_the_materialised_reference(spec, case, chunks):
+    _check_plan(spec, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.startswith("sale")])
+def test_sale_plan_equals_the_materialised_reference(spec, case, chunks, margins):
     _check_plan(spec, case)
 
 

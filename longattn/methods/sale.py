@@ -40,9 +40,11 @@ class SALE(SparsePrefill):
     reliably sits). A key block is visited when some pair in it reaches ``threshold``; at most the
     ``budget`` fraction of causal blocks per row is kept, best first (1 is no cap).
 
-    The integer products are exact in float32 (``|sum| <= 127^2 * D < 2^24`` for D <= 1040), so
-    they run as a float GEMM on integer values, chunked over query blocks, over the causal key
-    blocks only (O(Tq x Tk) work, never O(Tq x Tk) memory).
+    The integer products are exact: on a CPU with AVX-512 VNNI they are 8-bit dot products in the
+    library's kernel (``PrefillView.int_margins``), reduced per key block in registers; elsewhere a
+    float GEMM on the integer values (exact in float32: ``|sum| <= 127^2 * D < 2^24`` for
+    D <= 1040), chunked over query blocks; both over the causal key blocks only (O(Tq x Tk) work,
+    never O(Tq x Tk) memory), with bit-identical margins.
     Deviation from paper: the anchor is computed in full precision with AnchorAttention's rule;
     the paper's offline per-head threshold calibration and its fused CUDA selection kernel are not
     reproduced (one threshold for all heads).
@@ -73,51 +75,63 @@ class SALE(SparsePrefill):
         two blocks' scales times the softmax scale, ``P`` the integer products) is reached at each
         row's best ``P_ij``: the products are reduced over each key block's keys first, unmasked
         where every pair of the block is visible (``view.causal_full``), masked by position only for
-        the other causal blocks (the diagonal, padding), never computed past a chunk's last causal
-        key block."""
+        the other causal blocks (the diagonal, padding), never computed past a query block's last
+        causal key block."""
         bs = view.block_size
-        batch, heads, t_q, dim = view.q.shape
-        n_kv, t_k = view.k.shape[1], view.k.shape[2]
-        group = heads // n_kv
-        anchor = anchor_logits(view).view(batch, heads, -1, bs)  # [B, H, nq, bs]
+        t_q, t_k = view.q.shape[2], view.k.shape[2]
+        anchor = anchor_logits(view)  # [B, H, nq * bs]
         q_int, q_scale = quantise_blocks(view.q, bs, self.bits)  # [B, H, nq, bs, D], [B, H, nq]
         k_int, k_scale = quantise_blocks(view.k, bs, self.bits)  # [B, Hkv, nk, bs, D]
         n_q, n_k = q_int.shape[2], k_int.shape[2]
-        k_int = k_int.view(batch, n_kv, n_k * bs, dim)
         kv_pos = torch.nn.functional.pad(view.kv_pos, (0, n_k * bs - t_k), value=-1)
-        kv_pos = kv_pos.view(-1, n_k, bs)  # [Bp, nk, bs]
         q_pos = torch.nn.functional.pad(view.q_pos, (0, n_q * bs - t_q), value=-1)
-        q_pos = q_pos.view(-1, n_q, bs)
-        causal, full = view.causal, view.causal_full  # [nq, nk]
-        # one past each query block's last causal key block: no later key block is computed
-        reach = torch.where(causal.any(-1), causal.long().cumsum(-1).argmax(-1) + 1, 0)
-        k_scale = k_scale.repeat_interleave(group, 1)  # [B, H, nk], each query head's
-        margins = torch.full((batch, heads, n_q, n_k), -math.inf, device=view.q.device)
-        step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * bs * n_k * bs))
-        for lo in range(0, n_q, step):
-            hi = min(n_q, lo + step)
-            width = int(reach[lo:hi].max())  # key blocks this chunk computes
-            if width == 0:
-                continue
-            c = hi - lo
-            folded = q_int[:, :, lo:hi].reshape(batch, n_kv, group * c * bs, dim)
-            prod = folded @ k_int[:, :, : width * bs].transpose(-1, -2)  # [B, Hkv, G c bs, w bs]
-            prod = prod.view(batch, heads, c, bs, width, bs)
-            best = prod.amax(-1)  # [B, H, c, bs, w] each row's best product per key block
-            edge = (causal[lo:hi, :width] & ~full[lo:hi, :width]).nonzero()  # [E, 2]
-            if edge.numel():  # the blocks with hidden pairs: their maxima over the visible ones
-                qb, kb = edge[:, 0], edge[:, 1]
-                qp = q_pos[:, lo + qb].unsqueeze(-1)  # [Bp, E, bs, 1]
-                kp = kv_pos[:, kb].unsqueeze(-2)  # [Bp, E, 1, bs]
-                seen = (kp <= qp) & (kp >= 0) & (qp >= 0)  # [Bp, E, bs, bs]
-                pairs = prod[:, :, qb, :, kb]  # [E, B, H, bs, bs]
-                pairs = pairs.permute(1, 2, 0, 3, 4).masked_fill(~seen.unsqueeze(1), -math.inf)
-                best[:, :, qb, :, kb] = pairs.amax(-1).permute(2, 0, 1, 3)  # [E, B, H, bs]
-            scale = q_scale[:, :, lo:hi, None] * k_scale[:, :, None, :width]  # [B, H, c, w]
-            rel = best * (scale * view.scale).unsqueeze(-2) - anchor[:, :, lo:hi].unsqueeze(-1)
-            # a row that sees none of a block, and a padding row (the tail of the last query
-            # block, whose block may count as fully visible), adds nothing
-            hidden = torch.isneginf(best) | (q_pos[:, None, lo:hi, :, None] < 0)
-            rel = rel.masked_fill_(hidden, -math.inf).amax(-2)  # [B, H, c, w]
-            margins[:, :, lo:hi, :width] = rel.masked_fill(~causal[lo:hi, :width], -math.inf)
-        return margins
+        quantised = (q_int, k_int, q_scale, k_scale, anchor, q_pos, kv_pos)
+        if view.int_margins is not None:  # the library's kernel, where it runs
+            margins = view.int_margins(*quantised, view.causal, view.causal_full, view.scale)
+            if margins is not None:
+                return margins
+        return int_margins_torch(*quantised, view.causal, view.causal_full, view.scale)
+
+
+def int_margins_torch(q_int, k_int, q_scale, k_scale, anchor, q_pos, kv_pos, causal, full, scale):
+    """``PrefillView.int_margins`` in PyTorch (the definition): the integer products as a float
+    GEMM over chunks of query blocks (exact: the sums stay below 2^24), each chunk over its causal
+    key blocks only."""
+    batch, heads, n_q, bs, dim = q_int.shape
+    n_kv, n_k = k_int.shape[1], k_int.shape[2]
+    group = heads // n_kv
+    anchor = anchor.view(batch, heads, n_q, bs)
+    k_int = k_int.view(batch, n_kv, n_k * bs, dim)
+    kv_pos, q_pos = kv_pos.view(-1, n_k, bs), q_pos.view(-1, n_q, bs)  # [Bp, nk | nq, bs]
+    # one past each query block's last causal key block: no later key block is computed
+    reach = torch.where(causal.any(-1), causal.long().cumsum(-1).argmax(-1) + 1, 0)
+    k_scale = k_scale.repeat_interleave(group, 1)  # [B, H, nk], each query head's
+    margins = torch.full((batch, heads, n_q, n_k), -math.inf, device=q_int.device)
+    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * bs * n_k * bs))
+    for lo in range(0, n_q, step):
+        hi = min(n_q, lo + step)
+        width = int(reach[lo:hi].max())  # key blocks this chunk computes
+        if width == 0:
+            continue
+        c = hi - lo
+        folded = q_int[:, :, lo:hi].reshape(batch, n_kv, group * c * bs, dim)
+        prod = folded @ k_int[:, :, : width * bs].transpose(-1, -2)  # [B, Hkv, G c bs, w bs]
+        prod = prod.view(batch, heads, c, bs, width, bs)
+        best = prod.amax(-1)  # [B, H, c, bs, w] each row's best product per key block
+        edge = (causal[lo:hi, :width] & ~full[lo:hi, :width]).nonzero()  # [E, 2]
+        if edge.numel():  # the blocks with hidden pairs: their maxima over the visible ones
+            qb, kb = edge[:, 0], edge[:, 1]
+            qp = q_pos[:, lo + qb].unsqueeze(-1)  # [Bp, E, bs, 1]
+            kp = kv_pos[:, kb].unsqueeze(-2)  # [Bp, E, 1, bs]
+            seen = (kp <= qp) & (kp >= 0) & (qp >= 0)  # [Bp, E, bs, bs]
+            pairs = prod[:, :, qb, :, kb]  # [E, B, H, bs, bs]
+            pairs = pairs.permute(1, 2, 0, 3, 4).masked_fill(~seen.unsqueeze(1), -math.inf)
+            best[:, :, qb, :, kb] = pairs.amax(-1).permute(2, 0, 1, 3)  # [E, B, H, bs]
+        pair_scale = q_scale[:, :, lo:hi, None] * k_scale[:, :, None, :width]  # [B, H, c, w]
+        rel = best * (pair_scale * scale).unsqueeze(-2) - anchor[:, :, lo:hi].unsqueeze(-1)
+        # a row that sees none of a block, and a padding row (the tail of the last query
+        # block, whose block may count as fully visible), adds nothing
+        hidden = torch.isneginf(best) | (q_pos[:, None, lo:hi, :, None] < 0)
+        rel = rel.masked_fill_(hidden, -math.inf).amax(-2)  # [B, H, c, w]
+        margins[:, :, lo:hi, :width] = rel.masked_fill(~causal[lo:hi, :width], -math.inf)
+    return margins
