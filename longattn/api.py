@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from longattn import compress, linear, prefill
+from longattn import compress, linear, prefill, step
 from longattn.cache import KVCache
 from longattn.cache_summary import with_summary
 from longattn.call import (
@@ -572,6 +572,9 @@ def attention(
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
         call = replace(call, layer=layer) if layer else call
         return run_call(call, choose_impl(call, impl))
+    done = step.decode_step(q, k, v, method, scale, q_positions, kv_positions, cache, layer, impl)
+    if done is not None:  # a decode step that only attends, in one C++ call (``longattn.step``)
+        return done
     evict = method if isinstance(method, Evict) else None
     t_new = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
     q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0

@@ -21,13 +21,19 @@ from typing import Any
 
 import torch
 
-from longattn.cache_channels import check_channels, gather_channels, prune_layer
-from longattn.cache_layer import Layer, allocate, resize, row_head_index
+from longattn.cache_channels import (
+    check_channels,
+    gather_channels,
+    gather_query_channels,
+    prune_layer,
+)
+from longattn.cache_layer import Layer, allocate, fits_step, resize, row_head_index, undo_step
 from longattn.cache_pages import projected_keys, refresh_pages
 from longattn.cache_summary import Summary, compact, fold
 from longattn.checkpoint import Checkpoint, restore, shortest_row, take
+from longattn.kernels.decode import decode_cpp_unavailable, decode_step_cpp
 from longattn.kernels.selection import row_mass, top_index_cpp
-from longattn.types import SelectView, recurrent_state_nbytes
+from longattn.types import AttnOutput, SelectView, recurrent_state_nbytes
 from longattn.validation import check_append_kv, check_append_positions, check_keep
 
 MIN_CAPACITY = 256
@@ -239,6 +245,52 @@ class KVCache:
         entry.n_seen += t_new
         entry.seq_len = s + t_new
         entry.mark_stale(s, entry.seq_len)
+
+    def decode_step(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        position: torch.Tensor | None = None,
+    ) -> AttnOutput | None:
+        """Append one token ``k, v`` [1, Hkv, 1, D] to ``layer`` at its row's next position and
+        attend ``q`` [1, H, 1, D] causally over what the layer then holds, in one C++ call: the
+        checks, each KV head's append and the attention (``kernels/csrc/decode.cpp``,
+        ``decode_step``). ``position``: the new token's position as a one-element int64 tensor
+        (None: the row's next). A channel-pruned layer (ThinK) stores the key's kept channels and
+        q attends through them. Returns None, with nothing changed, where this path does not apply
+        (an empty or summarised layer, a batch, a full storage, another position, a dtype or device
+        the kernel does not run) or the inputs are not finite: ``longattn.attention``'s general
+        path then runs the call, with its checks and errors."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            return None
+        entry = self._layers[layer]
+        if entry is None or entry.summary is not None or entry.seq_len >= entry.capacity:
+            return None
+        if not fits_step(entry, q, k, v):
+            return None
+        if entry.channels is not None:  # the kept key channels, queries projected on them
+            k, q = gather_channels(k, entry.channels), gather_query_channels(q, entry.channels)
+        if position is not None and int(position.view(())) != int(entry.next_pos.view(())):
+            return None
+        if decode_cpp_unavailable(q, q.dtype, v.shape[-1]) is not None:
+            return None
+        before = (entry.row_len, entry.next_pos, entry.n_seen, entry.seq_len, entry.stale)
+        try:  # from the call on: an interruption anywhere puts the cache back (undo_step)
+            tensors, shortest = decode_step_cpp(
+                q, k, v, entry.keys, entry.values, entry.pos, entry.row_len, entry.next_pos, scale
+            )
+            if not tensors:  # a non-finite input, nothing written
+                return None
+            out, lse, entry.row_len, entry.next_pos = tensors
+            entry.n_seen, entry.seq_len = entry.n_seen + 1, entry.seq_len + 1
+            entry.mark_stale(shortest, entry.seq_len)
+        except BaseException:
+            undo_step(entry, before)
+            raise
+        return AttnOutput(out, lse, None)
 
     def check_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, finite: bool = True

@@ -1,15 +1,16 @@
 """One layer of a ``KVCache``: its storage (``Layer``), allocated and resized here; the cache
 (``longattn.cache``) owns the policies (capacities, appends, evictions).
 
-Invariants the cache keeps: positions -1 mark empty slots; slots past the longest row hold zero
-keys and values (as allocated; an eviction zeroes what it frees there, ``longattn.checkpoint``
-relies on it).
+Invariants the cache keeps: positions -1 mark empty slots; every slot past its (row, KV head)'s
+length holds zero keys and values and position -1 (as allocated; an eviction empties what it
+frees: ``longattn.checkpoint`` and ``KVCache.decode_step``'s undo rely on it).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -130,3 +131,39 @@ def resize(entry: Layer, cap: int, page_size: int) -> None:
     entry.stats = {n: bigger(t, 2, cap, 0.0, used) for n, t in entry.stats.items()}
     for name, (matrix, buf) in list(entry.projections.items()):
         entry.projections[name] = (matrix, bigger(buf, 2, cap, 0.0, used))
+
+
+def fits_step(entry: Layer, q: Any, k: Any, v: Any) -> bool:
+    """Whether q [1, H, 1, D], k, v [1, Hkv, 1, D] fit ``KVCache.decode_step`` on ``entry``:
+    tensors of the layer's dtype and device, its shapes, q's last axis contiguous, no autograd
+    (the dtypes and devices the C++ kernel runs are its own check)."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return False
+    keys, values = entry.keys, entry.values
+    if q.stride(-1) != 1:
+        return False
+    if any(t.dtype != keys.dtype or t.device != keys.device or t.requires_grad for t in (q, k, v)):
+        return False
+    # appended keys arrive with every channel; a channel-pruned layer stores its kept ones
+    n_kv, dim = keys.shape[1], (values if entry.channels is not None else keys).shape[3]
+    return (
+        keys.shape[0] == 1
+        and tuple(k.shape) == (1, n_kv, 1, dim)
+        and tuple(v.shape) == (1, n_kv, 1, values.shape[3])
+        and q.shape[0] == 1
+        and q.shape[2] == 1
+        and q.shape[3] == dim
+        and q.shape[1] % n_kv == 0
+    )
+
+
+def undo_step(entry: Layer, before: tuple) -> None:
+    """Put back what ``KVCache.decode_step`` changed, whatever it had done: the slots at each KV
+    head's former length empty again (zero keys and values, position -1: what every slot past a
+    head's length holds) and the fields it replaced (``before``: row_len, next_pos, n_seen,
+    seq_len, stale)."""
+    row_len = before[0]
+    slots = (*row_head_index(1, row_len.shape[1], entry.keys.device), row_len.unsqueeze(-1))
+    for name, empty in (("keys", 0), ("values", 0), ("pos", -1)):
+        getattr(entry, name)[slots] = empty
+    entry.row_len, entry.next_pos, entry.n_seen, entry.seq_len, entry.stale = before

@@ -94,8 +94,8 @@ def with_summary(result: AttnOutput, q: torch.Tensor, summary: Summary, scale: f
 def compact(entry: Any, keep: torch.Tensor, lengths: torch.Tensor, n_max: int) -> None:
     """Move the kept slots of a cache layer (``longattn.cache_layer.Layer``) to the front of their
     (row, KV head), in their order, with their positions and per-slot statistics; the tail
-    becomes empty slots (position -1, statistics 0; past the longest row also zero keys and
-    values, as a fresh allocation holds: ``longattn.checkpoint`` relies on it). ``keep`` bool [B, Hkv, seq_len], ``lengths``
+    becomes empty slots (position -1, statistics 0, zero keys and values, as a fresh allocation
+    holds: ``longattn.checkpoint`` and ``KVCache.decode_step`` rely on it). ``keep`` bool [B, Hkv, seq_len], ``lengths``
     [B, Hkv] its counts, ``n_max`` their maximum."""
     # kept slots first, in their order: a stable sort of the drop flags
     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n_max]
@@ -104,13 +104,14 @@ def compact(entry: Any, keep: torch.Tensor, lengths: torch.Tensor, n_max: int) -
     batch, heads, cap, _ = entry.keys.shape
     base = torch.arange(batch * heads, device=order.device).view(batch, heads, 1) * cap
     flat = (base + order).reshape(-1)
+    tail = torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
     for name in ("keys", "values"):
         store = getattr(entry, name)
         dim = store.shape[-1]  # keys may hold fewer channels (prune_channels)
-        kept = store.view(-1, dim).index_select(0, flat)
-        store[:, :, :n_max] = kept.view(batch, heads, n_max, dim)
-        store[:, :, n_max : keep.shape[-1]] = 0  # past the longest row: zeros, as allocated
-    tail = torch.arange(entry.capacity, device=order.device) >= lengths.to(order.device)[..., None]
+        kept = store.view(-1, dim).index_select(0, flat).view(batch, heads, n_max, dim)
+        # past each head's own row: zeros, as allocated
+        store[:, :, :n_max] = kept.masked_fill_(tail[:, :, :n_max, None], 0)
+        store[:, :, n_max : keep.shape[-1]] = 0
     entry.pos[:, :, :n_max] = entry.pos.gather(2, order)
     entry.pos.masked_fill_(tail, -1)
     for stat in entry.stats.values():

@@ -62,6 +62,14 @@ def due_after(method: Evict, q_len: int) -> bool:
     return method.when == "chunk" and q_len > MAX_DECODE_QUERIES
 
 
+def idle(method: Evict, cache: KVCache, layer: int) -> bool:
+    """Whether a decode step over ``layer`` leaves eviction alone: the layer was compressed since
+    its last prompt and ``method`` compresses once (not every few decode steps), so ``before``
+    compresses nothing and ``after`` records nothing."""
+    tracked = cache.state.get(_key(layer))
+    return tracked is not None and not tracked.pending and method.when != "decode"
+
+
 def before(method: Evict, cache: KVCache, layer: int, q_len: int, t_new: int) -> None:
     """Compress ``layer`` ahead of a decode step when it is due (the step's own ``t_new`` tokens
     are not appended yet, so they cannot be evicted; the storage keeps room for them)."""

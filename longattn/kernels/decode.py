@@ -242,3 +242,25 @@ def decode_selected_cpp(
         _last_contiguous(q), keys, values, positions, index, unit, q_pos, scale, True
     )
     return AttnOutput(out, lse, None)
+
+
+def decode_step_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    row_len: torch.Tensor,
+    next_pos: torch.Tensor,
+    scale: float,
+) -> tuple[list[torch.Tensor], int]:
+    """One decode step of a cache layer of one row by the C++ kernel: ``k, v`` [1, Hkv, 1, D]
+    written at each KV head's slot ``row_len`` [1, Hkv] of the storage ``keys``, ``values`` [1,
+    Hkv, cap, D] and ``pos`` [1, Hkv, cap] (position ``next_pos`` [1]; each slot written must be
+    empty), then ``q`` [1, H, 1, D] over slots [0, max(row_len) + 1), causal, every KV head by its
+    own positions. Returns ([out, lse, row_len + 1, next_pos + 1], the shortest row before the
+    write); ([], 0) with nothing written when q, k or v holds a non-finite value."""
+    return extension.load("decode").decode_step(
+        q, k, v, keys, values, pos, row_len, next_pos, scale
+    )

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1102,8 +1103,95 @@ at::Tensor top_index(const at::Tensor& scores, int64_t k) {
 
 }  // namespace
 
+namespace {
+
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  // t [1, heads, 1, D] with any strides
+  const T* p = t.data_ptr<T>();
+  for (int64_t h = 0; h < t.size(1); ++h)
+    for (int64_t d = 0; d < t.size(3); ++d)
+      if (!std::isfinite(to_float(p[h * t.stride(1) + d * t.stride(3)]))) return false;
+  return true;
+}
+
+// storage [1, Hkv, cap, D] at slot[h] of each KV head = src [1, Hkv, 1, D] (any strides).
+template <typename T>
+void write_slots(const at::Tensor& storage, const at::Tensor& src, const int64_t* slot) {
+  T* s = storage.data_ptr<T>();
+  const T* in = src.data_ptr<T>();
+  for (int64_t h = 0; h < storage.size(1); ++h) {
+    T* row = s + h * storage.stride(1) + slot[h] * storage.stride(2);
+    for (int64_t d = 0; d < storage.size(3); ++d)
+      row[d * storage.stride(3)] = in[h * src.stride(1) + d * src.stride(3)];
+  }
+}
+
+}  // namespace
+
+// One decode step of a cache layer of one row in one call: k_new, v_new [1, Hkv, 1, Dk | Dv]
+// written at each KV head's next slot (row_len [1, Hkv] int64, CPU; an empty slot, position -1)
+// of the layer's storage keys, values [1, Hkv, cap, Dk | Dv] and positions pos [1, Hkv, cap], at
+// position next_pos [1]; then q [1, H, 1, Dk] attends causally over slots
+// [0, max(row_len) + 1) (decode_dense, each KV head by its own positions). Everything is checked
+// before anything is written. Returns ({}, 0), nothing written, when q, k_new or v_new holds a
+// non-finite value; else ({out, lse, row_len + 1, next_pos + 1}, the shortest row before).
+std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
+    const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keys,
+    const at::Tensor& values, const at::Tensor& pos, const at::Tensor& row_len,
+    const at::Tensor& next_pos, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k_new.dim() == 4 && v_new.dim() == 4 && keys.dim() == 4 &&
+                  values.dim() == 4 && pos.dim() == 3,
+              "decode step: q, k_new, v_new, keys, values must be 4-D, pos 3-D");
+  const int64_t n_kv = keys.size(1), cap = keys.size(2);
+  TORCH_CHECK(q.size(0) == 1 && q.size(2) == 1 && k_new.size(0) == 1 && k_new.size(2) == 1 &&
+                  v_new.size(0) == 1 && v_new.size(2) == 1 && keys.size(0) == 1,
+              "decode step: one row, one query, one new token");
+  TORCH_CHECK(k_new.size(1) == n_kv && v_new.size(1) == n_kv && values.size(1) == n_kv &&
+                  k_new.size(3) == keys.size(3) && v_new.size(3) == values.size(3) &&
+                  values.size(2) == cap && pos.size(1) == n_kv && pos.size(2) == cap,
+              "decode step: the new token's shape differs from the layer's");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && k_new.scalar_type() == keys.scalar_type() &&
+                  v_new.scalar_type() == keys.scalar_type() &&
+                  values.scalar_type() == keys.scalar_type(),
+              "decode step: every tensor must have the layer's dtype");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && row_len.scalar_type() == at::kLong &&
+                  next_pos.scalar_type() == at::kLong && row_len.is_contiguous() &&
+                  row_len.numel() == n_kv && next_pos.numel() == 1,
+              "decode step: pos, row_len [1, Hkv] and next_pos [1] must be int64");
+  const int64_t* slot = row_len.data_ptr<int64_t>();
+  int64_t* p = pos.data_ptr<int64_t>();
+  int64_t longest = 0, shortest = cap;
+  for (int64_t h = 0; h < n_kv; ++h) {
+    TORCH_CHECK(slot[h] >= 0 && slot[h] < cap, "decode step: no free slot in KV head ", h);
+    TORCH_CHECK(p[h * pos.stride(1) + slot[h] * pos.stride(2)] == -1,
+                "decode step: the next slot of KV head ", h, " is not empty");
+    longest = std::max(longest, slot[h]);
+    shortest = std::min(shortest, slot[h]);
+  }
+  bool finite = true;
+  dispatch(q, [&](auto zero) {
+    using T = decltype(zero);
+    finite = all_finite<T>(q) && all_finite<T>(k_new) && all_finite<T>(v_new);
+  });
+  if (!finite) return std::make_tuple(std::vector<at::Tensor>{}, int64_t{0});
+  const int64_t position = next_pos.data_ptr<int64_t>()[0];
+  dispatch(q, [&](auto zero) {
+    using T = decltype(zero);
+    write_slots<T>(keys, k_new, slot);
+    write_slots<T>(values, v_new, slot);
+  });
+  for (int64_t h = 0; h < n_kv; ++h) p[h * pos.stride(1) + slot[h] * pos.stride(2)] = position;
+  const int64_t n = longest + 1;
+  auto att = decode_dense(q, keys.narrow(2, 0, n), values.narrow(2, 0, n), next_pos.view({1, 1}),
+                          pos.narrow(2, 0, n), scale, true);
+  std::vector<at::Tensor> out{att[0], att[1], row_len + 1, next_pos + 1};
+  return std::make_tuple(std::move(out), shortest);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_dense", &decode_dense, "few-query attention over a whole cache layer");
+  m.def("decode_step", &decode_step, "append one token to a cache layer and attend over it");
   m.def("decode_selected", &decode_selected, "few-query attention over selected pages / tokens");
   m.def("top_index", &top_index, "indices of the k largest scores per row, ascending");
   m.def("row_mass", &row_mass, "per entry: its softmax mass summed over query rows");
