@@ -21,12 +21,7 @@ from typing import Any
 
 import torch
 
-from longattn.cache_channels import (
-    check_channels,
-    gather_channels,
-    gather_query_channels,
-    prune_layer,
-)
+from longattn.cache_channels import check_channels, gather_channels, prune_layer
 from longattn.cache_layer import Layer, allocate, fits_step, resize, row_head_index, undo_step
 from longattn.cache_pages import projected_keys, refresh_pages
 from longattn.cache_summary import Summary, compact, fold
@@ -271,17 +266,15 @@ class KVCache:
             return None
         if not fits_step(entry, q, k, v):
             return None
-        if entry.channels is not None:  # the kept key channels, queries projected on them
-            k, q = gather_channels(k, entry.channels), gather_query_channels(q, entry.channels)
         if position is not None and int(position.view(())) != int(entry.next_pos.view(())):
             return None
         if decode_cpp_unavailable(q, q.dtype, v.shape[-1]) is not None:
             return None
         before = (entry.row_len, entry.next_pos, entry.n_seen, entry.seq_len, entry.stale)
         try:  # from the call on: an interruption anywhere puts the cache back (undo_step)
-            tensors, shortest = decode_step_cpp(
-                q, k, v, entry.keys, entry.values, entry.pos, entry.row_len, entry.next_pos, scale
-            )
+            # a channel-pruned layer (ThinK): k and q reduced to its kept channels
+            args = (entry.keys, entry.values, entry.pos, entry.row_len, entry.next_pos, scale)
+            tensors, shortest = decode_step_cpp(q, k, v, *args, entry.channels)
             if not tensors:  # a non-finite input, nothing written
                 return None
             out, lse, entry.row_len, entry.next_pos = tensors

@@ -145,7 +145,10 @@ def fits_step(entry: Layer, q: Any, k: Any, v: Any) -> bool:
     if any(t.dtype != keys.dtype or t.device != keys.device or t.requires_grad for t in (q, k, v)):
         return False
     # appended keys arrive with every channel; a channel-pruned layer stores its kept ones
-    n_kv, dim = keys.shape[1], (values if entry.channels is not None else keys).shape[3]
+    pruned = entry.channels is not None
+    if pruned and not entry.channels.is_contiguous():
+        return False
+    n_kv, dim = keys.shape[1], (values if pruned else keys).shape[3]
     return (
         keys.shape[0] == 1
         and tuple(k.shape) == (1, n_kv, 1, dim)

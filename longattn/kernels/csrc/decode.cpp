@@ -1115,22 +1115,41 @@ bool all_finite(const at::Tensor& t) {
   return true;
 }
 
-// storage [1, Hkv, cap, D] at slot[h] of each KV head = src [1, Hkv, 1, D] (any strides).
+// storage [1, Hkv, cap, D'] at slot[h] of each KV head = src [1, Hkv, 1, D] (any strides) at
+// channels [Hkv, D'] (a channel-pruned layer's kept key channels; nullptr: D' = D, every channel).
 template <typename T>
-void write_slots(const at::Tensor& storage, const at::Tensor& src, const int64_t* slot) {
+void write_slots(const at::Tensor& storage, const at::Tensor& src, const int64_t* slot,
+                 const int64_t* channels) {
   T* s = storage.data_ptr<T>();
   const T* in = src.data_ptr<T>();
+  const int64_t dim = storage.size(3);
   for (int64_t h = 0; h < storage.size(1); ++h) {
     T* row = s + h * storage.stride(1) + slot[h] * storage.stride(2);
-    for (int64_t d = 0; d < storage.size(3); ++d)
-      row[d * storage.stride(3)] = in[h * src.stride(1) + d * src.stride(3)];
+    for (int64_t d = 0; d < dim; ++d) {
+      const int64_t c = channels ? channels[h * dim + d] : d;
+      row[d * storage.stride(3)] = in[h * src.stride(1) + c * src.stride(3)];
+    }
   }
+}
+
+// q [1, H, 1, D] at each query head's KV head's channels [Hkv, D'] -> [1, H, 1, D'].
+template <typename T>
+at::Tensor gather_query(const at::Tensor& q, const int64_t* channels, int64_t n_kv, int64_t kept) {
+  auto out = at::empty({1, q.size(1), 1, kept}, q.options());
+  const T* in = q.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t group = q.size(1) / n_kv;
+  for (int64_t h = 0; h < q.size(1); ++h)
+    for (int64_t d = 0; d < kept; ++d)
+      o[h * kept + d] = in[h * q.stride(1) + channels[(h / group) * kept + d] * q.stride(3)];
+  return out;
 }
 
 }  // namespace
 
-// One decode step of a cache layer of one row in one call: k_new, v_new [1, Hkv, 1, Dk | Dv]
-// written at each KV head's next slot (row_len [1, Hkv] int64, CPU; an empty slot, position -1)
+// One decode step of a cache layer of one row in one call: k_new, v_new [1, Hkv, 1, D | Dv]
+// (channels [1, Hkv, Dk] int64 defined: a channel-pruned layer, whose keys and queries are
+// reduced to those channels; undefined: Dk = D) written at each KV head's next slot (row_len [1, Hkv] int64, CPU; an empty slot, position -1)
 // of the layer's storage keys, values [1, Hkv, cap, Dk | Dv] and positions pos [1, Hkv, cap], at
 // position next_pos [1]; then q [1, H, 1, Dk] attends causally over slots
 // [0, max(row_len) + 1) (decode_dense, each KV head by its own positions). Everything is checked
@@ -1139,7 +1158,7 @@ void write_slots(const at::Tensor& storage, const at::Tensor& src, const int64_t
 std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& pos, const at::Tensor& row_len,
-    const at::Tensor& next_pos, double scale) {
+    const at::Tensor& next_pos, double scale, const c10::optional<at::Tensor>& channels) {
   TORCH_CHECK(q.dim() == 4 && k_new.dim() == 4 && v_new.dim() == 4 && keys.dim() == 4 &&
                   values.dim() == 4 && pos.dim() == 3,
               "decode step: q, k_new, v_new, keys, values must be 4-D, pos 3-D");
@@ -1148,9 +1167,22 @@ std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
                   v_new.size(0) == 1 && v_new.size(2) == 1 && keys.size(0) == 1,
               "decode step: one row, one query, one new token");
   TORCH_CHECK(k_new.size(1) == n_kv && v_new.size(1) == n_kv && values.size(1) == n_kv &&
-                  k_new.size(3) == keys.size(3) && v_new.size(3) == values.size(3) &&
-                  values.size(2) == cap && pos.size(1) == n_kv && pos.size(2) == cap,
+                  v_new.size(3) == values.size(3) && q.size(3) == k_new.size(3) &&
+                  values.size(2) == cap && pos.size(1) == n_kv && pos.size(2) == cap &&
+                  q.size(1) % n_kv == 0,
               "decode step: the new token's shape differs from the layer's");
+  const int64_t* kept = nullptr;
+  if (channels.has_value() && channels->defined()) {
+    const at::Tensor& c = *channels;
+    TORCH_CHECK(c.scalar_type() == at::kLong && c.is_contiguous() && c.dim() == 3 &&
+                    c.size(0) == 1 && c.size(1) == n_kv && c.size(2) == keys.size(3),
+                "decode step: channels must be int64 [1, Hkv, Dk]");
+    kept = c.data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i)
+      TORCH_CHECK(kept[i] >= 0 && kept[i] < k_new.size(3), "decode step: channel out of range");
+  } else {
+    TORCH_CHECK(k_new.size(3) == keys.size(3), "decode step: the new token's shape differs");
+  }
   TORCH_CHECK(q.scalar_type() == keys.scalar_type() && k_new.scalar_type() == keys.scalar_type() &&
                   v_new.scalar_type() == keys.scalar_type() &&
                   values.scalar_type() == keys.scalar_type(),
@@ -1176,14 +1208,16 @@ std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
   });
   if (!finite) return std::make_tuple(std::vector<at::Tensor>{}, int64_t{0});
   const int64_t position = next_pos.data_ptr<int64_t>()[0];
+  at::Tensor query = q;
   dispatch(q, [&](auto zero) {
     using T = decltype(zero);
-    write_slots<T>(keys, k_new, slot);
-    write_slots<T>(values, v_new, slot);
+    if (kept) query = gather_query<T>(q, kept, n_kv, keys.size(3));
+    write_slots<T>(keys, k_new, slot, kept);
+    write_slots<T>(values, v_new, slot, nullptr);
   });
   for (int64_t h = 0; h < n_kv; ++h) p[h * pos.stride(1) + slot[h] * pos.stride(2)] = position;
   const int64_t n = longest + 1;
-  auto att = decode_dense(q, keys.narrow(2, 0, n), values.narrow(2, 0, n), next_pos.view({1, 1}),
+  auto att = decode_dense(query, keys.narrow(2, 0, n), values.narrow(2, 0, n), next_pos.view({1, 1}),
                           pos.narrow(2, 0, n), scale, true);
   std::vector<at::Tensor> out{att[0], att[1], row_len + 1, next_pos + 1};
   return std::make_tuple(std::move(out), shortest);
