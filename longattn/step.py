@@ -56,10 +56,10 @@ def decode_step(
     if impl != "auto" or q_positions is not kv_positions:  # the queries: the new token
         return None
     position = kv_positions
-    if position is not None and not (
+    if position is not None and not (  # [1] or [1, 1] (the general path checks the rest)
         isinstance(position, torch.Tensor)
         and position.dtype == torch.int64
-        and position.numel() == 1
+        and tuple(position.shape) in ((1,), (1, 1))
         and position.device.type == "cpu"
     ):
         return None

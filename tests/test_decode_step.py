@@ -88,6 +88,9 @@ def test_what_the_step_declines_runs_the_general_path(chosen):
         attention(*step, cache=cache, **kwargs)
         assert cache.n_seen(0) == seen + 1
     assert chosen() == 0
+    wrong = torch.tensor([[[208]]])  # a position of three dims: the general path refuses it
+    with pytest.raises(ValueError):
+        attention(*step, cache=cache, q_positions=wrong, kv_positions=wrong)
     bad = k[:, :, 207:208].clone()
     bad[0, 1, 0, 3] = float("inf")
     before = _state(cache)
