@@ -249,16 +249,20 @@ class KVCache:
         v: torch.Tensor,
         scale: float,
         position: torch.Tensor | None = None,
-    ) -> AttnOutput | None:
+        sink_window: tuple[int, int] | None = None,
+    ) -> tuple[AttnOutput, int] | None:
         """Append one token ``k, v`` [1, Hkv, 1, D] to ``layer`` at its row's next position and
         attend ``q`` [1, H, 1, D] causally over what the layer then holds, in one C++ call: the
         checks, each KV head's append and the attention (``kernels/csrc/decode.cpp``,
         ``decode_step``). ``position``: the new token's position as a one-element int64 tensor
         (None: the row's next). A channel-pruned layer (ThinK) stores the key's kept channels and
-        q attends through them. Returns None, with nothing changed, where this path does not apply
-        (an empty or summarised layer, a batch, a full storage, another position, a dtype or device
-        the kernel does not run) or the inputs are not finite: ``longattn.attention``'s general
-        path then runs the call, with its checks and errors."""
+        q attends through them. ``sink_window`` (sinks, window): q sees only the positions below
+        ``sinks`` and its last ``window`` ones (``Method.sink_window``). Returns the output and
+        the most keys of a KV head that no later query of ``sink_window`` sees (0 without it); or
+        None, with nothing changed, where this path does not apply (an empty or summarised layer,
+        a batch, a full storage, another position, a dtype or device the kernel does not run) or
+        the inputs are not finite: ``longattn.attention``'s general path then runs the call, with
+        its checks and errors."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             return None
         entry = self._layers[layer]
@@ -274,7 +278,7 @@ class KVCache:
         try:  # from the call on: an interruption anywhere puts the cache back (undo_step)
             # a channel-pruned layer (ThinK): k and q reduced to its kept channels
             args = (entry.keys, entry.values, entry.pos, entry.row_len, entry.next_pos, scale)
-            tensors, shortest = decode_step_cpp(q, k, v, *args, entry.channels)
+            tensors, shortest, dead = decode_step_cpp(q, k, v, *args, entry.channels, sink_window)
             if not tensors:  # a non-finite input, nothing written
                 return None
             out, lse, entry.row_len, entry.next_pos = tensors
@@ -283,7 +287,7 @@ class KVCache:
         except BaseException:
             undo_step(entry, before)
             raise
-        return AttnOutput(out, lse, None)
+        return AttnOutput(out, lse, None), dead
 
     def check_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, finite: bool = True

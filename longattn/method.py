@@ -100,6 +100,15 @@ class Method:
         """Keys later queries may still see (bool, broadcastable to ``kv_pos``); None keeps everything."""
         return None
 
+    @property
+    def sink_window(self) -> tuple[int, int] | None:
+        """``(sinks, window)`` when ``mask`` is exactly causal attention to the positions below
+        ``sinks`` and to the last ``window`` ones (``q - kv < window``) and ``retain`` keeps exactly
+        ``kv < sinks or kv > newest + 1 - window``: the library then runs a decode step's mask
+        and retention inside its one-call step (``longattn.step``); the tests check the claim
+        against both hooks. None: not such a method."""
+        return None
+
     def block_bounds(
         self,
         h: torch.Tensor,

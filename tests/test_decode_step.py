@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import longattn.cache
-from longattn import KVCache, attention, from_string
+from longattn import KVCache, Method, attention, from_string, get, registry
 from longattn.cache_layer import Layer
 
 SPECS = [
     "dense",
+    "streaming_llm:sinks=4,window=40",
+    "sliding_window:window=24",
     "snapkv:budget=0.25",
     "think:budget=0.25,scorer=snapkv,keep=0.5",
     "block_topk:budget=0.2",
@@ -72,6 +74,8 @@ def test_the_step_equals_the_general_path(spec, dtype, positions, chosen):
     assert _same(_state(fast), _state(general))
     # every step but the compressing first one and those that grew the storage
     assert chosen() >= 90
+    if spec.startswith(("streaming", "sliding")):  # the window's retention evicted on the way
+        assert fast.seq_len(0) < 100
 
 
 def test_what_the_step_declines_runs_the_general_path(chosen):
@@ -82,7 +86,7 @@ def test_what_the_step_declines_runs_the_general_path(chosen):
         {"impl": "decode_cpp"},  # a named implementation
         {"q_positions": torch.tensor([205]), "kv_positions": torch.tensor([205])},  # a gap
         {"scale": 0.5, "q_positions": torch.tensor([206]), "kv_positions": torch.tensor([206])},
-        {"method": from_string("sliding_window:window=16")},  # a mask, which evicts: not dense
+        {"method": from_string("sliding_window:window=16,dilation=2")},  # another mask
     ):
         seen = cache.n_seen(0)
         attention(*step, cache=cache, **kwargs)
@@ -143,3 +147,31 @@ def test_slots_past_each_heads_length_are_empty_after_an_eviction():
     past = torch.arange(entry.capacity) >= entry.row_len[..., None]  # [1, Hkv, cap]
     assert past.any() and (entry.pos[past] == -1).all()
     assert (entry.keys[past] == 0).all() and (entry.values[past] == 0).all()
+
+
+DECLARING = sorted(n for n, c in registry().items() if c.sink_window is not Method.sink_window)
+
+
+def test_the_sink_window_declarations_are_found():
+    assert {"streaming_llm", "sliding_window"} <= set(DECLARING)
+
+
+@pytest.mark.parametrize("name", DECLARING)
+def test_a_declared_sink_window_is_the_mask_and_the_retention(name):
+    """Every registered method that declares ``sink_window``, at its defaults and at a small
+    window, against its own mask and retention over every (query, key) position pair."""
+    cls = get(name)
+    for method in (cls(), cls(window=7)):
+        declared = method.sink_window
+        if declared is None:
+            continue
+        sinks, window = declared
+        q_pos = torch.arange(0, 300).view(-1, 1)
+        kv_pos = torch.arange(0, 300).view(1, -1)
+        b, h = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+        visible = (kv_pos <= q_pos) & ((kv_pos < sinks) | (q_pos - kv_pos < window))
+        assert torch.equal(method.mask(b, h, q_pos, kv_pos).expand_as(visible), visible)
+        kept = method.retain(kv_pos, q_pos)
+        assert torch.equal(
+            kept.expand_as(visible), (kv_pos < sinks) | (kv_pos > q_pos + 1 - window)
+        )

@@ -255,14 +255,19 @@ def decode_step_cpp(
     next_pos: torch.Tensor,
     scale: float,
     channels: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], int]:
+    sink_window: tuple[int, int] | None = None,
+) -> tuple[list[torch.Tensor], int, int]:
     """One decode step of a cache layer of one row by the C++ kernel: ``k, v`` [1, Hkv, 1, D]
     written at each KV head's slot ``row_len`` [1, Hkv] of the storage ``keys``, ``values`` [1,
     Hkv, cap, D] and ``pos`` [1, Hkv, cap] (position ``next_pos`` [1]; each slot written must be
     empty), then ``q`` [1, H, 1, D] over slots [0, max(row_len) + 1), causal, every KV head by its
     own positions. ``channels`` [1, Hkv, Dk] int64: a channel-pruned layer's kept key channels (k
-    and q reduced to them). Returns ([out, lse, row_len + 1, next_pos + 1], the shortest row
-    before the write); ([], 0) with nothing written when q, k or v holds a non-finite value."""
+    and q reduced to them). ``sink_window`` (sinks, window): only the positions below ``sinks``
+    and the last ``window`` ones are seen. Returns ([out, lse, row_len + 1, next_pos + 1], the
+    shortest row before the write, the most real keys of a KV head that no later query of
+    ``sink_window`` sees (0 without it)); ([], 0, 0) with nothing written when q, k or v holds a
+    non-finite value."""
+    sinks, window = (0, 0) if sink_window is None else sink_window
     return extension.load("decode").decode_step(
-        q, k, v, keys, values, pos, row_len, next_pos, scale, channels
+        q, k, v, keys, values, pos, row_len, next_pos, scale, channels, sinks, window
     )

@@ -39,6 +39,10 @@ class SlidingWindow(Method):
             near = near & (dist % self.dilation == 0)
         return near
 
+    @property
+    def sink_window(self) -> tuple[int, int] | None:
+        return (0, self.window) if self.causal and self.dilation == 1 else None
+
     def retain(self, kv_pos, newest):
         if not self.causal:
             return None  # a symmetric window needs keys on both sides of a query

@@ -47,6 +47,10 @@ class StreamingLLM(Method):
     def mask(self, b, h, q_pos, kv_pos):
         return (kv_pos <= q_pos) & ((kv_pos < self.sinks) | (q_pos - kv_pos < self.window))
 
+    @property
+    def sink_window(self) -> tuple[int, int]:
+        return self.sinks, self.window
+
     def retain(self, kv_pos, newest):
         # the next query (newest + 1) sees kv > newest + 1 - window; later ones see less
         return (kv_pos < self.sinks) | (kv_pos > newest + 1 - self.window)

@@ -1152,13 +1152,17 @@ at::Tensor gather_query(const at::Tensor& q, const int64_t* channels, int64_t n_
 // reduced to those channels; undefined: Dk = D) written at each KV head's next slot (row_len [1, Hkv] int64, CPU; an empty slot, position -1)
 // of the layer's storage keys, values [1, Hkv, cap, Dk | Dv] and positions pos [1, Hkv, cap], at
 // position next_pos [1]; then q [1, H, 1, Dk] attends causally over slots
-// [0, max(row_len) + 1) (decode_dense, each KV head by its own positions). Everything is checked
-// before anything is written. Returns ({}, 0), nothing written, when q, k_new or v_new holds a
-// non-finite value; else ({out, lse, row_len + 1, next_pos + 1}, the shortest row before).
-std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
+// [0, max(row_len) + 1) (decode_dense, each KV head by its own positions); window > 0: only the
+// positions below sinks and the last window ones are seen (StreamingLLM's mask), and the third
+// result counts, per KV head at most, the real keys that no later query sees (its retention).
+// Everything is checked before anything is written. Returns ({}, 0, 0), nothing written, when q,
+// k_new or v_new holds a non-finite value; else ({out, lse, row_len + 1, next_pos + 1}, the
+// shortest row before, the dead keys).
+std::tuple<std::vector<at::Tensor>, int64_t, int64_t> decode_step(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& pos, const at::Tensor& row_len,
-    const at::Tensor& next_pos, double scale, const c10::optional<at::Tensor>& channels) {
+    const at::Tensor& next_pos, double scale, const c10::optional<at::Tensor>& channels,
+    int64_t sinks, int64_t window) {
   TORCH_CHECK(q.dim() == 4 && k_new.dim() == 4 && v_new.dim() == 4 && keys.dim() == 4 &&
                   values.dim() == 4 && pos.dim() == 3,
               "decode step: q, k_new, v_new, keys, values must be 4-D, pos 3-D");
@@ -1206,7 +1210,7 @@ std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
     using T = decltype(zero);
     finite = all_finite<T>(q) && all_finite<T>(k_new) && all_finite<T>(v_new);
   });
-  if (!finite) return std::make_tuple(std::vector<at::Tensor>{}, int64_t{0});
+  if (!finite) return std::make_tuple(std::vector<at::Tensor>{}, int64_t{0}, int64_t{0});
   const int64_t position = next_pos.data_ptr<int64_t>()[0];
   at::Tensor query = q;
   dispatch(q, [&](auto zero) {
@@ -1217,10 +1221,26 @@ std::tuple<std::vector<at::Tensor>, int64_t> decode_step(
   });
   for (int64_t h = 0; h < n_kv; ++h) p[h * pos.stride(1) + slot[h] * pos.stride(2)] = position;
   const int64_t n = longest + 1;
+  at::Tensor seen = pos.narrow(2, 0, n);
+  int64_t dead = 0;
+  if (window > 0) {  // sinks + window: the keys the mask hides marked empty, the dead ones counted
+    seen = seen.clone();
+    int64_t* sp = seen.data_ptr<int64_t>();
+    for (int64_t h = 0; h < n_kv; ++h) {
+      int64_t count = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        int64_t& x = sp[h * seen.stride(1) + t * seen.stride(2)];
+        if (x < sinks) continue;                         // a sink (or an empty slot)
+        if (x <= position + 1 - window) ++count;         // no later query sees it
+        if (position - x >= window) x = -1;              // this query does not either
+      }
+      dead = std::max(dead, count);
+    }
+  }
   auto att = decode_dense(query, keys.narrow(2, 0, n), values.narrow(2, 0, n), next_pos.view({1, 1}),
-                          pos.narrow(2, 0, n), scale, true);
+                          seen, scale, true);
   std::vector<at::Tensor> out{att[0], att[1], row_len + 1, next_pos + 1};
-  return std::make_tuple(std::move(out), shortest);
+  return std::make_tuple(std::move(out), shortest, dead);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
