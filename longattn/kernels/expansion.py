@@ -14,8 +14,6 @@ within ``gamma(n)`` of its magnitude for a sum of n terms, as the callers' bound
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +23,6 @@ NAME = "expansion"
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_BLOCK = 64  # block size and points per block the kernel's row buffers hold
 
-log = logging.getLogger("longattn")
-_said: set[str] = set()
 _refusal: dict[str, str] = {}  # oneDNN's float32 brgemm probe ("" when it runs)
 
 
@@ -69,10 +65,7 @@ def expansion_attention(
     ceil(Tk / block); points [B, H, n, c, D] float32, each block's expansion points; owner [B, H,
     Tq] int64, each row's point."""
     reason = unavailable(q, block, points.shape[3])
-    if reason is not None:
-        if reason not in _said:
-            _said.add(reason)
-            log.debug("expansion attention left to the caller's PyTorch form: %s", reason)
+    if extension.fell_back(reason, "expansion attention left to the caller's PyTorch form"):
         return None
     length = k.shape[2]
     pad = -(-length // block) * block - length

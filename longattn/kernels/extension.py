@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import pathlib
 import platform
@@ -39,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 # pyproject.toml declares the same range.
 TESTED_TORCH = ((2, 13), (2, 14))
 
+_said: set[str] = set()
 _modules: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 _lock = threading.Lock()
@@ -221,3 +223,14 @@ def unavailable(name: str) -> str | None:
     except RuntimeError as exc:
         return str(exc)
     return None
+
+
+def fell_back(reason: str | None, what: str) -> bool:
+    """Whether a kernel cannot run (``reason``, from its ``unavailable``, is not None); the first
+    time a reason is given, it is logged at debug level as ``what`` done another way."""
+    if reason is None:
+        return False
+    if reason not in _said:
+        _said.add(reason)
+        logging.getLogger("longattn").debug("%s: %s", what, reason)
+    return True

@@ -10,17 +10,12 @@ integers; the scaling repeats the definition's float32 roundings).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from longattn.kernels import extension
 
 NAME = "int_margins"
 MAX_DIM = 1024  # integer sums stay exact in float32 (127^2 * D < 2^24) up to D = 1040
-
-log = logging.getLogger("longattn")
-_said: set[str] = set()
 
 
 def unavailable(q: torch.Tensor) -> str | None:
@@ -58,10 +53,7 @@ def int_margins(
     anchor [B, H, nq * bs] float32; q_pos [Bp, nq * bs], kv_pos [Bp, nk * bs] int64 padded with -1;
     causal, full [nq, nk] bool: block pairs with a visible pair, and with every pair visible."""
     reason = unavailable(q_int)
-    if reason is not None:
-        if reason not in _said:
-            _said.add(reason)
-            log.debug("SALE margins in PyTorch: %s", reason)
+    if extension.fell_back(reason, "SALE margins in PyTorch"):
         return None
     batch, heads, n_q, block, dim = q_int.shape
     pad = (0, -dim % 4)  # whole 4-byte words of the head dim (zeros add nothing)

@@ -14,17 +14,12 @@ rounding: each score by at most ``gamma(D) sum_d |q_d k_d|`` from the exact one.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from longattn.kernels import extension
 
 NAME = "key_maxima"
 DTYPES = (torch.float32, torch.bfloat16)
-
-log = logging.getLogger("longattn")
-_said: set[str] = set()
 
 
 def unavailable(k: torch.Tensor) -> str | None:
@@ -55,10 +50,7 @@ def key_maxima(
     contiguous); q_t [N, D, bs] float32 (each row's queries as columns); q_pos [N, bs],
     rows [N, W], count [N], rep_pos [N, W] int64; some [N, W] bool."""
     reason = unavailable(k)
-    if reason is not None:
-        if reason not in _said:
-            _said.add(reason)
-            log.debug("key maxima in PyTorch: %s", reason)
+    if extension.fell_back(reason, "key maxima in PyTorch"):
         return None
     if k.stride(-1) != 1:
         k = k.contiguous()
