@@ -33,7 +33,9 @@ def main() -> None:
     ids = leading_ids(tokenizer, TOKENS)[:, :TOKENS]
     stream = streamed()
     print(cpu_line())
-    print("| segment | StreamingLLM ppl | / first | dense ppl, segment alone | / first | ratio | / first |")
+    print(
+        "| segment | StreamingLLM ppl | / first | dense ppl, segment alone | / first | ratio | / first |"
+    )
     print("|---|---|---|---|---|---|---|")
     first = None
     for i, ppl in enumerate(stream):
