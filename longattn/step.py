@@ -82,7 +82,6 @@ def decode_step(
         scale = 1.0 / math.sqrt(q.shape[-1])  # as the general path
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         return None
-    newest = cache.next_positions(layer)  # replaced, not written, by the step: its position
     done = cache.decode_step(
         layer, q, k, v, float(scale), position, None if rule == DENSE else rule
     )
@@ -92,6 +91,7 @@ def decode_step(
     out, dead = done
     if dead >= cache.page_size:  # the retention, as ``call.apply_retention`` applies it
         held = cache.positions(layer) if cache.is_uniform(layer) else cache.head_positions(layer)
+        newest = cache.next_positions(layer) - 1  # the step's position
         newest = newest.view(1, 1) if held.dim() == 2 else newest.view(1, 1, 1)
         cache.evict(layer, method.retain(held, newest).expand_as(held) & (held >= 0))
     return out
