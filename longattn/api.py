@@ -40,7 +40,9 @@ from longattn.kernels.sparse import block_index_from_mask, sparse_attention
 from longattn.kernels.tiled import mask_indices, tiled_attention, with_padding
 from longattn.method import Evict, Method, from_string
 from longattn.methods.dense import Dense
-from longattn.types import AttnOutput, BlockIndex, DecodeSelection, accumulation_dtype
+from longattn.selection import compute_selection, selection_cache
+from longattn.types import AttnOutput, BlockIndex, accumulation_dtype
+from longattn.validation import backward_reason, needs_grad
 
 log = logging.getLogger("longattn")
 
@@ -48,12 +50,15 @@ log = logging.getLogger("longattn")
 @dataclass(frozen=True)
 class Impl:
     """An implementation: ``can_run`` says why it cannot run a call (None: it can); ``auto`` says why
-    ``impl="auto"`` should pass it over even though it can run (None: auto may choose it)."""
+    ``impl="auto"`` should pass it over even though it can run (None: auto may choose it);
+    ``backward``: whether autograd differentiates its output (else it cannot run a call whose
+    inputs require grad: its output would carry no gradient)."""
 
     name: str
     can_run: Callable[[Call], str | None]
     run: Callable[[Call], AttnOutput]
     auto: Callable[[Call], str | None] = lambda call: None
+    backward: bool = False
 
 
 def _mask_hook(call: Call) -> str | None:
@@ -248,7 +253,7 @@ def _run_select(call: Call, cpp: bool = False) -> AttnOutput:
     gathered into workspaces and attended by the PyTorch decode kernel. (With more than
     ``MAX_DECODE_QUERIES`` queries the call is dense: ``longattn.call.phase_method``.)
     """
-    cache, layer = _selection_cache(call)
+    cache, layer = selection_cache(call)
     selection = call.selection if call.selection is not None else compute_selection(call, cache)
     if cpp and selection is None:
         return _run_decode_cpp(replace(call, method=Dense()))
@@ -270,37 +275,6 @@ def _run_select(call: Call, cpp: bool = False) -> AttnOutput:
         call.q, k_sel, v_sel, scale=call.scale, q_pos=call.q_pos, kv_pos=pos_sel, workspace=ws
     )
     return AttnOutput(out.out, out.lse, selection)
-
-
-def _selection_cache(call: Call) -> tuple[KVCache, int]:
-    """The cache a select method reads: the call's own, or a one-layer cache built from k, v."""
-    if call.cache is not None:
-        return call.cache, call.layer
-    page_size = getattr(call.method, "page_size", 16)
-    tmp = KVCache(1, page_size=page_size)
-    kv_pos = call.kv_pos.expand(call.k.shape[0], -1)
-    tmp.append(0, call.k, call.v, positions=kv_pos)
-    return tmp, 0
-
-
-def compute_selection(call: Call, cache: KVCache | None = None) -> DecodeSelection | None:
-    """Run the method's ``select`` hook for this call (None: attend to every visible key)."""
-    if call.q.shape[2] > MAX_DECODE_QUERIES:
-        return None
-    layer = call.layer
-    if cache is None:
-        cache, layer = _selection_cache(call)
-    from longattn.calibration import for_layer
-
-    calibration = for_layer(call.method, cache, layer)
-    view = cache.select_view(layer, call.q_pos, call.scale, calibration)
-    selection = call.method.select(call.q, view)
-    if selection is not None and not isinstance(selection, DecodeSelection):
-        raise TypeError(
-            f"{call.method.name}.select must return a DecodeSelection or None, "
-            f"got {type(selection).__name__}"
-        )
-    return selection
 
 
 # Block size of the sparse and flex kernels' index, unless the method has a block structure of its own.
@@ -467,12 +441,12 @@ def _run_flex(call: Call) -> AttnOutput:
 IMPLS: list[Impl] = [
     Impl("decode_cpp", _decode_cpp_can_run, _run_decode_cpp),
     Impl("decode", _decode_can_run, _run_decode),
-    Impl("sdpa", _sdpa_can_run, _run_sdpa),
+    Impl("sdpa", _sdpa_can_run, _run_sdpa, backward=True),
     Impl("flex", _flex_can_run, _run_flex, _flex_auto),
     Impl("sparse_cpp", _sparse_cpp_can_run, _run_sparse_cpp, _sparse_auto),
     Impl("sparse", _block_can_run, _run_sparse, _sparse_auto),
     Impl("tiled", _mask_hook, _run_tiled),
-    Impl("reference", _reference_can_run, _run_reference),
+    Impl("reference", _reference_can_run, _run_reference, backward=True),
 ]
 
 
@@ -507,14 +481,21 @@ def run_call(call: Call, impl: Impl) -> AttnOutput:
     return AttnOutput(out.out.reshape(b, h, tq, -1), out.lse.reshape(b, h, tq), out.state)
 
 
+def _cannot_run(candidate: Impl, call: Call) -> str | None:
+    return (
+        backward_reason(candidate.backward, call.q, call.k, call.v)
+        or head_dims_reason(candidate.name, call)
+        or candidate.can_run(call)
+    )
+
+
 def choose_impl(call: Call, impl: str = "auto") -> Impl:
     """The implementation that runs ``call``: the named one, or the first that can run for "auto"."""
     if impl == "auto":
         reasons = []
         for candidate in IMPLS:
             inner = call_for(call, candidate)
-            reason = head_dims_reason(candidate.name, inner) or candidate.can_run(inner)
-            reason = reason or candidate.auto(inner)
+            reason = _cannot_run(candidate, inner) or candidate.auto(inner)
             if reason is None:
                 log.debug("impl=auto chose %r (skipped: %s)", candidate.name, "; ".join(reasons))
                 return candidate
@@ -525,7 +506,7 @@ def choose_impl(call: Call, impl: str = "auto") -> Impl:
     for candidate in IMPLS:
         if candidate.name == impl:
             inner = call_for(call, candidate)
-            reason = head_dims_reason(impl, inner) or candidate.can_run(inner)
+            reason = _cannot_run(candidate, inner)
             if reason is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
             return candidate
@@ -561,6 +542,9 @@ def attention(
     slot (left-padded batches, unused cache slots): it is never attended.
     Returns ``AttnOutput(out [B, H, Tq, D], lse [B, H, Tq] float32 (float64 inputs: float64; linear
     methods: None), state)``; a query that sees no key gets ``out = 0``, ``lse = -inf``. scale: 1/sqrt(D).
+    Inputs that require grad (grad mode on) run only on an implementation with a backward (SDPA,
+    the materialising reference; a plan or selection is computed without autograd), else raise
+    ``ValueError``; never an output cut from the graph. A cache refuses them.
     """
     method = from_string(method) if isinstance(method, str) else method
     if cache is not None and not isinstance(cache, KVCache):
@@ -572,6 +556,11 @@ def attention(
         call = make_call(q, k, v, method, scale, q_positions, kv_positions)
         call = replace(call, layer=layer) if layer else call
         return run_call(call, choose_impl(call, impl))
+    if needs_grad(q, k, v):
+        raise ValueError(
+            "a KVCache holds inference state: q, k and v must not require grad with a cache "
+            "(call under torch.no_grad(), or without a cache to differentiate)"
+        )
     done = step.decode_step(q, k, v, method, scale, q_positions, kv_positions, cache, layer, impl)
     if done is not None:  # a decode step that only attends, in one C++ call (``longattn.step``)
         return done

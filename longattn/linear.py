@@ -29,6 +29,7 @@ from longattn.kernels.expansion import expansion_attention
 from longattn.kernels.linear import LinearState, linear_attention, linear_recurrent
 from longattn.method import LinearAttention, Method
 from longattn.types import AttnOutput, FeatureView, accumulation_dtype
+from longattn.validation import needs_grad
 
 HOOKS = ("feature_map", "forward")
 IMPLS = ("linear", "recurrent", "forward")
@@ -209,7 +210,8 @@ def _run(method, impl, q, k, v, layer, scale, cal, state):
         lead = k.shape[2] - q.shape[2] if method.is_causal else 0
         if lead:
             q = torch.cat([q.new_zeros(*q.shape[:2], lead, q.shape[3]), q], dim=2)
-        view = FeatureView("query", layer, scale, cal, expansion_attention)
+        kernel = None if needs_grad(q, k, v) else expansion_attention  # it has no backward
+        view = FeatureView("query", layer, scale, cal, kernel)
         out, state = method.forward(q, k, v, state, view)
         return out[:, :, lead:], state
     return run_features(method, q, k, v, impl=impl, layer=layer, scale=scale, cal=cal, state=state)

@@ -332,7 +332,13 @@ def plan_index(call) -> BlockIndex:
     """The ``BlockIndex`` of a plan call: the method's choice restricted to causal blocks, with the
     forced sink and local blocks, every block not fully visible marked for the element mask. A
     ``PrefillPlan``'s columns, less those a visited block covers, go to
-    ``call.derived["plan_columns"]`` (None without columns)."""
+    ``call.derived["plan_columns"]`` (None without columns). A plan is a discrete choice: it is
+    computed with autograd off, whatever the inputs."""
+    with torch.no_grad():
+        return _plan_index(call)
+
+
+def _plan_index(call) -> BlockIndex:
     method = call.method
     view = make_view(call)
     result = method.plan(view)

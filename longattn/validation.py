@@ -77,6 +77,24 @@ def check_positions(
     return pos.to(device=device, dtype=torch.int64)
 
 
+def needs_grad(*tensors: Any) -> bool:
+    """Whether autograd records a call on ``tensors``: grad mode is on and one requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )
+
+
+def backward_reason(has_backward: bool, *tensors: Any) -> str | None:
+    """Why an implementation without a backward cannot run a call whose ``tensors`` autograd
+    records (None: it can). Such an implementation's output would carry no gradient."""
+    if has_backward or not needs_grad(*tensors):
+        return None
+    return (
+        "it has no backward, and q, k or v requires grad (for inference, call under "
+        "torch.no_grad() or pass detached tensors)"
+    )
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Queries, keys and values must be finite, padding and masked slots included: a masked slot's
     NaN would otherwise reach real queries through the kernels' P V products (0 * NaN = NaN), and

@@ -74,6 +74,7 @@ def _from_scratch(model, method, steps):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.describe())
+@torch.no_grad()
 def test_shared_prefill_answers_as_the_method_from_scratch(method):
     model = tiny_model()
     steps = 6
@@ -103,6 +104,7 @@ THINK = [ThinK(keep=0.5, window=8), ThinK(keep=0.75, budget=0.3, sinks=2, recent
 
 
 @pytest.mark.parametrize("method", THINK, ids=lambda m: m.describe())
+@torch.no_grad()
 def test_think_from_the_shared_prefill_answers_as_from_scratch_with_fewer_key_channels(method):
     """ThinK in a model: the shared prefill stands for its own; every layer's keys are pruned to
     floor(keep * 8) channels at the first decode step, the values keep all 8."""
@@ -122,6 +124,7 @@ def test_think_from_the_shared_prefill_answers_as_from_scratch_with_fewer_key_ch
 
 
 @pytest.mark.parametrize("method", THINK, ids=lambda m: m.describe())
+@torch.no_grad()
 def test_think_forced_decode_perplexity_equals_one_token_at_a_time(method):
     _forced_equals_steps(method)
 

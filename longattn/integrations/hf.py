@@ -449,8 +449,12 @@ def use(model: torch.nn.Module, method: Method | str = "dense") -> Iterator[Long
     attention function), switches the model to them, and yields a ``LongattnCache`` (a transformers
     ``Cache`` backed by a ``KVCache``) to pass as ``past_key_values`` to ``model(...)`` or
     ``model.generate(...)``. Without it the model runs with transformers' own cache, where the method
-    changes compute but not memory. On exit (also on an exception) the model's previous attention
-    implementation is set back, both registrations are removed and the cache is closed.
+    changes compute but not memory. With grad mode on (training, or a forward outside
+    ``torch.no_grad()``) each layer runs on an implementation with a backward (for a sparse method
+    the materialising reference, within its memory cap) and the yielded cache refuses the call:
+    train with ``use_cache=False``, generate under ``torch.no_grad()``. On exit (also on an
+    exception) the model's previous attention implementation is set back, both registrations are
+    removed and the cache is closed.
 
     Refused with ``ValueError`` naming the architecture: unsupported architectures, attention logit
     soft-capping, learned sink logits, non-causal attention, an InfiniAttention segment longer than

@@ -95,7 +95,8 @@ def linear_attention(
 
     ``impl``: "torch" (batched products over all chunks), "native" (the C++ kernel, float32 /
     bfloat16, causal, no gate but a fixed decay, no delta rule or window, Tq = Tk; raises with the
-    reason where it cannot run) or "auto" (native where it can run, else torch).
+    reason where it cannot run; it has no backward, so not for inputs that require grad) or "auto"
+    (native where it can run, else torch).
 
     Returns (out [B, H, Tq, Dv] in v's dtype, the state after the call's keys; None if not causal).
     Rows whose denominator is exactly 0 give 0."""
@@ -104,6 +105,9 @@ def linear_attention(
         raise ValueError(f"impl must be 'auto', 'torch' or 'native', got {impl!r}")
     if impl != "torch":
         reason = native_unavailable(q, causal, spec, beta, window)
+        if reason is None and torch.is_grad_enabled():
+            if any(t is not None and t.requires_grad for t in (q, k, v, log_decay)):
+                reason = "it has no backward, and the inputs require grad"
         if reason is None:
             return _native(q, k, v, log_decay, normalize, state, chunk_size, spec)
         if impl == "native":
@@ -585,14 +589,14 @@ def _delta_chunks(q6, k5, v5, cum, b5, s_in) -> tuple[Tensor, Tensor]:
     last = None if cum is None else cum[:, :, :, -1:]
     k_end = k5 if cum is None else k5 * _row_factor(last - cum)  # G_C G_j^-1 k_j
     gate = _chunk_gate(last)  # [B, Hkv, n, 1 or F, 1]
-    before = torch.empty(batch, n_kv, n, feat, v5.shape[-1], dtype=v5.dtype)
-    pseudo = torch.empty_like(v5)
+    befores, pseudos = [], []  # stacked after the scan: autograd keeps each chunk's tensors
     s = s_in
     for c in range(n):
-        before[:, :, c] = s
-        pseudo[:, :, c] = u_v[:, :, c] - w[:, :, c] @ s
+        befores.append(s)
+        pseudos.append(u_v[:, :, c] - w[:, :, c] @ s)
         decayed = s if gate is None else s * gate[:, :, c]
-        s = decayed + k_end[:, :, c].transpose(-1, -2) @ pseudo[:, :, c]
+        s = decayed + k_end[:, :, c].transpose(-1, -2) @ pseudos[-1]
+    before, pseudo = torch.stack(befores, dim=2), torch.stack(pseudos, dim=2)
     pair = _pairwise(q6, k5, cum, strict=False)  # [B, Hkv, n, G, C, C]
     q_rows = q6 if cum is None else q6 * _row_factor(cum)[:, :, :, None]
     out = q_rows.flatten(3, 4) @ before + pair.flatten(3, 4) @ pseudo

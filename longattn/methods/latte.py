@@ -238,7 +238,7 @@ def _latte_chunk(q_probs, logits, v, state):
     running = torch.maximum(state.m.unsqueeze(2), torch.cummax(logits, dim=2).values)  # [B,Hkv,C,L]
     carry = torch.exp(state.m.unsqueeze(2) - running)  # [B, Hkv, C, L]; 0 at the start (m = -inf)
     top = running[:, :, -1:]  # [B, Hkv, 1, L]: the chunk's max
-    if float((top - running).max()) < FACTOR_SPREAD:
+    if float((top - running).max().detach()) < FACTOR_SPREAD:  # a choice of form, no gradient
         lift, within = torch.exp(top - running), torch.exp(logits - top)  # [B, Hkv, C, L]
         z = carry * state.z.unsqueeze(2) + lift * within.cumsum(dim=2)
         coef = q_probs / z.unsqueeze(2)  # [B, Hkv, G, C, L]
