@@ -173,6 +173,7 @@ def make_view(call) -> PrefillView:
         block_mass=est.block_mass,
         calibration=plan_calibration(method, call.k.shape[1], call.k.shape[3], call.layer),
         key_maxima=key_maxima.key_maxima,
+        key_search=key_maxima.hierarchical_search,
         int_margins=int_margins.int_margins,
     )
 

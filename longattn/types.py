@@ -249,6 +249,10 @@ class PrefillView:
     first ``count`` key rows (of ``k.reshape(-1, D)``), the best ``q . k`` over the row's queries,
     where ``some`` only over those at positions >= max(rep_pos, 0); the library's C++ kernel
     (``longattn.kernels.key_maxima``), None where it cannot run (the hook computes them itself).
+    key_search(k, q, q_pos [Bp, nq, bs], kv_pos, n_cand [nq], k_row [nq], n_blocks, scale) ->
+    bool [B, H, nq, n_blocks] or None: HiP's whole hierarchical search per query block, the
+    blocks its PyTorch search over ``key_maxima`` finds (``longattn.kernels.key_maxima``), None
+    where it cannot run.
     int_margins(q_int [B, H, nq, bs, D], k_int [B, Hkv, nk, bs, D], q_scale [B, H, nq],
     k_scale [B, Hkv, nk], anchor [B, H, nq * bs], q_pos [Bp, nq * bs], kv_pos [Bp, nk * bs],
     causal, full, scale) -> [B, H, nq, nk] float32 or None: per causal block pair, the best
@@ -272,6 +276,7 @@ class PrefillView:
     block_mass: Callable[[], torch.Tensor]
     calibration: dict[str, torch.Tensor] | None = None
     key_maxima: Callable[..., torch.Tensor | None] | None = None
+    key_search: Callable[..., torch.Tensor | None] | None = None
     int_margins: Callable[..., torch.Tensor | None] | None = None
 
 

@@ -1,6 +1,6 @@
 """The C++ key-maxima kernel (``kernels/key_maxima.py``) against HiP's PyTorch maxima and the
 float64 exact ones, its fixed arithmetic (a key's score does not depend on the other keys of the
-call), and the fallback with its reason.
+call), the fallback with its reason, and HiP's search in one call against its search by rounds.
 
 Bound: both paths accumulate the D products of a score in float32 from inputs widened exactly
 (bfloat16 and float32 are exact in float32), in any order: each score is within
@@ -147,5 +147,54 @@ def test_hip_selects_the_same_blocks_with_either_maxima(dtype):
     q, k, v = make_qkv(1, 4, 2, 1024, 1024, 32, dtype=dtype, seed=3)
     view = make_view(make_call(q, k, v, method))
     native = method.plan(view)
-    fallback = method.plan(dataclasses.replace(view, key_maxima=None))
+    fallback = method.plan(dataclasses.replace(view, key_maxima=None, key_search=None))
     assert native.any() and torch.equal(native, fallback)
+
+
+def _padded_call(dtype, method, heads, n_kv, t_q, t_k, dim):
+    """A call of two batch rows, the second left-padded by 37 slots (position -1), its queries
+    the last ``t_q`` of ``t_k`` keys (a chunk of a prefill when t_q < t_k)."""
+    q, k, v = make_qkv(2, heads, n_kv, t_q, t_k, dim, dtype=dtype, seed=5)
+    kv_pos = torch.arange(t_k).repeat(2, 1)
+    kv_pos[1] = torch.where(kv_pos[1] < 37, -1, kv_pos[1] - 37)
+    return make_call(q, k, v, method, None, kv_pos[:, t_k - t_q :], kv_pos)
+
+
+CASES = {
+    "gqa": ("hip:block_size=16,budget=0.25", 4, 2, 300, 300, 32),
+    "block64": ("hip:block_size=64,budget=0.2", 2, 2, 1000, 1000, 64),
+    "chunk": ("hip:block_size=16,budget=0.5,local_blocks=2", 4, 1, 200, 517, 16),
+    "block13": ("hip:block_size=13,budget=0.1", 3, 3, 777, 777, 24),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_one_call_search_finds_the_blocks_of_the_search_by_rounds(dtype, case, padded):
+    """``key_search`` (every round in C++) chooses exactly the blocks of HiP's PyTorch search
+    over the key-maxima kernel: the same representatives, the same scores bit for bit, the same
+    ties."""
+    spec, heads, n_kv, t_q, t_k, dim = CASES[case]
+    method = from_string(spec)
+    if padded:
+        call = _padded_call(dtype, method, heads, n_kv, t_q, t_k, dim)
+    else:
+        q, k, v = make_qkv(1, heads, n_kv, t_q, t_k, dim, dtype=dtype, seed=3)
+        call = make_call(q, k, v, method)
+    view = make_view(call)
+    by_rounds = method.plan(dataclasses.replace(view, key_search=None))
+    assert by_rounds.any() and torch.equal(method.plan(view), by_rounds)
+
+
+def test_the_search_declines_what_it_does_not_run():
+    method = from_string("hip:block_size=16,budget=0.25")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, seed=0)
+    view = make_view(make_call(q, k, v, method))
+    n = torch.ones(4, dtype=torch.long)
+    pos = view.q_pos.view(1, 4, 16)
+    assert key_maxima.hierarchical_search(k, q.bfloat16(), pos, view.kv_pos, n, n, 4, 1.0) is None
+    kv3 = view.kv_pos.unsqueeze(1).expand(1, 2, 64)  # per KV head
+    assert key_maxima.hierarchical_search(k, q, pos, kv3, n, n, 4, 1.0) is None
+    with pytest.raises(RuntimeError, match="out of range"):
+        key_maxima.hierarchical_search(k, q, pos, view.kv_pos, n * 5, n, 4, 1.0)

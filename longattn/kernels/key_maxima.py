@@ -4,6 +4,10 @@ or after a position). A plan estimator that scores a few representative keys aga
 blocks (HiP's hierarchical search) reaches it through ``PrefillView.key_maxima``; its own PyTorch
 computation of the same maxima stays the definition and the fallback.
 
+``hierarchical_search`` runs HiP's whole search for each row of queries in the same extension:
+every round's chunks, representatives, scores (the products below, bit for bit) and choices, as
+the PyTorch search over ``key_maxima`` makes them, without a round trip per round.
+
 The kernel fuses the key gather (bfloat16 keys widened to float32 per row), the products (a
 register-blocked fused multiply-add loop over the head dimension, starting from 0 in the order
 d = 0 .. D-1 for every score: the same key against the same queries gives bit-identical scores in
@@ -56,3 +60,37 @@ def key_maxima(
         k = k.contiguous()
     args = (q_t, q_pos, rows, count.long(), some, rep_pos)
     return extension.load(NAME).key_maxima(k, *(x.contiguous() for x in args))
+
+
+def hierarchical_search(
+    k: torch.Tensor,
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    n_cand: torch.Tensor,
+    k_row: torch.Tensor,
+    n_blocks: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """bool [B, H, nq, n_blocks]: HiP's final key blocks (``longattn.methods.hip.search`` over
+    this module's ``key_maxima``, the same blocks) for each batch row, head and query block: the
+    ``n_cand[i]`` candidate blocks of query block i cut into ``k_row[i]`` chunks, each round
+    splitting every chunk in two, scoring each half by its middle key's best ``scale * q . k``
+    over the block's queries that may see it, and keeping the ``k_row[i]`` best halves (ties
+    towards the earlier), until every chunk is one block. Or None where the kernel cannot run
+    (the reason logged once at debug level).
+
+    k [B, Hkv, Tk, D], q [B, H, Tq, D] of one dtype, float32 / bfloat16 (any strides); q_pos
+    [Bp, nq, bs] int64 each query block's positions (-1 on padding past Tq); kv_pos [Bp, Tk];
+    n_cand, k_row [nq] int64 with 1 <= k_row <= n_cand <= n_blocks."""
+    reason = unavailable(k)
+    if reason is None and (q.dtype != k.dtype or kv_pos.dim() != 2 or k.shape[2] == 0):
+        reason = "the search runs q and k of one dtype, one row of key positions per batch row"
+    if extension.fell_back(reason, "HiP's search in PyTorch"):
+        return None
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    args = (q_pos, kv_pos, n_cand.long(), k_row.long())
+    return extension.load(NAME).hierarchical_search(
+        k, q, *(x.contiguous() for x in args), n_blocks, scale
+    )

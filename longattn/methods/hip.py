@@ -286,6 +286,11 @@ class HiP(SparsePrefill):
         n_cand = causal.long().cumsum(-1).argmax(-1) + 1  # [nq] key blocks up to the diagonal
         k_row = torch.ceil(causal.sum(-1).double() * self.budget).long().clamp(min=1)
         k_row = torch.minimum(k_row, n_cand)
+        if view.key_search is not None:  # the whole search in one C++ call
+            found = view.key_search(view.k, view.q, q_pos, view.kv_pos, n_cand, k_row, n_k,
+                                    view.scale)  # fmt: skip
+            if found is not None:
+                return found & causal
         layout = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=causal.device)
         groups = query_groups(k_row, batch * heads)
         buffer = None  # the key-maxima kernel's contiguous queries, one buffer for every group

@@ -4,11 +4,13 @@ model's forward time, each method through ``hf.use`` against the model's own sdp
     OMP_NUM_THREADS=1 PYTHONPATH=. python docs/runs/issue16/hybrid_ppl.py --length 2048 \
         --json docs/runs/issue16/hybrid_ppl_2k.json
 
-``--prefill-repeats N`` adds the measure of ``longattn bench prefill --model`` (which times plan
-methods only): the window's last 128 tokens held out as a continuation scored by the model's own
-dense attention after the method's prefill of the rest (``continuation_ppl``, against the same
-after a dense prefill), and the whole-model prefill (last position's logits, as generation's
-prefill) timed against the model's sdpa, the runs taken in turn, median of N.
+``--continuation`` and ``--prefill-repeats N`` add the measures of ``longattn bench prefill
+--model`` (which runs plan methods only): the window's last 128 tokens held out as a continuation
+scored by the model's own dense attention after the method's prefill of the rest
+(``continuation_ppl``, against the same after a dense prefill); the whole-model prefill (the last
+position's logits, as generation's prefill) timed against the model's sdpa, the runs taken in
+turn, median of N. ``--seed`` picks another held-out window, ``--no-prompt`` skips the prompt's
+own perplexity.
 """
 
 from __future__ import annotations
@@ -44,54 +46,78 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--methods", default=",".join(METHODS), help="';'-separated specs")
-    parser.add_argument("--prefill-repeats", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=31_337, help="the held-out window's seed")
+    parser.add_argument("--no-prompt", action="store_true", help="skip the prompt perplexity")
+    parser.add_argument("--continuation", action="store_true", help="the continuation measure")
+    parser.add_argument("--prefill-repeats", type=int, default=0, help="time the prefills")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load("smollm2-135m")
-    ids = torch.tensor([tasks.text_window(tokenizer, "pydoc", args.length, 31_337)])
+    ids = torch.tensor([tasks.text_window(tokenizer, "pydoc", args.length, args.seed)])
     specs = args.methods.split(";") if ";" in args.methods else list(METHODS)
-    rows = [{"method": "sdpa", **dict(zip(("ppl", "s"), score(model, ids)))}]
-    print(rows[-1], flush=True)
-    for spec in specs:
-        ppl, seconds = score(model, ids, from_string(spec))
-        rows.append({"method": spec, "ppl": ppl, "s": seconds})
-        print(rows[-1], flush=True)
-    base = rows[0]
-    for row in rows:
-        row["ppl_vs_sdpa"] = row["ppl"] / base["ppl"]
-        row["time_vs_sdpa"] = row["s"] / base["s"]
+    rows = [{"method": name} for name in ("sdpa", *specs)]
+    if not args.no_prompt:
+        prompt_facts(model, ids, rows)
+    if args.continuation:
+        continuation_facts(model, ids, rows)
     if args.prefill_repeats:
-        prefill_facts(model, ids, specs, rows, args.prefill_repeats)
+        prefill_times(model, ids, rows, args.prefill_repeats)
     result = {"cpu": cpu_line(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "length": args.length, "rows": rows}  # fmt: skip
+              "length": args.length, "seed": args.seed, "rows": rows}  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
 
 
-def prefill_facts(model, ids, specs, rows, repeats: int) -> None:
-    """Into each row: the continuation's perplexity after the method's prefill and the prefill's
-    median time over sdpa's, both against the model's own attention."""
+def _method(name: str):
+    return None if name == "sdpa" else from_string(name)
+
+
+def prompt_facts(model, ids, rows) -> None:
+    """Into each row: the prompt's own perplexity (every position under the method) and the
+    forward's time, against the model's sdpa."""
+    for row in rows:
+        row["ppl"], row["s"] = score(model, ids, _method(row["method"]))
+        row["ppl_vs_sdpa"] = row["ppl"] / rows[0]["ppl"]
+        row["time_vs_sdpa"] = row["s"] / rows[0]["s"]
+        print(row, flush=True)
+
+
+def continuation_facts(model, ids, rows) -> None:
+    """Into each row: the continuation's perplexity after the method's prefill, scored by the
+    model's own dense attention, against the same after a dense prefill."""
     import contextlib
 
     from longattn.integrations.hf import use
 
     prompt, cont = ids[:, :-CONTINUATION], ids[:, -CONTINUATION:]
+    for row in rows:
+        method = _method(row["method"])
+        context = contextlib.nullcontext() if method is None else use(model, method)
+        row["cont_ppl"] = continuation_ppl(model, context, prompt, cont)
+        row["cont_ppl_vs_sdpa"] = row["cont_ppl"] / rows[0]["cont_ppl"]
+        print(row["method"], "continuation", row["cont_ppl_vs_sdpa"], flush=True)
 
-    def run_in_use(spec):
-        with use(model, from_string(spec)):
+
+def prefill_times(model, ids, rows, repeats: int) -> None:
+    """Into each row: the whole-model prefill's median time (the runs taken in turn) and sdpa's
+    over it."""
+    from longattn.integrations.hf import use
+
+    prompt = ids[:, :-CONTINUATION]
+
+    def run_in_use(method):
+        with use(model, method):
             prefill_pass(model, prompt)
 
     runs = {"sdpa": lambda: prefill_pass(model, prompt)}
-    runs.update({spec: lambda s=spec: run_in_use(s) for spec in specs})
+    methods = {row["method"]: _method(row["method"]) for row in rows[1:]}
+    runs.update({name: lambda m=method: run_in_use(m) for name, method in methods.items()})
     times = _interleaved(runs, repeats)
-    dense = continuation_ppl(model, contextlib.nullcontext(), prompt, cont)
     for row in rows:
-        name = row["method"]
-        ppl = dense if name == "sdpa" else continuation_ppl(model, use(model, from_string(name)), prompt, cont)  # fmt: skip
-        row.update(cont_ppl=ppl, cont_ppl_vs_sdpa=ppl / dense, prefill_ms=times[name],
-                   prefill_speedup=times["sdpa"] / times[name])  # fmt: skip
-        print(name, {k: row[k] for k in ("cont_ppl_vs_sdpa", "prefill_speedup")}, flush=True)
+        row["prefill_ms"] = times[row["method"]]
+        row["prefill_speedup"] = times["sdpa"] / times[row["method"]]
+        print(row["method"], "prefill speedup", row["prefill_speedup"], flush=True)
 
 
 if __name__ == "__main__":

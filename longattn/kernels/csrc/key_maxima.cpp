@@ -157,6 +157,158 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
   }
 }
 
+// HiP's hierarchical search for one row of queries (a batch row, head and query block), every
+// round in this call: the same chunks, representatives, scores (bit for bit: the products above,
+// times the scale, in float32) and choices as the PyTorch search over ``key_maxima``
+// (``longattn.methods.hip``), whose definition this follows; the layout of its final blocks
+// written to out_row [nk].
+struct Search {
+  int64_t n_kv, t_k, t_q, dim, bs, ld, heads, nq, nk, q_rows;
+  int64_t sb, sh, st;      // k's element strides
+  int64_t qb, qh, qt_;     // q's element strides
+  float scale;
+  const int64_t* q_pos;    // [Bq, nq, bs]
+  const int64_t* kv_pos;   // [Bkv, Tk]
+  int64_t kv_rows;         // Bkv: 1 (shared) or B
+  const int64_t* n_cand;   // [nq]
+  const int64_t* k_row;    // [nq]
+  bool* out;               // [B, H, nq, nk]
+};
+
+struct Chunk {
+  int64_t start, end;
+  float score;
+};
+
+constexpr float UNSEEN = -std::numeric_limits<float>::max();
+
+// Ranks before: the higher score (-0.0 as 0.0), then the earlier start
+inline bool ranks_before(const Chunk& a, const Chunk& b) {
+  return a.score > b.score || (a.score == b.score && a.start < b.start);
+}
+
+struct SearchBuffers {
+  std::vector<float> queries, keys, scores, best;
+  std::vector<const float*> ptrs;
+  std::vector<Chunk> chunks, halves;
+  std::vector<int64_t> from;  // per half: -2 nobody, -1 every query, else the first position
+  std::vector<int64_t> fresh, reps;  // the halves scored this round and their representatives
+};
+
+template <typename scalar_t>
+void search_row(const Search& p, const scalar_t* k, const scalar_t* q, int64_t n,
+                SearchBuffers& buf) {
+  const int64_t i = n % p.nq, h = (n / p.nq) % p.heads, b = n / (p.nq * p.heads);
+  const int64_t dim = p.dim, bs = p.bs, ld = p.ld;
+  const int64_t* pos = p.q_pos + ((p.q_rows == 1 ? 0 : b) * p.nq + i) * bs;
+  const int64_t* kv_pos = p.kv_pos + (p.kv_rows == 1 ? 0 : b) * p.t_k;
+  int64_t lowest = std::numeric_limits<int64_t>::max(), highest = -1;
+  for (int64_t j = 0; j < bs; ++j) {
+    lowest = pos[j] < 0 ? -1 : std::min(lowest, pos[j]);
+    highest = std::max(highest, pos[j]);
+  }
+  if (lowest == std::numeric_limits<int64_t>::max()) lowest = -1;
+  // the block's queries as columns, widened, zero past the queries and in the padding columns
+  buf.queries.assign(dim * ld, 0.0f);
+  for (int64_t j = 0; j < bs && i * bs + j < p.t_q; ++j) {
+    const scalar_t* row = q + b * p.qb + h * p.qh + (i * bs + j) * p.qt_;
+    for (int64_t d = 0; d < dim; ++d) buf.queries[d * ld + j] = static_cast<float>(row[d]);
+  }
+  const float* qt = buf.queries.data();
+  const int64_t kv_head = h / (p.heads / p.n_kv);
+  const scalar_t* keys = k + b * p.sb + kv_head * p.sh;
+  const int64_t n_cand = p.n_cand[i], kept = p.k_row[i];
+  auto& chunks = buf.chunks;
+  chunks.clear();
+  for (int64_t s = 0; s < kept; ++s) chunks.push_back({s * n_cand / kept, (s + 1) * n_cand / kept, 0.0f});
+  for (bool first = true;; first = false) {
+    bool split = false;
+    for (const Chunk& c : chunks) split |= c.end - c.start > 1;
+    if (!split) break;
+    // this round's halves: a chunk of one block keeps its score (after the first round)
+    auto& halves = buf.halves;
+    halves.clear();
+    buf.from.clear();
+    buf.fresh.clear();
+    buf.reps.clear();
+    for (const Chunk& c : chunks) {
+      const int64_t size = c.end - c.start;
+      if (size == 1 && !first) {
+        halves.push_back(c);
+        buf.from.push_back(-3);  // scored in an earlier round
+        continue;
+      }
+      const int64_t mid = c.start + ((size + 1) >> 1);
+      for (const auto& [lo, hi] : {std::pair{c.start, mid}, std::pair{mid, c.end}}) {
+        if (lo >= hi) continue;
+        // the representative: the half's middle key
+        const int64_t rep = std::clamp<int64_t>((lo * bs + std::min(hi * bs, p.t_k) - 1) >> 1,
+                                                0, p.t_k - 1);
+        const int64_t rp = kv_pos[rep];
+        const bool nobody = rp < 0 || rp > highest;
+        halves.push_back({lo, hi, UNSEEN});
+        buf.from.push_back(nobody ? -2 : (rp > lowest ? std::max<int64_t>(rp, 0) : -1));
+        if (!nobody) {
+          buf.fresh.push_back(halves.size() - 1);
+          buf.reps.push_back(rep);
+        }
+      }
+    }
+    // the fresh halves' representatives, scored in blocks of KB keys
+    const auto& fresh = buf.fresh;
+    const int64_t cnt = fresh.size();
+    buf.keys.resize(cnt * dim);
+    buf.ptrs.resize(cnt);
+    for (int64_t f = 0; f < cnt; ++f) {
+      const scalar_t* src = keys + buf.reps[f] * p.st;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        buf.ptrs[f] = src;
+      } else {
+        float* dst = buf.keys.data() + f * dim;
+        int64_t d = 0;
+        for (; d + W <= dim; d += W) vstore(dst + d, vload(src + d));
+        for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+        buf.ptrs[f] = dst;
+      }
+    }
+    buf.scores.resize(KB * ld);
+    float* s = buf.scores.data();
+    for (int64_t f0 = 0; f0 < cnt; f0 += KB) {
+      const int64_t nk = std::min<int64_t>(KB, cnt - f0);
+      const float* const* kp = buf.ptrs.data() + f0;
+      switch (nk) {
+        case 6: keys_scores<std::min(KB, 6)>(kp, qt, dim, ld, s); break;
+        case 5: keys_scores<std::min(KB, 5)>(kp, qt, dim, ld, s); break;
+        case 4: keys_scores<std::min(KB, 4)>(kp, qt, dim, ld, s); break;
+        case 3: keys_scores<3>(kp, qt, dim, ld, s); break;
+        case 2: keys_scores<2>(kp, qt, dim, ld, s); break;
+        default: keys_scores<1>(kp, qt, dim, ld, s); break;
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t w = fresh[f0 + j];
+        const float* sj = s + j * ld;
+        float mx;
+        if (buf.from[w] == -1) {
+          mx = row_max(sj, bs);
+        } else {
+          mx = NEG_INF;
+          for (int64_t c = 0; c < bs; ++c)
+            if (pos[c] >= buf.from[w]) mx = std::max(mx, sj[c]);
+        }
+        mx = mx * p.scale;
+        halves[w].score = mx == NEG_INF ? UNSEEN : mx;
+      }
+    }
+    // the best ``kept`` halves
+    const int64_t take = std::min<int64_t>(kept, halves.size());
+    std::partial_sort(halves.begin(), halves.begin() + take, halves.end(), ranks_before);
+    chunks.assign(halves.begin(), halves.begin() + take);
+  }
+  bool* out_row = p.out + n * p.nk;
+  for (const Chunk& c : chunks)
+    if (c.end - c.start == 1 && c.start < p.nk) out_row[c.start] = true;
+}
+
 void check(const at::Tensor& t, at::ScalarType type, int64_t dims, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == type, name, " has dtype ", t.scalar_type(), ", expected ", type);
@@ -217,8 +369,57 @@ at::Tensor key_maxima(const at::Tensor& k, const at::Tensor& q_t, const at::Tens
   return out;
 }
 
+// k [B, Hkv, Tk, D], q [B, H, Tq, D] float32 / bfloat16 (one dtype, last axes contiguous); q_pos
+// [Bq, nq, bs] (Bq 1 or B, -1 on padding), kv_pos [Bkv, Tk] (Bkv 1 or B), n_cand [nq], k_row [nq]
+// int64 -> bool [B, H, nq, nk]: HiP's final key blocks per row
+at::Tensor hierarchical_search(const at::Tensor& k, const at::Tensor& q, const at::Tensor& q_pos,
+                               const at::Tensor& kv_pos, const at::Tensor& n_cand,
+                               const at::Tensor& k_row, int64_t nk, double scale) {
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16,
+              "k must be float32 or bfloat16, got ", k.scalar_type());
+  check(k, k.scalar_type(), 4, "k");
+  check(q, k.scalar_type(), 4, "q");
+  TORCH_CHECK(k.stride(3) == 1 && q.stride(3) == 1, "k's and q's last axes must be contiguous");
+  check(q_pos, at::kLong, 3, "q_pos");
+  check(kv_pos, at::kLong, 2, "kv_pos");
+  check(n_cand, at::kLong, 1, "n_cand");
+  check(k_row, at::kLong, 1, "k_row");
+  const int64_t batch = q.size(0), heads = q.size(1), nq = q_pos.size(1), bs = q_pos.size(2);
+  TORCH_CHECK(k.size(0) == batch && heads % k.size(1) == 0 && k.size(3) == q.size(3),
+              "k must be [B, Hkv, Tk, D] with H a multiple of Hkv");
+  TORCH_CHECK(q_pos.size(0) == 1 || q_pos.size(0) == batch, "q_pos must have 1 or B rows");
+  TORCH_CHECK(kv_pos.size(0) == 1 || kv_pos.size(0) == batch, "kv_pos must have 1 or B rows");
+  TORCH_CHECK(kv_pos.size(1) == k.size(2), "kv_pos must have Tk columns");
+  TORCH_CHECK(nq * bs >= q.size(2), "q_pos must cover q's positions");
+  TORCH_CHECK(n_cand.size(0) == nq && k_row.size(0) == nq, "n_cand and k_row must be [nq]");
+  const int64_t* cand = n_cand.data_ptr<int64_t>();
+  const int64_t* kr = k_row.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nq; ++i)
+    TORCH_CHECK(cand[i] >= 1 && cand[i] <= nk && kr[i] >= 1 && kr[i] <= cand[i],
+                "query block ", i, ": n_cand ", cand[i], " and k_row ", kr[i], " out of range");
+  TORCH_CHECK(nk * bs >= k.size(2) && k.size(2) > 0, "nk blocks must cover the keys");
+  auto out = at::zeros({batch, heads, nq, nk}, q.options().dtype(at::kBool));
+  Search p{k.size(1), k.size(2), q.size(2), k.size(3), bs, (bs + W - 1) / W * W, heads, nq, nk,
+           q_pos.size(0), k.stride(0), k.stride(1), k.stride(2), q.stride(0), q.stride(1),
+           q.stride(2), static_cast<float>(scale), q_pos.data_ptr<int64_t>(),
+           kv_pos.data_ptr<int64_t>(), kv_pos.size(0), cand, kr, out.data_ptr<bool>()};
+  const bool is_float = k.scalar_type() == at::kFloat;
+  at::parallel_for(0, batch * heads * nq, 4, [&](int64_t begin, int64_t end) {
+    SearchBuffers buf;
+    for (int64_t n = begin; n < end; ++n) {
+      if (is_float)
+        search_row(p, k.data_ptr<float>(), q.data_ptr<float>(), n, buf);
+      else
+        search_row(p, static_cast<const bf16*>(k.data_ptr()),
+                   static_cast<const bf16*>(q.data_ptr()), n, buf);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("key_maxima", &key_maxima, "per row and key row: the best q . k over the row's queries");
+  m.def("hierarchical_search", &hierarchical_search, "HiP's hierarchical top-k block search");
 }
