@@ -271,7 +271,10 @@ class HiP(SparsePrefill):
     representative (middle) key as the best ``scale * q . k`` over the block's queries, and keeps
     the ``k`` best halves, until every chunk is one key block: ``k`` blocks in ``log2(n / k)``
     rounds, O(T k log T) work instead of O(T^2). Ties go to the earlier chunk. A chunk already one
-    block long is not split again: it keeps its score.
+    block long is not split again: it keeps its score. On CPU in float32 / bfloat16 the whole
+    search runs in one C++ call (``PrefillView.key_search``, the same blocks as the search by
+    rounds over the C++ key maxima); the search by rounds here is the definition, float64's path
+    and the fallback.
 
     Deviation from paper: the search runs on the key-block grid (its smallest chunk is the index
     block, not a token) and a query block shares one search (the paper's block approximation);
