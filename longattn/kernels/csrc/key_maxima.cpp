@@ -71,6 +71,41 @@ inline float row_max(const float* s, int64_t bs) {
   return mx;
 }
 
+// The scores of nk <= KB keys against every column: one register block
+inline void block_of_keys(int64_t nk, const float* const* kp, const float* qt, int64_t dim,
+                          int64_t ld, float* s) {
+  static_assert(KB <= 6, "keys_scores is instantiated for blocks of up to 6 keys");
+  switch (nk) {
+    case 6: keys_scores<std::min(KB, 6)>(kp, qt, dim, ld, s); break;
+    case 5: keys_scores<std::min(KB, 5)>(kp, qt, dim, ld, s); break;
+    case 4: keys_scores<std::min(KB, 4)>(kp, qt, dim, ld, s); break;
+    case 3: keys_scores<3>(kp, qt, dim, ld, s); break;
+    case 2: keys_scores<2>(kp, qt, dim, ld, s); break;
+    default: keys_scores<1>(kp, qt, dim, ld, s); break;
+  }
+}
+
+// A key row as float32: in place (float32), or widened into dst (bfloat16)
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, float* dst, int64_t dim) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    int64_t d = 0;
+    for (; d + W <= dim; d += W) vstore(dst + d, vload(src + d));
+    for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+    return dst;
+  }
+}
+
+// The widest of s[c] over the columns c < bs whose position is >= from (-inf when none)
+inline float max_from(const float* s, const int64_t* pos, int64_t bs, int64_t from) {
+  float mx = NEG_INF;
+  for (int64_t c = 0; c < bs; ++c)
+    if (pos[c] >= from) mx = std::max(mx, s[c]);
+  return mx;
+}
+
 struct Problem {
   int64_t n_keys, n_kv, t_k, dim, bs, ld, width;
   int64_t sb, sh, st;  // k's element strides of batch row, head and position
@@ -106,19 +141,9 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
   for (int64_t w = 0; w < cnt; ++w)
     TORCH_CHECK(rows[w] >= 0 && rows[w] < p.n_keys, "key row ", rows[w], " outside k");
   buf.ptrs.resize(cnt);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t w = 0; w < cnt; ++w) buf.ptrs[w] = key_row(p, k, rows[w]);
-  } else {  // bfloat16: widened once into the row's buffer
-    buf.keys.resize(cnt * dim);
-    for (int64_t w = 0; w < cnt; ++w) {
-      const scalar_t* src = key_row(p, k, rows[w]);
-      float* dst = buf.keys.data() + w * dim;
-      int64_t d = 0;
-      for (; d + W <= dim; d += W) vstore(dst + d, vload(src + d));
-      for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-      buf.ptrs[w] = dst;
-    }
-  }
+  buf.keys.resize(cnt * dim);  // bfloat16 keys are widened into it once
+  for (int64_t w = 0; w < cnt; ++w)
+    buf.ptrs[w] = as_float(key_row(p, k, rows[w]), buf.keys.data() + w * dim, dim);
   const float* qt = p.q_t + n * dim * bs;
   if (ld != bs) {  // columns padded with zeros to a whole number of vectors
     buf.queries.assign(dim * ld, 0.0f);
@@ -131,16 +156,7 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
   const int64_t* pos = p.q_pos + n * bs;
   for (int64_t w0 = 0; w0 < cnt; w0 += KB) {
     const int64_t nk = std::min<int64_t>(KB, cnt - w0);
-    const float* const* kp = buf.ptrs.data() + w0;
-    static_assert(KB <= 6, "keys_scores is instantiated for blocks of up to 6 keys");
-    switch (nk) {
-      case 6: keys_scores<std::min(KB, 6)>(kp, qt, dim, ld, s); break;
-      case 5: keys_scores<std::min(KB, 5)>(kp, qt, dim, ld, s); break;
-      case 4: keys_scores<std::min(KB, 4)>(kp, qt, dim, ld, s); break;
-      case 3: keys_scores<3>(kp, qt, dim, ld, s); break;
-      case 2: keys_scores<2>(kp, qt, dim, ld, s); break;
-      default: keys_scores<1>(kp, qt, dim, ld, s); break;
-    }
+    block_of_keys(nk, buf.ptrs.data() + w0, qt, dim, ld, s);
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t w = w0 + j;
       const float* sj = s + j * ld;
@@ -148,11 +164,7 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
         out[w] = row_max(sj, bs);
         continue;
       }
-      const int64_t from = std::max<int64_t>(p.rep_pos[n * p.width + w], 0);
-      float mx = NEG_INF;
-      for (int64_t c = 0; c < bs; ++c)
-        if (pos[c] >= from) mx = std::max(mx, sj[c]);
-      out[w] = mx;
+      out[w] = max_from(sj, pos, bs, std::max<int64_t>(p.rep_pos[n * p.width + w], 0));
     }
   }
 }
@@ -259,42 +271,17 @@ void search_row(const Search& p, const scalar_t* k, const scalar_t* q, int64_t n
     const int64_t cnt = fresh.size();
     buf.keys.resize(cnt * dim);
     buf.ptrs.resize(cnt);
-    for (int64_t f = 0; f < cnt; ++f) {
-      const scalar_t* src = keys + buf.reps[f] * p.st;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        buf.ptrs[f] = src;
-      } else {
-        float* dst = buf.keys.data() + f * dim;
-        int64_t d = 0;
-        for (; d + W <= dim; d += W) vstore(dst + d, vload(src + d));
-        for (; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
-        buf.ptrs[f] = dst;
-      }
-    }
+    for (int64_t f = 0; f < cnt; ++f)
+      buf.ptrs[f] = as_float(keys + buf.reps[f] * p.st, buf.keys.data() + f * dim, dim);
     buf.scores.resize(KB * ld);
     float* s = buf.scores.data();
     for (int64_t f0 = 0; f0 < cnt; f0 += KB) {
       const int64_t nk = std::min<int64_t>(KB, cnt - f0);
-      const float* const* kp = buf.ptrs.data() + f0;
-      switch (nk) {
-        case 6: keys_scores<std::min(KB, 6)>(kp, qt, dim, ld, s); break;
-        case 5: keys_scores<std::min(KB, 5)>(kp, qt, dim, ld, s); break;
-        case 4: keys_scores<std::min(KB, 4)>(kp, qt, dim, ld, s); break;
-        case 3: keys_scores<3>(kp, qt, dim, ld, s); break;
-        case 2: keys_scores<2>(kp, qt, dim, ld, s); break;
-        default: keys_scores<1>(kp, qt, dim, ld, s); break;
-      }
+      block_of_keys(nk, buf.ptrs.data() + f0, qt, dim, ld, s);
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t w = fresh[f0 + j];
         const float* sj = s + j * ld;
-        float mx;
-        if (buf.from[w] == -1) {
-          mx = row_max(sj, bs);
-        } else {
-          mx = NEG_INF;
-          for (int64_t c = 0; c < bs; ++c)
-            if (pos[c] >= buf.from[w]) mx = std::max(mx, sj[c]);
-        }
+        float mx = buf.from[w] == -1 ? row_max(sj, bs) : max_from(sj, pos, bs, buf.from[w]);
         mx = mx * p.scale;
         halves[w].score = mx == NEG_INF ? UNSEEN : mx;
       }
