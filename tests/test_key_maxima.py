@@ -3,7 +3,8 @@ float64 exact ones, its fixed arithmetic (a key's score does not depend on the o
 call), the fallback with its reason, and HiP's search in one call against its search by rounds.
 
 Bound: both paths accumulate the D products of a score in float32 from inputs widened exactly
-(bfloat16 and float32 are exact in float32), in any order: each score is within
+(bfloat16 and float32 are exact in float32; the kernel's bf16 dot products, for an even D on a
+CPU with them, also add exact products one rounded sum at a time), in any order: each score is within
 ``gamma(D) sum_d |q_d k_d|`` of the exact one (Higham, ch. 3; ``gamma(n) = n u / (1 - n u)``,
 ``u`` float32's unit roundoff), and a maximum moves by at most its terms' largest error, so the
 kernel's maxima are within ``gamma(D) A`` of the exact ones (``A`` the row's largest
@@ -73,10 +74,11 @@ def _exact(k, queries, rows, some, rep_pos):
     return scores.masked_fill(~seen, -math.inf).amax(-1), mags.amax(-1)
 
 
+@pytest.mark.parametrize("dim", [24, 23])  # bf16: pair dot products for an even D, else widened
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bs", [16, 13, 64])
-def test_native_maxima_equal_the_torch_path_within_rounding(dtype, bs):
-    k, queries, rows, count, some, rep_pos = _inputs(dtype, bs=bs)
+def test_native_maxima_equal_the_torch_path_within_rounding(dtype, bs, dim):
+    k, queries, rows, count, some, rep_pos = _inputs(dtype, bs=bs, dim=dim)
     got = _native(k, queries, rows, count, some, rep_pos)
     torch_path = hip.block_maxima(k, queries, rows, count, some, rep_pos)
     exact, mags = _exact(k, queries, rows, some, rep_pos)
@@ -162,6 +164,7 @@ def _padded_call(dtype, method, heads, n_kv, t_q, t_k, dim):
 
 CASES = {
     "gqa": ("hip:block_size=16,budget=0.25", 4, 2, 300, 300, 32),
+    "odd_dim": ("hip:block_size=16,budget=0.3", 2, 1, 250, 250, 15),
     "block64": ("hip:block_size=64,budget=0.2", 2, 2, 1000, 1000, 64),
     "chunk": ("hip:block_size=16,budget=0.5,local_blocks=2", 4, 1, 200, 517, 16),
     "block13": ("hip:block_size=13,budget=0.1", 3, 3, 777, 777, 24),

@@ -8,12 +8,14 @@ computation of the same maxima stays the definition and the fallback.
 every round's chunks, representatives, scores (the products below, bit for bit) and choices, as
 the PyTorch search over ``key_maxima`` makes them, without a round trip per round.
 
-The kernel fuses the key gather (bfloat16 keys widened to float32 per row), the products (a
-register-blocked fused multiply-add loop over the head dimension, starting from 0 in the order
-d = 0 .. D-1 for every score: the same key against the same queries gives bit-identical scores in
-every call, whatever the other keys of the call) and the maxima, parallel over rows. Its sums
-round in another order than a BLAS product, so its maxima differ from a PyTorch product's by
-rounding: each score by at most ``gamma(D) sum_d |q_d k_d|`` from the exact one.
+The kernel fuses the key gather, the products (a register-blocked loop over the head dimension
+from 0 for every score: fused multiply-adds over d = 0 .. D-1 in float32, or for bfloat16 keys of
+an even D on a CPU with AVX512-BF16 bf16 dot products over channel pairs, each product exact and
+each sum rounded, bf16 subnormals as zero; the same key against the same queries gives
+bit-identical scores in every call, whatever the other keys of the call) and the maxima, parallel
+over rows. Its sums round in another order than a BLAS product, so its maxima differ from a
+PyTorch product's by rounding: each score by at most ``gamma(D) sum_d |q_d k_d|`` from the exact
+one (D rounded sums of exact products either way).
 """
 
 from __future__ import annotations

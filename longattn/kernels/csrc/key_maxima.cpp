@@ -3,20 +3,26 @@
 // the row's queries; where some[n, w], only over the queries whose position q_pos[n, j] is >=
 // max(rep_pos[n, w], 0) (-inf when there is none). Slots past count[n] get -inf.
 //
-// Parallel over rows (at::parallel_for). Per row, the keys are read in place (float32) or widened
-// into a thread-local float32 buffer (bfloat16); the products are a register-blocked loop over the
-// head dimension (a block of keys x a block of query vectors, one broadcast key element per key
+// Parallel over rows (at::parallel_for). Per row, the products are a register-blocked loop over
+// the head dimension (a block of keys x a block of query vectors, one broadcast key element per key
 // and one load per query vector each step), as fast as oneDNN's brgemm on these small products (a
-// few to a few hundred keys x bs queries x D) and exact by construction: every score is one chain
-// of fused multiply-adds over d = 0 .. D-1 starting from 0, whatever the row, the block of keys or
-// the number of keys, so the same key against the same queries gives bit-identical scores in
-// every call. The maxima are taken from the scores of a block of keys while they are in cache.
+// few to a few hundred keys x bs queries x D) and fixed by construction: every score is one chain
+// starting from 0 whatever the row, the block of keys or the number of keys, so the same key
+// against the same queries gives bit-identical scores in every call. float32 keys (and bfloat16
+// keys of an odd D, or on a CPU without the bf16 dot product) are read in place or widened into a
+// thread-local buffer, and the chain is fused multiply-adds over d = 0 .. D-1; bfloat16 keys of an
+// even D on a CPU with AVX512-BF16 are read in place as pairs of channels, and the chain is bf16
+// dot products over the pairs (vdpbf16ps: channel 2p + 1's product, then 2p's, each exact in
+// float32, each sum rounded to nearest; bf16 subnormal inputs count as zero), twice the products
+// a cycle of the float32 loop. Either way a score is D rounded sums of exact products. The maxima
+// are taken from the scores of a block of keys while they are in cache.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -98,6 +104,94 @@ inline const float* as_float(const scalar_t* src, float* dst, int64_t dim) {
   }
 }
 
+#if LA_DPBF16
+// s[j * ld + c] = k_j . q[:, c] by bf16 dot products (vdpbf16ps) for the NK bfloat16 key rows
+// kp[j] (read as D / 2 pairs of channels) and the columns of qp [D / 2, ld] (each a pair of one
+// column's bf16 channels 2p, 2p + 1) from c0: one chain per score over p = 0 .. D / 2 - 1 from 0,
+// each step adding channel 2p + 1's product and then channel 2p's (products exact in float32,
+// each sum rounded to nearest; bf16 subnormals count as zero), whatever the other keys
+template <int NK, int NC>
+LA_INLINE void pair_scores(const uint32_t* const* kp, const uint32_t* qp, int64_t d2, int64_t ld,
+                           int64_t c0, float* s) {
+  __m512 acc[NK][NC];
+  for (int j = 0; j < NK; ++j)
+    for (int i = 0; i < NC; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < d2; ++p) {
+    __m512bh qv[NC];
+    for (int i = 0; i < NC; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(qp + p * ld + c0 + i * W);
+    for (int j = 0; j < NK; ++j) {
+      const __m512bh kv = (__m512bh)_mm512_set1_epi32(static_cast<int>(kp[j][p]));
+      for (int i = 0; i < NC; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qv[i], kv);
+    }
+  }
+  for (int j = 0; j < NK; ++j)
+    for (int i = 0; i < NC; ++i) _mm512_storeu_ps(s + j * ld + c0 + i * W, acc[j][i]);
+}
+
+template <int NK>
+void pair_keys_scores(const uint32_t* const* kp, const uint32_t* qp, int64_t d2, int64_t ld,
+                      float* s) {
+  int64_t c0 = 0;
+  for (; c0 + CB * W <= ld; c0 += CB * W) pair_scores<NK, CB>(kp, qp, d2, ld, c0, s);
+  for (; c0 < ld; c0 += W) pair_scores<NK, 1>(kp, qp, d2, ld, c0, s);
+}
+#endif
+
+// A row's queries as the products read them: float32 columns qt [D, ld]; for bfloat16 keys of an
+// even D on a CPU with the bf16 dot product also bf16 pairs qp [D / 2, ld], and then every score
+// of the row is a pair dot product (``pair_scores``)
+struct RowQueries {
+  const float* qt = nullptr;
+  const uint32_t* qp = nullptr;
+};
+
+// The bf16 pairs of float32 columns qt [D, ld] whose values are bf16 (exact)
+inline void pack_pairs(const float* qt, int64_t dim, int64_t ld, std::vector<uint32_t>& out) {
+  out.resize(dim / 2 * ld);
+  auto bits = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return u >> 16;
+  };
+  for (int64_t p = 0; p < dim / 2; ++p)
+    for (int64_t c = 0; c < ld; ++c)
+      out[p * ld + c] = bits(qt[2 * p * ld + c]) | (bits(qt[(2 * p + 1) * ld + c]) << 16);
+}
+
+template <typename scalar_t>
+constexpr bool pairs_for() {
+  return LA_DPBF16 && std::is_same_v<scalar_t, bf16>;
+}
+
+// Points the keys' pointers at what the products read: the bf16 rows (pairs), else float32 rows
+// (widened into keys when bf16)
+template <typename scalar_t>
+inline void key_pointers(const scalar_t* const* rows, int64_t cnt, int64_t dim, bool pairs,
+                         std::vector<float>& keys, std::vector<const void*>& ptrs) {
+  ptrs.resize(cnt);
+  keys.resize(pairs ? 0 : cnt * dim);
+  for (int64_t w = 0; w < cnt; ++w)
+    ptrs[w] = pairs ? static_cast<const void*>(rows[w])
+                    : static_cast<const void*>(as_float(rows[w], keys.data() + w * dim, dim));
+}
+
+// s: the scores of the nk keys ptrs[0 .. nk) against the row's queries
+inline void score_keys(int64_t nk, const void* const* ptrs, const RowQueries& rq, int64_t dim,
+                       int64_t ld, float* s) {
+#if LA_DPBF16
+  if (rq.qp != nullptr) {
+    const auto* kp = reinterpret_cast<const uint32_t* const*>(ptrs);
+    switch (nk) {
+      case 4: pair_keys_scores<std::min(KB, 4)>(kp, rq.qp, dim / 2, ld, s); return;
+      case 3: pair_keys_scores<3>(kp, rq.qp, dim / 2, ld, s); return;
+      case 2: pair_keys_scores<2>(kp, rq.qp, dim / 2, ld, s); return;
+      default: pair_keys_scores<1>(kp, rq.qp, dim / 2, ld, s); return;
+    }
+  }
+#endif
+  block_of_keys(nk, reinterpret_cast<const float* const*>(ptrs), rq.qt, dim, ld, s);
+}
+
 // The widest of s[c] over the columns c < bs whose position is >= from (-inf when none)
 inline float max_from(const float* s, const int64_t* pos, int64_t bs, int64_t from) {
   float mx = NEG_INF;
@@ -127,7 +221,9 @@ inline const scalar_t* key_row(const Problem& p, const scalar_t* k, int64_t r) {
 // The thread-local buffers of one worker
 struct Buffers {
   std::vector<float> keys, queries, scores;
-  std::vector<const float*> ptrs;
+  std::vector<uint32_t> pairs;
+  std::vector<const void*> ptrs;
+  std::vector<const void*> rows;
 };
 
 template <typename scalar_t>
@@ -140,23 +236,28 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
   const int64_t* rows = p.rows + n * p.width;
   for (int64_t w = 0; w < cnt; ++w)
     TORCH_CHECK(rows[w] >= 0 && rows[w] < p.n_keys, "key row ", rows[w], " outside k");
-  buf.ptrs.resize(cnt);
-  buf.keys.resize(cnt * dim);  // bfloat16 keys are widened into it once
-  for (int64_t w = 0; w < cnt; ++w)
-    buf.ptrs[w] = as_float(key_row(p, k, rows[w]), buf.keys.data() + w * dim, dim);
-  const float* qt = p.q_t + n * dim * bs;
+  const bool pairs = pairs_for<scalar_t>() && dim % 2 == 0;
+  buf.rows.resize(cnt);
+  for (int64_t w = 0; w < cnt; ++w) buf.rows[w] = key_row(p, k, rows[w]);
+  key_pointers(reinterpret_cast<const scalar_t* const*>(buf.rows.data()), cnt, dim, pairs,
+               buf.keys, buf.ptrs);
+  RowQueries rq{p.q_t + n * dim * bs};
   if (ld != bs) {  // columns padded with zeros to a whole number of vectors
     buf.queries.assign(dim * ld, 0.0f);
     for (int64_t d = 0; d < dim; ++d)
-      std::copy(qt + d * bs, qt + (d + 1) * bs, buf.queries.data() + d * ld);
-    qt = buf.queries.data();
+      std::copy(rq.qt + d * bs, rq.qt + (d + 1) * bs, buf.queries.data() + d * ld);
+    rq.qt = buf.queries.data();
+  }
+  if (pairs) {
+    pack_pairs(rq.qt, dim, ld, buf.pairs);
+    rq.qp = buf.pairs.data();
   }
   buf.scores.resize(KB * ld);
   float* s = buf.scores.data();
   const int64_t* pos = p.q_pos + n * bs;
   for (int64_t w0 = 0; w0 < cnt; w0 += KB) {
     const int64_t nk = std::min<int64_t>(KB, cnt - w0);
-    block_of_keys(nk, buf.ptrs.data() + w0, qt, dim, ld, s);
+    score_keys(nk, buf.ptrs.data() + w0, rq, dim, ld, s);
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t w = w0 + j;
       const float* sj = s + j * ld;
@@ -200,8 +301,9 @@ inline bool ranks_before(const Chunk& a, const Chunk& b) {
 }
 
 struct SearchBuffers {
-  std::vector<float> queries, keys, scores, best;
-  std::vector<const float*> ptrs;
+  std::vector<float> queries, keys, scores;
+  std::vector<uint32_t> pairs;
+  std::vector<const void*> ptrs, rows;
   std::vector<Chunk> chunks, halves;
   std::vector<int64_t> from;  // per half: -2 nobody, -1 every query, else the first position
   std::vector<int64_t> fresh, reps;  // the halves scored this round and their representatives
@@ -220,13 +322,26 @@ void search_row(const Search& p, const scalar_t* k, const scalar_t* q, int64_t n
     highest = std::max(highest, pos[j]);
   }
   if (lowest == std::numeric_limits<int64_t>::max()) lowest = -1;
-  // the block's queries as columns, widened, zero past the queries and in the padding columns
-  buf.queries.assign(dim * ld, 0.0f);
-  for (int64_t j = 0; j < bs && i * bs + j < p.t_q; ++j) {
-    const scalar_t* row = q + b * p.qb + h * p.qh + (i * bs + j) * p.qt_;
-    for (int64_t d = 0; d < dim; ++d) buf.queries[d * ld + j] = static_cast<float>(row[d]);
+  // the block's queries as columns (widened, or bf16 pairs: a row's channels 2p, 2p + 1 are its
+  // p-th 32-bit word), zero past the queries and in the padding columns
+  const bool pairs = pairs_for<scalar_t>() && dim % 2 == 0;
+  RowQueries rq;
+  if (pairs) {
+    buf.pairs.assign(dim / 2 * ld, 0u);
+    for (int64_t j = 0; j < bs && i * bs + j < p.t_q; ++j) {
+      const auto* row = reinterpret_cast<const uint32_t*>(q + b * p.qb + h * p.qh +
+                                                          (i * bs + j) * p.qt_);
+      for (int64_t w = 0; w < dim / 2; ++w) buf.pairs[w * ld + j] = row[w];
+    }
+    rq.qp = buf.pairs.data();
+  } else {
+    buf.queries.assign(dim * ld, 0.0f);
+    for (int64_t j = 0; j < bs && i * bs + j < p.t_q; ++j) {
+      const scalar_t* row = q + b * p.qb + h * p.qh + (i * bs + j) * p.qt_;
+      for (int64_t d = 0; d < dim; ++d) buf.queries[d * ld + j] = static_cast<float>(row[d]);
+    }
+    rq.qt = buf.queries.data();
   }
-  const float* qt = buf.queries.data();
   const int64_t kv_head = h / (p.heads / p.n_kv);
   const scalar_t* keys = k + b * p.sb + kv_head * p.sh;
   const int64_t n_cand = p.n_cand[i], kept = p.k_row[i];
@@ -269,15 +384,15 @@ void search_row(const Search& p, const scalar_t* k, const scalar_t* q, int64_t n
     // the fresh halves' representatives, scored in blocks of KB keys
     const auto& fresh = buf.fresh;
     const int64_t cnt = fresh.size();
-    buf.keys.resize(cnt * dim);
-    buf.ptrs.resize(cnt);
-    for (int64_t f = 0; f < cnt; ++f)
-      buf.ptrs[f] = as_float(keys + buf.reps[f] * p.st, buf.keys.data() + f * dim, dim);
+    buf.rows.resize(cnt);
+    for (int64_t f = 0; f < cnt; ++f) buf.rows[f] = keys + buf.reps[f] * p.st;
+    key_pointers(reinterpret_cast<const scalar_t* const*>(buf.rows.data()), cnt, dim, pairs,
+                 buf.keys, buf.ptrs);
     buf.scores.resize(KB * ld);
     float* s = buf.scores.data();
     for (int64_t f0 = 0; f0 < cnt; f0 += KB) {
       const int64_t nk = std::min<int64_t>(KB, cnt - f0);
-      block_of_keys(nk, buf.ptrs.data() + f0, qt, dim, ld, s);
+      score_keys(nk, buf.ptrs.data() + f0, rq, dim, ld, s);
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t w = fresh[f0 + j];
         const float* sj = s + j * ld;
@@ -288,7 +403,7 @@ void search_row(const Search& p, const scalar_t* k, const scalar_t* q, int64_t n
     }
     // the best ``kept`` halves
     const int64_t take = std::min<int64_t>(kept, halves.size());
-    std::partial_sort(halves.begin(), halves.begin() + take, halves.end(), ranks_before);
+    std::nth_element(halves.begin(), halves.begin() + take - 1, halves.end(), ranks_before);
     chunks.assign(halves.begin(), halves.begin() + take);
   }
   bool* out_row = p.out + n * p.nk;
