@@ -544,7 +544,8 @@ def attention(
     methods: None), state)``; a query that sees no key gets ``out = 0``, ``lse = -inf``. scale: 1/sqrt(D).
     Inputs that require grad (grad mode on) run only on an implementation with a backward (SDPA,
     the materialising reference; a plan or selection is computed without autograd), else raise
-    ``ValueError``; never an output cut from the graph. A cache refuses them.
+    ``ValueError``; never an output cut from the graph. A cache refuses them for a softmax method
+    (its keys are inference state); a linear method's state in a cache keeps its graph.
     """
     method = from_string(method) if isinstance(method, str) else method
     if cache is not None and not isinstance(cache, KVCache):

@@ -102,3 +102,23 @@ def test_hf_use_trains_through_a_plan_method():
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_a_linear_methods_state_in_a_cache_keeps_its_graph():
+    """Chained calls through a cache differentiate as one call: the recurrent state carries the
+    earlier keys' gradient."""
+    method = from_string("elu_linear")
+    grads = []
+    for chained in (True, False):
+        q, k, v = _leaves(torch.float32, length=64)
+        if chained:
+            cache = KVCache(1)
+            parts = [attention(*(t[:, :, s] for t in (q, k, v)), method=method, cache=cache).out
+                     for s in (slice(0, 32), slice(32, 64))]  # fmt: skip
+            out = torch.cat(parts, dim=2)
+        else:
+            out = attention(q, k, v, method=method).out
+        out.sum().backward()
+        grads.append([t.grad for t in (q, k, v)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
