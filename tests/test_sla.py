@@ -57,6 +57,36 @@ def test_block_counts_follow_the_fractions():
     assert (classes == MARGINAL).any()
 
 
+@pytest.mark.parametrize(
+    "fields, length",
+    [(dict(critical=0.25, marginal=0.5, sink_blocks=1), 64),
+     (dict(critical=0.1, marginal=0.8, sink_blocks=3), 61),
+     (dict(critical=0.05, marginal=0.0, sink_blocks=0), 40),
+     (dict(critical=0.6, marginal=0.4, sink_blocks=2), 37)],
+)  # fmt: skip
+def test_class_shares_are_the_counts_classify_gives(fields, length):
+    """The critical and marginal shares of the causal key blocks, computed from the length
+    alone, equal what ``classify`` assigns on inputs (lengths not block multiples included)."""
+    method = SLA(block_size=4, **fields)
+    q, k, _ = make_qkv(2, 3, 3, length, length, 8, seed=5)
+    n = -(-length // 4)
+    classes = method.classify(q, k, 0, 0, n - 1, 8**-0.5)
+    causal_blocks = 2 * 3 * n * (n + 1) / 2
+    critical, marginal = method.class_shares(length)
+    assert critical == pytest.approx(float((classes == CRITICAL).sum()) / causal_blocks)
+    assert marginal == pytest.approx(float((classes == MARGINAL).sum()) / causal_blocks)
+
+
+def test_eval_density_of_sla_is_its_exact_block_share():
+    from longattn.eval import metrics
+
+    method = SLA(critical=0.1, marginal=0.8)
+    value, kind = metrics.density(method, 2048)
+    assert kind == metrics.EXACT_BLOCKS
+    assert value == method.class_shares(2048)[0]
+    assert 0.1 < value < 0.2  # ceil(0.1 n) per row and the forced diagonal and sink
+
+
 def test_a_later_token_does_not_change_earlier_outputs():
     method = SLA(block_size=8, critical=0.2, marginal=0.6)
     q, k, v = make_qkv(1, 4, 2, 80, 80, 16, dtype=torch.float64, seed=4)

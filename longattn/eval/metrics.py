@@ -9,6 +9,7 @@ import torch
 from longattn import attention
 from longattn.method import Method, token_budget
 from longattn.methods.dense import Dense
+from longattn.methods.sla import SLA
 
 # mass recall is measured on the last queries of the sequence: they see the most keys
 RECALL_QUERIES = 256
@@ -38,6 +39,9 @@ PAIRS = "pairs"  # fraction of causal (query, key) pairs a static pattern visits
 KV_READ = "kv read/decode step"  # fraction of the cache a select method reads per decode step
 KV_KEPT = "kv kept"  # fraction of the cache a budgeted method keeps
 PLANNED = "blocks planned"  # realised fraction of causal blocks a plan method visits in prefill
+EXACT_BLOCKS = (
+    "blocks exact"  # fraction of causal blocks SLA attends exactly (rest: linear or none)
+)
 
 
 def selected_tokens(method: Method, length: int) -> int | None:
@@ -52,10 +56,13 @@ def density(method: Method, length: int, n_heads: int = 1, rows: int = 512) -> t
     """``(value, kind)``: the fraction of causal (query, key) pairs a static pattern visits
     (``PAIRS``); for a select method the fraction of the cache it reads per decode step
     (``KV_READ``: in prefill it is dense by definition); for another budgeted method the fraction
-    of the cache it keeps (``KV_KEPT``). A plan method's density depends on its input: NaN here
-    (``plan_facts`` measures it on real text)."""
+    of the cache it keeps (``KV_KEPT``); for SLA the fraction of causal key blocks it attends
+    exactly (``EXACT_BLOCKS``: its marginal blocks are estimated, the rest skipped). A plan
+    method's density depends on its input: NaN here (``plan_facts`` measures it on real text)."""
     if method.hook == "plan":
         return float("nan"), PLANNED
+    if isinstance(method, SLA):
+        return method.class_shares(length)[0], EXACT_BLOCKS
     if method.hook != "mask":
         tokens = selected_tokens(method, length)
         if tokens is None:

@@ -271,7 +271,9 @@ def notes(records: list[dict]) -> list[str]:
         f"as Quest's first `dense_layers`, reads all of it); `{metrics.KV_KEPT}` = fraction of the "
         f"cache a budgeted method keeps; `{metrics.PLANNED}` = fraction of the causal key blocks a "
         "dynamic sparse prefill (plan) method visits, realised on the corpus text at that length "
-        "(q/k captured from a dense pass), averaged over layers and heads. KV budget = keys the last query of the longest sequence "
+        "(q/k captured from a dense pass), averaged over layers and heads; "
+        f"`{metrics.EXACT_BLOCKS}` = fraction of the causal key blocks SLA attends exactly (its "
+        "marginal blocks are estimated, the rest skipped). KV budget = keys the last query of the longest sequence "
         "may see; rows are sorted by it, and only rows with the same budget are a budget-matched "
         "comparison.",
         "¹ n/a: a decode-time select method is dense attention in prefill by definition, so a "

@@ -179,12 +179,31 @@ class SLA(Method):
         ranked = ranked.masked_fill(forced, math.inf)
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(-1, order, cols.expand_as(order).contiguous())
-        n_causal = (rows + 1).double()
-        n_crit = torch.ceil(n_causal * self.critical - 1e-9).clamp(min=1)[:, None]
-        n_kept = torch.ceil(n_causal * (self.critical + self.marginal) - 1e-9)[:, None]
+        n_crit, n_kept = (n[:, None] for n in self.budgets(rows))
         cls = torch.where(rank < n_crit, CRITICAL, torch.where(rank < n_kept, MARGINAL, 0))
         cls = torch.where(forced, CRITICAL, cls)
         return cls.masked_fill(cols[None, :] > rows[:, None], 0).to(torch.int8)
+
+    def budgets(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For query blocks ``rows`` (n = i + 1 causal key blocks each): the critical budget
+        ``max(1, ceil(critical n))`` and the critical-or-marginal one ``ceil((critical +
+        marginal) n)``, float64 [len(rows)]."""
+        n_causal = (rows + 1).double()
+        n_crit = torch.ceil(n_causal * self.critical - 1e-9).clamp(min=1)
+        return n_crit, torch.ceil(n_causal * (self.critical + self.marginal) - 1e-9)
+
+    def class_shares(self, length: int) -> tuple[float, float]:
+        """The fractions of the causal key blocks of a ``length``-token prefill that are critical
+        (exact) and marginal: the counts ``classify`` gives every query block, which depend on
+        the length alone (the forced diagonal and sinks rank first, so a row keeps
+        ``max(critical budget, forced)`` critical blocks)."""
+        rows = torch.arange(-(-length // self.block_size))
+        n_crit, n_kept = self.budgets(rows)
+        forced = 1 + rows.clamp(max=self.sink_blocks).double()
+        critical = torch.maximum(n_crit, forced)
+        marginal = (n_kept - critical).clamp(min=0)
+        total = float((rows + 1).sum())
+        return float(critical.sum()) / total, float(marginal.sum()) / total
 
     def pooled_queries(self, q: torch.Tensor, q_start: int, first: int, last: int) -> torch.Tensor:
         """[B, H, last - first + 1, D] float32: for query block i, the mean of the queries of
