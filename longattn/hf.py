@@ -4,6 +4,20 @@
 ``longattn.integrations.hf``, which stays the only module that imports it.
 """
 
-from longattn.integrations.hf import TokenPositions, capture_qkv, load_pretrained, use
+from longattn.integrations.hf import (
+    TokenPositions,
+    capture_qkv,
+    load_pretrained,
+    returned_cache,
+    use,
+    with_cache,
+)
 
-__all__ = ["TokenPositions", "capture_qkv", "load_pretrained", "use"]
+__all__ = [
+    "TokenPositions",
+    "capture_qkv",
+    "load_pretrained",
+    "returned_cache",
+    "use",
+    "with_cache",
+]

@@ -1,5 +1,7 @@
 """longattn.hf.use on tiny random-init models of every supported family (no download, seeded)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -275,3 +277,15 @@ def test_the_real_model_streams_with_a_bounded_cache(real_model):
     # what the next query sees, plus fewer than a page of dropped keys not yet evicted
     assert max(held) < method.sinks + method.window - 1 + page
     assert (last - full).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_the_cache_goes_by_the_name_the_model_takes_and_comes_back():
+    model = tiny_model("llama")
+    named = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with hf.use(model, Dense()) as cache:
+        kwargs = hf.with_cache(model, cache)
+        assert list(kwargs) == [named] and kwargs[named] is cache
+        out = model(tokens(1, 6), **kwargs, use_cache=True)
+        assert hf.returned_cache(out) is cache
+        assert cache.get_seq_length() == 6

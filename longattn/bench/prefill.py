@@ -313,9 +313,11 @@ def layer_facts(method: Method, captured: dict, rows: torch.Tensor) -> dict:
 def continuation_ppl(model, context, prompt: torch.Tensor, tail: torch.Tensor) -> float:
     """Perplexity of ``tail`` scored by the model's own dense attention after a prefill of
     ``prompt`` inside ``context`` (transformers' own cache carries the prefill's keys)."""
+    from longattn.integrations.hf import returned_cache, with_cache
+
     with context:
         out = model(input_ids=prompt, use_cache=True)
-    rest = model(input_ids=tail[:, :-1], past_key_values=out.past_key_values, use_cache=True)
+    rest = model(input_ids=tail[:, :-1], **with_cache(model, returned_cache(out)), use_cache=True)
     logits = torch.cat([out.logits[:, -1:], rest.logits], dim=1)[0].float()
     return math.exp(torch.nn.functional.cross_entropy(logits, tail[0]).item())
 

@@ -106,9 +106,13 @@ def _use(model, method: Method):
 @torch.no_grad()
 def shared_prefill(model, input_ids: torch.Tensor, window: int = SHARED_WINDOW) -> Prefilled:
     """Prefill ``input_ids`` [1, T] once under ``SharedPrefill(window=window)``."""
+    from longattn.integrations.hf import with_cache
+
     with _use(model, SharedPrefill(window=window)) as cache:
         start = time.perf_counter()
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1
+        )
         ms = (time.perf_counter() - start) * 1e3
     return Prefilled(cache.kv, out.logits[0, -1].clone(), ms, window)
 
@@ -156,6 +160,8 @@ def answer(
 ) -> dict:
     """Greedy ``new_tokens`` after the prompt (the first from the prefill's logits), stopping after
     ``eos``; each decode step timed, the first apart (it compresses)."""
+    from longattn.integrations.hf import with_cache
+
     token = prefilled.logits.argmax(-1).view(1, 1)
     tokens, steps = [int(token)], []
     with resumed(model, method, prefilled) as cache:
@@ -163,7 +169,7 @@ def answer(
             if eos is not None and tokens[-1] == eos:
                 break
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **with_cache(model, cache), use_cache=True)
             steps.append(time.perf_counter() - start)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(token))
@@ -179,13 +185,15 @@ def answer(
 def forced(model, method: Method, prefilled: Prefilled, tail: torch.Tensor, base_kib: int) -> dict:
     """Perplexity of ``tail`` [1, n] (the tokens after the prompt) by teacher-forced decode through
     the method's cache, up to ``MAX_DECODE_QUERIES`` tokens per decode call."""
+    from longattn.integrations.hf import with_cache
+
     chunk = 1 if getattr(method, "when", "") == "decode" else MAX_DECODE_QUERIES
     n = tail.shape[1]
     logits = [prefilled.logits.view(1, -1)]  # predicts tail[0]
     with resumed(model, method, prefilled) as cache:
         start = time.perf_counter()
         for lo in range(0, n - 1, chunk):
-            out = model(input_ids=tail[:, lo : min(lo + chunk, n - 1)], past_key_values=cache,
+            out = model(input_ids=tail[:, lo : min(lo + chunk, n - 1)], **with_cache(model, cache),
                         use_cache=True)  # fmt: skip
             logits.append(out.logits[0])
         seconds = time.perf_counter() - start

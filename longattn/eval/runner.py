@@ -191,19 +191,21 @@ def _timer(into: dict, key: str) -> Iterator[None]:
 @torch.no_grad()
 def generate(model, context, input_ids: torch.Tensor, new_tokens: int, eos: int | None) -> dict:
     """Greedy prefill + decode under ``context`` (a ``use(...)`` or the baseline); timings and KV bytes."""
+    from longattn.integrations.hf import returned_cache, with_cache
+
     timings: dict = {}
     tokens: list[int] = []
     with context as cache:
         with _timer(timings, "prefill_ms"):
             out = model(
-                input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1
             )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         tokens.append(int(token))
         with _timer(timings, "decode_ms"):
             for _ in range(new_tokens - 1):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **with_cache(model, cache), use_cache=True)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(int(token))
         timings.update(_memory(cache))
@@ -227,11 +229,13 @@ def _memory(cache) -> dict:
 def score_text(model, context, input_ids: torch.Tensor, tail: int) -> dict:
     """Perplexity of ``input_ids`` with the method in the prefill (``ppl``), and over the last
     ``tail`` tokens alone (``ppl_tail``); prefill time and KV bytes."""
+    from longattn.integrations.hf import returned_cache, with_cache
+
     timings: dict = {}
     with context as cache:
         with _timer(timings, "prefill_ms"):
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        timings.update(_memory(out.past_key_values))
+            out = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True)
+        timings.update(_memory(returned_cache(out)))
     start = input_ids.shape[1] - tail - 1  # logits at start .. T-2 predict the last tail tokens
     tail_ppl = metrics.perplexity(out.logits[:, start:], input_ids[:, start:])
     return {"ppl": metrics.perplexity(out.logits, input_ids), "ppl_tail": tail_ppl,
@@ -242,14 +246,14 @@ def score_text(model, context, input_ids: torch.Tensor, tail: int) -> dict:
 def forward_perplexity(model, input_ids: torch.Tensor, method=None) -> tuple[float, float]:
     """(perplexity, seconds) of one forward over ``input_ids`` [1, T]: the model's own attention
     without a cache (``method`` None), else through ``hf.use(model, method)``'s cache."""
-    from longattn.integrations.hf import use
+    from longattn.integrations.hf import use, with_cache
 
     start = time.perf_counter()
     if method is None:
         logits = model(input_ids=input_ids, use_cache=False).logits
     else:
         with use(model, method) as cache:
-            logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True).logits
     return metrics.perplexity(logits, input_ids), time.perf_counter() - start
 
 
@@ -258,20 +262,22 @@ def score_decode(model, context, input_ids: torch.Tensor, tail: int) -> dict:
     """Perplexity of the last ``tail`` tokens by teacher-forced decode through the cache: the prefix
     is prefilled (dense for a select method), then each token is fed alone with the method's
     selection on, and the next token's log-probability is scored."""
+    from longattn.integrations.hf import returned_cache, with_cache
+
     timings: dict = {}
     prefix = input_ids.shape[1] - tail
     nll = []
     with context as cache:
         with _timer(timings, "prefix_prefill_ms"):
-            out = model(input_ids=input_ids[:, :prefix], past_key_values=cache, use_cache=True,
+            out = model(input_ids=input_ids[:, :prefix], **with_cache(model, cache), use_cache=True,
                         logits_to_keep=1)  # fmt: skip
-        cache = out.past_key_values
+        cache = returned_cache(out)
         with _timer(timings, "forced_decode_ms"):
             for t in range(prefix, input_ids.shape[1]):
                 logp = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts token t
                 nll.append(-logp[input_ids[0, t]].item())
                 if t + 1 < input_ids.shape[1]:
-                    out = model(input_ids=input_ids[:, t : t + 1], past_key_values=cache,
+                    out = model(input_ids=input_ids[:, t : t + 1], **with_cache(model, cache),
                                 use_cache=True)  # fmt: skip
         timings.update(_memory(cache))
     # kept apart from generation's decode tok/s, which the report compares across methods

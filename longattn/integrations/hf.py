@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,21 @@ def load_pretrained(
     )
     model.eval()
     return model, tokenizer
+
+
+def with_cache(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The keyword argument that hands ``cache`` to ``model(...)``: ``cache`` where the model's
+    forward takes it by that name (transformers 5.x renamed ``past_key_values``, which it
+    accepts with a deprecation warning until 5.40), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(out: object) -> object:
+    """The cache a model's output carries (``out.cache``, or ``out.past_key_values`` before the
+    rename), without the deprecated alias's warning."""
+    names = {field.name for field in dataclasses.fields(out)}
+    return out.cache if "cache" in names else out.past_key_values
 
 
 @contextlib.contextmanager
