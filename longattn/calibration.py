@@ -153,6 +153,7 @@ def _expected_tensors(method: str, head_dim: int) -> dict[str, tuple[tuple[int, 
         "hedgehog": {"q_proj": ((0, head_dim, 0), False), "k_proj": ((head_dim, 0), False)},
         "log_normal": {"q_std": ((0,), False), "k_std": ((), False)},
         "infini_attention": {"gate": ((0,), False)},
+        "sla": {"proj_w": ((0, 0, 0), False), "proj_b": ((0, 0), False)},
     }.get(method, {})
 
 

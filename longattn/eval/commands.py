@@ -215,7 +215,8 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_calibrate_commands(sub) -> None:
-    """``longattn calibrate duo|razor|minference|qfilters``: calibrations on a real model, offline."""
+    """``longattn calibrate duo|razor|minference|qfilters|sla``: calibrations on a real model,
+    offline."""
     cal = sub.add_parser("calibrate", help="calibrate a method on a real model (safetensors file)")
     which = cal.add_subparsers(dest="calibration", required=True)
     duo = which.add_parser(
@@ -251,7 +252,20 @@ def add_calibrate_commands(sub) -> None:
     qf.add_argument("--length", type=positive_int, default=2048, help="calibration tokens (2048)")
     qf.add_argument("--corpus", default="licenses", help="pydoc, licenses or kjv (licenses)")
     qf.set_defaults(func=run_calibrate_command)
-    for p in (duo, razor, mi, qf):
+    sla = which.add_parser(
+        "sla", help="SLA's linear part: a map of its marginal output fitted to softmax attention"
+    )
+    sla.add_argument("--length", type=positive_int, default=2048, help="tokens per window (2048)")
+    sla.add_argument("--corpus", default="pydoc", help="pydoc, licenses or kjv (pydoc)")
+    sla.add_argument("--windows", type=positive_int, default=4, help="training windows (4)")
+    sla.add_argument("--heldout", type=positive_int, default=1, help="held-out windows (1)")
+    sla.add_argument("--ridge", type=float, default=1.0, help="pull towards the identity (1.0)")
+    sla.add_argument("--critical", type=float, default=0.1, help="SLA's critical share (0.1)")
+    sla.add_argument("--marginal", type=float, default=0.9, help="SLA's marginal share (0.9)")
+    sla.add_argument("--block-size", type=positive_int, default=64, help="SLA's block (64)")
+    sla.add_argument("--no-progress", dest="progress", action="store_false")
+    sla.set_defaults(func=run_calibrate_command)
+    for p in (duo, razor, mi, qf, sla):
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", required=True, help="the calibration file to write (.safetensors)")
@@ -275,6 +289,18 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
                 block_size=args.block_size, last_q=args.last_q,
             )  # fmt: skip
             path, seconds = run_minference(settings, out, progress=args.progress)
+        elif args.calibration == "sla":
+            from longattn.eval import sla_fit
+
+            settings = sla_fit.SlaFitSettings(
+                model=args.model, corpus=args.corpus, length=args.length, windows=args.windows,
+                heldout=args.heldout, ridge=args.ridge, block_size=args.block_size,
+                critical=args.critical, marginal=args.marginal, seed=args.seed,
+            )  # fmt: skip
+            path, seconds, cal = sla_fit.run(settings, out, progress=args.progress)
+            for name in ("heldout_error_training_free", "heldout_error_fitted"):
+                errors = cal.params[name]
+                print(f"{name}: mean {sum(errors) / len(errors):.4f} over {len(errors)} layers")
         elif args.calibration == "qfilters":
             path, seconds = calibrate.run_qfilters(args.model, out, args.length, args.corpus)
         else:

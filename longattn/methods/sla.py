@@ -14,7 +14,7 @@ import torch
 
 from longattn.method import Method, check_fraction, check_non_negative, check_positive, register
 from longattn.methods.elu_linear import EluLinear
-from longattn.methods.latte import Rounding, call_scale, magnitude_bound
+from longattn.methods.latte import Rounding, call_scale, layer_tensor, magnitude_bound
 from longattn.methods.sla_expansion import (
     expand_blocks,
     expansion_logits,
@@ -114,6 +114,16 @@ class SLA(Method):
       ones on SmolLM2's q/k/v.
 
     ``marginal=0`` is block-sparse attention on the same critical set.
+
+    The short fine-tune of the linear part (the paper's ``Proj`` on the linear output), as an
+    option: ``calibration``, a file of ``longattn calibrate sla`` (``longattn.eval.sla_fit``),
+    holds per layer and query head an affine map of the marginal part's values, ``proj_w``
+    [Hkv, G, Dv, Dv] and ``proj_b`` [Hkv, G, Dv]: the marginal numerator ``N`` and mass ``m`` of a
+    row enter as ``N W^T + m b`` (every form above; the identity and zero leave SLA as it is),
+    i.e. the marginal share of the output ``m / den`` times ``W a + b`` (a the marginal average).
+    Fitted in closed form to the model's softmax outputs (least squares, ridge towards the
+    identity) rather than by gradient steps. A calibrated call runs in PyTorch (the C++ pass does
+    not apply the map).
     """
 
     block_size: int = 64
@@ -123,9 +133,12 @@ class SLA(Method):
     feature: str = "expansion"
     combine: str = "mass"
     points: int = 8
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         check_positive("SLA", block_size=self.block_size, points=self.points)
+        if self.calibration is not None and not self.calibration:
+            raise ValueError("SLA.calibration must be a path or None, got ''")
         check_non_negative("SLA", sink_blocks=self.sink_blocks)
         check_fraction("SLA", critical=self.critical)
         if isinstance(self.marginal, bool) or not isinstance(self.marginal, (int, float)):
@@ -237,7 +250,7 @@ class SLA(Method):
         form in float32 accumulation, from the classes and points ``_attend`` computed and each
         row's nearest point; None where it does not run."""
         kernel = getattr(view, "expansion", None)
-        if kernel is None or points is None or acc != torch.float32:
+        if kernel is None or points is None or acc != torch.float32 or _has_map(view):
             return None
         block = self.block_size
         first = start // block
@@ -262,6 +275,7 @@ class SLA(Method):
             if out is not None:
                 return out
         ka, va = k.to(acc), v.to(acc)
+        proj = projection(view, n_kv, n_heads // n_kv, dim_v, acc)
         if points is not None:
             points, sums = points.to(acc), None
         else:
@@ -280,14 +294,17 @@ class SLA(Method):
             else:
                 block_sums = sums
             outs.append(
-                self._block_rows(rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, block_sums, scale)
+                self._block_rows(
+                    rows, ka[:, :, :hi], va[:, :, :hi], cls, lo, block_sums, scale, proj
+                )
             )
         return torch.cat(outs, dim=3).reshape(batch, n_heads, length - start, dim_v)
 
-    def _block_rows(self, rows, k, v, cls, lo, sums, scale):
+    def _block_rows(self, rows, k, v, cls, lo, sums, scale, proj=None):
         """One query block's rows [B, Hkv, G, r, D] at positions lo..: exact weights on the
         critical keys, the marginal blocks' summed linear states (``sums``: per block
-        ``phi(k)^T v``, ``phi(k)``, and the mean keys for ``combine="mass"``)."""
+        ``phi(k)^T v``, ``phi(k)``, and the mean keys for ``combine="mass"``); ``proj``: the
+        calibrated map of the marginal part (``projection``) or None."""
         block, hi = self.block_size, k.shape[2]
         k_c, v_c, tok = _critical_keys(k, v, cls, block)  # [B, Hkv, G, n, D], tok [.., n]
         scores = scale * (rows @ k_c.transpose(-1, -2))  # [B, Hkv, G, r, n]
@@ -306,8 +323,9 @@ class SLA(Method):
             shift = torch.maximum(top, mu.amax(-1, keepdim=True))
             weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
             lin = torch.exp(mu - shift)
-            num = weights @ v_c + lin @ v_hat
-            return num / (weights.sum(-1, keepdim=True) + lin.sum(-1, keepdim=True))
+            mass = lin.sum(-1, keepdim=True)
+            num = weights @ v_c + mapped(lin @ v_hat, mass, proj)
+            return num / (weights.sum(-1, keepdim=True) + mass)
         kv_sums, k_sums, k_bar = sums
         feat, dim_v = k_sums.shape[-1], v.shape[-1]
         phi_q = features(rows, self.feature, scale)  # [B, Hkv, G, r, F]
@@ -317,7 +335,7 @@ class SLA(Method):
             shift = top.clamp(min=0.0)
             weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
             lift = torch.exp(-shift)
-            num = weights @ v_c + lift * lin_num
+            num = weights @ v_c + mapped(lift * lin_num, lift * lin_den, proj)
             return num / (weights.sum(-1, keepdim=True) + lift * lin_den)
         est = scale * (rows @ k_bar[:, :, None].transpose(-1, -2)) + math.log(
             block
@@ -328,7 +346,8 @@ class SLA(Method):
         weights = torch.exp(scores - shift).masked_fill(~crit, 0.0)
         mass = torch.exp(lse - shift)  # 0 for a head without marginal blocks
         average = torch.where(lin_den > 0, lin_num / lin_den, 0.0)
-        return (weights @ v_c + mass * average) / (weights.sum(-1, keepdim=True) + mass)
+        num = weights @ v_c + mapped(mass * average, mass, proj)
+        return num / (weights.sum(-1, keepdim=True) + mass)
 
     def error_bound(self, q, k, v, ref, view=None, calls: int = 1) -> torch.Tensor:
         """What ``forward`` in q's dtype may deviate from ``ref``, element by element
@@ -373,6 +392,10 @@ class SLA(Method):
             rho_mass += r.gamma(n_blocks + 2) + r.u * (2 * math.log(block * n_blocks + 1) + 3)
             rho_lin = 2 * rho_lin + r.u + rho_mass
         rho = max(rho_exact, rho_lin + r.eta + 2 * r.u) + r.gamma(length + 2)
+        if _has_map(view):  # N W^T + m b: Dv + 1 products summed, against |W|, |b|
+            rho += r.gamma(v.shape[-1] + 2)
+            cal = {name: t.abs() for name, t in view.calibration.items()}
+            view = view._replace(calibration=cal)
         rho = 2 * rho / (1 - rho) + r.u if rho < 1 else math.inf
         return magnitude_bound(self, q, k, v, ref, rho, view)
 
@@ -406,8 +429,17 @@ class SLA(Method):
             linear = kern * torch.exp(self._marginal_lse(q, k, tok, scale) - shift)
         weights = torch.where(crit, torch.exp(scores - shift), linear)
         weights = weights.masked_fill(~(crit | marg), 0.0)
-        out = _grouped(weights, v.transpose(-1, -2))  # [B, H, T, Dv]
-        return out / weights.sum(-1, keepdim=True)
+        den = weights.sum(-1, keepdim=True)
+        proj = projection(view, k.shape[1], q.shape[1] // k.shape[1], v.shape[-1], torch.float64)
+        if proj is None:
+            return _grouped(weights, v.transpose(-1, -2)) / den  # [B, H, T, Dv]
+        exact = weights.masked_fill(~crit, 0.0)
+        linear = weights.masked_fill(~marg, 0.0)
+        batch, n_kv, length_q = q.shape[0], k.shape[1], q.shape[2]
+        lin = _grouped(linear, v.transpose(-1, -2)).view(batch, n_kv, -1, length_q, v.shape[-1])
+        mass = linear.sum(-1, keepdim=True).view(batch, n_kv, -1, length_q, 1)
+        num = _grouped(exact, v.transpose(-1, -2)) + mapped(lin, mass, proj).flatten(1, 2)
+        return num / den
 
     def _marginal_lse(self, q, k, tok, scale):
         """[B, H, T, 1] float64: ``log sum_j block exp(scale q_t . mean(k_j))`` over query t's
@@ -422,6 +454,36 @@ class SLA(Method):
 
 
 _TAYLOR_F = 1 + _TAYLOR.features + _TAYLOR.features**2
+
+
+PROJ_W, PROJ_B = "proj_w", "proj_b"  # the calibrated map of the marginal part
+
+
+def _has_map(view: Any) -> bool:
+    cal = getattr(view, "calibration", None) if view is not None else None
+    return bool(cal) and (PROJ_W in cal or PROJ_B in cal)
+
+
+def projection(view: Any, n_kv: int, group: int, dim_v: int, dtype: torch.dtype):
+    """This layer's map of the marginal part from the view's calibration: (W [1, Hkv, G, Dv, Dv],
+    b [1, Hkv, G, 1, Dv]) in ``dtype``, or None without one; ValueError on a tensor of the
+    wrong shape or on one without its pair."""
+    if not _has_map(view):
+        return None
+    w = layer_tensor(view, PROJ_W, "SLA", (n_kv, group, dim_v, dim_v))
+    b = layer_tensor(view, PROJ_B, "SLA", (n_kv, group, dim_v))
+    if w is None or b is None:
+        raise ValueError(f"SLA calibration needs both {PROJ_W!r} and {PROJ_B!r}")
+    return w.to(dtype)[None], b.to(dtype)[None, :, :, None]
+
+
+def mapped(num: torch.Tensor, mass: torch.Tensor, proj) -> torch.Tensor:
+    """The marginal numerator ``num`` [B, Hkv, G, r, Dv] (mass ``mass`` [.., r, 1]) under the
+    calibrated map: ``num W^T + mass b``; ``num`` itself without one."""
+    if proj is None:
+        return num
+    w, b = proj
+    return num @ w.transpose(-1, -2) + mass * b
 
 
 def _full_block_means(k: torch.Tensor, block: int) -> torch.Tensor:
