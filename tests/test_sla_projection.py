@@ -92,6 +92,18 @@ def test_the_fit_lowers_the_error_on_its_own_data_and_records_held_out_errors():
     assert len(cal.params["heldout_error_training_free"]) == 2
 
 
+def test_a_head_without_marginal_rows_keeps_the_identity_map():
+    """The ridge is scaled by the whole layer: a head whose share is ~0 in every row has no data
+    on its map, which stays at the training-free identity instead of fitting noise."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 500, DIM + 1, generator=gen, dtype=torch.float64)
+    z[0] *= 1e-4  # head 0: a marginal share of ~1e-4
+    r = torch.randn(2, 500, DIM, generator=gen, dtype=torch.float64)
+    w, b = sla_fit.solve(z.transpose(-1, -2) @ z, z.transpose(-1, -2) @ r, 1.0)
+    assert (w[0] - torch.eye(DIM)).abs().max() < 1e-3 and b[0].abs().max() < 1e-3
+    assert (w[1] - torch.eye(DIM)).abs().max() > 1e-2  # the head with data moves
+
+
 def test_a_calibration_file_runs_through_attention_in_pytorch(tmp_path):
     """A calibrated SLA called through ``attention`` is its PyTorch form under the file's map
     (the C++ pass, which does not apply it, is not taken)."""

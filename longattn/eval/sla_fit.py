@@ -7,9 +7,9 @@ model's own causal softmax outputs on real text, in closed form: SLA's output un
 ``s`` the marginal share of the normaliser and ``x = s a`` (``a`` the marginal average), all
 independent of the map. Three calls of the method itself give them (map zero; ``b`` ones;
 identity), so the fit reads no internals. The least-squares problem ``min |y - c - W x - s b|^2
-+ lam (|W - I|^2 + |b|^2)`` (``lam`` = ``ridge`` times the mean diagonal of the Gram matrix, so
-the ridge pulls towards the training-free form) is solved from the Gram matrices summed over the
-training windows. The output error of SLA with and without the map is then measured on held-out
++ lam (|W - I|^2 + |b|^2)`` (``lam`` = ``ridge`` times the mean diagonal of the layer's Gram
+matrices, so the ridge pulls towards the training-free form) is solved from the Gram matrices
+summed over the training windows. The output error of SLA with and without the map is then measured on held-out
 windows (no run of 32 tokens shared with the training text), per layer.
 """
 
@@ -31,9 +31,9 @@ HELDOUT_SEED = 10_000  # first text_window seed of the held-out windows (trainin
 @dataclass(frozen=True)
 class SlaFitSettings:
     """What a fit depends on. length: tokens per text window; windows / heldout: training and
-    held-out windows; ridge: the pull towards the identity map (times the Gram matrix's mean
-    diagonal); block_size, critical, marginal, sink_blocks, points: the SLA the map is fitted for
-    (the expansion form); seed: the first text window's seed (held-out ones from ``HELDOUT_SEED``
+    held-out windows; ridge: the pull towards the identity map (times the mean diagonal of the
+    layer's Gram matrices); block_size, critical, marginal, sink_blocks, points: the SLA the map
+    is fitted for (the expansion form); seed: the first text window's seed (held-out ones from ``HELDOUT_SEED``
     + seed)."""
 
     model: str = "smollm2-135m"
@@ -117,12 +117,15 @@ def gram(method: SLA, q, k, v, layer: int):
 
 
 def solve(zz: torch.Tensor, zr: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ridge solution per query head towards the identity: (W [H, Dv, Dv], b [H, Dv])."""
+    """The ridge solution per query head towards the identity: (W [H, Dv, Dv], b [H, Dv]). One
+    ``lam`` for the layer, ``ridge`` times the mean diagonal of all its heads' Gram matrices: a
+    head whose marginal share is almost always zero has almost no data on its map, and a pull
+    scaled by its own (tiny) Gram matrix would leave its map free to fit noise."""
     heads, n, dim_v = zr.shape
-    lam = ridge * torch.diagonal(zz, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)  # [H]
+    lam = ridge * float(torch.diagonal(zz, dim1=-2, dim2=-1).mean().clamp(min=1e-12))
     prior = torch.cat([torch.eye(dim_v), torch.zeros(1, dim_v)]).double()  # [Dv + 1, Dv]
-    system = zz + lam[:, None, None] * torch.eye(n, dtype=zz.dtype)
-    theta = torch.linalg.solve(system, zr + lam[:, None, None] * prior)  # [H, Dv + 1, Dv]
+    system = zz + lam * torch.eye(n, dtype=zz.dtype)
+    theta = torch.linalg.solve(system, zr + lam * prior)  # [H, Dv + 1, Dv]
     return theta[:, :dim_v].transpose(-1, -2), theta[:, dim_v]
 
 
