@@ -10,6 +10,7 @@ import torch
 
 from longattn.calibration import Calibration
 from longattn.eval import distill as D
+from longattn.eval import tasks
 from longattn.eval.lora import LoraSettings, lora_pass
 
 transformers = pytest.importorskip("transformers")
@@ -135,7 +136,7 @@ def test_windows_are_disjoint():
     _, tokenizer = tiny_llama()
     train = D.disjoint_windows(tokenizer, "pydoc", 64, 3)
     held = D.disjoint_windows(tokenizer, "pydoc", 96, 2, train, seed=D.HELDOUT_SEED)
-    grams = [D._ngrams(ids) for ids in train + held]
+    grams = [tasks.ngrams(ids) for ids in train + held]
     assert all(len(ids) == 64 for ids in train) and all(len(ids) == 96 for ids in held)
     assert all(not (a & b) for i, a in enumerate(grams) for b in grams[i + 1 :])
 

@@ -35,11 +35,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from longattn.eval import tasks
 from longattn.eval.lora import LoraSettings, lora_pass
+from longattn.eval.tasks import disjoint_windows
 
 METHOD = "hedgehog"
-NGRAM = 32  # two windows sharing a run of this many tokens count as overlapping
 HELDOUT_SEED = 10_000  # first text_window seed of the held-out windows (training starts at 0)
 ROW_BLOCKS = 4  # row blocks of windowed_linear
 ERRORS = ("init", "trained", "window_only", "power")  # per layer, on held-out text
@@ -90,32 +89,6 @@ class DistillSettings:
     def lr_at(self, step: int) -> float:
         """Cosine from ``lr`` down to a tenth of it over ``steps``."""
         return self.lr * (0.55 + 0.45 * math.cos(math.pi * step / self.steps))
-
-
-def disjoint_windows(
-    tokenizer, corpus: str, length: int, count: int, avoid: Sequence[Sequence[int]] = (), seed=0
-) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens of a real corpus (``tasks.text_window`` with seeds
-    ``seed``, ``seed + 1``, ...), skipping any that shares a run of ``NGRAM`` tokens with a window
-    taken before or with ``avoid``: training and held-out text never overlap."""
-    seen = set().union(*(_ngrams(ids) for ids in avoid))
-    found: list[list[int]] = []
-    for offset in range(50 * count + 50):
-        ids = tasks.text_window(tokenizer, corpus, length, seed + offset)
-        grams = _ngrams(ids)
-        if not grams & seen:
-            found.append(ids)
-            seen |= grams
-            if len(found) == count:
-                return found
-    raise ValueError(
-        f"corpus {corpus!r} has no {count} disjoint windows of {length} tokens "
-        f"(found {len(found)}); use fewer or shorter windows"
-    )
-
-
-def _ngrams(ids: Sequence[int]) -> set[tuple[int, ...]]:
-    return {tuple(ids[i : i + NGRAM]) for i in range(max(len(ids) - NGRAM + 1, 0))}
 
 
 def model_shape(config) -> tuple[int, int, int, int]:

@@ -188,7 +188,7 @@ def fit(
 def run(settings: SlaFitSettings, out, progress: bool = True):
     """Fit on the real model and write ``out``: (path, seconds, calibration)."""
     from longattn.eval import models
-    from longattn.eval.distill import disjoint_windows
+    from longattn.eval.tasks import disjoint_windows
     from longattn.integrations.hf import capture_qkv
 
     start = time.perf_counter()

@@ -235,3 +235,33 @@ def text_window(tokenizer, corpus: str, length: int, seed: int) -> list[int]:
         ids += _encode(tokenizer, paras[i % len(paras)] + "\n\n")
         i += 1
     return ids[:length]
+
+
+NGRAM = 32  # two windows sharing a run of this many tokens count as overlapping
+
+
+def disjoint_windows(
+    tokenizer, corpus: str, length: int, count: int, avoid: Sequence[Sequence[int]] = (), seed=0
+) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens of a real corpus (``text_window`` with seeds
+    ``seed``, ``seed + 1``, ...), skipping any that shares a run of ``NGRAM`` tokens with a window
+    taken before or with ``avoid``: training and held-out text never overlap."""
+    seen = set().union(*(ngrams(ids) for ids in avoid))
+    found: list[list[int]] = []
+    for offset in range(50 * count + 50):
+        ids = text_window(tokenizer, corpus, length, seed + offset)
+        grams = ngrams(ids)
+        if not grams & seen:
+            found.append(ids)
+            seen |= grams
+            if len(found) == count:
+                return found
+    raise ValueError(
+        f"corpus {corpus!r} has no {count} disjoint windows of {length} tokens "
+        f"(found {len(found)}); use fewer or shorter windows"
+    )
+
+
+def ngrams(ids: Sequence[int]) -> set[tuple[int, ...]]:
+    """Every run of ``NGRAM`` consecutive tokens of ``ids``."""
+    return {tuple(ids[i : i + NGRAM]) for i in range(max(len(ids) - NGRAM + 1, 0))}
