@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 from collections.abc import Iterator
@@ -50,8 +51,13 @@ def with_cache(model: torch.nn.Module, cache: object) -> dict[str, object]:
     """The keyword argument that hands ``cache`` to ``model(...)``: ``cache`` where the model's
     forward takes it by that name (transformers 5.x renamed ``past_key_values``, which it
     accepts with a deprecation warning until 5.40), ``past_key_values`` before."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    """Per model class (a decode loop asks once per step)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def returned_cache(out: object) -> object:
