@@ -96,6 +96,22 @@ def test_native_maxima_equal_the_torch_path_within_rounding(dtype, bs, dim):
     assert (diff <= 2 * gamma * mags[finite]).all()
 
 
+def test_bf16_keys_with_queries_finer_than_bf16_keep_the_queries_exact():
+    """The bf16 pair products read the queries as bf16: float32 query columns that bf16 does not
+    hold exactly are not rounded to it (the kernel widens the keys instead)."""
+    k, queries, rows, count, some, rep_pos = _inputs(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    fine = queries.t + 1e-3 * torch.randn(queries.t.shape, generator=gen)  # not bf16-exact
+    queries = queries._replace(t=fine)
+    got = _native(k, queries, rows, count, some, rep_pos)
+    exact, mags = _exact(k, queries, rows, some, rep_pos)
+    u = torch.finfo(torch.float32).eps / 2
+    gamma = k.shape[-1] * u / (1 - k.shape[-1] * u)
+    used = torch.arange(rows.shape[1]) < count.unsqueeze(-1)
+    finite = used & torch.isfinite(exact)
+    assert ((got.double() - exact).abs()[finite] <= gamma * mags[finite]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_keys_score_does_not_depend_on_the_other_keys(dtype):
     """The same key against the same queries gives the same bits whatever the other keys, its

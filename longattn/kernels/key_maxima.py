@@ -10,7 +10,8 @@ the PyTorch search over ``key_maxima`` makes them, without a round trip per roun
 
 The kernel fuses the key gather, the products (a register-blocked loop over the head dimension
 from 0 for every score: fused multiply-adds over d = 0 .. D-1 in float32, or for bfloat16 keys of
-an even D on a CPU with AVX512-BF16 bf16 dot products over channel pairs, each product exact and
+an even D on a CPU with AVX512-BF16, against queries that are bf16 values, bf16 dot products over
+channel pairs (float32 query columns finer than bf16 keep the float32 loop), each product exact and
 each sum rounded, bf16 subnormals as zero; the same key against the same queries gives
 bit-identical scores in every call, whatever the other keys of the call) and the maxima, parallel
 over rows. Its sums round in another order than a BLAS product, so its maxima differ from a

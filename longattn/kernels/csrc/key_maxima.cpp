@@ -11,7 +11,8 @@
 // against the same queries gives bit-identical scores in every call. float32 keys (and bfloat16
 // keys of an odd D, or on a CPU without the bf16 dot product) are read in place or widened into a
 // thread-local buffer, and the chain is fused multiply-adds over d = 0 .. D-1; bfloat16 keys of an
-// even D on a CPU with AVX512-BF16 are read in place as pairs of channels, and the chain is bf16
+// even D on a CPU with AVX512-BF16 (against queries that are bf16 values: key_maxima's float32
+// query columns are checked) are read in place as pairs of channels, and the chain is bf16
 // dot products over the pairs (vdpbf16ps: channel 2p + 1's product, then 2p's, each exact in
 // float32, each sum rounded to nearest; bf16 subnormal inputs count as zero), twice the products
 // a cycle of the float32 loop. Either way a score is D rounded sums of exact products. The maxima
@@ -145,17 +146,21 @@ struct RowQueries {
   const uint32_t* qp = nullptr;
 };
 
-// The bf16 pairs of float32 columns qt [D, ld] whose values are bf16 (exact)
-inline void pack_pairs(const float* qt, int64_t dim, int64_t ld, std::vector<uint32_t>& out) {
+// The bf16 pairs of float32 columns qt [D, ld]; false (out unusable) when some value is not a
+// bf16 value (a float32 query finer than bf16: the float32 products must read it as it is)
+inline bool pack_pairs(const float* qt, int64_t dim, int64_t ld, std::vector<uint32_t>& out) {
   out.resize(dim / 2 * ld);
-  auto bits = [](float x) {
+  uint32_t low = 0;  // the bits bf16 drops, of every value
+  auto bits = [&low](float x) {
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
+    low |= u & 0xFFFFu;
     return u >> 16;
   };
   for (int64_t p = 0; p < dim / 2; ++p)
     for (int64_t c = 0; c < ld; ++c)
       out[p * ld + c] = bits(qt[2 * p * ld + c]) | (bits(qt[(2 * p + 1) * ld + c]) << 16);
+  return low == 0;
 }
 
 template <typename scalar_t>
@@ -236,11 +241,6 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
   const int64_t* rows = p.rows + n * p.width;
   for (int64_t w = 0; w < cnt; ++w)
     TORCH_CHECK(rows[w] >= 0 && rows[w] < p.n_keys, "key row ", rows[w], " outside k");
-  const bool pairs = pairs_for<scalar_t>() && dim % 2 == 0;
-  buf.rows.resize(cnt);
-  for (int64_t w = 0; w < cnt; ++w) buf.rows[w] = key_row(p, k, rows[w]);
-  key_pointers(reinterpret_cast<const scalar_t* const*>(buf.rows.data()), cnt, dim, pairs,
-               buf.keys, buf.ptrs);
   RowQueries rq{p.q_t + n * dim * bs};
   if (ld != bs) {  // columns padded with zeros to a whole number of vectors
     buf.queries.assign(dim * ld, 0.0f);
@@ -248,10 +248,13 @@ void one_row(const Problem& p, const scalar_t* k, int64_t n, Buffers& buf) {
       std::copy(rq.qt + d * bs, rq.qt + (d + 1) * bs, buf.queries.data() + d * ld);
     rq.qt = buf.queries.data();
   }
-  if (pairs) {
-    pack_pairs(rq.qt, dim, ld, buf.pairs);
-    rq.qp = buf.pairs.data();
-  }
+  const bool pairs =
+      pairs_for<scalar_t>() && dim % 2 == 0 && pack_pairs(rq.qt, dim, ld, buf.pairs);
+  if (pairs) rq.qp = buf.pairs.data();
+  buf.rows.resize(cnt);
+  for (int64_t w = 0; w < cnt; ++w) buf.rows[w] = key_row(p, k, rows[w]);
+  key_pointers(reinterpret_cast<const scalar_t* const*>(buf.rows.data()), cnt, dim, pairs,
+               buf.keys, buf.ptrs);
   buf.scores.resize(KB * ld);
   float* s = buf.scores.data();
   const int64_t* pos = p.q_pos + n * bs;
