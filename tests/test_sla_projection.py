@@ -86,8 +86,8 @@ def test_the_fit_lowers_the_error_on_its_own_data_and_records_held_out_errors():
     method = settings.method()
     for layer in (0, 1):
         q, k, v = data[0][layer]
-        fitted = sla_fit.layer_error(method, q, k, v, layer, cal.layer(layer))
-        assert fitted < sla_fit.layer_error(method, q, k, v, layer, None)
+        fitted, plain = sla_fit.layer_errors(method, q, k, v, layer, cal.layer(layer), None)
+        assert fitted < plain
     assert len(cal.params["heldout_error_fitted"]) == 2
     assert len(cal.params["heldout_error_training_free"]) == 2
 

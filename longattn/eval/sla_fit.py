@@ -9,8 +9,8 @@ independent of the map. Three calls of the method itself give them (map zero; ``
 identity), so the fit reads no internals. The least-squares problem ``min |y - c - W x - s b|^2
 + lam (|W - I|^2 + |b|^2)`` (``lam`` = ``ridge`` times the mean diagonal of the layer's Gram
 matrices, so the ridge pulls towards the training-free form) is solved from the Gram matrices
-summed over the training windows. The output error of SLA with and without the map is then measured on held-out
-windows (no run of 32 tokens shared with the training text), per layer.
+summed over the training windows. The output error of SLA with and without the map is then
+measured on held-out windows (no run of 32 tokens shared with the training text), per layer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from longattn.bench.linear_error import softmax_reference
 from longattn.calibration import Calibration
+from longattn.method import check_non_negative, check_positive
 from longattn.methods.sla import PROJ_B, PROJ_W, SLA
 from longattn.types import FeatureView
 
@@ -33,8 +35,8 @@ class SlaFitSettings:
     """What a fit depends on. length: tokens per text window; windows / heldout: training and
     held-out windows; ridge: the pull towards the identity map (times the mean diagonal of the
     layer's Gram matrices); block_size, critical, marginal, sink_blocks, points: the SLA the map
-    is fitted for (the expansion form); seed: the first text window's seed (held-out ones from ``HELDOUT_SEED``
-    + seed)."""
+    is fitted for (the expansion form); seed: the first text window's seed (held-out ones from
+    ``HELDOUT_SEED`` + seed)."""
 
     model: str = "smollm2-135m"
     corpus: str = "pydoc"
@@ -50,12 +52,9 @@ class SlaFitSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"SlaFitSettings.seed must be an int >= 0, got {self.seed!r}")
-        for key in ("length", "windows", "heldout"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SlaFitSettings.{key} must be an int >= 1, got {value!r}")
+        name = type(self).__name__
+        check_positive(name, length=self.length, windows=self.windows, heldout=self.heldout)
+        check_non_negative(name, seed=self.seed)
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)):
             raise TypeError(f"SlaFitSettings.ridge must be a float, got {self.ridge!r}")
         if not self.ridge > 0:
@@ -97,20 +96,11 @@ def pieces(method: SLA, q, k, v, layer: int):
     return crit, share, x
 
 
-def softmax_out(q, k, v) -> torch.Tensor:
-    """Causal softmax attention [B, H, T, Dv] float64 (GQA by grouping)."""
-    q, k, v = (t.double() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=group > 1
-    )
-
-
 def gram(method: SLA, q, k, v, layer: int):
     """The layer's sufficient statistics per query head: (Z^T Z [H, Dv+1, Dv+1], Z^T r
     [H, Dv+1, Dv]) with Z = [x, s] and r = y - c over every row of the batch, float64."""
     crit, share, x = pieces(method, q, k, v, layer)
-    target = softmax_out(q, k, v) - crit
+    target = softmax_reference(q, k, v) - crit
     z = torch.cat([x, share], dim=-1).transpose(0, 1).flatten(1, 2)  # [H, B T, Dv + 1]
     r = target.transpose(0, 1).flatten(1, 2)  # [H, B T, Dv]
     return z.transpose(-1, -2) @ z, z.transpose(-1, -2) @ r
@@ -129,10 +119,12 @@ def solve(zz: torch.Tensor, zr: torch.Tensor, ridge: float) -> tuple[torch.Tenso
     return theta[:, :dim_v].transpose(-1, -2), theta[:, dim_v]
 
 
-def layer_error(method: SLA, q, k, v, layer: int, cal: dict | None) -> float:
-    """``|SLA - softmax|_F / |softmax|_F`` of the layer under ``cal`` (None: training-free)."""
-    ref = softmax_out(q, k, v)
-    return float((_run(method, q, k, v, layer, cal).double() - ref).norm() / ref.norm())
+def layer_errors(method: SLA, q, k, v, layer: int, *cals: dict | None) -> list[float]:
+    """``|SLA - softmax|_F / |softmax|_F`` of the layer under each of ``cals`` (None:
+    training-free), against one softmax reference."""
+    ref = softmax_reference(q, k, v)
+    outs = (_run(method, q, k, v, layer, cal).double() for cal in cals)
+    return [float((out - ref).norm() / ref.norm()) for out in outs]
 
 
 def fit(
@@ -174,8 +166,9 @@ def fit(
         for j, layer in enumerate(layers):
             q, k, v = captured[layer]
             cal = {PROJ_W: tensors[PROJ_W][j], PROJ_B: tensors[PROJ_B][j]}
-            plain[j] += layer_error(method, q, k, v, layer, None) / settings.heldout
-            fitted[j] += layer_error(method, q, k, v, layer, cal) / settings.heldout
+            without, with_map = layer_errors(method, q, k, v, layer, None, cal)
+            plain[j] += without / settings.heldout
+            fitted[j] += with_map / settings.heldout
         progress(f"held-out window {i + 1}/{settings.heldout} measured")
     params = {
         **asdict(settings),
