@@ -39,9 +39,7 @@ PAIRS = "pairs"  # fraction of causal (query, key) pairs a static pattern visits
 KV_READ = "kv read/decode step"  # fraction of the cache a select method reads per decode step
 KV_KEPT = "kv kept"  # fraction of the cache a budgeted method keeps
 PLANNED = "blocks planned"  # realised fraction of causal blocks a plan method visits in prefill
-EXACT_BLOCKS = (
-    "blocks exact"  # fraction of causal blocks SLA attends exactly (rest: linear or none)
-)
+EXACT_BLOCKS = "blocks exact"  # fraction of causal blocks SLA attends exactly (its own kind)
 
 
 def selected_tokens(method: Method, length: int) -> int | None:
